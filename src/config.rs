@@ -1,0 +1,512 @@
+//! The TOML config, read in two steps: raw serde structs (unknown keys and wrong types are
+//! rejected by the parser, which names the key), then validation that reports every
+//! semantic problem at once, each with its key path.
+//!
+//! Relative paths are resolved against the config file's directory.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::engine::chunk::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+use crate::ids::{ProtectionName, VolumeName};
+use crate::net::tls::TlsFiles;
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    site: RawSite,
+    tls: RawTls,
+    peer: Option<RawPeer>,
+    listen: Option<RawListen>,
+    control: Option<RawControl>,
+    #[serde(default, rename = "protection")]
+    protections: Vec<RawProtection>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawSite {
+    name: String,
+    role: String,
+    state_dir: String,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: String,
+    cert: String,
+    key: String,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    address: String,
+    server_name: String,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawListen {
+    address: String,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    address: String,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawProtection {
+    name: String,
+    interval: Option<String>,
+    rpo_target: Option<String>,
+    chunk_size: Option<String>,
+    snapshot: Option<String>,
+    snapshot_dir: Option<String>,
+    #[serde(default)]
+    pre: Vec<String>,
+    #[serde(default)]
+    post: Vec<String>,
+    hook_timeout: Option<String>,
+    sync_on_start: Option<bool>,
+    #[serde(default, rename = "volume")]
+    volumes: Vec<RawVolume>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawVolume {
+    name: String,
+    path: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Primary,
+    Dr,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Primary => "primary",
+            Role::Dr => "dr",
+        })
+    }
+}
+
+/// How the primary snapshots a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotMode {
+    /// Reflink where the file system can, else a copy while the hooks hold writers quiet.
+    Auto,
+    /// Reflink or fail: for users who cannot afford a long freeze.
+    Reflink,
+    /// Always copy.
+    Copy,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub site_name: String,
+    pub role: Role,
+    pub state_dir: PathBuf,
+    pub tls: TlsFiles,
+    pub peer: Option<Peer>,
+    pub listen: Option<SocketAddr>,
+    pub control: SocketAddr,
+    pub protections: Vec<Protection>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub address: SocketAddr,
+    pub server_name: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Protection {
+    pub name: ProtectionName,
+    pub interval: Duration,
+    pub rpo_target: Duration,
+    pub chunk_size: u32,
+    pub snapshot: SnapshotMode,
+    pub snapshot_dir: PathBuf,
+    pub pre: Vec<String>,
+    pub post: Vec<String>,
+    pub hook_timeout: Duration,
+    /// Run the first cycle when the daemon starts, not one interval later.
+    pub sync_on_start: bool,
+    pub volumes: Vec<Volume>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Volume {
+    pub name: VolumeName,
+    pub path: PathBuf,
+}
+
+impl Config {
+    pub fn protection(&self, name: &str) -> Option<&Protection> {
+        self.protections.iter().find(|p| p.name.as_str() == name)
+    }
+}
+
+/// One problem with a config value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path} is not valid TOML for lifeboat: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path} has {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  {}: {}", p.key, p.message)).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+impl ConfigError {
+    /// The keys named by this error (for tests and for `check-config --output json`).
+    pub fn keys(&self) -> Vec<String> {
+        match self {
+            ConfigError::Invalid { problems, .. } => {
+                problems.iter().map(|p| p.key.clone()).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Parses and validates `text` as if read from `path`.
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let base = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let mut v = Validator {
+        base,
+        problems: Vec::new(),
+    };
+    let cfg = v.config(raw, path);
+    if v.problems.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems: v.problems,
+        })
+    }
+}
+
+struct Validator {
+    base: PathBuf,
+    problems: Vec<Problem>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration ({e}); expected e.g. \"30s\", \"5m\", \"1h\""))?;
+    if d.is_zero() {
+        return Err(format!("{s:?} is zero; expected a positive duration"));
+    }
+    Ok(d)
+}
+
+/// Parses a human size such as "64KiB" or "1 MiB" into bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("{s:?} is not a size ({e}); expected e.g. \"64KiB\", \"1MiB\""))
+}
+
+impl Validator {
+    fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn path(&mut self, key: &str, s: &str) -> PathBuf {
+        if s.trim().is_empty() {
+            self.problem(key, "is empty; expected a path");
+        }
+        let p = PathBuf::from(s);
+        if p.is_absolute() {
+            p
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn addr(&mut self, key: &str, s: &str) -> SocketAddr {
+        match s.to_socket_addrs().map(|mut a| a.next()) {
+            Ok(Some(a)) => a,
+            Ok(None) | Err(_) => {
+                self.problem(
+                    key,
+                    format!("{s:?} is not an address; expected host:port such as \"127.0.0.1:7420\""),
+                );
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            }
+        }
+    }
+
+    fn config(&mut self, raw: RawConfig, file: &Path) -> Config {
+        let role = match raw.site.role.as_str() {
+            "primary" => Role::Primary,
+            "dr" => Role::Dr,
+            other => {
+                self.problem(
+                    "site.role",
+                    format!("{other:?} is not a role; expected \"primary\" or \"dr\""),
+                );
+                Role::Primary
+            }
+        };
+        if let Err(e) = crate::ids::check_name(&raw.site.name) {
+            self.problem("site.name", e);
+        }
+        let state_dir = self.path("site.state_dir", &raw.site.state_dir);
+        let tls = TlsFiles {
+            ca: self.path("tls.ca", &raw.tls.ca),
+            cert: self.path("tls.cert", &raw.tls.cert),
+            key: self.path("tls.key", &raw.tls.key),
+        };
+        let peer = match (&raw.peer, role) {
+            (Some(p), _) => {
+                let address = self.addr("peer.address", &p.address);
+                if p.server_name.trim().is_empty() {
+                    self.problem("peer.server_name", "is empty; expected the DR site's name in its certificate");
+                }
+                Some(Peer {
+                    address,
+                    server_name: p.server_name.clone(),
+                })
+            }
+            (None, Role::Primary) => {
+                self.problem(
+                    "peer",
+                    "is missing; a primary needs [peer] with address and server_name of the DR site",
+                );
+                None
+            }
+            (None, Role::Dr) => None,
+        };
+        let listen = match (&raw.listen, role) {
+            (Some(l), _) => Some(self.addr("listen.address", &l.address)),
+            (None, Role::Dr) => Some(SocketAddr::from(([0, 0, 0, 0], 7420))),
+            (None, Role::Primary) => None,
+        };
+        let control = match &raw.control {
+            Some(c) => self.addr("control.address", &c.address),
+            None => SocketAddr::from(([127, 0, 0, 1], 7421)),
+        };
+        let mut names = HashSet::new();
+        let mut protections = Vec::new();
+        for (i, p) in raw.protections.into_iter().enumerate() {
+            let key = format!("protection[{i}]");
+            if !names.insert(p.name.clone()) {
+                self.problem(format!("{key}.name"), format!("{:?} is used by an earlier protection", p.name));
+            }
+            protections.push(self.protection(&key, p, &state_dir));
+        }
+        if protections.is_empty() {
+            self.problem("protection", "no [[protection]] is configured; expected at least one");
+        }
+        Config {
+            file: file.to_path_buf(),
+            site_name: raw.site.name,
+            role,
+            state_dir,
+            tls,
+            peer,
+            listen,
+            control,
+            protections,
+        }
+    }
+
+    fn protection(&mut self, key: &str, p: RawProtection, state_dir: &Path) -> Protection {
+        let name = ProtectionName::new(&p.name).unwrap_or_else(|e| {
+            self.problem(format!("{key}.name"), e);
+            ProtectionName::new("invalid").expect("literal")
+        });
+        let dur = |this: &mut Self, field: &str, v: &Option<String>, default: Duration| {
+            v.as_deref()
+                .map(|s| {
+                    parse_duration(s).unwrap_or_else(|e| {
+                        this.problem(format!("{key}.{field}"), e);
+                        default
+                    })
+                })
+                .unwrap_or(default)
+        };
+        let interval = dur(self, "interval", &p.interval, Duration::from_secs(60));
+        let rpo_target = dur(self, "rpo_target", &p.rpo_target, interval * 2);
+        let hook_timeout = dur(self, "hook_timeout", &p.hook_timeout, Duration::from_secs(60));
+        let chunk_size = match p.chunk_size.as_deref().map(parse_size) {
+            None => DEFAULT_CHUNK_SIZE,
+            Some(Err(e)) => {
+                self.problem(format!("{key}.chunk_size"), e);
+                DEFAULT_CHUNK_SIZE
+            }
+            Some(Ok(n))
+                if n < MIN_CHUNK_SIZE as u64
+                    || n > MAX_CHUNK_SIZE as u64
+                    || n % MIN_CHUNK_SIZE as u64 != 0 =>
+            {
+                self.problem(
+                    format!("{key}.chunk_size"),
+                    format!("{n} bytes; expected a multiple of 4KiB from 4KiB to 16MiB"),
+                );
+                DEFAULT_CHUNK_SIZE
+            }
+            Some(Ok(n)) => n as u32,
+        };
+        let snapshot = match p.snapshot.as_deref().unwrap_or("auto") {
+            "auto" => SnapshotMode::Auto,
+            "reflink" => SnapshotMode::Reflink,
+            "copy" => SnapshotMode::Copy,
+            other => {
+                self.problem(
+                    format!("{key}.snapshot"),
+                    format!("{other:?} is not a snapshot method; expected \"auto\", \"reflink\" or \"copy\""),
+                );
+                SnapshotMode::Auto
+            }
+        };
+        let snapshot_dir = match &p.snapshot_dir {
+            Some(s) => self.path(&format!("{key}.snapshot_dir"), s),
+            None => state_dir.join("snapshots"),
+        };
+        for (field, cmds) in [("pre", &p.pre), ("post", &p.post)] {
+            for (j, c) in cmds.iter().enumerate() {
+                if c.trim().is_empty() {
+                    self.problem(format!("{key}.{field}[{j}]"), "is empty; expected a shell command");
+                }
+            }
+        }
+        let mut vol_names = HashSet::new();
+        let mut vol_paths = HashSet::new();
+        let mut volumes = Vec::new();
+        for (j, v) in p.volumes.iter().enumerate() {
+            let vkey = format!("{key}.volume[{j}]");
+            let vname = match VolumeName::new(&v.name) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.problem(format!("{vkey}.name"), e);
+                    continue;
+                }
+            };
+            if !vol_names.insert(v.name.clone()) {
+                self.problem(format!("{vkey}.name"), format!("{:?} is used by an earlier volume of this protection", v.name));
+            }
+            let path = self.path(&format!("{vkey}.path"), &v.path);
+            if !vol_paths.insert(path.clone()) {
+                self.problem(format!("{vkey}.path"), format!("{} is used by an earlier volume of this protection", path.display()));
+            }
+            volumes.push(Volume { name: vname, path });
+        }
+        if p.volumes.is_empty() {
+            self.problem(format!("{key}.volume"), "no [[protection.volume]] is listed; expected at least one");
+        }
+        Protection {
+            name,
+            interval,
+            rpo_target,
+            chunk_size,
+            snapshot,
+            snapshot_dir,
+            pre: p.pre,
+            post: p.post,
+            hook_timeout,
+            sync_on_start: p.sync_on_start.unwrap_or(true),
+            volumes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[site]
+name = "primary"
+role = "primary"
+state_dir = "state"
+[tls]
+ca = "certs/ca.pem"
+cert = "certs/primary.pem"
+key = "certs/primary.key"
+[peer]
+address = "127.0.0.1:7420"
+server_name = "dr"
+[[protection]]
+name = "pg"
+interval = "30s"
+chunk_size = "64KiB"
+[[protection.volume]]
+name = "data"
+path = "/srv/pg.img"
+"#;
+
+    #[test]
+    fn good_config_resolves_relative_paths_and_defaults() {
+        let c = parse(GOOD, Path::new("/etc/lifeboat/primary.toml")).unwrap();
+        assert_eq!(c.state_dir, Path::new("/etc/lifeboat/state"));
+        let p = &c.protections[0];
+        assert_eq!(p.interval, Duration::from_secs(30));
+        assert_eq!(p.rpo_target, Duration::from_secs(60));
+        assert_eq!(p.chunk_size, 65536);
+        assert_eq!(p.snapshot_dir, Path::new("/etc/lifeboat/state/snapshots"));
+    }
+
+    #[test]
+    fn all_problems_are_reported_at_once() {
+        let bad = GOOD
+            .replace("\"30s\"", "\"soon\"")
+            .replace("\"64KiB\"", "\"3KiB\"")
+            .replace("role = \"primary\"", "role = \"leader\"");
+        let err = parse(&bad, Path::new("x.toml")).unwrap_err();
+        let keys = err.keys();
+        assert!(keys.contains(&"protection[0].interval".to_string()), "{keys:?}");
+        assert!(keys.contains(&"protection[0].chunk_size".to_string()), "{keys:?}");
+        assert!(keys.contains(&"site.role".to_string()), "{keys:?}");
+    }
+}

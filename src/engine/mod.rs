@@ -1,0 +1,7 @@
+//! The chunk engine: pure chunk arithmetic, packed hash segments and the ordered diff, plus
+//! the scanner that reads a snapshot and hashes it on all cores.
+
+pub mod chunk;
+pub mod diff;
+pub mod index;
+pub mod scan;

@@ -1,0 +1,279 @@
+//! Where chunks are hashed: reads a snapshot in chunk order, skips holes (SEEK_DATA /
+//! SEEK_HOLE), hashes each batch on all cores, and compares with the base index.
+//!
+//! Blocking code: call it from a blocking thread. A reader thread keeps one batch ahead of
+//! the hashers so reading and hashing overlap; memory is two batches, whatever the volume.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+
+use anyhow::{Context, Result};
+use rayon::prelude::*;
+
+use crate::engine::chunk::{is_zero, zero_hash, Geometry};
+use crate::ids::ChunkHash;
+
+/// Bytes read per batch; the batch is hashed in parallel.
+const BATCH_BYTES: u64 = 8 * 1024 * 1024;
+
+/// What the scan says about one chunk.
+#[derive(Debug)]
+pub enum Content {
+    /// Same hash as the base: nothing to send.
+    Unchanged,
+    /// Changed and all zero (or a hole): send a marker.
+    Zero,
+    /// Changed: send these bytes.
+    Data(Vec<u8>),
+}
+
+#[derive(Debug)]
+pub struct Scanned {
+    pub index: u64,
+    pub hash: ChunkHash,
+    pub content: Content,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ScanStats {
+    pub chunks: u64,
+    pub bytes_scanned: u64,
+    pub chunks_changed: u64,
+    pub bytes_changed: u64,
+    pub zero_chunks_changed: u64,
+    pub hole_chunks: u64,
+}
+
+/// Size of a regular file or block device.
+pub fn volume_size(file: &File) -> std::io::Result<u64> {
+    let meta = file.metadata()?;
+    if meta.file_type().is_file() {
+        return Ok(meta.len());
+    }
+    // Block devices report length 0 in metadata; seeking to the end tells the real size.
+    let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
+    if end < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(end as u64)
+}
+
+/// Tracks where data starts and ends so chunks wholly inside holes need not be read.
+struct Holes {
+    fd: i32,
+    enabled: bool,
+    data_start: u64,
+    data_end: u64,
+}
+
+impl Holes {
+    fn new(file: &File) -> Self {
+        Holes {
+            fd: file.as_raw_fd(),
+            enabled: file.metadata().map(|m| m.is_file()).unwrap_or(false),
+            data_start: 0,
+            data_end: 0,
+        }
+    }
+
+    /// True when `start..end` lies wholly in a hole.
+    fn is_hole(&mut self, start: u64, end: u64) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        if start >= self.data_end {
+            let data = unsafe { libc::lseek(self.fd, start as i64, libc::SEEK_DATA) };
+            if data < 0 {
+                if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                    // No data at or after `start`: the rest is hole.
+                    self.data_start = u64::MAX;
+                    self.data_end = u64::MAX;
+                } else {
+                    self.enabled = false;
+                    return false;
+                }
+            } else {
+                let hole = unsafe { libc::lseek(self.fd, data, libc::SEEK_HOLE) };
+                if hole < 0 {
+                    self.enabled = false;
+                    return false;
+                }
+                self.data_start = data as u64;
+                self.data_end = hole as u64;
+            }
+        }
+        end <= self.data_start
+    }
+}
+
+struct Batch {
+    first: u64,
+    // None marks a chunk in a hole.
+    bufs: Vec<Option<Vec<u8>>>,
+}
+
+/// Scans `path` as `geometry`, calling `base` for the base hash of each chunk in order and
+/// `emit` for every chunk (changed or not, so the caller can build the new index).
+pub fn scan_file(
+    path: &Path,
+    geometry: Geometry,
+    mut base: impl FnMut(u64) -> Result<Option<ChunkHash>>,
+    mut emit: impl FnMut(Scanned) -> Result<()>,
+    progress: &AtomicU64,
+) -> Result<ScanStats> {
+    let file = File::open(path).with_context(|| format!("open snapshot {}", path.display()))?;
+    let size = volume_size(&file)?;
+    anyhow::ensure!(
+        size >= geometry.size,
+        "{} is {size} bytes, shorter than the {} bytes being scanned",
+        path.display(),
+        geometry.size
+    );
+    let per_batch = (BATCH_BYTES / geometry.chunk_size as u64).max(2);
+    let total = geometry.chunk_count();
+    let (tx, rx) = mpsc::sync_channel::<std::io::Result<Batch>>(1);
+    let mut stats = ScanStats::default();
+
+    std::thread::scope(|scope| -> Result<()> {
+        let file = &file;
+        scope.spawn(move || {
+            let mut holes = Holes::new(file);
+            let mut first = 0;
+            while first < total {
+                let last = (first + per_batch).min(total);
+                let mut bufs = Vec::with_capacity((last - first) as usize);
+                for i in first..last {
+                    let off = geometry.offset(i);
+                    let len = geometry.len(i) as usize;
+                    if holes.is_hole(off, off + len as u64) {
+                        bufs.push(None);
+                        continue;
+                    }
+                    let mut buf = vec![0u8; len];
+                    if let Err(e) = file.read_exact_at(&mut buf, off) {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                    bufs.push(Some(buf));
+                }
+                if tx.send(Ok(Batch { first, bufs })).is_err() {
+                    return; // the consumer stopped (an error downstream)
+                }
+                first = last;
+            }
+        });
+
+        for batch in rx {
+            let batch = batch.with_context(|| format!("read {}", path.display()))?;
+            let hashed: Vec<(ChunkHash, bool)> = batch
+                .bufs
+                .par_iter()
+                .enumerate()
+                .map(|(k, b)| {
+                    let len = geometry.len(batch.first + k as u64);
+                    match b {
+                        None => (zero_hash(len), true),
+                        Some(b) if is_zero(b) => (zero_hash(len), true),
+                        Some(b) => (ChunkHash::of(b), false),
+                    }
+                })
+                .collect();
+            for (k, (buf, (hash, zero))) in batch.bufs.into_iter().zip(hashed).enumerate() {
+                let index = batch.first + k as u64;
+                let len = geometry.len(index) as u64;
+                stats.chunks += 1;
+                stats.bytes_scanned += len;
+                if buf.is_none() {
+                    stats.hole_chunks += 1;
+                }
+                let content = if base(index)? == Some(hash) {
+                    Content::Unchanged
+                } else {
+                    stats.chunks_changed += 1;
+                    stats.bytes_changed += len;
+                    if zero {
+                        stats.zero_chunks_changed += 1;
+                        Content::Zero
+                    } else {
+                        Content::Data(buf.expect("non-zero chunk was read"))
+                    }
+                };
+                emit(Scanned {
+                    index,
+                    hash,
+                    content,
+                })?;
+                progress.fetch_add(len, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    })?;
+    anyhow::ensure!(
+        stats.chunks == total,
+        "scan of {} stopped after {} of {total} chunks",
+        path.display(),
+        stats.chunks
+    );
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn scan_reports_changed_zero_and_hole_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v");
+        let cs = 4096u32;
+        let mut f = File::create(&p).unwrap();
+        f.write_all(&vec![7u8; cs as usize]).unwrap(); // 0: data
+        f.write_all(&vec![0u8; cs as usize]).unwrap(); // 1: written zeros
+        f.set_len(cs as u64 * 64 + 100).unwrap(); // 2..: hole, short last chunk
+        f.write_all_at(b"x", cs as u64 * 64).unwrap(); // last chunk has data
+        drop(f);
+        let g = Geometry::new(cs as u64 * 64 + 100, cs);
+        let mut seen = Vec::new();
+        let progress = AtomicU64::new(0);
+        let stats = scan_file(
+            &p,
+            g,
+            |_| Ok(None),
+            |s| {
+                seen.push(s);
+                Ok(())
+            },
+            &progress,
+        )
+        .unwrap();
+        assert_eq!(stats.chunks, 65);
+        assert_eq!(progress.load(Ordering::Relaxed), g.size);
+        assert!(matches!(seen[0].content, Content::Data(_)));
+        assert!(matches!(seen[1].content, Content::Zero));
+        assert!(matches!(seen[30].content, Content::Zero));
+        assert_eq!(seen[30].hash, zero_hash(cs));
+        match &seen[64].content {
+            Content::Data(d) => assert_eq!(d.len(), 100),
+            other => panic!("last chunk was {other:?}"),
+        }
+        // Against itself as base nothing changed.
+        let hashes: Vec<ChunkHash> = seen.iter().map(|s| s.hash).collect();
+        let again = scan_file(
+            &p,
+            g,
+            |i| Ok(hashes.get(i as usize).copied()),
+            |s| {
+                assert!(matches!(s.content, Content::Unchanged));
+                Ok(())
+            },
+            &progress,
+        )
+        .unwrap();
+        assert_eq!(again.chunks_changed, 0);
+    }
+}

@@ -1,0 +1,113 @@
+//! Every metric in one place. Names start with `lifeboat_` and carry their unit; label sets
+//! are bounded (protection names come from the config, error kinds from [`ErrorKind`]).
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Error kinds as metric label values: a fixed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    Peer,
+    Tls,
+    Protocol,
+    Refused,
+    Fenced,
+    Hook,
+    Snapshot,
+    Io,
+    Store,
+    Verify,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Peer => "peer",
+            ErrorKind::Tls => "tls",
+            ErrorKind::Protocol => "protocol",
+            ErrorKind::Refused => "refused",
+            ErrorKind::Fenced => "fenced",
+            ErrorKind::Hook => "hook",
+            ErrorKind::Snapshot => "snapshot",
+            ErrorKind::Io => "io",
+            ErrorKind::Store => "store",
+            ErrorKind::Verify => "verify",
+        }
+    }
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub rpo_seconds: GaugeVec,
+    pub rpo_target_seconds: GaugeVec,
+    pub consistent_gen: IntGaugeVec,
+    pub epoch: IntGaugeVec,
+    pub cycle_seconds: HistogramVec,
+    pub phase_seconds: GaugeVec,
+    pub freeze_seconds: GaugeVec,
+    pub scanned_bytes: IntCounterVec,
+    pub changed_bytes: IntCounterVec,
+    pub sent_bytes: IntCounterVec,
+    pub wire_bytes: IntCounterVec,
+    pub received_bytes: IntCounterVec,
+    pub chunks_sent: IntCounterVec,
+    pub cycles: IntCounterVec,
+    pub errors: IntCounterVec,
+    pub peer_connected: IntGaugeVec,
+    pub failover_seconds: GaugeVec,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    r.register(Box::new(c.clone())).expect("metric names are unique");
+    c
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let p = &["protection"];
+        Metrics {
+            rpo_seconds: reg(&r, GaugeVec::new(Opts::new("lifeboat_rpo_seconds", "Seconds since the snapshot of the consistent point (the RPO actually achieved)"), p).unwrap()),
+            rpo_target_seconds: reg(&r, GaugeVec::new(Opts::new("lifeboat_rpo_target_seconds", "Configured RPO target"), p).unwrap()),
+            consistent_gen: reg(&r, IntGaugeVec::new(Opts::new("lifeboat_consistent_gen", "Gen of the consistent point (DR) or acknowledged base (primary)"), p).unwrap()),
+            epoch: reg(&r, IntGaugeVec::new(Opts::new("lifeboat_epoch", "Epoch of the protection at this site"), p).unwrap()),
+            cycle_seconds: reg(&r, HistogramVec::new(HistogramOpts::new("lifeboat_cycle_duration_seconds", "Duration of successful replication cycles").buckets(vec![0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180.0, 600.0, 1800.0]), p).unwrap()),
+            phase_seconds: reg(&r, GaugeVec::new(Opts::new("lifeboat_cycle_phase_seconds", "Duration of each phase of the last cycle"), &["protection", "phase"]).unwrap()),
+            freeze_seconds: reg(&r, GaugeVec::new(Opts::new("lifeboat_freeze_seconds", "Freeze window of the last group snapshot (first pre command start to last post command end)"), p).unwrap()),
+            scanned_bytes: reg(&r, IntCounterVec::new(Opts::new("lifeboat_scanned_bytes_total", "Bytes of snapshots read and hashed"), p).unwrap()),
+            changed_bytes: reg(&r, IntCounterVec::new(Opts::new("lifeboat_changed_bytes_total", "Bytes of chunks that differed from the base"), p).unwrap()),
+            sent_bytes: reg(&r, IntCounterVec::new(Opts::new("lifeboat_sent_bytes_total", "Bytes of chunk frames sent to the peer"), p).unwrap()),
+            wire_bytes: reg(&r, IntCounterVec::new(Opts::new("lifeboat_wire_bytes_total", "UDP bytes sent on the peer connection during cycles"), p).unwrap()),
+            received_bytes: reg(&r, IntCounterVec::new(Opts::new("lifeboat_received_bytes_total", "Bytes of frames received from the peer"), p).unwrap()),
+            chunks_sent: reg(&r, IntCounterVec::new(Opts::new("lifeboat_chunks_sent_total", "Chunks sent (data and zero markers)"), p).unwrap()),
+            cycles: reg(&r, IntCounterVec::new(Opts::new("lifeboat_cycles_total", "Replication cycles by result"), &["protection", "result"]).unwrap()),
+            errors: reg(&r, IntCounterVec::new(Opts::new("lifeboat_errors_total", "Errors by kind"), &["protection", "kind"]).unwrap()),
+            peer_connected: reg(&r, IntGaugeVec::new(Opts::new("lifeboat_peer_connected", "1 while the QUIC connection to the peer is up"), &["peer"]).unwrap()),
+            failover_seconds: reg(&r, GaugeVec::new(Opts::new("lifeboat_failover_duration_seconds", "Duration of the last failover"), p).unwrap()),
+            registry: r,
+        }
+    }
+
+    pub fn error(&self, protection: &str, kind: ErrorKind) {
+        self.errors
+            .with_label_values(&[protection, kind.as_str()])
+            .inc();
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

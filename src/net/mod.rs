@@ -1,0 +1,5 @@
+//! Where bytes cross the network: the wire protocol, TLS material and the QUIC endpoints.
+
+pub mod quic;
+pub mod tls;
+pub mod wire;

@@ -1,0 +1,210 @@
+//! TLS material for a pair: `lifeboat certs` makes a pair CA and one certificate per site;
+//! the daemons load them into rustls configs that demand mutual TLS and the lifeboat ALPN.
+//!
+//! Any certificate signed by the pair CA is a member of the pair. Key files are written with
+//! mode 0600 and never logged.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::net::wire::ALPN;
+
+/// Paths of one site's TLS material.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// What `certs` wrote.
+#[derive(Debug)]
+pub struct Generated {
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub sites: Vec<(String, TlsFiles)>,
+}
+
+fn write_file(path: &Path, contents: &str, secret: bool) -> Result<()> {
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    if secret {
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).with_context(|| {
+        format!(
+            "create {} (lifeboat never overwrites TLS material; remove it first to replace it)",
+            path.display()
+        )
+    })?;
+    f.write_all(contents.as_bytes())
+        .with_context(|| format!("write {}", path.display()))?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Creates a pair CA and a certificate for each site in `out`. Each site certificate names
+/// the site (the peer's `server_name`), plus `localhost`, 127.0.0.1 and `extra_sans`.
+pub fn generate(out: &Path, sites: &[String], extra_sans: &[String]) -> Result<Generated> {
+    if sites.is_empty() {
+        bail!("name at least one site to make a certificate for");
+    }
+    fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
+    let ca_key = KeyPair::generate().context("generate CA key")?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "lifeboat pair CA");
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca_params.self_signed(&ca_key).context("sign CA")?;
+    let issuer = Issuer::new(ca_params, &ca_key);
+    let ca_cert_path = out.join("ca.pem");
+    let ca_key_path = out.join("ca.key");
+    write_file(&ca_cert_path, &ca_cert.pem(), false)?;
+    write_file(&ca_key_path, &ca_key.serialize_pem(), true)?;
+
+    let mut generated = Vec::new();
+    for site in sites {
+        crate::ids::check_name(site).map_err(|e| anyhow::anyhow!("site name {e}"))?;
+        let mut sans = vec![site.clone(), "localhost".into(), "127.0.0.1".into()];
+        sans.extend(extra_sans.iter().cloned());
+        let mut params = CertificateParams::new(sans)
+            .with_context(|| format!("subject names for site {site}"))?;
+        params.distinguished_name.push(DnType::CommonName, site);
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &issuer)?;
+        let files = TlsFiles {
+            ca: ca_cert_path.clone(),
+            cert: out.join(format!("{site}.pem")),
+            key: out.join(format!("{site}.key")),
+        };
+        write_file(&files.cert, &cert.pem(), false)?;
+        write_file(&files.key, &key.serialize_pem(), true)?;
+        generated.push((site.clone(), files));
+    }
+    Ok(Generated {
+        ca_cert: ca_cert_path,
+        ca_key: ca_key_path,
+        sites: generated,
+    })
+}
+
+struct Loaded {
+    roots: Arc<rustls::RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+fn load(files: &TlsFiles) -> Result<Loaded> {
+    let mut roots = rustls::RootCertStore::empty();
+    let cas = CertificateDer::pem_file_iter(&files.ca)
+        .with_context(|| format!("read CA certificate {}", files.ca.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parse CA certificate {}", files.ca.display()))?;
+    if cas.is_empty() {
+        bail!("{} holds no PEM certificate", files.ca.display());
+    }
+    for ca in cas {
+        roots
+            .add(ca)
+            .with_context(|| format!("use {} as a trust anchor", files.ca.display()))?;
+    }
+    let chain = CertificateDer::pem_file_iter(&files.cert)
+        .with_context(|| format!("read certificate {}", files.cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parse certificate {}", files.cert.display()))?;
+    if chain.is_empty() {
+        bail!("{} holds no PEM certificate", files.cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .with_context(|| format!("read private key {}", files.key.display()))?;
+    Ok(Loaded {
+        roots: Arc::new(roots),
+        chain,
+        key,
+    })
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The DR side: requires a client certificate from the pair CA.
+pub fn server_config(files: &TlsFiles) -> Result<rustls::ServerConfig> {
+    let l = load(files)?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(l.roots, provider())
+            .build()
+            .context("build client certificate verifier")?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(l.chain, l.key)
+        .with_context(|| format!("use key {} with its certificate", files.key.display()))?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(cfg)
+}
+
+/// The primary side: verifies the DR site against the pair CA and presents its own cert.
+pub fn client_config(files: &TlsFiles) -> Result<rustls::ClientConfig> {
+    let l = load(files)?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(l.roots)
+        .with_client_auth_cert(l.chain, l.key)
+        .with_context(|| format!("use key {} with its certificate", files.key.display()))?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_material_builds_both_configs_and_keys_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = generate(dir.path(), &["primary".into(), "dr".into()], &[]).unwrap();
+        for (_, files) in &g.sites {
+            server_config(files).unwrap();
+            client_config(files).unwrap();
+            let mode = fs::metadata(&files.key).unwrap().permissions();
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(mode.mode() & 0o777, 0o600);
+        }
+        // A second run refuses to overwrite.
+        let err = generate(dir.path(), &["primary".into()], &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("never overwrites"), "{err:#}");
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let files = TlsFiles {
+            ca: "/nonexistent/ca.pem".into(),
+            cert: "/nonexistent/c.pem".into(),
+            key: "/nonexistent/c.key".into(),
+        };
+        let err = format!("{:#}", server_config(&files).unwrap_err());
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+    }
+}

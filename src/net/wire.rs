@@ -1,0 +1,378 @@
+//! The wire protocol: message types, a versioned hello, and length-limited framing.
+//!
+//! A frame is a 4-byte big-endian length followed by one bincode-encoded [`Msg`]. The codec
+//! is pure; [`FrameReader`] and [`FrameWriter`] wire it to QUIC streams.
+//!
+//! One connection per pair. The first stream carries `Hello`/`HelloAck`. Each cycle opens a
+//! stream: `Prepare` → `Prepared | Refused`, then `Cycle`, and per volume an optional
+//! `HashRequest` (answered by `HashSegment`s and `HashEnd`), then `Begin`, `Chunk`s in
+//! index order and `End`; finally `Commit` → `Committed | Refused`.
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+use crate::engine::chunk::MAX_CHUNK_SIZE;
+use crate::ids::{ChunkHash, Epoch, Gen, Point};
+
+/// ALPN of the replication protocol; a client offering anything else gets no connection.
+pub const ALPN: &[u8] = b"lifeboat/1";
+/// Bumped on any incompatible change of [`Msg`].
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The largest frame: one chunk at the largest chunk size plus its header.
+pub const MAX_FRAME: usize = MAX_CHUNK_SIZE as usize + 4096;
+
+const CONFIG: bincode::config::Configuration<
+    bincode::config::BigEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<MAX_FRAME>,
+> = bincode::config::standard()
+    .with_big_endian()
+    .with_limit::<MAX_FRAME>();
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct VolumeMeta {
+    pub name: String,
+    pub size: u64,
+    pub chunk_size: u32,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// All-zero chunk or hole: the receiver writes zeros (or punches a hole).
+    Zero,
+    Data(ByteBuf),
+}
+
+/// Why a receiver will not take a cycle. Each is a different action for the sender.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the DR site is at epoch {theirs} and this site at epoch {ours}: the DR site failed over; this site is fenced and stops replicating")]
+    StaleEpoch { ours: Epoch, theirs: Epoch },
+    #[error("the DR site has failed over this protection (epoch {epoch}, recovered gen {}) and accepts no replication", gen.map_or("none".to_string(), |g| g.to_string()))]
+    FailedOver { epoch: Epoch, gen: Option<Gen> },
+    #[error("the DR site has no protection named {0:?}")]
+    UnknownProtection(String),
+    #[error("the DR site's protection has no volume named {0:?} (its volumes: {1})")]
+    UnknownVolume(String, String),
+    #[error("the cycle's base {sent:?} is not the DR site's consistent point {have:?}")]
+    BaseMismatch {
+        sent: Option<Point>,
+        have: Option<Point>,
+    },
+    #[error("the DR site is busy with another cycle of this protection")]
+    Busy,
+    #[error("the DR site rejected the stream: {0}")]
+    Invalid(String),
+    #[error("the DR site could not store the cycle: {0}")]
+    Storage(String),
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Msg {
+    Hello {
+        version: u32,
+        site: String,
+    },
+    HelloAck {
+        version: u32,
+        site: String,
+    },
+    Prepare {
+        protection: String,
+        epoch: Epoch,
+    },
+    Prepared {
+        epoch: Epoch,
+        point: Option<Point>,
+    },
+    Refused(Refusal),
+    Cycle {
+        point: Point,
+        base: Option<Point>,
+        volumes: Vec<VolumeMeta>,
+    },
+    /// Resync: the sender asks for the receiver's hashes of a replica.
+    HashRequest {
+        volume: String,
+        chunk_size: u32,
+    },
+    HashSegment {
+        segment: u64,
+        packed: ByteBuf,
+    },
+    HashEnd {
+        volume: String,
+        chunk_count: u64,
+    },
+    Begin {
+        volume: String,
+        size: u64,
+        chunk_size: u32,
+    },
+    Chunk {
+        index: u64,
+        hash: ChunkHash,
+        payload: Payload,
+    },
+    End {
+        volume: String,
+        chunk_count: u64,
+        root: ChunkHash,
+    },
+    Commit {
+        gen: Gen,
+    },
+    Committed {
+        point: Point,
+    },
+}
+
+impl Msg {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Msg::Hello { .. } => "Hello",
+            Msg::HelloAck { .. } => "HelloAck",
+            Msg::Prepare { .. } => "Prepare",
+            Msg::Prepared { .. } => "Prepared",
+            Msg::Refused(_) => "Refused",
+            Msg::Cycle { .. } => "Cycle",
+            Msg::HashRequest { .. } => "HashRequest",
+            Msg::HashSegment { .. } => "HashSegment",
+            Msg::HashEnd { .. } => "HashEnd",
+            Msg::Begin { .. } => "Begin",
+            Msg::Chunk { .. } => "Chunk",
+            Msg::End { .. } => "End",
+            Msg::Commit { .. } => "Commit",
+            Msg::Committed { .. } => "Committed",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME}")]
+    TooLarge(usize),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("frame has {0} bytes after the message")]
+    Trailing(usize),
+    #[error("peer sent {got} where {expected} was expected")]
+    Unexpected { got: &'static str, expected: &'static str },
+    #[error("stream closed by the peer before {0}")]
+    Closed(&'static str),
+    #[error("stream: {0}")]
+    Stream(String),
+}
+
+/// Appends one frame (length + message) to `out`.
+pub fn encode_frame(msg: &Msg, out: &mut Vec<u8>) -> Result<(), WireError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    bincode::serde::encode_into_std_write(msg, out, CONFIG)
+        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    let len = out.len() - start - 4;
+    if len > MAX_FRAME {
+        out.truncate(start);
+        return Err(WireError::TooLarge(len));
+    }
+    out[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
+}
+
+/// Reads a frame header; refuses lengths over the limit before allocating.
+pub fn frame_len(header: [u8; 4]) -> Result<usize, WireError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_FRAME {
+        return Err(WireError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+/// Decodes one message body (without the length header).
+pub fn decode_body(body: &[u8]) -> Result<Msg, WireError> {
+    let (msg, used) = bincode::serde::decode_from_slice::<Msg, _>(body, CONFIG)
+        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    if used != body.len() {
+        return Err(WireError::Trailing(body.len() - used));
+    }
+    Ok(msg)
+}
+
+/// Reads frames from a QUIC receive stream.
+pub struct FrameReader {
+    stream: quinn::RecvStream,
+    buf: Vec<u8>,
+    pub bytes: u64,
+}
+
+impl FrameReader {
+    pub fn new(stream: quinn::RecvStream) -> Self {
+        FrameReader {
+            stream,
+            buf: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    /// The next message; `None` when the peer finished the stream cleanly between frames.
+    pub async fn next(&mut self) -> Result<Option<Msg>, WireError> {
+        let mut header = [0u8; 4];
+        match self.stream.read_exact(&mut header).await {
+            Ok(()) => {}
+            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+            Err(e) => return Err(WireError::Stream(e.to_string())),
+        }
+        let len = frame_len(header)?;
+        self.buf.resize(len, 0);
+        self.stream
+            .read_exact(&mut self.buf)
+            .await
+            .map_err(|e| WireError::Stream(e.to_string()))?;
+        self.bytes += 4 + len as u64;
+        decode_body(&self.buf).map(Some)
+    }
+
+    /// Tells the peer to stop sending on this stream (after a refusal).
+    pub fn stop(&mut self) {
+        let _ = self.stream.stop(0u32.into());
+    }
+
+    /// The next message, which must exist.
+    pub async fn expect(&mut self, what: &'static str) -> Result<Msg, WireError> {
+        self.next().await?.ok_or(WireError::Closed(what))
+    }
+}
+
+/// Writes frames to a QUIC send stream, reusing one buffer.
+pub struct FrameWriter {
+    stream: quinn::SendStream,
+    buf: Vec<u8>,
+    pub bytes: u64,
+}
+
+impl FrameWriter {
+    pub fn new(stream: quinn::SendStream) -> Self {
+        FrameWriter {
+            stream,
+            buf: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    pub async fn send(&mut self, msg: &Msg) -> Result<u64, WireError> {
+        self.buf.clear();
+        encode_frame(msg, &mut self.buf)?;
+        self.stream
+            .write_all(&self.buf)
+            .await
+            .map_err(|e| WireError::Stream(e.to_string()))?;
+        let n = self.buf.len() as u64;
+        self.bytes += n;
+        Ok(n)
+    }
+
+    pub fn finish(&mut self) {
+        let _ = self.stream.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::CycleId;
+    use proptest::prelude::*;
+
+    fn arb_msg() -> impl Strategy<Value = Msg> {
+        let hash = any::<[u8; 32]>().prop_map(ChunkHash);
+        let point = (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(g, c, t)| Point {
+            gen: Gen(g),
+            cycle: CycleId(c),
+            taken_at_ms: t,
+        });
+        prop_oneof![
+            (any::<u32>(), ".{0,20}").prop_map(|(version, site)| Msg::Hello { version, site }),
+            (".{0,20}", any::<u64>()).prop_map(|(protection, e)| Msg::Prepare {
+                protection,
+                epoch: Epoch(e)
+            }),
+            (any::<u64>(), proptest::option::of(point.clone()))
+                .prop_map(|(e, point)| Msg::Prepared { epoch: Epoch(e), point }),
+            (point.clone(), proptest::option::of(point.clone()), ".{0,10}", any::<u64>(), any::<u32>())
+                .prop_map(|(point, base, name, size, chunk_size)| Msg::Cycle {
+                    point,
+                    base,
+                    volumes: vec![VolumeMeta { name, size, chunk_size }],
+                }),
+            (any::<u64>(), hash.clone(), proptest::collection::vec(any::<u8>(), 0..3000))
+                .prop_map(|(index, hash, d)| Msg::Chunk {
+                    index,
+                    hash,
+                    payload: Payload::Data(ByteBuf::from(d)),
+                }),
+            (any::<u64>(), hash.clone()).prop_map(|(index, hash)| Msg::Chunk {
+                index,
+                hash,
+                payload: Payload::Zero
+            }),
+            (".{0,10}", any::<u64>(), hash).prop_map(|(volume, chunk_count, root)| Msg::End {
+                volume,
+                chunk_count,
+                root
+            }),
+            (any::<u64>(), any::<u64>()).prop_map(|(o, t)| Msg::Refused(Refusal::StaleEpoch {
+                ours: Epoch(o),
+                theirs: Epoch(t)
+            })),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn frames_round_trip(msg in arb_msg()) {
+            let mut buf = Vec::new();
+            encode_frame(&msg, &mut buf).unwrap();
+            let len = frame_len(buf[..4].try_into().unwrap()).unwrap();
+            prop_assert_eq!(len, buf.len() - 4);
+            prop_assert_eq!(decode_body(&buf[4..]).unwrap(), msg);
+        }
+
+        #[test]
+        fn garbage_never_panics(body in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode_body(&body);
+        }
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_reading() {
+        assert!(matches!(
+            frame_len(u32::MAX.to_be_bytes()),
+            Err(WireError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn truncated_and_padded_bodies_are_malformed() {
+        let mut buf = Vec::new();
+        encode_frame(
+            &Msg::Commit { gen: Gen(3) },
+            &mut buf,
+        )
+        .unwrap();
+        assert!(decode_body(&buf[4..buf.len() - 1]).is_err());
+        let mut padded = buf[4..].to_vec();
+        padded.push(0);
+        assert!(matches!(decode_body(&padded), Err(WireError::Trailing(1))));
+    }
+
+    #[test]
+    fn a_full_chunk_at_the_largest_size_fits_a_frame() {
+        let msg = Msg::Chunk {
+            index: u64::MAX,
+            hash: ChunkHash([9; 32]),
+            payload: Payload::Data(ByteBuf::from(vec![1u8; MAX_CHUNK_SIZE as usize])),
+        };
+        let mut buf = Vec::new();
+        encode_frame(&msg, &mut buf).unwrap();
+        assert!(buf.len() - 4 <= MAX_FRAME);
+    }
+}

@@ -1,0 +1,88 @@
+//! The primary's link to its DR site: one QUIC connection, made on demand, checked for the
+//! lifeboat ALPN and a compatible protocol version before any cycle uses it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use tokio::sync::Mutex;
+
+use crate::net::quic;
+use crate::net::wire::{FrameReader, FrameWriter, Msg, PROTOCOL_VERSION};
+use crate::site::Site;
+
+pub struct PeerLink {
+    endpoint: quinn::Endpoint,
+    address: SocketAddr,
+    server_name: String,
+    conn: Mutex<Option<quinn::Connection>>,
+}
+
+impl PeerLink {
+    pub fn new(endpoint: quinn::Endpoint, address: SocketAddr, server_name: String) -> Self {
+        PeerLink {
+            endpoint,
+            address,
+            server_name,
+            conn: Mutex::new(None),
+        }
+    }
+
+    /// The live connection, connecting (and saying hello) if there is none.
+    pub async fn connection(&self, site: &Arc<Site>) -> Result<quinn::Connection> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = guard.as_ref() {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        site.peer_connected.store(false, Ordering::Relaxed);
+        let what = || format!("connect to DR site {} ({})", self.address, self.server_name);
+        let connecting = self
+            .endpoint
+            .connect(self.address, &self.server_name)
+            .with_context(what)?;
+        let conn = tokio::time::timeout(Duration::from_secs(15), connecting)
+            .await
+            .map_err(|_| anyhow!("no answer within 15s"))
+            .with_context(what)?
+            .with_context(what)?;
+        if !quic::negotiated_lifeboat(&conn) {
+            conn.close(1u32.into(), b"alpn");
+            bail!("{}: the peer did not agree on the lifeboat protocol (ALPN)", what());
+        }
+        let (send, recv) = conn.open_bi().await.with_context(what)?;
+        let mut w = FrameWriter::new(send);
+        let mut r = FrameReader::new(recv);
+        w.send(&Msg::Hello {
+            version: PROTOCOL_VERSION,
+            site: site.config.site_name.clone(),
+        })
+        .await
+        .with_context(what)?;
+        match r.expect("HelloAck").await.with_context(what)? {
+            Msg::HelloAck { version, site: peer } if version == PROTOCOL_VERSION => {
+                tracing::info!(peer = %peer, address = %self.address, "connected to DR site");
+            }
+            Msg::HelloAck { version, .. } => bail!(
+                "{}: the peer speaks protocol version {version}, this site {PROTOCOL_VERSION}; upgrade both sites to the same lifeboat release",
+                what()
+            ),
+            Msg::Refused(r) => bail!("{}: {r}", what()),
+            other => bail!("{}: peer answered the hello with {}", what(), other.kind()),
+        }
+        w.finish();
+        site.peer_connected.store(true, Ordering::Relaxed);
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Drops the connection after an error so the next cycle reconnects.
+    pub async fn reset(&self) {
+        if let Some(c) = self.conn.lock().await.take() {
+            c.close(0u32.into(), b"reset");
+        }
+    }
+}

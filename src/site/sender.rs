@@ -1,0 +1,360 @@
+//! One replication cycle at the primary: agree on the base with the DR site, take the group
+//! snapshot, scan each volume against the base index, stream the changed chunks, commit,
+//! and on the acknowledgement make the new index the base.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, Context};
+use serde_bytes::ByteBuf;
+use tokio::sync::mpsc;
+
+use crate::config::Protection;
+use crate::engine::chunk::{Geometry, RootHasher};
+use crate::engine::diff::BaseCursor;
+use crate::engine::index::{Segment, SegmentBuilder};
+use crate::engine::scan::{scan_file, Content, Scanned};
+use crate::ids::{now_ms, CycleId, Gen, Point};
+use crate::metrics::ErrorKind;
+use crate::net::wire::{FrameReader, FrameWriter, Msg, Payload, Refusal, VolumeMeta, WireError};
+use crate::site::peer::PeerLink;
+use crate::site::status::{method_name, CycleReport, VolumeReport};
+use crate::site::{KindError, Site, WithKind};
+use crate::store::schema::SCRATCH;
+use crate::store::{Batch, FenceRecord, PointRecord, ProtectionRecord, VolumeRecord};
+use crate::volume::snapshot::{self, GroupSnapshot};
+use crate::{failpoint, store::Store};
+
+type CycleResult<T> = Result<T, KindError>;
+
+fn wire<T>(r: Result<T, WireError>) -> CycleResult<T> {
+    r.kind(ErrorKind::Peer)
+}
+
+/// Persists a fence after the DR site refused us for a newer epoch.
+fn fence(site: &Site, prot: &str, rec: &mut ProtectionRecord, refusal: &Refusal) -> KindError {
+    let message = format!("fenced: {refusal}");
+    rec.fenced = Some(FenceRecord {
+        at_ms: now_ms(),
+        message: message.clone(),
+    });
+    let mut b = Batch::default();
+    b.put_protection(prot, rec);
+    if let Err(e) = site.store.write(b, true) {
+        tracing::error!(protection = prot, error = %format!("{e:#}"), "could not persist the fence");
+    }
+    tracing::error!(protection = prot, %refusal, "DR site refused this primary; replication of this protection stops");
+    KindError {
+        kind: ErrorKind::Fenced,
+        error: anyhow!(message),
+    }
+}
+
+fn refused(site: &Site, prot: &str, rec: &mut ProtectionRecord, r: Refusal) -> KindError {
+    match r {
+        Refusal::StaleEpoch { .. } | Refusal::FailedOver { .. } => fence(site, prot, rec, &r),
+        other => KindError {
+            kind: ErrorKind::Refused,
+            error: anyhow!("DR site refused the cycle: {other}"),
+        },
+    }
+}
+
+/// Runs one cycle of `prot` and returns its report.
+pub async fn run_cycle(site: &Arc<Site>, peer: &PeerLink, prot: &Protection) -> CycleResult<CycleReport> {
+    let started = Instant::now();
+    let name = prot.name.as_str();
+    let mut rec = site.record(name).kind(ErrorKind::Store)?;
+    if let Some(f) = &rec.fenced {
+        return Err(KindError {
+            kind: ErrorKind::Fenced,
+            error: anyhow!("{}", f.message),
+        });
+    }
+    site.live.activity(name, "connecting to the DR site");
+    let conn = peer.connection(site).await.kind(ErrorKind::Peer)?;
+    let wire_start = conn.stats().udp_tx.bytes;
+    let (send, recv) = conn.open_bi().await.kind(ErrorKind::Peer)?;
+    let mut w = FrameWriter::new(send);
+    let mut r = FrameReader::new(recv);
+    wire(w.send(&Msg::Prepare { protection: name.to_string(), epoch: rec.epoch }).await)?;
+    let dr_point = match wire(r.expect("Prepared").await)? {
+        Msg::Prepared { epoch, point } => {
+            if epoch > rec.epoch {
+                let refusal = Refusal::StaleEpoch { ours: rec.epoch, theirs: epoch };
+                return Err(fence(site, name, &mut rec, &refusal));
+            }
+            point
+        }
+        Msg::Refused(reason) => return Err(refused(site, name, &mut rec, reason)),
+        other => return Err(protocol(other.kind(), "Prepared")),
+    };
+
+    reconcile(&site.store, name, &mut rec, dr_point).kind(ErrorKind::Store)?;
+    let base = rec.point.clone().filter(|p| Some(p.point) == dr_point);
+    let gen = Gen(rec.point.as_ref().map_or(0, |p| p.point.gen.0).max(dr_point.map_or(0, |p| p.gen.0)) + 1);
+
+    site.live.activity(name, format!("snapshot of gen {gen}"));
+    let snap_started = Instant::now();
+    let snap = snapshot::take(prot, gen).await.map_err(|e| {
+        let kind = if format!("{e:#}").contains("pre command") || format!("{e:#}").contains("post command") {
+            ErrorKind::Hook
+        } else {
+            ErrorKind::Snapshot
+        };
+        KindError { kind, error: e }
+    })?;
+    let snapshot_seconds = snap_started.elapsed().as_secs_f64();
+    let point = Point { gen, cycle: CycleId::random(), taken_at_ms: snap.taken_at_ms };
+    rec.tentative = Some(PointRecord { point, volumes: BTreeMap::new() });
+    let mut b = Batch::default();
+    b.put_protection(name, &rec);
+    site.store.write(b, true).kind(ErrorKind::Store)?;
+
+    let metas = snap
+        .volumes
+        .iter()
+        .map(|v| VolumeMeta { name: v.name.clone(), size: v.size, chunk_size: prot.chunk_size })
+        .collect();
+    wire(w.send(&Msg::Cycle { point, base: base.as_ref().map(|b| b.point), volumes: metas }).await)?;
+
+    let transfer_started = Instant::now();
+    let mut report = CycleReport { gen: gen.0, started_at_ms: now_ms(), ..Default::default() };
+    let mut volumes = BTreeMap::new();
+    for (i, v) in snap.volumes.iter().enumerate() {
+        site.live.activity(name, format!("gen {gen}: volume {} ({}/{})", v.name, i + 1, snap.volumes.len()));
+        let (vrec, vrep) = send_volume(site, prot, &snap, i, base.as_ref(), &mut w, &mut r, &mut report).await?;
+        volumes.insert(v.name.clone(), vrec);
+        report.volumes.push(vrep);
+    }
+    let transfer_seconds = transfer_started.elapsed().as_secs_f64();
+    if let Some(t) = rec.tentative.as_mut() {
+        t.volumes = volumes;
+    }
+    let mut b = Batch::default();
+    b.put_protection(name, &rec);
+    site.store.write(b, true).kind(ErrorKind::Store)?;
+
+    site.live.activity(name, format!("gen {gen}: waiting for the DR site to commit"));
+    let commit_started = Instant::now();
+    wire(w.send(&Msg::Commit { gen }).await)?;
+    match wire(r.expect("Committed").await)? {
+        Msg::Committed { point: p } if p == point => {}
+        Msg::Committed { point: p } => {
+            return Err(KindError {
+                kind: ErrorKind::Protocol,
+                error: anyhow!("DR site acknowledged {p:?}, expected {point:?}"),
+            })
+        }
+        Msg::Refused(reason) => return Err(refused(site, name, &mut rec, reason)),
+        other => return Err(protocol(other.kind(), "Committed")),
+    }
+    w.finish();
+    acknowledge(&site.store, name, &mut rec).kind(ErrorKind::Store)?;
+    if let Err(e) = snapshot::prune(prot, &[gen]) {
+        tracing::warn!(protection = name, error = %format!("{e:#}"), "could not remove old snapshots");
+    }
+    report.phases.snapshot = snapshot_seconds;
+    report.phases.freeze = snap.freeze.as_secs_f64();
+    report.phases.transfer = transfer_seconds;
+    report.phases.commit = commit_started.elapsed().as_secs_f64();
+    report.seconds = started.elapsed().as_secs_f64();
+    report.wire_bytes = conn.stats().udp_tx.bytes.saturating_sub(wire_start);
+    Ok(report)
+}
+
+fn protocol(got: &'static str, expected: &'static str) -> KindError {
+    KindError {
+        kind: ErrorKind::Protocol,
+        error: WireError::Unexpected { got, expected }.into(),
+    }
+}
+
+/// Brings the primary's record in line with what the DR site has committed: a tentative
+/// gen the DR site committed (its acknowledgement was lost) becomes the base; any other
+/// tentative gen is dropped, and every index but the base's goes.
+fn reconcile(store: &Store, prot: &str, rec: &mut ProtectionRecord, dr_point: Option<Point>) -> anyhow::Result<()> {
+    if let Some(t) = rec.tentative.take() {
+        if Some(t.point) == dr_point && !t.volumes.is_empty() {
+            tracing::info!(protection = prot, gen = %t.point.gen, "DR site committed a gen whose acknowledgement was lost; using it as the base");
+            rec.point = Some(t);
+        }
+    }
+    let mut b = Batch::default();
+    let keep: Vec<Gen> = rec.point.iter().map(|p| p.point.gen).collect();
+    store.drop_index_except(prot, &keep, &mut b)?;
+    b.put_protection(prot, rec);
+    store.write(b, true)
+}
+
+/// The acknowledgement: the tentative gen becomes the base; older and scratch indexes go.
+fn acknowledge(store: &Store, prot: &str, rec: &mut ProtectionRecord) -> anyhow::Result<()> {
+    let t = rec.tentative.take().context("acknowledged a cycle with no tentative gen")?;
+    let mut b = Batch::default();
+    store.drop_index_except(prot, &[t.point.gen], &mut b)?;
+    rec.point = Some(t);
+    b.put_protection(prot, rec);
+    store.write(b, true)
+}
+
+/// Fetches the DR site's hashes of a replica into the scratch index (resync).
+async fn fetch_peer_hashes(
+    store: &Arc<Store>,
+    prot: &str,
+    volume: &str,
+    chunk_size: u32,
+    w: &mut FrameWriter,
+    r: &mut FrameReader,
+) -> CycleResult<u64> {
+    let mut b = Batch::default();
+    b.delete_index(prot, volume, SCRATCH);
+    store.write(b, false).kind(ErrorKind::Store)?;
+    wire(w.send(&Msg::HashRequest { volume: volume.to_string(), chunk_size }).await)?;
+    let before = r.bytes;
+    loop {
+        match wire(r.expect("HashEnd").await)? {
+            Msg::HashSegment { segment, packed } => {
+                let seg = Segment::decode(&packed).kind(ErrorKind::Protocol)?;
+                let mut b = Batch::default();
+                b.put_segment(prot, volume, SCRATCH, segment, &seg);
+                store.write(b, false).kind(ErrorKind::Store)?;
+            }
+            Msg::HashEnd { volume: v, .. } if v == volume => break,
+            Msg::Refused(reason) => {
+                return Err(KindError { kind: ErrorKind::Refused, error: anyhow!("DR site refused the cycle: {reason}") })
+            }
+            other => return Err(protocol(other.kind(), "HashSegment")),
+        }
+    }
+    Ok(r.bytes - before)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_volume(
+    site: &Arc<Site>,
+    prot: &Protection,
+    snap: &GroupSnapshot,
+    i: usize,
+    base: Option<&PointRecord>,
+    w: &mut FrameWriter,
+    r: &mut FrameReader,
+    report: &mut CycleReport,
+) -> CycleResult<(VolumeRecord, VolumeReport)> {
+    let name = prot.name.to_string();
+    let v = &snap.volumes[i];
+    let gen = snap.gen;
+    let geometry = Geometry::new(v.size, prot.chunk_size);
+    let local_base = base
+        .and_then(|b| b.volumes.get(&v.name).map(|vr| (b.point.gen, vr)))
+        .filter(|(_, vr)| vr.chunk_size == prot.chunk_size);
+    let resync = local_base.is_none();
+    let base_gen = match local_base {
+        Some((g, _)) => g,
+        None => {
+            report.hash_bytes_received += fetch_peer_hashes(&site.store, &name, &v.name, prot.chunk_size, w, r).await?;
+            SCRATCH
+        }
+    };
+    wire(w.send(&Msg::Begin { volume: v.name.clone(), size: v.size, chunk_size: prot.chunk_size }).await)?;
+
+    let (tx, mut rx) = mpsc::channel::<Scanned>(16);
+    let store = site.store.clone();
+    let (path, vol, fp) = (v.path.clone(), v.name.clone(), format!("primary-sending:{}", v.name));
+    let progress = Arc::new(AtomicU64::new(0));
+    let scan = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let mut cursor = BaseCursor::new(store.index(&name, &vol, base_gen));
+        let mut builder = SegmentBuilder::default();
+        let mut root = RootHasher::new(geometry);
+        let mut first_sent = false;
+        let stats = scan_file(
+            &path,
+            geometry,
+            |idx| cursor.hash_at(idx),
+            |s| {
+                root.push(&s.hash);
+                if let Some((no, seg)) = builder.push(s.hash) {
+                    let mut b = Batch::default();
+                    b.put_segment(&name, &vol, gen, no, &seg);
+                    store.write(b, false)?;
+                }
+                if !matches!(s.content, Content::Unchanged) {
+                    tx.blocking_send(s).map_err(|_| anyhow!("the network side stopped"))?;
+                    if !first_sent {
+                        first_sent = true;
+                        failpoint::hit(&fp);
+                    }
+                }
+                Ok(())
+            },
+            &progress,
+        )?;
+        if let Some((no, seg)) = builder.finish() {
+            let mut b = Batch::default();
+            b.put_segment(&name, &vol, gen, no, &seg);
+            store.write(b, false)?;
+        }
+        Ok((stats, root.finish()))
+    });
+
+    let mut sent = 0u64;
+    while let Some(s) = rx.recv().await {
+        let payload = match s.content {
+            Content::Zero => {
+                report.zero_chunks_sent += 1;
+                Payload::Zero
+            }
+            Content::Data(b) => Payload::Data(ByteBuf::from(b)),
+            Content::Unchanged => continue,
+        };
+        let msg = Msg::Chunk { index: s.index, hash: s.hash, payload };
+        match w.send(&msg).await {
+            Ok(n) => sent += n,
+            Err(e) => return Err(stream_failure(e, r).await),
+        }
+        report.chunks_sent += 1;
+    }
+    let (stats, root) = scan
+        .await
+        .kind(ErrorKind::Io)?
+        .with_context(|| format!("scan volume {}", v.name))
+        .kind(ErrorKind::Io)?;
+    if let Err(e) = w.send(&Msg::End { volume: v.name.clone(), chunk_count: geometry.chunk_count(), root }).await {
+        return Err(stream_failure(e, r).await);
+    }
+    report.bytes_scanned += stats.bytes_scanned;
+    report.bytes_changed += stats.bytes_changed;
+    report.chunk_bytes_sent += sent;
+    let m = &site.metrics;
+    let p = prot.name.as_str();
+    m.scanned_bytes.with_label_values(&[p]).inc_by(stats.bytes_scanned);
+    m.changed_bytes.with_label_values(&[p]).inc_by(stats.bytes_changed);
+    m.sent_bytes.with_label_values(&[p]).inc_by(sent);
+    m.chunks_sent.with_label_values(&[p]).inc_by(stats.chunks_changed);
+    tracing::info!(protection = p, volume = %v.name, %gen, resync, changed = stats.chunks_changed, chunks = stats.chunks, sent, "volume sent");
+    Ok((
+        VolumeRecord { size: v.size, chunk_size: prot.chunk_size, root },
+        VolumeReport {
+            name: v.name.clone(),
+            size: v.size,
+            snapshot_method: method_name(v.method),
+            resync,
+            chunks_changed: stats.chunks_changed,
+            bytes_changed: stats.bytes_changed,
+            chunk_bytes_sent: sent,
+        },
+    ))
+}
+
+/// After a failed write, the DR site may have said why before closing the stream.
+async fn stream_failure(e: WireError, r: &mut FrameReader) -> KindError {
+    let reason = tokio::time::timeout(std::time::Duration::from_secs(2), r.next()).await;
+    match reason {
+        Ok(Ok(Some(Msg::Refused(reason)))) => KindError {
+            kind: ErrorKind::Refused,
+            error: anyhow!("DR site refused the cycle: {reason}"),
+        },
+        _ => KindError { kind: ErrorKind::Peer, error: e.into() },
+    }
+}

@@ -1,0 +1,153 @@
+//! What `status` shows: the serde model shared by the daemon's status API and the CLI, and
+//! the in-memory live state (activity, last cycle, last error) behind it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::ErrorKind;
+use crate::volume::snapshot::Method;
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct Phases {
+    pub snapshot: f64,
+    pub freeze: f64,
+    pub transfer: f64,
+    pub commit: f64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct VolumeReport {
+    pub name: String,
+    pub size: u64,
+    pub snapshot_method: String,
+    pub resync: bool,
+    pub chunks_changed: u64,
+    pub bytes_changed: u64,
+    pub chunk_bytes_sent: u64,
+}
+
+/// One finished cycle, as the primary saw it.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct CycleReport {
+    pub gen: u64,
+    pub started_at_ms: u64,
+    pub seconds: f64,
+    pub phases: Phases,
+    pub bytes_scanned: u64,
+    pub bytes_changed: u64,
+    /// Bytes of chunk frames (data plus headers) sent.
+    pub chunk_bytes_sent: u64,
+    /// Bytes of hash frames exchanged for a resync.
+    pub hash_bytes_received: u64,
+    /// UDP bytes the connection sent during the cycle.
+    pub wire_bytes: u64,
+    pub chunks_sent: u64,
+    pub zero_chunks_sent: u64,
+    pub volumes: Vec<VolumeReport>,
+}
+
+pub fn method_name(m: Method) -> String {
+    match m {
+        Method::Reflink => "reflink".into(),
+        Method::Copy => "copy".into(),
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ErrorReport {
+    pub kind: ErrorKind,
+    pub message: String,
+    pub at_ms: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct VolumeStatus {
+    pub name: String,
+    pub path: String,
+    pub size: Option<u64>,
+    pub root: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ProtectionStatus {
+    pub name: String,
+    /// primary, dr, failed-over, or fenced.
+    pub role: String,
+    pub epoch: u64,
+    pub consistent_gen: Option<u64>,
+    pub consistent_taken_at_ms: Option<u64>,
+    pub consistent_age_seconds: Option<f64>,
+    pub rpo_target_seconds: f64,
+    pub activity: String,
+    pub last_cycle: Option<CycleReport>,
+    pub last_error: Option<ErrorReport>,
+    /// Why this site no longer replicates (fenced primary, failed-over DR site).
+    pub stopped_because: Option<String>,
+    /// DR: the last replication attempt this site refused, and why.
+    pub last_refusal: Option<ErrorReport>,
+    pub volumes: Vec<VolumeStatus>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct PeerStatus {
+    pub address: String,
+    pub connected: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SiteStatus {
+    pub site: String,
+    pub role: String,
+    pub version: String,
+    pub peer: Option<PeerStatus>,
+    pub protections: Vec<ProtectionStatus>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct FailoverReport {
+    pub protection: String,
+    pub epoch: u64,
+    pub recovered_gen: Option<u64>,
+    pub snapshot_taken_at_ms: Option<u64>,
+    pub age_seconds: Option<f64>,
+    pub replicas: Vec<VolumeStatus>,
+    pub already_failed_over: bool,
+    pub seconds: f64,
+}
+
+/// In-memory state per protection that the store does not keep.
+#[derive(Debug, Clone, Default)]
+pub struct LiveProtection {
+    pub activity: String,
+    pub last_cycle: Option<CycleReport>,
+    pub last_error: Option<ErrorReport>,
+    pub last_refusal: Option<ErrorReport>,
+}
+
+#[derive(Default)]
+pub struct Live {
+    map: Mutex<HashMap<String, LiveProtection>>,
+}
+
+impl Live {
+    pub fn update(&self, prot: &str, f: impl FnOnce(&mut LiveProtection)) {
+        let mut map = self.map.lock().expect("live state lock");
+        f(map.entry(prot.to_string()).or_default());
+    }
+
+    pub fn get(&self, prot: &str) -> LiveProtection {
+        self.map
+            .lock()
+            .expect("live state lock")
+            .get(prot)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn activity(&self, prot: &str, what: impl Into<String>) {
+        let what = what.into();
+        self.update(prot, |l| l.activity = what);
+    }
+}

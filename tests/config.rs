@@ -1,0 +1,104 @@
+//! Every example config parses; every malformed config names the offending key.
+
+use std::path::Path;
+
+use lifeboat::config::{parse, ConfigError};
+
+const BASE: &str = r#"
+[site]
+name = "primary"
+role = "primary"
+state_dir = "state"
+[tls]
+ca = "ca.pem"
+cert = "p.pem"
+key = "p.key"
+[peer]
+address = "127.0.0.1:7420"
+server_name = "dr"
+[[protection]]
+name = "pg"
+interval = "30s"
+[[protection.volume]]
+name = "data"
+path = "/srv/data.img"
+"#;
+
+#[test]
+fn the_example_configs_parse() {
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/config")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            // Example host names need not resolve on a test machine.
+            let text = text.replace("dr.example.internal", "127.0.0.1");
+            parse(&text, &path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
+    }
+}
+
+#[test]
+fn the_base_config_of_the_table_is_valid() {
+    parse(BASE, Path::new("/etc/lifeboat/p.toml")).unwrap();
+}
+
+#[test]
+fn every_malformed_config_gets_an_error_naming_its_key() {
+    // (change to BASE, key that the error must name)
+    let table: &[(&str, &str, &str)] = &[
+        ("interval = \"30s\"", "interval = \"fortnightly\"", "protection[0].interval"),
+        ("interval = \"30s\"", "interval = \"0s\"", "protection[0].interval"),
+        ("interval = \"30s\"", "interval = \"30s\"\nrpo_target = \"soon\"", "protection[0].rpo_target"),
+        ("interval = \"30s\"", "interval = \"30s\"\nchunk_size = \"3KiB\"", "protection[0].chunk_size"),
+        ("interval = \"30s\"", "interval = \"30s\"\nchunk_size = \"1GiB\"", "protection[0].chunk_size"),
+        ("interval = \"30s\"", "interval = \"30s\"\nchunk_size = \"lots\"", "protection[0].chunk_size"),
+        ("interval = \"30s\"", "interval = \"30s\"\nsnapshot = \"magic\"", "protection[0].snapshot"),
+        ("interval = \"30s\"", "interval = \"30s\"\npre = [\"\"]", "protection[0].pre[0]"),
+        ("interval = \"30s\"", "interval = \"30s\"\nhook_timeout = \"-1s\"", "protection[0].hook_timeout"),
+        ("role = \"primary\"", "role = \"leader\"", "site.role"),
+        ("name = \"primary\"", "name = \"pri mary\"", "site.name"),
+        ("state_dir = \"state\"", "state_dir = \"\"", "site.state_dir"),
+        ("address = \"127.0.0.1:7420\"", "address = \"nowhere\"", "peer.address"),
+        ("server_name = \"dr\"", "server_name = \"\"", "peer.server_name"),
+        ("[peer]\naddress = \"127.0.0.1:7420\"\nserver_name = \"dr\"\n", "", "peer"),
+        ("name = \"pg\"", "name = \"pg/../etc\"", "protection[0].name"),
+        ("name = \"data\"", "name = \"\"", "protection[0].volume[0].name"),
+        ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[[protection.volume]]\nname = \"data\"\npath = \"/srv/other.img\"", "protection[0].volume[1].name"),
+        ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[[protection.volume]]\nname = \"wal\"\npath = \"/srv/data.img\"", "protection[0].volume[1].path"),
+        ("[[protection.volume]]\nname = \"data\"\npath = \"/srv/data.img\"\n", "", "protection[0].volume"),
+        ("cert = \"p.pem\"", "cert = \"p.pem\"\n[control]\naddress = \"localhost:notaport\"", "control.address"),
+    ];
+    for (from, to, key) in table {
+        assert!(BASE.contains(from), "table row {key}: {from:?} not in the base");
+        let text = BASE.replacen(from, to, 1);
+        match parse(&text, Path::new("bad.toml")) {
+            Ok(_) => panic!("{key}: config accepted:\n{text}"),
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(e.keys().contains(&key.to_string()), "{key}: error named {:?}: {msg}", e.keys());
+                assert!(msg.contains(key), "{msg}");
+            }
+        }
+    }
+}
+
+#[test]
+fn unknown_keys_and_wrong_types_are_named_by_the_parser() {
+    for (text, key) in [
+        (BASE.replace("interval = \"30s\"", "intervall = \"30s\""), "intervall"),
+        (BASE.replace("interval = \"30s\"", "interval = 30"), "interval"),
+        (BASE.replace("[tls]", "[tlss]"), "tlss"),
+        (BASE.replace("interval = \"30s\"", "interval = \"30s\"\nsync_on_start = \"yes\""), "sync_on_start"),
+    ] {
+        let err = parse(&text, Path::new("bad.toml")).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+        assert!(err.to_string().contains(key), "{key}: {err}");
+    }
+}
+
+#[test]
+fn several_problems_are_reported_together() {
+    let text = BASE.replace("interval = \"30s\"", "interval = \"x\"\nchunk_size = \"y\"").replace("role = \"primary\"", "role = \"z\"");
+    let err = parse(&text, Path::new("bad.toml")).unwrap_err();
+    assert_eq!(err.keys().len(), 3, "{err}");
+}

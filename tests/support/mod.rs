@@ -1,0 +1,273 @@
+//! Test support: a pair of real lifeboat daemons (separate processes, real QUIC, TLS,
+//! RocksDB and files) on loopback, with helpers to change volumes, kill -9 a site at a
+//! failpoint, and compare files by blake3.
+#![allow(dead_code)]
+
+use std::fs::{self, File, OpenOptions};
+use std::net::{TcpListener, UdpSocket};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lifeboat::cli::Client;
+use lifeboat::site::status::{CycleReport, SiteStatus};
+use rand::{Rng, RngCore, SeedableRng};
+
+pub const PROT: &str = "p";
+
+pub fn b3(path: &Path) -> String {
+    lifeboat::demo::file_blake3(path).unwrap_or_else(|e| panic!("hash {}: {e:#}", path.display()))
+}
+
+pub fn free_tcp() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn free_udp() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Fills a new file with seeded random bytes.
+pub fn random_file(path: &Path, size: u64, seed: u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let f = File::create(path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < size {
+        let n = ((size - off) as usize).min(buf.len());
+        rng.fill_bytes(&mut buf[..n]);
+        f.write_all_at(&buf[..n], off).unwrap();
+        off += n as u64;
+    }
+    f.set_len(size).unwrap();
+}
+
+/// Writes `count` random 4 KiB blocks at random 4 KiB-aligned offsets; returns the set of
+/// distinct chunk indexes (of `chunk_size`) touched.
+pub fn scatter_writes(path: &Path, count: u64, chunk_size: u64, seed: u64) -> std::collections::BTreeSet<u64> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let f = OpenOptions::new().write(true).open(path).unwrap();
+    let size = f.metadata().unwrap().len();
+    let mut block = vec![0u8; 4096];
+    let mut chunks = std::collections::BTreeSet::new();
+    for _ in 0..count {
+        rng.fill_bytes(&mut block);
+        let off = rng.random_range(0..size / 4096) * 4096;
+        f.write_all_at(&block, off).unwrap();
+        chunks.insert(off / chunk_size);
+    }
+    chunks
+}
+
+pub struct SiteProc {
+    pub name: &'static str,
+    pub config: PathBuf,
+    pub control: String,
+    pub log: PathBuf,
+    pub state_dir: PathBuf,
+    child: Option<Child>,
+    pub failpoint: Option<String>,
+    pub marker: PathBuf,
+}
+
+impl SiteProc {
+    pub fn client(&self) -> Client {
+        Client::at(&self.control)
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "{} already running", self.name);
+        let _ = fs::remove_file(&self.marker);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lifeboat"));
+        cmd.args(["run", "--config"])
+            .arg(&self.config)
+            .env("LIFEBOAT_LOG", "info,lifeboat=debug")
+            .env("LIFEBOAT_FAILPOINT_MARKER", &self.marker)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(OpenOptions::new().create(true).append(true).open(&self.log).unwrap());
+        match &self.failpoint {
+            Some(fp) => cmd.env("LIFEBOAT_FAILPOINT", fp),
+            None => cmd.env_remove("LIFEBOAT_FAILPOINT"),
+        };
+        self.child = Some(cmd.spawn().expect("start lifeboat"));
+        self.wait_ready();
+    }
+
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let client = self.client();
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("{} exited with {st}:\n{}", self.name, self.log_text());
+            }
+            if client.get_text("/readyz").map(|t| t.starts_with("ready")).unwrap_or(false) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{} not ready:\n{}", self.name, self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the armed failpoint was reached.
+    pub fn wait_failpoint(&self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if self.marker.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("{} never reached failpoint {:?}:\n{}", self.name, self.failpoint, self.log_text());
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap(); // SIGKILL
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn status(&self) -> SiteStatus {
+        self.client().get("/v1/status").unwrap()
+    }
+
+    pub fn metrics(&self) -> String {
+        self.client().get_text("/metrics").unwrap()
+    }
+}
+
+impl Drop for SiteProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub struct Pair {
+    pub dir: tempfile::TempDir,
+    pub primary: SiteProc,
+    pub dr: SiteProc,
+    pub volumes: Vec<String>,
+    pub chunk_size: u64,
+}
+
+pub struct PairOptions {
+    pub volumes: Vec<(&'static str, u64)>,
+    pub chunk_size: &'static str,
+    pub start: bool,
+}
+
+impl Default for PairOptions {
+    fn default() -> Self {
+        PairOptions { volumes: vec![("v1", 8 << 20)], chunk_size: "64KiB", start: true }
+    }
+}
+
+impl Pair {
+    pub fn new(opts: PairOptions) -> Pair {
+        let dir = tempfile::Builder::new().prefix("lifeboat-test-").tempdir().unwrap();
+        let d = dir.path();
+        lifeboat::net::tls::generate(&d.join("certs"), &["primary".into(), "dr".into()], &[]).unwrap();
+        fs::create_dir_all(d.join("vols")).unwrap();
+        fs::create_dir_all(d.join("replicas")).unwrap();
+        let quic = free_udp();
+        let (pctl, dctl) = (free_tcp(), free_tcp());
+        let mut pvols = String::new();
+        let mut dvols = String::new();
+        for (i, (name, size)) in opts.volumes.iter().enumerate() {
+            let path = d.join("vols").join(format!("{name}.img"));
+            if *size > 0 {
+                random_file(&path, *size, 100 + i as u64);
+            }
+            pvols += &format!("\n[[protection.volume]]\nname = \"{name}\"\npath = \"vols/{name}.img\"\n");
+            dvols += &format!("\n[[protection.volume]]\nname = \"{name}\"\npath = \"replicas/{name}.img\"\n");
+        }
+        let prot = |extra: &str, vols: &str| format!("\n[[protection]]\nname = \"{PROT}\"\ninterval = \"1h\"\nsync_on_start = false\nchunk_size = \"{}\"\n{extra}{vols}", opts.chunk_size);
+        let primary_cfg = d.join("primary.toml");
+        fs::write(&primary_cfg, format!("[site]\nname = \"primary\"\nrole = \"primary\"\nstate_dir = \"pstate\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/primary.pem\"\nkey = \"certs/primary.key\"\n[peer]\naddress = \"127.0.0.1:{quic}\"\nserver_name = \"dr\"\n[control]\naddress = \"127.0.0.1:{pctl}\"\n{}", prot("", &pvols))).unwrap();
+        let dr_cfg = d.join("dr.toml");
+        fs::write(&dr_cfg, format!("[site]\nname = \"dr\"\nrole = \"dr\"\nstate_dir = \"dstate\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/dr.pem\"\nkey = \"certs/dr.key\"\n[listen]\naddress = \"127.0.0.1:{quic}\"\n[control]\naddress = \"127.0.0.1:{dctl}\"\n{}", prot("", &dvols))).unwrap();
+        let site = |name: &'static str, config: PathBuf, port: u16, state: &str| SiteProc {
+            name,
+            config,
+            control: format!("127.0.0.1:{port}"),
+            log: d.join(format!("{name}.log")),
+            state_dir: d.join(state),
+            child: None,
+            failpoint: None,
+            marker: d.join(format!("{name}.failpoint")),
+        };
+        let chunk_size = lifeboat::config::parse_size(opts.chunk_size).unwrap();
+        let mut pair = Pair {
+            primary: site("primary", primary_cfg, pctl, "pstate"),
+            dr: site("dr", dr_cfg, dctl, "dstate"),
+            volumes: opts.volumes.iter().map(|(n, _)| n.to_string()).collect(),
+            chunk_size,
+            dir,
+        };
+        if opts.start {
+            pair.dr.start();
+            pair.primary.start();
+        }
+        pair
+    }
+
+    pub fn volume(&self, name: &str) -> PathBuf {
+        self.dir.path().join("vols").join(format!("{name}.img"))
+    }
+
+    pub fn replica(&self, name: &str) -> PathBuf {
+        self.dir.path().join("replicas").join(format!("{name}.img"))
+    }
+
+    /// The primary's snapshot of `gen` (kept while `gen` is the acknowledged base).
+    pub fn snapshot(&self, gen: u64, name: &str) -> PathBuf {
+        self.primary.state_dir.join("snapshots").join(PROT).join(gen.to_string()).join(name)
+    }
+
+    pub fn try_sync(&self) -> Result<CycleReport, String> {
+        self.primary
+            .client()
+            .post::<CycleReport>(&format!("/v1/protections/{PROT}/sync"))
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    pub fn sync(&self) -> CycleReport {
+        self.try_sync().unwrap_or_else(|e| {
+            panic!("sync failed: {e}\n--- primary log ---\n{}\n--- dr log ---\n{}", self.primary.log_text(), self.dr.log_text())
+        })
+    }
+
+    /// blake3 of every primary volume, in order.
+    pub fn volume_hashes(&self) -> Vec<String> {
+        self.volumes.iter().map(|v| b3(&self.volume(v))).collect()
+    }
+
+    pub fn replica_hashes(&self) -> Vec<String> {
+        self.volumes.iter().map(|v| b3(&self.replica(v))).collect()
+    }
+
+    pub fn snapshot_hashes(&self, gen: u64) -> Vec<String> {
+        self.volumes.iter().map(|v| b3(&self.snapshot(gen, v))).collect()
+    }
+}
+
+/// Parses one sample `name{labels} value` from Prometheus text.
+pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
