@@ -66,7 +66,7 @@ fn every_malformed_config_gets_an_error_naming_its_key() {
         ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[[protection.volume]]\nname = \"data\"\npath = \"/srv/other.img\"", "protection[0].volume[1].name"),
         ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[[protection.volume]]\nname = \"wal\"\npath = \"/srv/data.img\"", "protection[0].volume[1].path"),
         ("[[protection.volume]]\nname = \"data\"\npath = \"/srv/data.img\"\n", "", "protection[0].volume"),
-        ("cert = \"p.pem\"", "cert = \"p.pem\"\n[control]\naddress = \"localhost:notaport\"", "control.address"),
+        ("[peer]", "[control]\naddress = \"localhost:notaport\"\n[peer]", "control.address"),
     ];
     for (from, to, key) in table {
         assert!(BASE.contains(from), "table row {key}: {from:?} not in the base");
