@@ -136,9 +136,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         },
         Command::Certs { out, sites, sans } => {
             let g = crate::net::tls::generate(&out, &sites, &sans)?;
-            println!("pair CA: {} (keep {} offline)", g.ca_cert.display(), g.ca_key.display());
+            println!(
+                "pair CA: {} (keep {} offline)",
+                g.ca_cert.display(),
+                g.ca_key.display()
+            );
             for (site, f) in g.sites {
-                println!("site {site}: cert {} key {}", f.cert.display(), f.key.display());
+                println!(
+                    "site {site}: cert {} key {}",
+                    f.cert.display(),
+                    f.key.display()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -150,15 +158,24 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sync { target, protection, output } => {
-            let r: CycleReport = Client::new(&target)?.post(&format!("/v1/protections/{protection}/sync"))?;
+        Command::Sync {
+            target,
+            protection,
+            output,
+        } => {
+            let r: CycleReport =
+                Client::new(&target)?.post(&format!("/v1/protections/{protection}/sync"))?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
                 Output::Text => println!("{}", render_cycle(&r)),
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Failover { target, protection, output } => {
+        Command::Failover {
+            target,
+            protection,
+            output,
+        } => {
             let r = failover(&target, &protection)?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
@@ -221,13 +238,23 @@ impl Client {
             .timeout_connect(Some(Duration::from_secs(5)))
             .build()
             .into();
-        Client { base: format!("http://{addr}"), agent }
+        Client {
+            base: format!("http://{addr}"),
+            agent,
+        }
     }
 
-    fn decode<T: DeserializeOwned>(&self, path: &str, r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<T> {
+    fn decode<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        r: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<T> {
         let mut resp = r.map_err(|e| Unreachable(self.base.clone(), e.to_string()))?;
         let status = resp.status();
-        let body = resp.body_mut().read_to_string().with_context(|| format!("read the answer to {path}"))?;
+        let body = resp
+            .body_mut()
+            .read_to_string()
+            .with_context(|| format!("read the answer to {path}"))?;
         if status.is_success() {
             serde_json::from_str(&body).with_context(|| format!("decode the answer to {path}"))
         } else {
@@ -243,7 +270,12 @@ impl Client {
     }
 
     pub fn post<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        self.decode(path, self.agent.post(&format!("{}{path}", self.base)).send_empty())
+        self.decode(
+            path,
+            self.agent
+                .post(&format!("{}{path}", self.base))
+                .send_empty(),
+        )
     }
 
     pub fn get_text(&self, path: &str) -> Result<String> {
@@ -261,7 +293,12 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 pub fn render_cycle(r: &CycleReport) -> String {
-    let resync: Vec<_> = r.volumes.iter().filter(|v| v.resync).map(|v| v.name.as_str()).collect();
+    let resync: Vec<_> = r
+        .volumes
+        .iter()
+        .filter(|v| v.resync)
+        .map(|v| v.name.as_str())
+        .collect();
     format!(
         "gen {} in {:.2}s: scanned {}, changed {}, sent {} in {} chunks ({} zero markers), {} on the wire{}",
         r.gen,
@@ -279,13 +316,24 @@ pub fn render_cycle(r: &CycleReport) -> String {
 pub fn render_status(s: &SiteStatus) -> String {
     let mut out = format!("site {} ({}), lifeboat {}\n", s.site, s.role, s.version);
     if let Some(p) = &s.peer {
-        out += &format!("peer {}: {}\n", p.address, if p.connected { "connected" } else { "not connected" });
+        out += &format!(
+            "peer {}: {}\n",
+            p.address,
+            if p.connected {
+                "connected"
+            } else {
+                "not connected"
+            }
+        );
     }
     for p in &s.protections {
         out += &format!("\nprotection {}: {} at epoch {}\n", p.name, p.role, p.epoch);
         match (p.consistent_gen, p.consistent_age_seconds) {
             (Some(g), Some(age)) => {
-                out += &format!("  consistent gen {g}, snapshot taken {age:.1}s ago (RPO target {}s)\n", p.rpo_target_seconds)
+                out += &format!(
+                    "  consistent gen {g}, snapshot taken {age:.1}s ago (RPO target {}s)\n",
+                    p.rpo_target_seconds
+                )
             }
             _ => out += "  no consistent gen yet\n",
         }
@@ -307,7 +355,9 @@ pub fn render_status(s: &SiteStatus) -> String {
                 "  volume {} at {}{}\n",
                 v.name,
                 v.path,
-                v.size.map(|s| format!(", {}", human_bytes(s))).unwrap_or_default()
+                v.size
+                    .map(|s| format!(", {}", human_bytes(s)))
+                    .unwrap_or_default()
             );
         }
     }
@@ -316,9 +366,15 @@ pub fn render_status(s: &SiteStatus) -> String {
 
 pub fn render_failover(r: &FailoverReport) -> String {
     let mut out = if r.already_failed_over {
-        format!("protection {} was already failed over (epoch {})\n", r.protection, r.epoch)
+        format!(
+            "protection {} was already failed over (epoch {})\n",
+            r.protection, r.epoch
+        )
     } else {
-        format!("failed over protection {} in {:.3}s; epoch is now {}\n", r.protection, r.seconds, r.epoch)
+        format!(
+            "failed over protection {} in {:.3}s; epoch is now {}\n",
+            r.protection, r.seconds, r.epoch
+        )
     };
     match (r.recovered_gen, r.age_seconds) {
         (Some(g), Some(a)) => out += &format!("recovered gen {g}, a snapshot taken {a:.1}s ago\n"),

@@ -34,6 +34,8 @@ struct RawSite {
     name: String,
     role: String,
     state_dir: String,
+    staging_dir: Option<String>,
+    min_free_space: Option<String>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -122,6 +124,11 @@ pub struct Config {
     pub site_name: String,
     pub role: Role,
     pub state_dir: PathBuf,
+    /// DR site: where incoming changes are staged until their group commits.
+    pub staging_dir: PathBuf,
+    /// DR site: staging stops (and the cycle fails cleanly) before free space on the
+    /// staging file system drops below this, so the state store never meets a full disk.
+    pub min_free_space: u64,
     pub tls: TlsFiles,
     pub peer: Option<Peer>,
     pub listen: Option<SocketAddr>,
@@ -237,8 +244,9 @@ struct Validator {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{s:?} is not a duration ({e}); expected e.g. \"30s\", \"5m\", \"1h\""))?;
+    let d = humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("{s:?} is not a duration ({e}); expected e.g. \"30s\", \"5m\", \"1h\"")
+    })?;
     if d.is_zero() {
         return Err(format!("{s:?} is zero; expected a positive duration"));
     }
@@ -279,7 +287,9 @@ impl Validator {
             Ok(None) | Err(_) => {
                 self.problem(
                     key,
-                    format!("{s:?} is not an address; expected host:port such as \"127.0.0.1:7420\""),
+                    format!(
+                        "{s:?} is not an address; expected host:port such as \"127.0.0.1:7420\""
+                    ),
                 );
                 SocketAddr::from(([127, 0, 0, 1], 0))
             }
@@ -302,6 +312,18 @@ impl Validator {
             self.problem("site.name", e);
         }
         let state_dir = self.path("site.state_dir", &raw.site.state_dir);
+        let staging_dir = match &raw.site.staging_dir {
+            Some(s) => self.path("site.staging_dir", s),
+            None => state_dir.join("staging"),
+        };
+        let min_free_space = match raw.site.min_free_space.as_deref().map(parse_size) {
+            None => 256 << 20,
+            Some(Ok(n)) => n,
+            Some(Err(e)) => {
+                self.problem("site.min_free_space", e);
+                0
+            }
+        };
         let tls = TlsFiles {
             ca: self.path("tls.ca", &raw.tls.ca),
             cert: self.path("tls.cert", &raw.tls.cert),
@@ -311,7 +333,10 @@ impl Validator {
             (Some(p), _) => {
                 let address = self.addr("peer.address", &p.address);
                 if p.server_name.trim().is_empty() {
-                    self.problem("peer.server_name", "is empty; expected the DR site's name in its certificate");
+                    self.problem(
+                        "peer.server_name",
+                        "is empty; expected the DR site's name in its certificate",
+                    );
                 }
                 Some(Peer {
                     address,
@@ -341,18 +366,26 @@ impl Validator {
         for (i, p) in raw.protections.into_iter().enumerate() {
             let key = format!("protection[{i}]");
             if !names.insert(p.name.clone()) {
-                self.problem(format!("{key}.name"), format!("{:?} is used by an earlier protection", p.name));
+                self.problem(
+                    format!("{key}.name"),
+                    format!("{:?} is used by an earlier protection", p.name),
+                );
             }
             protections.push(self.protection(&key, p, &state_dir));
         }
         if protections.is_empty() {
-            self.problem("protection", "no [[protection]] is configured; expected at least one");
+            self.problem(
+                "protection",
+                "no [[protection]] is configured; expected at least one",
+            );
         }
         Config {
             file: file.to_path_buf(),
             site_name: raw.site.name,
             role,
             state_dir,
+            staging_dir,
+            min_free_space,
             tls,
             peer,
             listen,
@@ -378,7 +411,12 @@ impl Validator {
         };
         let interval = dur(self, "interval", &p.interval, Duration::from_secs(60));
         let rpo_target = dur(self, "rpo_target", &p.rpo_target, interval * 2);
-        let hook_timeout = dur(self, "hook_timeout", &p.hook_timeout, Duration::from_secs(60));
+        let hook_timeout = dur(
+            self,
+            "hook_timeout",
+            &p.hook_timeout,
+            Duration::from_secs(60),
+        );
         let chunk_size = match p.chunk_size.as_deref().map(parse_size) {
             None => DEFAULT_CHUNK_SIZE,
             Some(Err(e)) => {
@@ -417,7 +455,10 @@ impl Validator {
         for (field, cmds) in [("pre", &p.pre), ("post", &p.post)] {
             for (j, c) in cmds.iter().enumerate() {
                 if c.trim().is_empty() {
-                    self.problem(format!("{key}.{field}[{j}]"), "is empty; expected a shell command");
+                    self.problem(
+                        format!("{key}.{field}[{j}]"),
+                        "is empty; expected a shell command",
+                    );
                 }
             }
         }
@@ -434,16 +475,31 @@ impl Validator {
                 }
             };
             if !vol_names.insert(v.name.clone()) {
-                self.problem(format!("{vkey}.name"), format!("{:?} is used by an earlier volume of this protection", v.name));
+                self.problem(
+                    format!("{vkey}.name"),
+                    format!(
+                        "{:?} is used by an earlier volume of this protection",
+                        v.name
+                    ),
+                );
             }
             let path = self.path(&format!("{vkey}.path"), &v.path);
             if !vol_paths.insert(path.clone()) {
-                self.problem(format!("{vkey}.path"), format!("{} is used by an earlier volume of this protection", path.display()));
+                self.problem(
+                    format!("{vkey}.path"),
+                    format!(
+                        "{} is used by an earlier volume of this protection",
+                        path.display()
+                    ),
+                );
             }
             volumes.push(Volume { name: vname, path });
         }
         if p.volumes.is_empty() {
-            self.problem(format!("{key}.volume"), "no [[protection.volume]] is listed; expected at least one");
+            self.problem(
+                format!("{key}.volume"),
+                "no [[protection.volume]] is listed; expected at least one",
+            );
         }
         Protection {
             name,
@@ -505,8 +561,14 @@ path = "/srv/pg.img"
             .replace("role = \"primary\"", "role = \"leader\"");
         let err = parse(&bad, Path::new("x.toml")).unwrap_err();
         let keys = err.keys();
-        assert!(keys.contains(&"protection[0].interval".to_string()), "{keys:?}");
-        assert!(keys.contains(&"protection[0].chunk_size".to_string()), "{keys:?}");
+        assert!(
+            keys.contains(&"protection[0].interval".to_string()),
+            "{keys:?}"
+        );
+        assert!(
+            keys.contains(&"protection[0].chunk_size".to_string()),
+            "{keys:?}"
+        );
         assert!(keys.contains(&"site.role".to_string()), "{keys:?}");
     }
 }

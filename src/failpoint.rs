@@ -16,7 +16,10 @@ pub fn hit(name: &str) {
     if armed() != Some(name) {
         return;
     }
-    tracing::warn!(failpoint = name, "stopped at failpoint, waiting to be killed");
+    tracing::warn!(
+        failpoint = name,
+        "stopped at failpoint, waiting to be killed"
+    );
     if let Ok(marker) = std::env::var("LIFEBOAT_FAILPOINT_MARKER") {
         let _ = std::fs::write(marker, name);
     }

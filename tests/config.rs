@@ -69,13 +69,20 @@ fn every_malformed_config_gets_an_error_naming_its_key() {
         ("[peer]", "[control]\naddress = \"localhost:notaport\"\n[peer]", "control.address"),
     ];
     for (from, to, key) in table {
-        assert!(BASE.contains(from), "table row {key}: {from:?} not in the base");
+        assert!(
+            BASE.contains(from),
+            "table row {key}: {from:?} not in the base"
+        );
         let text = BASE.replacen(from, to, 1);
         match parse(&text, Path::new("bad.toml")) {
             Ok(_) => panic!("{key}: config accepted:\n{text}"),
             Err(e) => {
                 let msg = e.to_string();
-                assert!(e.keys().contains(&key.to_string()), "{key}: error named {:?}: {msg}", e.keys());
+                assert!(
+                    e.keys().contains(&key.to_string()),
+                    "{key}: error named {:?}: {msg}",
+                    e.keys()
+                );
                 assert!(msg.contains(key), "{msg}");
             }
         }
@@ -85,10 +92,22 @@ fn every_malformed_config_gets_an_error_naming_its_key() {
 #[test]
 fn unknown_keys_and_wrong_types_are_named_by_the_parser() {
     for (text, key) in [
-        (BASE.replace("interval = \"30s\"", "intervall = \"30s\""), "intervall"),
-        (BASE.replace("interval = \"30s\"", "interval = 30"), "interval"),
+        (
+            BASE.replace("interval = \"30s\"", "intervall = \"30s\""),
+            "intervall",
+        ),
+        (
+            BASE.replace("interval = \"30s\"", "interval = 30"),
+            "interval",
+        ),
         (BASE.replace("[tls]", "[tlss]"), "tlss"),
-        (BASE.replace("interval = \"30s\"", "interval = \"30s\"\nsync_on_start = \"yes\""), "sync_on_start"),
+        (
+            BASE.replace(
+                "interval = \"30s\"",
+                "interval = \"30s\"\nsync_on_start = \"yes\"",
+            ),
+            "sync_on_start",
+        ),
     ] {
         let err = parse(&text, Path::new("bad.toml")).unwrap_err();
         assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
@@ -98,7 +117,9 @@ fn unknown_keys_and_wrong_types_are_named_by_the_parser() {
 
 #[test]
 fn several_problems_are_reported_together() {
-    let text = BASE.replace("interval = \"30s\"", "interval = \"x\"\nchunk_size = \"y\"").replace("role = \"primary\"", "role = \"z\"");
+    let text = BASE
+        .replace("interval = \"30s\"", "interval = \"x\"\nchunk_size = \"y\"")
+        .replace("role = \"primary\"", "role = \"z\"");
     let err = parse(&text, Path::new("bad.toml")).unwrap_err();
     assert_eq!(err.keys().len(), 3, "{err}");
 }

@@ -9,7 +9,10 @@ use lifeboat::site::status::CycleReport;
 use support::*;
 
 fn group() -> Pair {
-    Pair::new(PairOptions { volumes: vec![("v1", 16 << 20), ("v2", 16 << 20), ("v3", 16 << 20)], ..Default::default() })
+    Pair::new(PairOptions {
+        volumes: vec![("v1", 16 << 20), ("v2", 16 << 20), ("v3", 16 << 20)],
+        ..Default::default()
+    })
 }
 
 fn change_all(pair: &Pair, seed: u64) {
@@ -21,7 +24,11 @@ fn change_all(pair: &Pair, seed: u64) {
 /// Starts a sync in the background; it is expected to fail when a site is killed.
 fn sync_in_background(pair: &Pair) -> std::thread::JoinHandle<Result<CycleReport, String>> {
     let client = pair.primary.client();
-    std::thread::spawn(move || client.post::<CycleReport>(&format!("/v1/protections/{PROT}/sync")).map_err(|e| format!("{e:#}")))
+    std::thread::spawn(move || {
+        client
+            .post::<CycleReport>(&format!("/v1/protections/{PROT}/sync"))
+            .map_err(|e| format!("{e:#}"))
+    })
 }
 
 #[test]
@@ -38,12 +45,20 @@ fn replicas_stay_at_the_previous_gen_when_the_dr_daemon_is_killed_mid_transfer()
     let pending = sync_in_background(&pair);
     pair.dr.wait_failpoint();
     pair.dr.kill9();
-    assert_eq!(pair.replica_hashes(), gen1, "replicas changed while gen 2 was only staged");
+    assert_eq!(
+        pair.replica_hashes(),
+        gen1,
+        "replicas changed while gen 2 was only staged"
+    );
     assert!(pending.join().unwrap().is_err());
 
     pair.dr.failpoint = None;
     pair.dr.start();
-    assert_eq!(pair.replica_hashes(), gen1, "restart must discard the staged gen");
+    assert_eq!(
+        pair.replica_hashes(),
+        gen1,
+        "restart must discard the staged gen"
+    );
     assert_eq!(pair.dr.status().protections[0].consistent_gen, Some(1));
     let r = pair.sync();
     assert_eq!(pair.replica_hashes(), pair.snapshot_hashes(r.gen));
@@ -88,11 +103,18 @@ fn a_gen_committed_before_a_kill_during_apply_is_finished_at_restart() {
     let pending = sync_in_background(&pair);
     pair.dr.wait_failpoint();
     pair.dr.kill9();
-    assert!(pending.join().unwrap().is_err(), "no acknowledgement was sent");
+    assert!(
+        pending.join().unwrap().is_err(),
+        "no acknowledgement was sent"
+    );
 
     pair.dr.failpoint = None;
     pair.dr.start();
-    assert_eq!(pair.replica_hashes(), gen2, "the committed gen is redone at restart");
+    assert_eq!(
+        pair.replica_hashes(),
+        gen2,
+        "the committed gen is redone at restart"
+    );
     assert_eq!(pair.dr.status().protections[0].consistent_gen, Some(2));
     // The primary never saw the acknowledgement; it learns the DR site committed gen 2
     // and continues incrementally from it.

@@ -7,11 +7,18 @@ use support::*;
 
 #[test]
 fn initial_sync_makes_a_byte_identical_replica() {
-    let pair = Pair::new(PairOptions { volumes: vec![("v1", 64 << 20)], ..Default::default() });
+    let pair = Pair::new(PairOptions {
+        volumes: vec![("v1", 64 << 20)],
+        ..Default::default()
+    });
     let r = pair.sync();
     assert_eq!(r.gen, 1);
     assert_eq!(r.bytes_scanned, 64 << 20);
-    assert_eq!(r.bytes_changed, 64 << 20, "no replica existed, so every chunk is new");
+    assert_eq!(
+        r.bytes_changed,
+        64 << 20,
+        "no replica existed, so every chunk is new"
+    );
     assert_eq!(pair.replica_hashes(), pair.snapshot_hashes(1));
     assert_eq!(pair.replica_hashes(), pair.volume_hashes());
     let st = pair.dr.status();
@@ -20,7 +27,10 @@ fn initial_sync_makes_a_byte_identical_replica() {
 
 #[test]
 fn incremental_cycle_sends_only_the_changed_chunks_and_an_idle_cycle_sends_none() {
-    let pair = Pair::new(PairOptions { volumes: vec![("v1", 64 << 20)], ..Default::default() });
+    let pair = Pair::new(PairOptions {
+        volumes: vec![("v1", 64 << 20)],
+        ..Default::default()
+    });
     pair.sync();
     // 1% of the volume's 4 KiB blocks, at random offsets.
     let writes = (64 << 20) / 4096 / 100;
@@ -29,7 +39,12 @@ fn incremental_cycle_sends_only_the_changed_chunks_and_an_idle_cycle_sends_none(
     assert_eq!(r.gen, 2);
     assert_eq!(r.bytes_changed, changed.len() as u64 * pair.chunk_size);
     let budget = (changed.len() as f64 * pair.chunk_size as f64 * 1.05) as u64;
-    assert!(r.chunk_bytes_sent <= budget, "sent {} bytes of chunk frames for {} changed chunks (budget {budget})", r.chunk_bytes_sent, changed.len());
+    assert!(
+        r.chunk_bytes_sent <= budget,
+        "sent {} bytes of chunk frames for {} changed chunks (budget {budget})",
+        r.chunk_bytes_sent,
+        changed.len()
+    );
     assert!(r.chunk_bytes_sent >= changed.len() as u64 * pair.chunk_size);
     assert_eq!(pair.replica_hashes(), pair.snapshot_hashes(2));
     assert_eq!(pair.replica_hashes(), pair.volume_hashes());
@@ -44,40 +59,67 @@ fn incremental_cycle_sends_only_the_changed_chunks_and_an_idle_cycle_sends_none(
 
 #[test]
 fn a_mostly_zero_volume_does_not_send_its_zeros() {
-    let pair = Pair::new(PairOptions { volumes: vec![("z", 0)], start: false, ..Default::default() });
+    let pair = Pair::new(PairOptions {
+        volumes: vec![("z", 0)],
+        start: false,
+        ..Default::default()
+    });
     // 64 MiB: a sparse hole, 1 MiB of data, and 8 MiB of zeros actually written.
     let path = pair.volume("z");
     let f = std::fs::File::create(&path).unwrap();
     f.set_len(64 << 20).unwrap();
     use std::os::unix::fs::FileExt;
     f.write_all_at(&vec![0u8; 8 << 20], 16 << 20).unwrap();
-    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     f.write_all_at(&data, 40 << 20).unwrap();
     drop(f);
     let mut pair = pair;
     pair.dr.start();
     pair.primary.start();
     let r = pair.sync();
-    assert_eq!(r.chunks_sent, 1024, "every chunk of a new replica is sent, most as zero markers");
+    assert_eq!(
+        r.chunks_sent, 1024,
+        "every chunk of a new replica is sent, most as zero markers"
+    );
     assert_eq!(r.zero_chunks_sent, 1024 - 16);
-    assert!(r.chunk_bytes_sent < (1 << 20) + (128 << 10), "sent {} bytes for 1 MiB of data", r.chunk_bytes_sent);
+    assert!(
+        r.chunk_bytes_sent < (1 << 20) + (128 << 10),
+        "sent {} bytes for 1 MiB of data",
+        r.chunk_bytes_sent
+    );
     assert_eq!(pair.replica_hashes(), pair.volume_hashes());
 }
 
 #[test]
 fn lost_dr_state_store_resyncs_by_hash_exchange_and_sends_only_differing_chunks() {
-    let mut pair = Pair::new(PairOptions { volumes: vec![("v1", 32 << 20)], ..Default::default() });
+    let mut pair = Pair::new(PairOptions {
+        volumes: vec![("v1", 32 << 20)],
+        ..Default::default()
+    });
     pair.sync();
     pair.dr.stop();
     std::fs::remove_dir_all(pair.dr.state_dir.join("db")).unwrap();
     let changed = scatter_writes(&pair.volume("v1"), 80, pair.chunk_size, 5);
     pair.dr.start();
     let r = pair.sync();
-    assert!(r.volumes[0].resync, "the DR site lost its index, so the cycle must resync");
-    assert!(r.hash_bytes_received >= (32 << 20) / pair.chunk_size * 32, "hashes were exchanged");
+    assert!(
+        r.volumes[0].resync,
+        "the DR site lost its index, so the cycle must resync"
+    );
+    assert!(
+        r.hash_bytes_received >= (32 << 20) / pair.chunk_size * 32,
+        "hashes were exchanged"
+    );
     assert_eq!(r.bytes_changed, changed.len() as u64 * pair.chunk_size);
     let budget = (changed.len() as f64 * pair.chunk_size as f64 * 1.05) as u64;
-    assert!(r.chunk_bytes_sent <= budget, "resync sent {} bytes for {} differing chunks", r.chunk_bytes_sent, changed.len());
+    assert!(
+        r.chunk_bytes_sent <= budget,
+        "resync sent {} bytes for {} differing chunks",
+        r.chunk_bytes_sent,
+        changed.len()
+    );
     assert_eq!(pair.replica_hashes(), pair.volume_hashes());
     // And the next cycle is incremental again.
     let next = pair.sync();
@@ -87,7 +129,11 @@ fn lost_dr_state_store_resyncs_by_hash_exchange_and_sends_only_differing_chunks(
 
 #[test]
 fn first_sync_onto_an_existing_replica_sends_only_the_differences() {
-    let pair = Pair::new(PairOptions { volumes: vec![("v1", 16 << 20)], start: false, ..Default::default() });
+    let pair = Pair::new(PairOptions {
+        volumes: vec![("v1", 16 << 20)],
+        start: false,
+        ..Default::default()
+    });
     // The DR site already holds an older copy (restored from a backup, say).
     std::fs::copy(pair.volume("v1"), pair.replica("v1")).unwrap();
     let changed = scatter_writes(&pair.volume("v1"), 20, pair.chunk_size, 9);

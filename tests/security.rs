@@ -12,28 +12,46 @@ use support::*;
 fn use_foreign_certs(pair: &Pair, site: &str) {
     let evil = pair.dir.path().join("evil");
     lifeboat::net::tls::generate(&evil, &[site.to_string()], &[]).unwrap();
-    let cfg = if site == "primary" { &pair.primary.config } else { &pair.dr.config };
-    let text = std::fs::read_to_string(cfg).unwrap().replace("certs/", "evil/");
+    let cfg = if site == "primary" {
+        &pair.primary.config
+    } else {
+        &pair.dr.config
+    };
+    let text = std::fs::read_to_string(cfg)
+        .unwrap()
+        .replace("certs/", "evil/");
     std::fs::write(cfg, text).unwrap();
 }
 
 #[test]
 fn a_primary_with_a_certificate_from_another_ca_is_refused_and_nothing_is_written() {
-    let mut pair = Pair::new(PairOptions { start: false, ..Default::default() });
+    let mut pair = Pair::new(PairOptions {
+        start: false,
+        ..Default::default()
+    });
     use_foreign_certs(&pair, "primary");
     pair.dr.start();
     pair.primary.start();
     let err = pair.try_sync().unwrap_err();
     assert!(err.contains("connect to DR site"), "{err}");
-    assert!(!pair.replica("v1").exists(), "a replica was written for an untrusted peer");
+    assert!(
+        !pair.replica("v1").exists(),
+        "a replica was written for an untrusted peer"
+    );
     assert_eq!(pair.dr.status().protections[0].consistent_gen, None);
     let m = pair.dr.metrics();
-    assert!(metric(&m, "lifeboat_errors_total{kind=\"tls\",protection=\"\"}").unwrap_or(0.0) >= 1.0, "{m}");
+    assert!(
+        metric(&m, "lifeboat_errors_total{kind=\"tls\",protection=\"\"}").unwrap_or(0.0) >= 1.0,
+        "{m}"
+    );
 }
 
 #[test]
 fn a_dr_site_with_a_certificate_from_another_ca_is_refused_by_the_primary() {
-    let mut pair = Pair::new(PairOptions { start: false, ..Default::default() });
+    let mut pair = Pair::new(PairOptions {
+        start: false,
+        ..Default::default()
+    });
     use_foreign_certs(&pair, "dr");
     pair.dr.start();
     pair.primary.start();
@@ -41,21 +59,42 @@ fn a_dr_site_with_a_certificate_from_another_ca_is_refused_by_the_primary() {
     assert!(err.to_lowercase().contains("certificate"), "{err}");
     assert!(!pair.replica("v1").exists());
     let st = pair.primary.status();
-    assert_eq!(st.protections[0].last_error.as_ref().unwrap().kind.as_str(), "peer");
+    assert_eq!(
+        st.protections[0].last_error.as_ref().unwrap().kind.as_str(),
+        "peer"
+    );
     assert_eq!(st.protections[0].consistent_gen, None);
 }
 
 #[test]
 fn plaintext_datagrams_get_no_answer() {
     let pair = Pair::new(PairOptions::default());
-    let port = std::fs::read_to_string(&pair.dr.config).unwrap().lines().find(|l| l.starts_with("address = \"127.0.0.1:") && !l.contains(&pair.dr.control)).map(|l| l.trim_start_matches("address = \"127.0.0.1:").trim_end_matches('"').parse::<u16>().unwrap()).unwrap();
+    let port = std::fs::read_to_string(&pair.dr.config)
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("address = \"127.0.0.1:") && !l.contains(&pair.dr.control))
+        .map(|l| {
+            l.trim_start_matches("address = \"127.0.0.1:")
+                .trim_end_matches('"')
+                .parse::<u16>()
+                .unwrap()
+        })
+        .unwrap();
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
-    sock.send_to(b"GET / HTTP/1.1\r\nHost: dr\r\n\r\n", ("127.0.0.1", port)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    sock.send_to(b"GET / HTTP/1.1\r\nHost: dr\r\n\r\n", ("127.0.0.1", port))
+        .unwrap();
     sock.send_to(&[0u8; 1200], ("127.0.0.1", port)).unwrap();
     let mut buf = [0u8; 2048];
-    assert!(sock.recv_from(&mut buf).is_err(), "the QUIC port answered plaintext");
-    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "nothing listens on TCP there");
+    assert!(
+        sock.recv_from(&mut buf).is_err(),
+        "the QUIC port answered plaintext"
+    );
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "nothing listens on TCP there"
+    );
     // The daemon is unharmed.
     pair.sync();
 }
@@ -63,7 +102,17 @@ fn plaintext_datagrams_get_no_answer() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_trusted_client_with_the_wrong_alpn_gets_no_connection() {
     let pair = Pair::new(PairOptions::default());
-    let port = std::fs::read_to_string(&pair.dr.config).unwrap().lines().find(|l| l.starts_with("address = \"127.0.0.1:") && !l.contains(&pair.dr.control)).map(|l| l.trim_start_matches("address = \"127.0.0.1:").trim_end_matches('"').parse::<u16>().unwrap()).unwrap();
+    let port = std::fs::read_to_string(&pair.dr.config)
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("address = \"127.0.0.1:") && !l.contains(&pair.dr.control))
+        .map(|l| {
+            l.trim_start_matches("address = \"127.0.0.1:")
+                .trim_end_matches('"')
+                .parse::<u16>()
+                .unwrap()
+        })
+        .unwrap();
     let files = lifeboat::net::tls::TlsFiles {
         ca: pair.dir.path().join("certs/ca.pem"),
         cert: pair.dir.path().join("certs/primary.pem"),
@@ -85,7 +134,9 @@ async fn a_trusted_client_with_the_wrong_alpn_gets_no_connection() {
             let n = recv.read(&mut buf).await?;
             anyhow::Ok(n)
         };
-        let r = tokio::time::timeout(Duration::from_secs(20), outcome).await.expect("server neither answered nor closed");
+        let r = tokio::time::timeout(Duration::from_secs(20), outcome)
+            .await
+            .expect("server neither answered nor closed");
         assert!(r.is_err(), "alpn {alpn:?} got data: {r:?}");
     }
     assert!(!pair.replica("v1").exists());

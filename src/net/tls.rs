@@ -152,10 +152,9 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// The DR side: requires a client certificate from the pair CA.
 pub fn server_config(files: &TlsFiles) -> Result<rustls::ServerConfig> {
     let l = load(files)?;
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(l.roots, provider())
-            .build()
-            .context("build client certificate verifier")?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(l.roots, provider())
+        .build()
+        .context("build client certificate verifier")?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)

@@ -157,7 +157,10 @@ pub enum WireError {
     #[error("frame has {0} bytes after the message")]
     Trailing(usize),
     #[error("peer sent {got} where {expected} was expected")]
-    Unexpected { got: &'static str, expected: &'static str },
+    Unexpected {
+        got: &'static str,
+        expected: &'static str,
+    },
     #[error("stream closed by the peer before {0}")]
     Closed(&'static str),
     #[error("stream: {0}")]
@@ -295,15 +298,33 @@ mod tests {
                 protection,
                 epoch: Epoch(e)
             }),
-            (any::<u64>(), proptest::option::of(point.clone()))
-                .prop_map(|(e, point)| Msg::Prepared { epoch: Epoch(e), point }),
-            (point.clone(), proptest::option::of(point.clone()), ".{0,10}", any::<u64>(), any::<u32>())
+            (any::<u64>(), proptest::option::of(point.clone())).prop_map(|(e, point)| {
+                Msg::Prepared {
+                    epoch: Epoch(e),
+                    point,
+                }
+            }),
+            (
+                point.clone(),
+                proptest::option::of(point.clone()),
+                ".{0,10}",
+                any::<u64>(),
+                any::<u32>()
+            )
                 .prop_map(|(point, base, name, size, chunk_size)| Msg::Cycle {
                     point,
                     base,
-                    volumes: vec![VolumeMeta { name, size, chunk_size }],
+                    volumes: vec![VolumeMeta {
+                        name,
+                        size,
+                        chunk_size
+                    }],
                 }),
-            (any::<u64>(), hash.clone(), proptest::collection::vec(any::<u8>(), 0..3000))
+            (
+                any::<u64>(),
+                hash.clone(),
+                proptest::collection::vec(any::<u8>(), 0..3000)
+            )
                 .prop_map(|(index, hash, d)| Msg::Chunk {
                     index,
                     hash,
@@ -353,11 +374,7 @@ mod tests {
     #[test]
     fn truncated_and_padded_bodies_are_malformed() {
         let mut buf = Vec::new();
-        encode_frame(
-            &Msg::Commit { gen: Gen(3) },
-            &mut buf,
-        )
-        .unwrap();
+        encode_frame(&Msg::Commit { gen: Gen(3) }, &mut buf).unwrap();
         assert!(decode_body(&buf[4..buf.len() - 1]).is_err());
         let mut padded = buf[4..].to_vec();
         padded.push(0);

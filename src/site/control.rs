@@ -43,7 +43,10 @@ pub fn router(site: Arc<Site>, syncs: HashMap<String, mpsc::Sender<SyncRequest>>
         .route("/v1/status", get(status))
         .route("/v1/protections/{name}/sync", post(sync))
         .route("/v1/protections/{name}/failover", post(failover_now))
-        .with_state(Ctx { site, syncs: Arc::new(syncs) })
+        .with_state(Ctx {
+            site,
+            syncs: Arc::new(syncs),
+        })
 }
 
 async fn metrics(State(c): State<Ctx>) -> Response {
@@ -81,15 +84,27 @@ async fn sync(State(c): State<Ctx>, Path(name): Path<String>) -> Response {
     };
     let (reply, rx) = oneshot::channel();
     if tx.send(SyncRequest { reply }).await.is_err() {
-        return err(StatusCode::SERVICE_UNAVAILABLE, "the daemon is shutting down".into(), None);
+        return err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the daemon is shutting down".into(),
+            None,
+        );
     }
     match rx.await {
         Ok(Ok(report)) => Json(report).into_response(),
         Ok(Err(e)) => {
-            let code = if e.kind == ErrorKind::Fenced { StatusCode::CONFLICT } else { StatusCode::BAD_GATEWAY };
+            let code = if e.kind == ErrorKind::Fenced {
+                StatusCode::CONFLICT
+            } else {
+                StatusCode::BAD_GATEWAY
+            };
             err(code, e.message, Some(e.kind))
         }
-        Err(_) => err(StatusCode::SERVICE_UNAVAILABLE, "the daemon is shutting down".into(), None),
+        Err(_) => err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the daemon is shutting down".into(),
+            None,
+        ),
     }
 }
 

@@ -36,17 +36,32 @@ pub async fn run(config: Config) -> Result<()> {
             let addr = site.config.listen.context("a DR site needs [listen]")?;
             let ep = quic::server_endpoint(addr, tls::server_config(&site.config.tls)?)?;
             tracing::info!(address = %ep.local_addr()?, "listening for the primary (QUIC)");
-            tracker.spawn(receiver::serve(site.clone(), ep.clone(), cancel.child_token(), tracker.clone()));
+            tracker.spawn(receiver::serve(
+                site.clone(),
+                ep.clone(),
+                cancel.child_token(),
+                tracker.clone(),
+            ));
             ep
         }
         Role::Primary => {
             let peer = site.config.peer.clone().context("a primary needs [peer]")?;
             let ep = quic::client_endpoint(peer.address, tls::client_config(&site.config.tls)?)?;
-            let link = Arc::new(PeerLink::new(ep.clone(), peer.address, peer.server_name.clone()));
+            let link = Arc::new(PeerLink::new(
+                ep.clone(),
+                peer.address,
+                peer.server_name.clone(),
+            ));
             for p in &site.config.protections {
                 let (tx, rx) = mpsc::channel(16);
                 syncs.insert(p.name.to_string(), tx);
-                tracker.spawn(scheduler::run(site.clone(), link.clone(), p.clone(), rx, cancel.child_token()));
+                tracker.spawn(scheduler::run(
+                    site.clone(),
+                    link.clone(),
+                    p.clone(),
+                    rx,
+                    cancel.child_token(),
+                ));
             }
             ep
         }
@@ -58,7 +73,10 @@ pub async fn run(config: Config) -> Result<()> {
     let app = control::router(site.clone(), syncs);
     let shutdown = cancel.clone();
     tracker.spawn(async move {
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+        {
             tracing::error!(error = %e, "control API stopped");
         }
     });
@@ -74,7 +92,10 @@ pub async fn run(config: Config) -> Result<()> {
     site.ready.store(false, Ordering::Relaxed);
     cancel.cancel();
     tracker.close();
-    if tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("tasks still running after 10s; exiting anyway (state is crash-safe)");
     }
     endpoint.close(0u32.into(), b"shutdown");

@@ -18,11 +18,22 @@ use crate::store::{Batch, FailoverRecord};
 pub async fn failover(site: &Arc<Site>, name: &str) -> Result<FailoverReport> {
     let started = Instant::now();
     if site.config.role != Role::Dr {
-        bail!("failover runs at the DR site; {} is the primary site", site.config.site_name);
+        bail!(
+            "failover runs at the DR site; {} is the primary site",
+            site.config.site_name
+        );
     }
     let prot = site.config.protection(name).cloned().ok_or_else(|| {
-        let names: Vec<_> = site.config.protections.iter().map(|p| p.name.to_string()).collect();
-        anyhow!("no protection named {name:?}; this site has: {}", names.join(", "))
+        let names: Vec<_> = site
+            .config
+            .protections
+            .iter()
+            .map(|p| p.name.to_string())
+            .collect();
+        anyhow!(
+            "no protection named {name:?}; this site has: {}",
+            names.join(", ")
+        )
     })?;
     let guard = site.guard(name).expect("guard per protection");
     let was_failing = guard.failing_over.swap(true, Ordering::SeqCst);

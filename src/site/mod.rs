@@ -22,9 +22,7 @@ use crate::config::{Config, Protection, Role};
 use crate::ids::now_ms;
 use crate::metrics::{ErrorKind, Metrics};
 use crate::store::{ProtectionRecord, Store};
-use status::{
-    ErrorReport, Live, PeerStatus, ProtectionStatus, SiteStatus, VolumeStatus,
-};
+use status::{ErrorReport, Live, PeerStatus, ProtectionStatus, SiteStatus, VolumeStatus};
 
 /// Per-protection coordination at the DR site: one cycle or failover at a time.
 #[derive(Default)]
@@ -41,7 +39,12 @@ impl ProtectionGuard {
     /// Cancels the cycle in flight (if any) and registers a new one.
     pub fn supersede(&self) -> tokio_util::sync::CancellationToken {
         let token = tokio_util::sync::CancellationToken::new();
-        if let Some(old) = self.current.lock().expect("guard lock").replace(token.clone()) {
+        if let Some(old) = self
+            .current
+            .lock()
+            .expect("guard lock")
+            .replace(token.clone())
+        {
             old.cancel();
         }
         token
@@ -178,7 +181,7 @@ impl Site {
             activity: if live.activity.is_empty() {
                 "idle".into()
             } else {
-                live.activity
+                Live::describe(&live)
             },
             last_cycle: live.last_cycle,
             last_error: live.last_error,
@@ -211,7 +214,10 @@ impl Site {
         for p in &self.config.protections {
             let name = p.name.as_str();
             let Ok(rec) = self.record(name) else { continue };
-            self.metrics.epoch.with_label_values(&[name]).set(rec.epoch.0 as i64);
+            self.metrics
+                .epoch
+                .with_label_values(&[name])
+                .set(rec.epoch.0 as i64);
             if let Some(pt) = rec.point.as_ref().map(|r| r.point) {
                 self.metrics
                     .rpo_seconds

@@ -51,7 +51,10 @@ impl PeerLink {
             .with_context(what)?;
         if !quic::negotiated_lifeboat(&conn) {
             conn.close(1u32.into(), b"alpn");
-            bail!("{}: the peer did not agree on the lifeboat protocol (ALPN)", what());
+            bail!(
+                "{}: the peer did not agree on the lifeboat protocol (ALPN)",
+                what()
+            );
         }
         let (send, recv) = conn.open_bi().await.with_context(what)?;
         let mut w = FrameWriter::new(send);

@@ -27,7 +27,10 @@ use crate::site::recovery::{self, staging_dir};
 use crate::site::status::ErrorReport;
 use crate::site::{KindError, Site, WithKind};
 use crate::store::schema::{RECORD_VERSION, SCRATCH};
-use crate::store::{Batch, CommitRecord, PointRecord, ProtectionRecord, StagedVolume, Store, VolumeRecord};
+use crate::store::{
+    Batch, CommitRecord, PointRecord, ProtectionRecord, StagedVolume, Store, VolumeRecord,
+};
+use crate::volume::replica::Reserver;
 use crate::volume::staging::StagingWriter;
 
 /// Why a cycle stopped at the DR site.
@@ -68,7 +71,12 @@ fn peer_err<T>(r: Result<T, crate::net::wire::WireError>) -> R<T> {
 }
 
 /// Accepts peer connections until cancelled.
-pub async fn serve(site: Arc<Site>, endpoint: quinn::Endpoint, cancel: CancellationToken, tracker: TaskTracker) {
+pub async fn serve(
+    site: Arc<Site>,
+    endpoint: quinn::Endpoint,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
     loop {
         let incoming = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -79,7 +87,12 @@ pub async fn serve(site: Arc<Site>, endpoint: quinn::Endpoint, cancel: Cancellat
     }
 }
 
-async fn connection(site: Arc<Site>, incoming: quinn::Incoming, cancel: CancellationToken, tracker: TaskTracker) {
+async fn connection(
+    site: Arc<Site>,
+    incoming: quinn::Incoming,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
         Ok(c) => c,
@@ -113,7 +126,9 @@ async fn connection(site: Arc<Site>, incoming: quinn::Incoming, cancel: Cancella
             },
         };
         let (site, peer) = (site.clone(), peer.clone());
-        tracker.spawn(async move { stream(site, peer, FrameWriter::new(send), FrameReader::new(recv)).await });
+        tracker.spawn(async move {
+            stream(site, peer, FrameWriter::new(send), FrameReader::new(recv)).await
+        });
     }
 }
 
@@ -121,10 +136,20 @@ async fn hello(site: &Site, conn: &quinn::Connection) -> anyhow::Result<String> 
     let (send, recv) = conn.accept_bi().await?;
     let (mut w, mut r) = (FrameWriter::new(send), FrameReader::new(recv));
     match r.expect("Hello").await? {
-        Msg::Hello { version, site: peer } => {
-            w.send(&Msg::HelloAck { version: PROTOCOL_VERSION, site: site.config.site_name.clone() }).await?;
+        Msg::Hello {
+            version,
+            site: peer,
+        } => {
+            w.send(&Msg::HelloAck {
+                version: PROTOCOL_VERSION,
+                site: site.config.site_name.clone(),
+            })
+            .await?;
             w.finish();
-            anyhow::ensure!(version == PROTOCOL_VERSION, "peer {peer} speaks protocol version {version}, this site {PROTOCOL_VERSION}");
+            anyhow::ensure!(
+                version == PROTOCOL_VERSION,
+                "peer {peer} speaks protocol version {version}, this site {PROTOCOL_VERSION}"
+            );
             Ok(peer)
         }
         other => Err(anyhow!("expected Hello, got {}", other.kind())),
@@ -136,7 +161,12 @@ async fn stream(site: Arc<Site>, peer: String, mut w: FrameWriter, mut r: FrameR
         Ok(Some(Msg::Prepare { protection, epoch })) => (protection, epoch),
         Ok(None) => return,
         Ok(Some(other)) => {
-            let _ = w.send(&Msg::Refused(Refusal::Invalid(format!("expected Prepare, got {}", other.kind())))).await;
+            let _ = w
+                .send(&Msg::Refused(Refusal::Invalid(format!(
+                    "expected Prepare, got {}",
+                    other.kind()
+                ))))
+                .await;
             return;
         }
         Err(e) => {
@@ -149,15 +179,23 @@ async fn stream(site: Arc<Site>, peer: String, mut w: FrameWriter, mut r: FrameR
     let label = if known { protection.as_str() } else { "" };
     let refusal = match result {
         Ok(()) => {
-            site.metrics.received_bytes.with_label_values(&[label]).inc_by(r.bytes);
+            site.metrics
+                .received_bytes
+                .with_label_values(&[label])
+                .inc_by(r.bytes);
             return;
         }
         Err(Fail::Refuse(refusal, kind)) => {
             site.metrics.error(label, kind);
             tracing::warn!(protection = %protection, peer = %peer, %refusal, "refused a replication cycle");
             if known {
-                let report = ErrorReport { kind, message: format!("refused replication from {peer} (epoch {epoch}): {refusal}"), at_ms: now_ms() };
-                site.live.update(&protection, |l| l.last_refusal = Some(report));
+                let report = ErrorReport {
+                    kind,
+                    message: format!("refused replication from {peer} (epoch {epoch}): {refusal}"),
+                    at_ms: now_ms(),
+                };
+                site.live
+                    .update(&protection, |l| l.last_refusal = Some(report));
             }
             refusal
         }
@@ -180,26 +218,46 @@ async fn stream(site: Arc<Site>, peer: String, mut w: FrameWriter, mut r: FrameR
 fn persist(store: &Store, prot: &str, rec: &ProtectionRecord) -> R<()> {
     let mut b = Batch::default();
     b.put_protection(prot, rec);
-    store.write(b, true).kind(ErrorKind::Store).map_err(Fail::Error)
+    store
+        .write(b, true)
+        .kind(ErrorKind::Store)
+        .map_err(Fail::Error)
 }
 
 fn failed_over(rec: &ProtectionRecord) -> Fail {
     Fail::Refuse(
-        Refusal::FailedOver { epoch: rec.epoch, gen: rec.point.as_ref().map(|p| p.point.gen) },
+        Refusal::FailedOver {
+            epoch: rec.epoch,
+            gen: rec.point.as_ref().map(|p| p.point.gen),
+        },
         ErrorKind::Fenced,
     )
 }
 
-async fn blocking<T: Send + 'static>(kind: ErrorKind, f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> R<T> {
+async fn blocking<T: Send + 'static>(
+    kind: ErrorKind,
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> R<T> {
     let r = tokio::task::spawn_blocking(f).await.kind(kind)?;
     Ok(r.kind(kind)?)
 }
 
-async fn cycle(site: &Arc<Site>, protection: &str, epoch: Epoch, w: &mut FrameWriter, r: &mut FrameReader) -> R<()> {
+async fn cycle(
+    site: &Arc<Site>,
+    protection: &str,
+    epoch: Epoch,
+    w: &mut FrameWriter,
+    r: &mut FrameReader,
+) -> R<()> {
     let prot = site
         .config
         .protection(protection)
-        .ok_or_else(|| Fail::Refuse(Refusal::UnknownProtection(protection.to_string()), ErrorKind::Refused))?
+        .ok_or_else(|| {
+            Fail::Refuse(
+                Refusal::UnknownProtection(protection.to_string()),
+                ErrorKind::Refused,
+            )
+        })?
         .clone();
     let guard = site.guard(protection).expect("a guard per protection");
     // Refuse a stale or fenced peer before it can disturb anything in flight.
@@ -208,7 +266,13 @@ async fn cycle(site: &Arc<Site>, protection: &str, epoch: Epoch, w: &mut FrameWr
         return Err(failed_over(&rec));
     }
     if epoch < rec.epoch {
-        return Err(Fail::Refuse(Refusal::StaleEpoch { ours: epoch, theirs: rec.epoch }, ErrorKind::Fenced));
+        return Err(Fail::Refuse(
+            Refusal::StaleEpoch {
+                ours: epoch,
+                theirs: rec.epoch,
+            },
+            ErrorKind::Fenced,
+        ));
     }
     let token = guard.supersede();
     let _lock = tokio::time::timeout(LOCK_WAIT, guard.lock.lock())
@@ -221,7 +285,10 @@ async fn cycle(site: &Arc<Site>, protection: &str, epoch: Epoch, w: &mut FrameWr
     // A gen committed but not yet applied (an apply that failed) is finished first.
     {
         let (store, config, p) = (site.store.clone(), site.config.clone(), prot.clone());
-        blocking(ErrorKind::Io, move || recovery::finish_pending(&store, &config, &p)).await?;
+        blocking(ErrorKind::Io, move || {
+            recovery::finish_pending(&store, &config, &p)
+        })
+        .await?;
         rec = site.record(protection).kind(ErrorKind::Store)?;
     }
     if epoch > rec.epoch {
@@ -229,16 +296,30 @@ async fn cycle(site: &Arc<Site>, protection: &str, epoch: Epoch, w: &mut FrameWr
         persist(&site.store, protection, &rec)?;
     }
     let have = rec.point.as_ref().map(|p| p.point);
-    peer_err(w.send(&Msg::Prepared { epoch: rec.epoch, point: have }).await)?;
+    peer_err(
+        w.send(&Msg::Prepared {
+            epoch: rec.epoch,
+            point: have,
+        })
+        .await,
+    )?;
     let msg = tokio::select! {
         m = r.next() => match peer_err(m)? { Some(m) => m, None => return Ok(()) },
         _ = token.cancelled() => return Ok(()),
     };
-    let Msg::Cycle { point, base, volumes } = msg else {
+    let Msg::Cycle {
+        point,
+        base,
+        volumes,
+    } = msg
+    else {
         return Err(invalid(format!("expected Cycle, got {}", msg.kind())));
     };
     if base.is_some() && base != have {
-        return Err(Fail::Refuse(Refusal::BaseMismatch { sent: base, have }, ErrorKind::Refused));
+        return Err(Fail::Refuse(
+            Refusal::BaseMismatch { sent: base, have },
+            ErrorKind::Refused,
+        ));
     }
     let group: Vec<String> = prot.volumes.iter().map(|v| v.name.to_string()).collect();
     let mut sent: Vec<String> = volumes.iter().map(|v| v.name.clone()).collect();
@@ -248,15 +329,26 @@ async fn cycle(site: &Arc<Site>, protection: &str, epoch: Epoch, w: &mut FrameWr
     if sent != expected {
         let unknown = sent.iter().find(|v| !expected.contains(v));
         return Err(match unknown {
-            Some(v) => Fail::Refuse(Refusal::UnknownVolume(v.clone(), group.join(", ")), ErrorKind::Refused),
-            None => invalid(format!("the cycle sends volumes [{}] but this site's group is [{}]", sent.join(", "), group.join(", "))),
+            Some(v) => Fail::Refuse(
+                Refusal::UnknownVolume(v.clone(), group.join(", ")),
+                ErrorKind::Refused,
+            ),
+            None => invalid(format!(
+                "the cycle sends volumes [{}] but this site's group is [{}]",
+                sent.join(", "),
+                group.join(", ")
+            )),
         });
     }
     {
         let (store, config, p) = (site.store.clone(), site.config.clone(), prot.clone());
-        blocking(ErrorKind::Io, move || recovery::discard_staging(&store, &config, &p)).await?;
+        blocking(ErrorKind::Io, move || {
+            recovery::discard_staging(&store, &config, &p)
+        })
+        .await?;
     }
-    let stage_dir = staging_dir(&site.config, protection).join(format!("{}-{}", point.gen, point.cycle));
+    let stage_dir =
+        staging_dir(&site.config, protection).join(format!("{}-{}", point.gen, point.cycle));
     let mut bases: HashMap<String, Gen> = HashMap::new();
     let mut staged: BTreeMap<String, (PathBuf, VolumeRecord)> = BTreeMap::new();
     loop {
@@ -265,12 +357,23 @@ async fn cycle(site: &Arc<Site>, protection: &str, epoch: Epoch, w: &mut FrameWr
         }
         match next_frame(r, &token, "Commit").await? {
             Msg::HashRequest { volume, chunk_size } => {
-                let v = prot.volumes.iter().find(|v| v.name.as_str() == volume).ok_or_else(|| invalid(format!("hash request for unknown volume {volume:?}")))?;
+                let v = prot
+                    .volumes
+                    .iter()
+                    .find(|v| v.name.as_str() == volume)
+                    .ok_or_else(|| {
+                        invalid(format!("hash request for unknown volume {volume:?}"))
+                    })?;
                 check_chunk_size(chunk_size)?;
-                let gen = serve_hashes(site, &prot, &rec, v.path.clone(), &volume, chunk_size, w).await?;
+                let gen =
+                    serve_hashes(site, &prot, &rec, v.path.clone(), &volume, chunk_size, w).await?;
                 bases.insert(volume, gen);
             }
-            Msg::Begin { volume, size, chunk_size } => {
+            Msg::Begin {
+                volume,
+                size,
+                chunk_size,
+            } => {
                 if !group.contains(&volume) || staged.contains_key(&volume) {
                     return Err(invalid(format!("unexpected Begin for volume {volume:?}")));
                 }
@@ -281,32 +384,82 @@ async fn cycle(site: &Arc<Site>, protection: &str, epoch: Epoch, w: &mut FrameWr
                         .point
                         .as_ref()
                         .filter(|p| base == Some(p.point))
-                        .filter(|p| p.volumes.get(&volume).is_some_and(|v| v.chunk_size == chunk_size))
+                        .filter(|p| {
+                            p.volumes
+                                .get(&volume)
+                                .is_some_and(|v| v.chunk_size == chunk_size)
+                        })
                         .map(|p| p.point.gen)
-                        .ok_or(Fail::Refuse(Refusal::BaseMismatch { sent: base, have }, ErrorKind::Refused))?,
+                        .ok_or(Fail::Refuse(
+                            Refusal::BaseMismatch { sent: base, have },
+                            ErrorKind::Refused,
+                        ))?,
                 };
                 let geometry = Geometry::new(size, chunk_size);
                 let path = stage_dir.join(format!("{volume}.log"));
-                let vrec = receive_volume(site, protection, point.gen, &volume, geometry, base_gen, path.clone(), r, &token).await?;
+                let replica = prot
+                    .volumes
+                    .iter()
+                    .find(|v| v.name.as_str() == volume)
+                    .map(|v| v.path.clone())
+                    .expect("volume is in the group");
+                let target = StageTarget {
+                    log: path.clone(),
+                    replica,
+                    min_free: site.config.min_free_space,
+                };
+                let vrec = receive_volume(
+                    site, protection, point.gen, &volume, geometry, base_gen, target, r, &token,
+                )
+                .await?;
                 let mut b = Batch::default();
-                b.put_staged(protection, point.gen, &volume, &StagedVolume { v: RECORD_VERSION, cycle: point.cycle.0, log: path.display().to_string(), record: vrec.clone() });
+                b.put_staged(
+                    protection,
+                    point.gen,
+                    &volume,
+                    &StagedVolume {
+                        v: RECORD_VERSION,
+                        cycle: point.cycle.0,
+                        log: path.display().to_string(),
+                        record: vrec.clone(),
+                    },
+                );
                 site.store.write(b, false).kind(ErrorKind::Store)?;
                 staged.insert(volume, (path, vrec));
             }
             Msg::Commit { gen } if gen == point.gen => break,
-            other => return Err(invalid(format!("unexpected {} during the cycle of gen {}", other.kind(), point.gen))),
+            other => {
+                return Err(invalid(format!(
+                    "unexpected {} during the cycle of gen {}",
+                    other.kind(),
+                    point.gen
+                )))
+            }
         }
     }
     if staged.len() != group.len() {
-        return Err(invalid(format!("Commit after {} of {} volumes", staged.len(), group.len())));
+        return Err(invalid(format!(
+            "Commit after {} of {} volumes",
+            staged.len(),
+            group.len()
+        )));
     }
     if guard.failing_over.load(Ordering::SeqCst) || token.is_cancelled() {
         return Err(failed_over(&rec));
     }
     let commit = CommitRecord {
         v: RECORD_VERSION,
-        point: PointRecord { point, volumes: staged.iter().map(|(k, (_, v))| (k.clone(), v.clone())).collect() },
-        logs: staged.iter().map(|(k, (p, _))| (k.clone(), p.display().to_string())).collect(),
+        point: PointRecord {
+            point,
+            volumes: staged
+                .iter()
+                .map(|(k, (_, v))| (k.clone(), v.clone()))
+                .collect(),
+        },
+        logs: staged
+            .iter()
+            .map(|(k, (p, _))| (k.clone(), p.display().to_string()))
+            .collect(),
     };
     let mut b = Batch::default();
     b.put_commit(protection, &commit);
@@ -317,7 +470,10 @@ async fn cycle(site: &Arc<Site>, protection: &str, epoch: Epoch, w: &mut FrameWr
     failpoint::hit("dr-committed");
     {
         let (store, config, p) = (site.store.clone(), site.config.clone(), prot.clone());
-        blocking(ErrorKind::Io, move || recovery::redo_commit(&store, &config, &p, &commit)).await?;
+        blocking(ErrorKind::Io, move || {
+            recovery::redo_commit(&store, &config, &p, &commit)
+        })
+        .await?;
     }
     tracing::info!(protection, gen = %point.gen, "consistent point advanced");
     peer_err(w.send(&Msg::Committed { point }).await)?;
@@ -327,7 +483,9 @@ async fn cycle(site: &Arc<Site>, protection: &str, epoch: Epoch, w: &mut FrameWr
 
 fn check_chunk_size(cs: u32) -> R<()> {
     if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
-        return Err(invalid(format!("chunk size {cs} outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}")));
+        return Err(invalid(format!(
+            "chunk size {cs} outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}"
+        )));
     }
     Ok(())
 }
@@ -336,9 +494,25 @@ fn check_chunk_size(cs: u32) -> R<()> {
 /// one at this chunk size, else a fresh scan of the replica (lost state, first sync onto
 /// existing data). Returns the index gen the received volume must be diffed against.
 #[allow(clippy::too_many_arguments)]
-async fn serve_hashes(site: &Arc<Site>, prot: &Protection, rec: &ProtectionRecord, replica: PathBuf, volume: &str, chunk_size: u32, w: &mut FrameWriter) -> R<Gen> {
+async fn serve_hashes(
+    site: &Arc<Site>,
+    prot: &Protection,
+    rec: &ProtectionRecord,
+    replica: PathBuf,
+    volume: &str,
+    chunk_size: u32,
+    w: &mut FrameWriter,
+) -> R<Gen> {
     let name = prot.name.to_string();
-    let known = rec.point.as_ref().filter(|p| p.volumes.get(volume).is_some_and(|v| v.chunk_size == chunk_size)).map(|p| p.point.gen);
+    let known = rec
+        .point
+        .as_ref()
+        .filter(|p| {
+            p.volumes
+                .get(volume)
+                .is_some_and(|v| v.chunk_size == chunk_size)
+        })
+        .map(|p| p.point.gen);
     let store = site.store.clone();
     let vol = volume.to_string();
     let gen = blocking(ErrorKind::Io, move || -> anyhow::Result<Gen> {
@@ -350,7 +524,11 @@ async fn serve_hashes(site: &Arc<Site>, prot: &Protection, rec: &ProtectionRecor
     })
     .await?;
     let (tx, mut rx) = mpsc::channel(8);
-    let (store, name, vol) = (site.store.clone(), prot.name.to_string(), volume.to_string());
+    let (store, name, vol) = (
+        site.store.clone(),
+        prot.name.to_string(),
+        volume.to_string(),
+    );
     tokio::task::spawn_blocking(move || {
         for seg in store.index(&name, &vol, gen) {
             if tx.blocking_send(seg).is_err() {
@@ -362,14 +540,32 @@ async fn serve_hashes(site: &Arc<Site>, prot: &Protection, rec: &ProtectionRecor
     while let Some(seg) = rx.recv().await {
         let (no, seg) = seg.kind(ErrorKind::Store)?;
         chunks += seg.hashes.len() as u64;
-        peer_err(w.send(&Msg::HashSegment { segment: no, packed: ByteBuf::from(seg.encode()) }).await)?;
+        peer_err(
+            w.send(&Msg::HashSegment {
+                segment: no,
+                packed: ByteBuf::from(seg.encode()),
+            })
+            .await,
+        )?;
     }
-    peer_err(w.send(&Msg::HashEnd { volume: volume.to_string(), chunk_count: chunks }).await)?;
+    peer_err(
+        w.send(&Msg::HashEnd {
+            volume: volume.to_string(),
+            chunk_count: chunks,
+        })
+        .await,
+    )?;
     Ok(gen)
 }
 
 /// Hashes the replica as it is on disk into the scratch index.
-fn hash_replica(store: &Store, prot: &str, vol: &str, path: &std::path::Path, chunk_size: u32) -> anyhow::Result<()> {
+fn hash_replica(
+    store: &Store,
+    prot: &str,
+    vol: &str,
+    path: &std::path::Path,
+    chunk_size: u32,
+) -> anyhow::Result<()> {
     let mut b = Batch::default();
     b.delete_index(prot, vol, SCRATCH);
     store.write(b, false)?;
@@ -385,36 +581,83 @@ fn hash_replica(store: &Store, prot: &str, vol: &str, path: &std::path::Path, ch
         b.put_segment(prot, vol, SCRATCH, no, &seg);
         store.write(b, false)
     };
-    scan_file(path, geometry, |_| Ok(None), |s| {
-        if let Some((no, seg)) = builder.push(s.hash) {
-            put(no, seg)?;
-        }
-        Ok(())
-    }, &progress)
+    scan_file(
+        path,
+        geometry,
+        |_| Ok(None),
+        |s| {
+            if let Some((no, seg)) = builder.push(s.hash) {
+                put(no, seg)?;
+            }
+            Ok(())
+        },
+        &progress,
+    )
     .with_context(|| format!("hash replica {}", path.display()))?;
     if let Some((no, seg)) = builder.finish() {
         put(no, seg)?;
     }
-    tracing::info!(protection = prot, volume = vol, chunks = geometry.chunk_count(), "hashed the replica for a resync");
+    tracing::info!(
+        protection = prot,
+        volume = vol,
+        chunks = geometry.chunk_count(),
+        "hashed the replica for a resync"
+    );
     Ok(())
 }
 
 enum Incoming {
-    Chunk { index: u64, hash: ChunkHash, payload: Payload },
-    End { chunk_count: u64, root: ChunkHash },
+    Chunk {
+        index: u64,
+        hash: ChunkHash,
+        payload: Payload,
+    },
+    End {
+        chunk_count: u64,
+        root: ChunkHash,
+    },
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn receive_volume(site: &Arc<Site>, prot: &str, gen: Gen, volume: &str, geometry: Geometry, base_gen: Gen, path: PathBuf, r: &mut FrameReader, token: &CancellationToken) -> R<VolumeRecord> {
+async fn receive_volume(
+    site: &Arc<Site>,
+    prot: &str,
+    gen: Gen,
+    volume: &str,
+    geometry: Geometry,
+    base_gen: Gen,
+    target: StageTarget,
+    r: &mut FrameReader,
+    token: &CancellationToken,
+) -> R<VolumeRecord> {
     let (tx, rx) = mpsc::channel::<Incoming>(32);
     let (store, p, v) = (site.store.clone(), prot.to_string(), volume.to_string());
-    let stager = tokio::task::spawn_blocking(move || stage(&store, &p, &v, gen, base_gen, geometry, &path, rx));
+    let stager = tokio::task::spawn_blocking(move || {
+        stage(&store, &p, &v, gen, base_gen, geometry, &target, rx)
+    });
     let result: R<()> = async {
         loop {
             let incoming = match next_frame(r, token, "End").await? {
-                Msg::Chunk { index, hash, payload } => Incoming::Chunk { index, hash, payload },
-                Msg::End { volume: v, chunk_count, root } if v == volume => Incoming::End { chunk_count, root },
-                other => return Err(invalid(format!("unexpected {} while receiving volume {volume}", other.kind()))),
+                Msg::Chunk {
+                    index,
+                    hash,
+                    payload,
+                } => Incoming::Chunk {
+                    index,
+                    hash,
+                    payload,
+                },
+                Msg::End {
+                    volume: v,
+                    chunk_count,
+                    root,
+                } if v == volume => Incoming::End { chunk_count, root },
+                other => {
+                    return Err(invalid(format!(
+                        "unexpected {} while receiving volume {volume}",
+                        other.kind()
+                    )))
+                }
             };
             let end = matches!(incoming, Incoming::End { .. });
             if tx.send(incoming).await.is_err() || end {
@@ -427,23 +670,58 @@ async fn receive_volume(site: &Arc<Site>, prot: &str, gen: Gen, volume: &str, ge
     let staged = stager.await.kind(ErrorKind::Io)?;
     result?;
     staged.map_err(|e| match e.kind {
-        ErrorKind::Verify | ErrorKind::Protocol => Fail::Refuse(Refusal::Invalid(format!("{:#}", e.error)), e.kind),
+        ErrorKind::Verify | ErrorKind::Protocol => {
+            Fail::Refuse(Refusal::Invalid(format!("{:#}", e.error)), e.kind)
+        }
         _ => Fail::Error(e),
     })
+}
+
+/// Where a volume's incoming chunks go.
+struct StageTarget {
+    log: PathBuf,
+    replica: PathBuf,
+    min_free: u64,
+}
+
+/// Free bytes on the file system holding `path`.
+fn free_space(path: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 /// Blocking: verifies each chunk, appends it to the staging log, and builds the new index
 /// and root from the base index plus the received chunks.
 #[allow(clippy::too_many_arguments)]
-fn stage(store: &Store, prot: &str, vol: &str, gen: Gen, base_gen: Gen, geometry: Geometry, path: &std::path::Path, mut rx: mpsc::Receiver<Incoming>) -> Result<VolumeRecord, KindError> {
+fn stage(
+    store: &Store,
+    prot: &str,
+    vol: &str,
+    gen: Gen,
+    base_gen: Gen,
+    geometry: Geometry,
+    target: &StageTarget,
+    mut rx: mpsc::Receiver<Incoming>,
+) -> Result<VolumeRecord, KindError> {
     let mut cursor = BaseCursor::new(store.index(prot, vol, base_gen));
     let mut builder = SegmentBuilder::default();
     let mut root = RootHasher::new(geometry);
-    let mut writer = StagingWriter::create(path, geometry).kind(ErrorKind::Io)?;
+    let mut writer = StagingWriter::create(&target.log, geometry).kind(ErrorKind::Io)?;
+    let mut reserver = Reserver::open(&target.replica).kind(ErrorKind::Io)?;
+    let staging_fs = target.log.parent().unwrap_or(&target.log).to_path_buf();
+    let mut checked_at = 0u64;
     let count = geometry.chunk_count();
     let failpoint_name = format!("dr-staging:{vol}");
     let mut next = 0u64;
-    let push = |h: ChunkHash, builder: &mut SegmentBuilder, root: &mut RootHasher| -> Result<(), KindError> {
+    let push = |h: ChunkHash,
+                builder: &mut SegmentBuilder,
+                root: &mut RootHasher|
+     -> Result<(), KindError> {
         root.push(&h);
         if let Some((no, seg)) = builder.push(h) {
             let mut b = Batch::default();
@@ -452,27 +730,42 @@ fn stage(store: &Store, prot: &str, vol: &str, gen: Gen, base_gen: Gen, geometry
         }
         Ok(())
     };
-    let proto = |m: String| KindError { kind: ErrorKind::Protocol, error: anyhow!(m) };
-    let verify = |m: String| KindError { kind: ErrorKind::Verify, error: anyhow!(m) };
+    let proto = |m: String| KindError {
+        kind: ErrorKind::Protocol,
+        error: anyhow!(m),
+    };
+    let verify = |m: String| KindError {
+        kind: ErrorKind::Verify,
+        error: anyhow!(m),
+    };
     while let Some(inc) = rx.blocking_recv() {
         let upto = match &inc {
             Incoming::Chunk { index, .. } => *index,
             Incoming::End { chunk_count, .. } => *chunk_count,
         };
         if upto < next || upto > count {
-            return Err(proto(format!("volume {vol}: chunk {upto} is out of order or beyond its {count} chunks")));
+            return Err(proto(format!(
+                "volume {vol}: chunk {upto} is out of order or beyond its {count} chunks"
+            )));
         }
         for j in next..upto {
-            let h = cursor
-                .hash_at(j)
-                .kind(ErrorKind::Store)?
-                .ok_or_else(|| proto(format!("volume {vol}: chunk {j} was neither sent nor in the base index")))?;
+            let h = cursor.hash_at(j).kind(ErrorKind::Store)?.ok_or_else(|| {
+                proto(format!(
+                    "volume {vol}: chunk {j} was neither sent nor in the base index"
+                ))
+            })?;
             push(h, &mut builder, &mut root)?;
         }
         match inc {
-            Incoming::Chunk { index, hash, payload } => {
+            Incoming::Chunk {
+                index,
+                hash,
+                payload,
+            } => {
                 if index == count {
-                    return Err(proto(format!("volume {vol}: chunk {index} is beyond its {count} chunks")));
+                    return Err(proto(format!(
+                        "volume {vol}: chunk {index} is beyond its {count} chunks"
+                    )));
                 }
                 let len = geometry.len(index);
                 let bytes = match &payload {
@@ -484,12 +777,40 @@ fn stage(store: &Store, prot: &str, vol: &str, gen: Gen, base_gen: Gen, geometry
                     }
                     Payload::Zero => {
                         if zero_hash(len) != hash {
-                            return Err(verify(format!("volume {vol}: zero marker {index} carries a non-zero hash")));
+                            return Err(verify(format!(
+                                "volume {vol}: zero marker {index} carries a non-zero hash"
+                            )));
                         }
                         None
                     }
                 };
-                writer.append(index, &hash, len, bytes).kind(ErrorKind::Io)?;
+                // Reserve replica blocks now, so a full replica disk fails before the group commit.
+                if bytes.is_some() {
+                    reserver
+                        .reserve(geometry.offset(index), len)
+                        .with_context(|| {
+                            format!("volume {vol}: replica {}", target.replica.display())
+                        })
+                        .kind(ErrorKind::Io)?;
+                }
+                // Check the reserve every 8 MiB staged, before the disk is actually full.
+                if target.min_free > 0 && writer.bytes >= checked_at + (8 << 20) {
+                    checked_at = writer.bytes;
+                    let free = free_space(&staging_fs).kind(ErrorKind::Io)?;
+                    if free < target.min_free {
+                        return Err(KindError {
+                            kind: ErrorKind::Io,
+                            error: anyhow!(
+                                "staging stopped: {} has {free} bytes free, below min_free_space ({} bytes); nothing of this gen was applied",
+                                staging_fs.display(),
+                                target.min_free
+                            ),
+                        });
+                    }
+                }
+                writer
+                    .append(index, &hash, len, bytes)
+                    .kind(ErrorKind::Io)?;
                 push(hash, &mut builder, &mut root)?;
                 next = index + 1;
                 if writer.records == 1 {
@@ -507,9 +828,16 @@ fn stage(store: &Store, prot: &str, vol: &str, gen: Gen, base_gen: Gen, geometry
                     return Err(verify(format!("volume {vol}: root {} differs from the primary's {}; the replica would not equal the snapshot, so nothing was applied", got.short(), expected.short())));
                 }
                 writer.finish().kind(ErrorKind::Io)?;
-                return Ok(VolumeRecord { size: geometry.size, chunk_size: geometry.chunk_size, root: got });
+                return Ok(VolumeRecord {
+                    size: geometry.size,
+                    chunk_size: geometry.chunk_size,
+                    root: got,
+                });
             }
         }
     }
-    Err(KindError { kind: ErrorKind::Peer, error: anyhow!("volume {vol}: the stream ended before End") })
+    Err(KindError {
+        kind: ErrorKind::Peer,
+        error: anyhow!("volume {vol}: the stream ended before End"),
+    })
 }

@@ -14,7 +14,7 @@ use crate::store::{Batch, CommitRecord, Store};
 use crate::volume::{replica, snapshot};
 
 pub fn staging_dir(config: &Config, prot: &str) -> PathBuf {
-    config.state_dir.join("staging").join(prot)
+    config.staging_dir.join(prot)
 }
 
 /// Runs at start-up, before the site accepts or sends anything.
@@ -54,14 +54,26 @@ pub fn finish_pending(store: &Store, config: &Config, prot: &Protection) -> Resu
 }
 
 /// Applies a committed gen's staging logs to the replicas and makes it the consistent point.
-pub fn redo_commit(store: &Store, config: &Config, prot: &Protection, commit: &CommitRecord) -> Result<()> {
+pub fn redo_commit(
+    store: &Store,
+    config: &Config,
+    prot: &Protection,
+    commit: &CommitRecord,
+) -> Result<()> {
     let name = prot.name.as_str();
     let gen = commit.point.point.gen;
     for v in &prot.volumes {
-        let Some(log) = commit.logs.get(v.name.as_str()) else { continue };
+        let Some(log) = commit.logs.get(v.name.as_str()) else {
+            continue;
+        };
         failpoint::hit(&format!("dr-applying:{}", v.name));
-        replica::apply(Path::new(log), &v.path)
-            .with_context(|| format!("apply gen {gen} to replica {} ({})", v.name, v.path.display()))?;
+        replica::apply(Path::new(log), &v.path).with_context(|| {
+            format!(
+                "apply gen {gen} to replica {} ({})",
+                v.name,
+                v.path.display()
+            )
+        })?;
     }
     let mut rec = store.protection(name)?.unwrap_or_default();
     rec.point = Some(commit.point.clone());

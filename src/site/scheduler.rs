@@ -26,9 +26,19 @@ fn backoff(failures: u32, interval: Duration) -> Duration {
     exp.min(interval).min(Duration::from_secs(60))
 }
 
-pub async fn run(site: Arc<Site>, peer: Arc<PeerLink>, prot: Protection, mut requests: mpsc::Receiver<SyncRequest>, cancel: CancellationToken) {
+pub async fn run(
+    site: Arc<Site>,
+    peer: Arc<PeerLink>,
+    prot: Protection,
+    mut requests: mpsc::Receiver<SyncRequest>,
+    cancel: CancellationToken,
+) {
     let name = prot.name.to_string();
-    let mut next = if prot.sync_on_start { Instant::now() } else { Instant::now() + prot.interval };
+    let mut next = if prot.sync_on_start {
+        Instant::now()
+    } else {
+        Instant::now() + prot.interval
+    };
     let mut failures = 0u32;
     loop {
         let mut pending = Vec::new();
@@ -53,12 +63,22 @@ pub async fn run(site: Arc<Site>, peer: Arc<PeerLink>, prot: Protection, mut req
                 failures = 0;
                 next = Instant::now() + prot.interval;
                 m.cycles.with_label_values(&[&name, "ok"]).inc();
-                m.cycle_seconds.with_label_values(&[&name]).observe(report.seconds);
-                for (phase, secs) in [("snapshot", report.phases.snapshot), ("transfer", report.phases.transfer), ("commit", report.phases.commit)] {
+                m.cycle_seconds
+                    .with_label_values(&[&name])
+                    .observe(report.seconds);
+                for (phase, secs) in [
+                    ("snapshot", report.phases.snapshot),
+                    ("transfer", report.phases.transfer),
+                    ("commit", report.phases.commit),
+                ] {
                     m.phase_seconds.with_label_values(&[&name, phase]).set(secs);
                 }
-                m.freeze_seconds.with_label_values(&[&name]).set(report.phases.freeze);
-                m.wire_bytes.with_label_values(&[&name]).inc_by(report.wire_bytes);
+                m.freeze_seconds
+                    .with_label_values(&[&name])
+                    .set(report.phases.freeze);
+                m.wire_bytes
+                    .with_label_values(&[&name])
+                    .inc_by(report.wire_bytes);
                 tracing::info!(protection = %name, gen = report.gen, seconds = report.seconds, changed = report.bytes_changed, sent = report.chunk_bytes_sent, "cycle complete");
                 site.live.update(&name, |l| {
                     l.last_cycle = Some(report.clone());
@@ -71,7 +91,10 @@ pub async fn run(site: Arc<Site>, peer: Arc<PeerLink>, prot: Protection, mut req
                 m.cycles.with_label_values(&[&name, "error"]).inc();
                 site.note_error(&name, &e);
                 tracing::warn!(protection = %name, kind = e.kind.as_str(), error = %e, "cycle failed");
-                if matches!(e.kind, ErrorKind::Peer | ErrorKind::Protocol | ErrorKind::Tls) {
+                if matches!(
+                    e.kind,
+                    ErrorKind::Peer | ErrorKind::Protocol | ErrorKind::Tls
+                ) {
                     peer.reset().await;
                 }
                 next = if e.kind == ErrorKind::Fenced {
@@ -79,7 +102,11 @@ pub async fn run(site: Arc<Site>, peer: Arc<PeerLink>, prot: Protection, mut req
                 } else {
                     Instant::now() + backoff(failures, prot.interval)
                 };
-                Err(ErrorReport { kind: e.kind, message: format!("{:#}", e.error), at_ms: now_ms() })
+                Err(ErrorReport {
+                    kind: e.kind,
+                    message: format!("{:#}", e.error),
+                    at_ms: now_ms(),
+                })
             }
         };
         site.live.activity(&name, "idle");

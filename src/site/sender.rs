@@ -63,7 +63,11 @@ fn refused(site: &Site, prot: &str, rec: &mut ProtectionRecord, r: Refusal) -> K
 }
 
 /// Runs one cycle of `prot` and returns its report.
-pub async fn run_cycle(site: &Arc<Site>, peer: &PeerLink, prot: &Protection) -> CycleResult<CycleReport> {
+pub async fn run_cycle(
+    site: &Arc<Site>,
+    peer: &PeerLink,
+    prot: &Protection,
+) -> CycleResult<CycleReport> {
     let started = Instant::now();
     let name = prot.name.as_str();
     let mut rec = site.record(name).kind(ErrorKind::Store)?;
@@ -79,11 +83,20 @@ pub async fn run_cycle(site: &Arc<Site>, peer: &PeerLink, prot: &Protection) -> 
     let (send, recv) = conn.open_bi().await.kind(ErrorKind::Peer)?;
     let mut w = FrameWriter::new(send);
     let mut r = FrameReader::new(recv);
-    wire(w.send(&Msg::Prepare { protection: name.to_string(), epoch: rec.epoch }).await)?;
+    wire(
+        w.send(&Msg::Prepare {
+            protection: name.to_string(),
+            epoch: rec.epoch,
+        })
+        .await,
+    )?;
     let dr_point = match wire(r.expect("Prepared").await)? {
         Msg::Prepared { epoch, point } => {
             if epoch > rec.epoch {
-                let refusal = Refusal::StaleEpoch { ours: rec.epoch, theirs: epoch };
+                let refusal = Refusal::StaleEpoch {
+                    ours: rec.epoch,
+                    theirs: epoch,
+                };
                 return Err(fence(site, name, &mut rec, &refusal));
             }
             point
@@ -94,12 +107,19 @@ pub async fn run_cycle(site: &Arc<Site>, peer: &PeerLink, prot: &Protection) -> 
 
     reconcile(&site.store, name, &mut rec, dr_point).kind(ErrorKind::Store)?;
     let base = rec.point.clone().filter(|p| Some(p.point) == dr_point);
-    let gen = Gen(rec.point.as_ref().map_or(0, |p| p.point.gen.0).max(dr_point.map_or(0, |p| p.gen.0)) + 1);
+    let gen = Gen(rec
+        .point
+        .as_ref()
+        .map_or(0, |p| p.point.gen.0)
+        .max(dr_point.map_or(0, |p| p.gen.0))
+        + 1);
 
     site.live.activity(name, format!("snapshot of gen {gen}"));
     let snap_started = Instant::now();
     let snap = snapshot::take(prot, gen).await.map_err(|e| {
-        let kind = if format!("{e:#}").contains("pre command") || format!("{e:#}").contains("post command") {
+        let kind = if format!("{e:#}").contains("pre command")
+            || format!("{e:#}").contains("post command")
+        {
             ErrorKind::Hook
         } else {
             ErrorKind::Snapshot
@@ -107,8 +127,15 @@ pub async fn run_cycle(site: &Arc<Site>, peer: &PeerLink, prot: &Protection) -> 
         KindError { kind, error: e }
     })?;
     let snapshot_seconds = snap_started.elapsed().as_secs_f64();
-    let point = Point { gen, cycle: CycleId::random(), taken_at_ms: snap.taken_at_ms };
-    rec.tentative = Some(PointRecord { point, volumes: BTreeMap::new() });
+    let point = Point {
+        gen,
+        cycle: CycleId::random(),
+        taken_at_ms: snap.taken_at_ms,
+    };
+    rec.tentative = Some(PointRecord {
+        point,
+        volumes: BTreeMap::new(),
+    });
     let mut b = Batch::default();
     b.put_protection(name, &rec);
     site.store.write(b, true).kind(ErrorKind::Store)?;
@@ -116,16 +143,49 @@ pub async fn run_cycle(site: &Arc<Site>, peer: &PeerLink, prot: &Protection) -> 
     let metas = snap
         .volumes
         .iter()
-        .map(|v| VolumeMeta { name: v.name.clone(), size: v.size, chunk_size: prot.chunk_size })
+        .map(|v| VolumeMeta {
+            name: v.name.clone(),
+            size: v.size,
+            chunk_size: prot.chunk_size,
+        })
         .collect();
-    wire(w.send(&Msg::Cycle { point, base: base.as_ref().map(|b| b.point), volumes: metas }).await)?;
+    wire(
+        w.send(&Msg::Cycle {
+            point,
+            base: base.as_ref().map(|b| b.point),
+            volumes: metas,
+        })
+        .await,
+    )?;
 
     let transfer_started = Instant::now();
-    let mut report = CycleReport { gen: gen.0, started_at_ms: now_ms(), ..Default::default() };
+    let mut report = CycleReport {
+        gen: gen.0,
+        started_at_ms: now_ms(),
+        ..Default::default()
+    };
     let mut volumes = BTreeMap::new();
     for (i, v) in snap.volumes.iter().enumerate() {
-        site.live.activity(name, format!("gen {gen}: volume {} ({}/{})", v.name, i + 1, snap.volumes.len()));
-        let (vrec, vrep) = send_volume(site, prot, &snap, i, base.as_ref(), &mut w, &mut r, &mut report).await?;
+        site.live.activity(
+            name,
+            format!(
+                "gen {gen}: volume {} ({}/{})",
+                v.name,
+                i + 1,
+                snap.volumes.len()
+            ),
+        );
+        let (vrec, vrep) = send_volume(
+            site,
+            prot,
+            &snap,
+            i,
+            base.as_ref(),
+            &mut w,
+            &mut r,
+            &mut report,
+        )
+        .await?;
         volumes.insert(v.name.clone(), vrec);
         report.volumes.push(vrep);
     }
@@ -137,7 +197,10 @@ pub async fn run_cycle(site: &Arc<Site>, peer: &PeerLink, prot: &Protection) -> 
     b.put_protection(name, &rec);
     site.store.write(b, true).kind(ErrorKind::Store)?;
 
-    site.live.activity(name, format!("gen {gen}: waiting for the DR site to commit"));
+    site.live.activity(
+        name,
+        format!("gen {gen}: waiting for the DR site to commit"),
+    );
     let commit_started = Instant::now();
     wire(w.send(&Msg::Commit { gen }).await)?;
     match wire(r.expect("Committed").await)? {
@@ -175,7 +238,12 @@ fn protocol(got: &'static str, expected: &'static str) -> KindError {
 /// Brings the primary's record in line with what the DR site has committed: a tentative
 /// gen the DR site committed (its acknowledgement was lost) becomes the base; any other
 /// tentative gen is dropped, and every index but the base's goes.
-fn reconcile(store: &Store, prot: &str, rec: &mut ProtectionRecord, dr_point: Option<Point>) -> anyhow::Result<()> {
+fn reconcile(
+    store: &Store,
+    prot: &str,
+    rec: &mut ProtectionRecord,
+    dr_point: Option<Point>,
+) -> anyhow::Result<()> {
     if let Some(t) = rec.tentative.take() {
         if Some(t.point) == dr_point && !t.volumes.is_empty() {
             tracing::info!(protection = prot, gen = %t.point.gen, "DR site committed a gen whose acknowledgement was lost; using it as the base");
@@ -191,7 +259,10 @@ fn reconcile(store: &Store, prot: &str, rec: &mut ProtectionRecord, dr_point: Op
 
 /// The acknowledgement: the tentative gen becomes the base; older and scratch indexes go.
 fn acknowledge(store: &Store, prot: &str, rec: &mut ProtectionRecord) -> anyhow::Result<()> {
-    let t = rec.tentative.take().context("acknowledged a cycle with no tentative gen")?;
+    let t = rec
+        .tentative
+        .take()
+        .context("acknowledged a cycle with no tentative gen")?;
     let mut b = Batch::default();
     store.drop_index_except(prot, &[t.point.gen], &mut b)?;
     rec.point = Some(t);
@@ -211,7 +282,13 @@ async fn fetch_peer_hashes(
     let mut b = Batch::default();
     b.delete_index(prot, volume, SCRATCH);
     store.write(b, false).kind(ErrorKind::Store)?;
-    wire(w.send(&Msg::HashRequest { volume: volume.to_string(), chunk_size }).await)?;
+    wire(
+        w.send(&Msg::HashRequest {
+            volume: volume.to_string(),
+            chunk_size,
+        })
+        .await,
+    )?;
     let before = r.bytes;
     loop {
         match wire(r.expect("HashEnd").await)? {
@@ -223,7 +300,10 @@ async fn fetch_peer_hashes(
             }
             Msg::HashEnd { volume: v, .. } if v == volume => break,
             Msg::Refused(reason) => {
-                return Err(KindError { kind: ErrorKind::Refused, error: anyhow!("DR site refused the cycle: {reason}") })
+                return Err(KindError {
+                    kind: ErrorKind::Refused,
+                    error: anyhow!("DR site refused the cycle: {reason}"),
+                })
             }
             other => return Err(protocol(other.kind(), "HashSegment")),
         }
@@ -253,16 +333,31 @@ async fn send_volume(
     let base_gen = match local_base {
         Some((g, _)) => g,
         None => {
-            report.hash_bytes_received += fetch_peer_hashes(&site.store, &name, &v.name, prot.chunk_size, w, r).await?;
+            report.hash_bytes_received +=
+                fetch_peer_hashes(&site.store, &name, &v.name, prot.chunk_size, w, r).await?;
             SCRATCH
         }
     };
-    wire(w.send(&Msg::Begin { volume: v.name.clone(), size: v.size, chunk_size: prot.chunk_size }).await)?;
+    wire(
+        w.send(&Msg::Begin {
+            volume: v.name.clone(),
+            size: v.size,
+            chunk_size: prot.chunk_size,
+        })
+        .await,
+    )?;
 
     let (tx, mut rx) = mpsc::channel::<Scanned>(16);
     let store = site.store.clone();
-    let (path, vol, fp) = (v.path.clone(), v.name.clone(), format!("primary-sending:{}", v.name));
+    let (path, vol, fp) = (
+        v.path.clone(),
+        v.name.clone(),
+        format!("primary-sending:{}", v.name),
+    );
     let progress = Arc::new(AtomicU64::new(0));
+    let shown = (progress.clone(), v.size);
+    site.live
+        .update(prot.name.as_str(), |l| l.progress = Some(shown));
     let scan = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let mut cursor = BaseCursor::new(store.index(&name, &vol, base_gen));
         let mut builder = SegmentBuilder::default();
@@ -280,7 +375,8 @@ async fn send_volume(
                     store.write(b, false)?;
                 }
                 if !matches!(s.content, Content::Unchanged) {
-                    tx.blocking_send(s).map_err(|_| anyhow!("the network side stopped"))?;
+                    tx.blocking_send(s)
+                        .map_err(|_| anyhow!("the network side stopped"))?;
                     if !first_sent {
                         first_sent = true;
                         failpoint::hit(&fp);
@@ -308,7 +404,11 @@ async fn send_volume(
             Content::Data(b) => Payload::Data(ByteBuf::from(b)),
             Content::Unchanged => continue,
         };
-        let msg = Msg::Chunk { index: s.index, hash: s.hash, payload };
+        let msg = Msg::Chunk {
+            index: s.index,
+            hash: s.hash,
+            payload,
+        };
         match w.send(&msg).await {
             Ok(n) => sent += n,
             Err(e) => return Err(stream_failure(e, r).await),
@@ -320,7 +420,14 @@ async fn send_volume(
         .kind(ErrorKind::Io)?
         .with_context(|| format!("scan volume {}", v.name))
         .kind(ErrorKind::Io)?;
-    if let Err(e) = w.send(&Msg::End { volume: v.name.clone(), chunk_count: geometry.chunk_count(), root }).await {
+    if let Err(e) = w
+        .send(&Msg::End {
+            volume: v.name.clone(),
+            chunk_count: geometry.chunk_count(),
+            root,
+        })
+        .await
+    {
         return Err(stream_failure(e, r).await);
     }
     report.bytes_scanned += stats.bytes_scanned;
@@ -328,13 +435,23 @@ async fn send_volume(
     report.chunk_bytes_sent += sent;
     let m = &site.metrics;
     let p = prot.name.as_str();
-    m.scanned_bytes.with_label_values(&[p]).inc_by(stats.bytes_scanned);
-    m.changed_bytes.with_label_values(&[p]).inc_by(stats.bytes_changed);
+    m.scanned_bytes
+        .with_label_values(&[p])
+        .inc_by(stats.bytes_scanned);
+    m.changed_bytes
+        .with_label_values(&[p])
+        .inc_by(stats.bytes_changed);
     m.sent_bytes.with_label_values(&[p]).inc_by(sent);
-    m.chunks_sent.with_label_values(&[p]).inc_by(stats.chunks_changed);
+    m.chunks_sent
+        .with_label_values(&[p])
+        .inc_by(stats.chunks_changed);
     tracing::info!(protection = p, volume = %v.name, %gen, resync, changed = stats.chunks_changed, chunks = stats.chunks, sent, "volume sent");
     Ok((
-        VolumeRecord { size: v.size, chunk_size: prot.chunk_size, root },
+        VolumeRecord {
+            size: v.size,
+            chunk_size: prot.chunk_size,
+            root,
+        },
         VolumeReport {
             name: v.name.clone(),
             size: v.size,
@@ -355,6 +472,9 @@ async fn stream_failure(e: WireError, r: &mut FrameReader) -> KindError {
             kind: ErrorKind::Refused,
             error: anyhow!("DR site refused the cycle: {reason}"),
         },
-        _ => KindError { kind: ErrorKind::Peer, error: e.into() },
+        _ => KindError {
+            kind: ErrorKind::Peer,
+            error: e.into(),
+        },
     }
 }

@@ -121,6 +121,8 @@ pub struct FailoverReport {
 #[derive(Debug, Clone, Default)]
 pub struct LiveProtection {
     pub activity: String,
+    /// Bytes done of the volume in progress, and its size.
+    pub progress: Option<(std::sync::Arc<std::sync::atomic::AtomicU64>, u64)>,
     pub last_cycle: Option<CycleReport>,
     pub last_error: Option<ErrorReport>,
     pub last_refusal: Option<ErrorReport>,
@@ -148,6 +150,24 @@ impl Live {
 
     pub fn activity(&self, prot: &str, what: impl Into<String>) {
         let what = what.into();
-        self.update(prot, |l| l.activity = what);
+        self.update(prot, |l| {
+            l.activity = what;
+            l.progress = None;
+        });
+    }
+
+    /// The activity as shown: with the percentage of the volume in progress.
+    pub fn describe(l: &LiveProtection) -> String {
+        match &l.progress {
+            Some((done, total)) if *total > 0 => {
+                let done = done.load(std::sync::atomic::Ordering::Relaxed).min(*total);
+                format!(
+                    "{}: {:.0}% scanned",
+                    l.activity,
+                    100.0 * done as f64 / *total as f64
+                )
+            }
+            _ => l.activity.clone(),
+        }
     }
 }

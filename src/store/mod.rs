@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::engine::index::Segment;
@@ -104,11 +106,23 @@ fn json<T: Serialize>(v: &T) -> Vec<u8> {
 
 impl Batch {
     pub fn put_protection(&mut self, prot: &str, rec: &ProtectionRecord) -> &mut Self {
-        self.ops.push(Op::Put(CF_PROTECTIONS, prot.as_bytes().to_vec(), json(rec)));
+        self.ops
+            .push(Op::Put(CF_PROTECTIONS, prot.as_bytes().to_vec(), json(rec)));
         self
     }
-    pub fn put_segment(&mut self, prot: &str, vol: &str, gen: Gen, no: u64, seg: &Segment) -> &mut Self {
-        self.ops.push(Op::Put(CF_INDEX, index_key(prot, vol, gen, no), seg.encode()));
+    pub fn put_segment(
+        &mut self,
+        prot: &str,
+        vol: &str,
+        gen: Gen,
+        no: u64,
+        seg: &Segment,
+    ) -> &mut Self {
+        self.ops.push(Op::Put(
+            CF_INDEX,
+            index_key(prot, vol, gen, no),
+            seg.encode(),
+        ));
         self
     }
     pub fn delete_index(&mut self, prot: &str, vol: &str, gen: Gen) -> &mut Self {
@@ -118,7 +132,11 @@ impl Batch {
         self
     }
     pub fn put_commit(&mut self, prot: &str, rec: &CommitRecord) -> &mut Self {
-        self.ops.push(Op::Put(CF_COMMITS, commit_key(prot, rec.point.point.gen), json(rec)));
+        self.ops.push(Op::Put(
+            CF_COMMITS,
+            commit_key(prot, rec.point.point.gen),
+            json(rec),
+        ));
         self
     }
     pub fn delete_commit(&mut self, prot: &str, gen: Gen) -> &mut Self {
@@ -126,11 +144,13 @@ impl Batch {
         self
     }
     pub fn put_staged(&mut self, prot: &str, gen: Gen, vol: &str, rec: &StagedVolume) -> &mut Self {
-        self.ops.push(Op::Put(CF_STAGED, staged_key(prot, gen, vol), json(rec)));
+        self.ops
+            .push(Op::Put(CF_STAGED, staged_key(prot, gen, vol), json(rec)));
         self
     }
     pub fn delete_staged(&mut self, prot: &str, gen: Gen, vol: &str) -> &mut Self {
-        self.ops.push(Op::Delete(CF_STAGED, staged_key(prot, gen, vol)));
+        self.ops
+            .push(Op::Delete(CF_STAGED, staged_key(prot, gen, vol)));
         self
     }
 }
@@ -174,7 +194,9 @@ impl Store {
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(name).expect("column family created at open")
+        self.db
+            .cf_handle(name)
+            .expect("column family created at open")
     }
 
     /// Applies `batch` atomically; `sync` makes it (and everything written before) durable.
@@ -189,21 +211,35 @@ impl Store {
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
-        self.db.write_opt(wb, &wo).context("write to the state store")
+        self.db
+            .write_opt(wb, &wo)
+            .context("write to the state store")
     }
 
     pub fn protection(&self, prot: &str) -> Result<Option<ProtectionRecord>> {
         let cf = self.cf(CF_PROTECTIONS);
-        match self.db.get_cf(cf, prot.as_bytes()).context("read the state store")? {
+        match self
+            .db
+            .get_cf(cf, prot.as_bytes())
+            .context("read the state store")?
+        {
             None => Ok(None),
             Some(v) => decode("protection", prot.as_bytes(), &v).map(Some),
         }
     }
 
     /// The index of (prot, vol, gen) in segment order.
-    pub fn index(&self, prot: &str, vol: &str, gen: Gen) -> impl Iterator<Item = Result<(u64, Segment)>> + '_ {
+    pub fn index(
+        &self,
+        prot: &str,
+        vol: &str,
+        gen: Gen,
+    ) -> impl Iterator<Item = Result<(u64, Segment)>> + '_ {
         let prefix = index_prefix(prot, vol, gen);
-        let it = self.db.iterator_cf(self.cf(CF_INDEX), IteratorMode::From(&prefix, Direction::Forward));
+        let it = self.db.iterator_cf(
+            self.cf(CF_INDEX),
+            IteratorMode::From(&prefix, Direction::Forward),
+        );
         let plen = prefix.len();
         it.map_while(move |item| match item {
             Err(e) => Some(Err(anyhow::Error::new(e).context("iterate the hash index"))),
@@ -212,7 +248,11 @@ impl Store {
                     return None;
                 }
                 let no = u64::from_be_bytes(k[plen..].try_into().expect("8 bytes"));
-                Some(Segment::decode(&v).map(|s| (no, s)).map_err(anyhow::Error::new))
+                Some(
+                    Segment::decode(&v)
+                        .map(|s| (no, s))
+                        .map_err(anyhow::Error::new),
+                )
             }
         })
     }
@@ -224,13 +264,18 @@ impl Store {
         let mut out: Vec<(String, Gen)> = Vec::new();
         let mut from = prefix.clone();
         loop {
-            let mut it = self.db.iterator_cf(self.cf(CF_INDEX), IteratorMode::From(&from, Direction::Forward));
+            let mut it = self.db.iterator_cf(
+                self.cf(CF_INDEX),
+                IteratorMode::From(&from, Direction::Forward),
+            );
             let Some(item) = it.next() else { break };
             let (k, _) = item.context("iterate the hash index")?;
             if !k.starts_with(&prefix) {
                 break;
             }
-            let Some((vol, gen, _)) = parse_index_key(prot, &k) else { break };
+            let Some((vol, gen, _)) = parse_index_key(prot, &k) else {
+                break;
+            };
             from = prefix_end(&index_prefix(prot, &vol, gen));
             out.push((vol, gen));
         }
@@ -247,8 +292,15 @@ impl Store {
         Ok(())
     }
 
-    fn scan_prefix<T: DeserializeOwned>(&self, cf: &'static str, prefix: &[u8], what: &str) -> Result<Vec<(Vec<u8>, T)>> {
-        let it = self.db.iterator_cf(self.cf(cf), IteratorMode::From(prefix, Direction::Forward));
+    fn scan_prefix<T: DeserializeOwned>(
+        &self,
+        cf: &'static str,
+        prefix: &[u8],
+        what: &str,
+    ) -> Result<Vec<(Vec<u8>, T)>> {
+        let it = self
+            .db
+            .iterator_cf(self.cf(cf), IteratorMode::From(prefix, Direction::Forward));
         let mut out = Vec::new();
         for item in it {
             let (k, v) = item.context("iterate the state store")?;
@@ -263,7 +315,11 @@ impl Store {
     pub fn commits(&self, prot: &str) -> Result<Vec<CommitRecord>> {
         let mut p = prot.as_bytes().to_vec();
         p.push(0);
-        Ok(self.scan_prefix(CF_COMMITS, &p, "commit")?.into_iter().map(|(_, v)| v).collect())
+        Ok(self
+            .scan_prefix(CF_COMMITS, &p, "commit")?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
     }
 
     /// Staged volumes of `prot`: (gen, volume, record).
@@ -293,13 +349,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let mut b = Batch::default();
-        let seg = Segment { hashes: vec![ChunkHash([1; 32]); 3] };
-        b.put_segment("p", "v", Gen(2), 0, &seg).put_segment("p", "v", Gen(2), 1, &seg);
+        let seg = Segment {
+            hashes: vec![ChunkHash([1; 32]); 3],
+        };
+        b.put_segment("p", "v", Gen(2), 0, &seg)
+            .put_segment("p", "v", Gen(2), 1, &seg);
         b.put_segment("p", "w", Gen(3), 0, &seg);
         b.put_segment("p2", "v", Gen(2), 0, &seg);
         let rec = ProtectionRecord {
             point: Some(PointRecord {
-                point: Point { gen: Gen(2), cycle: CycleId(5), taken_at_ms: 9 },
+                point: Point {
+                    gen: Gen(2),
+                    cycle: CycleId(5),
+                    taken_at_ms: 9,
+                },
                 volumes: BTreeMap::new(),
             }),
             ..Default::default()
@@ -307,10 +370,16 @@ mod tests {
         b.put_protection("p", &rec);
         store.write(b, true).unwrap();
         assert_eq!(store.protection("p").unwrap(), Some(rec));
-        let segs: Vec<_> = store.index("p", "v", Gen(2)).collect::<Result<_>>().unwrap();
+        let segs: Vec<_> = store
+            .index("p", "v", Gen(2))
+            .collect::<Result<_>>()
+            .unwrap();
         assert_eq!(segs.len(), 2);
         assert_eq!(segs[1], (1, seg.clone()));
-        assert_eq!(store.index_gens("p").unwrap(), vec![("v".into(), Gen(2)), ("w".into(), Gen(3))]);
+        assert_eq!(
+            store.index_gens("p").unwrap(),
+            vec![("v".into(), Gen(2)), ("w".into(), Gen(3))]
+        );
         let mut b = Batch::default();
         b.delete_index("p", "v", Gen(2));
         store.write(b, false).unwrap();
@@ -320,7 +389,10 @@ mod tests {
         // Reopening finds what was written; a second open of the same dir is refused by name.
         let store = Store::open(dir.path()).unwrap();
         let err = Store::open(dir.path()).err().unwrap();
-        assert!(format!("{err:#}").contains("another lifeboat daemon"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("another lifeboat daemon"),
+            "{err:#}"
+        );
         assert_eq!(store.index("p", "w", Gen(3)).count(), 1);
     }
 }

@@ -29,7 +29,8 @@ impl HookResult {
             format!(
                 "`{}` exited with {} (stderr: {:?})",
                 self.command,
-                self.exit_code.map_or("a signal".to_string(), |c| c.to_string()),
+                self.exit_code
+                    .map_or("a signal".to_string(), |c| c.to_string()),
                 self.stderr.trim()
             )
         }
@@ -134,7 +135,10 @@ mod tests {
         assert!(!body_ran);
         assert!(marker.exists());
         let msg = err.to_string();
-        assert!(msg.contains("exited with 3") && msg.contains("broken"), "{msg}");
+        assert!(
+            msg.contains("exited with 3") && msg.contains("broken"),
+            "{msg}"
+        );
     }
 
     #[tokio::test]

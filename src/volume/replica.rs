@@ -18,6 +18,45 @@ pub struct ApplyStats {
     pub bytes_written: u64,
 }
 
+/// Reserves the blocks a staged chunk will need in the replica, without changing its
+/// content (KEEP_SIZE allocation), so a full replica disk fails the cycle before its group
+/// commit instead of during apply. Block devices and file systems without fallocate need
+/// no reservation.
+pub struct Reserver {
+    file: Option<File>,
+}
+
+impl Reserver {
+    pub fn open(path: &Path) -> Result<Reserver> {
+        let f = open_replica(path)?;
+        let file = f.metadata()?.is_file().then_some(f);
+        Ok(Reserver { file })
+    }
+
+    pub fn reserve(&mut self, off: u64, len: u32) -> Result<()> {
+        let Some(f) = &self.file else { return Ok(()) };
+        let rc = unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_KEEP_SIZE,
+                off as i64,
+                len as i64,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) => {
+                self.file = None;
+                Ok(())
+            }
+            _ => Err(e).context("reserve space in the replica"),
+        }
+    }
+}
+
 /// Opens (creating a regular file if missing) the replica for writing.
 fn open_replica(path: &Path) -> Result<File> {
     if let Some(dir) = path.parent() {
@@ -70,13 +109,16 @@ pub fn apply(log: &Path, replica: &Path) -> Result<ApplyStats> {
         match rec {
             Record::Data { index, bytes, .. } => {
                 f.write_all_at(&bytes, geometry.offset(index))
-                    .with_context(|| format!("write chunk {index} to replica {}", replica.display()))?;
+                    .with_context(|| {
+                        format!("write chunk {index} to replica {}", replica.display())
+                    })?;
                 stats.data_chunks += 1;
                 stats.bytes_written += bytes.len() as u64;
             }
             Record::Zero { index, len } => {
-                write_zeros(&f, geometry.offset(index), len, is_file)
-                    .with_context(|| format!("zero chunk {index} of replica {}", replica.display()))?;
+                write_zeros(&f, geometry.offset(index), len, is_file).with_context(|| {
+                    format!("zero chunk {index} of replica {}", replica.display())
+                })?;
                 stats.zero_chunks += 1;
             }
         }

@@ -56,14 +56,17 @@ pub async fn take(prot: &Protection, gen: Gen) -> Result<GroupSnapshot> {
         let taken_at_ms = now_ms();
         let volumes = tokio::task::spawn_blocking(move || -> Result<Vec<VolumeSnapshot>> {
             if dir.exists() {
-                fs::remove_dir_all(&dir).with_context(|| format!("clear stale {}", dir.display()))?;
+                fs::remove_dir_all(&dir)
+                    .with_context(|| format!("clear stale {}", dir.display()))?;
             }
             fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
             vols.iter()
                 .map(|v| {
                     let dest = dir.join(v.name.as_str());
-                    let (size, method) = snapshot_volume(&v.path, &dest, mode)
-                        .with_context(|| format!("snapshot volume {} ({})", v.name, v.path.display()))?;
+                    let (size, method) =
+                        snapshot_volume(&v.path, &dest, mode).with_context(|| {
+                            format!("snapshot volume {} ({})", v.name, v.path.display())
+                        })?;
                     Ok(VolumeSnapshot {
                         name: v.name.to_string(),
                         path: dest,
@@ -137,7 +140,10 @@ pub fn snapshot_volume(src: &Path, dest: &Path, mode: SnapshotMode) -> Result<(u
             Err(_) => {}
         }
     } else if mode == SnapshotMode::Reflink {
-        bail!("{} is not a regular file; snapshot = \"reflink\" works only for files", src.display());
+        bail!(
+            "{} is not a regular file; snapshot = \"reflink\" works only for files",
+            src.display()
+        );
     }
     sparse_copy(&s, &d, size)?;
     Ok((size, Method::Copy))

@@ -20,8 +20,15 @@ const KIND_DATA: u8 = 1;
 const KIND_ZERO: u8 = 2;
 
 pub enum Record {
-    Data { index: u64, hash: ChunkHash, bytes: Vec<u8> },
-    Zero { index: u64, len: u32 },
+    Data {
+        index: u64,
+        hash: ChunkHash,
+        bytes: Vec<u8>,
+    },
+    Zero {
+        index: u64,
+        len: u32,
+    },
 }
 
 pub struct StagingWriter {
@@ -55,8 +62,18 @@ impl StagingWriter {
     }
 
     /// Appends a verified chunk; `bytes` is `None` for a zero chunk of `len` bytes.
-    pub fn append(&mut self, index: u64, hash: &ChunkHash, len: u32, bytes: Option<&[u8]>) -> Result<()> {
-        let kind = if bytes.is_some() { KIND_DATA } else { KIND_ZERO };
+    pub fn append(
+        &mut self,
+        index: u64,
+        hash: &ChunkHash,
+        len: u32,
+        bytes: Option<&[u8]>,
+    ) -> Result<()> {
+        let kind = if bytes.is_some() {
+            KIND_DATA
+        } else {
+            KIND_ZERO
+        };
         let w = &mut self.out;
         let res = (|| -> std::io::Result<()> {
             w.write_all(&[kind])?;
@@ -128,22 +145,31 @@ impl StagingReader {
         let len = u32::from_le_bytes(head[9..13].try_into().expect("4"));
         let hash = ChunkHash::from_slice(&head[13..45]).expect("32");
         if index >= self.geometry.chunk_count() || len != self.geometry.len(index) {
-            bail!("{}: record for chunk {index} of {len} bytes does not fit the volume", self.path.display());
+            bail!(
+                "{}: record for chunk {index} of {len} bytes does not fit the volume",
+                self.path.display()
+            );
         }
         match head[0] {
             KIND_DATA => {
                 let mut bytes = vec![0u8; len as usize];
-                self.input
-                    .read_exact(&mut bytes)
-                    .with_context(|| format!("truncated chunk {index} in {}", self.path.display()))?;
+                self.input.read_exact(&mut bytes).with_context(|| {
+                    format!("truncated chunk {index} in {}", self.path.display())
+                })?;
                 if ChunkHash::of(&bytes) != hash {
-                    bail!("{}: chunk {index} does not match its hash; refusing to apply it", self.path.display());
+                    bail!(
+                        "{}: chunk {index} does not match its hash; refusing to apply it",
+                        self.path.display()
+                    );
                 }
                 Ok(Some(Record::Data { index, hash, bytes }))
             }
             KIND_ZERO => {
                 if zero_hash(len) != hash {
-                    bail!("{}: zero record {index} carries a non-zero hash", self.path.display());
+                    bail!(
+                        "{}: zero record {index} carries a non-zero hash",
+                        self.path.display()
+                    );
                 }
                 Ok(Some(Record::Zero { index, len }))
             }

@@ -21,11 +21,19 @@ pub fn b3(path: &Path) -> String {
 }
 
 pub fn free_tcp() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn free_udp() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Fills a new file with seeded random bytes.
@@ -45,7 +53,12 @@ pub fn random_file(path: &Path, size: u64, seed: u64) {
 
 /// Writes `count` random 4 KiB blocks at random 4 KiB-aligned offsets; returns the set of
 /// distinct chunk indexes (of `chunk_size`) touched.
-pub fn scatter_writes(path: &Path, count: u64, chunk_size: u64, seed: u64) -> std::collections::BTreeSet<u64> {
+pub fn scatter_writes(
+    path: &Path,
+    count: u64,
+    chunk_size: u64,
+    seed: u64,
+) -> std::collections::BTreeSet<u64> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let f = OpenOptions::new().write(true).open(path).unwrap();
     let size = f.metadata().unwrap().len();
@@ -86,7 +99,13 @@ impl SiteProc {
             .env("LIFEBOAT_FAILPOINT_MARKER", &self.marker)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(OpenOptions::new().create(true).append(true).open(&self.log).unwrap());
+            .stderr(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.log)
+                    .unwrap(),
+            );
         match &self.failpoint {
             Some(fp) => cmd.env("LIFEBOAT_FAILPOINT", fp),
             None => cmd.env_remove("LIFEBOAT_FAILPOINT"),
@@ -102,7 +121,11 @@ impl SiteProc {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("{} exited with {st}:\n{}", self.name, self.log_text());
             }
-            if client.get_text("/readyz").map(|t| t.starts_with("ready")).unwrap_or(false) {
+            if client
+                .get_text("/readyz")
+                .map(|t| t.starts_with("ready"))
+                .unwrap_or(false)
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -123,7 +146,12 @@ impl SiteProc {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("{} never reached failpoint {:?}:\n{}", self.name, self.failpoint, self.log_text());
+        panic!(
+            "{} never reached failpoint {:?}:\n{}",
+            self.name,
+            self.failpoint,
+            self.log_text()
+        );
     }
 
     pub fn kill9(&mut self) {
@@ -171,15 +199,23 @@ pub struct PairOptions {
 
 impl Default for PairOptions {
     fn default() -> Self {
-        PairOptions { volumes: vec![("v1", 8 << 20)], chunk_size: "64KiB", start: true }
+        PairOptions {
+            volumes: vec![("v1", 8 << 20)],
+            chunk_size: "64KiB",
+            start: true,
+        }
     }
 }
 
 impl Pair {
     pub fn new(opts: PairOptions) -> Pair {
-        let dir = tempfile::Builder::new().prefix("lifeboat-test-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("lifeboat-test-")
+            .tempdir()
+            .unwrap();
         let d = dir.path();
-        lifeboat::net::tls::generate(&d.join("certs"), &["primary".into(), "dr".into()], &[]).unwrap();
+        lifeboat::net::tls::generate(&d.join("certs"), &["primary".into(), "dr".into()], &[])
+            .unwrap();
         fs::create_dir_all(d.join("vols")).unwrap();
         fs::create_dir_all(d.join("replicas")).unwrap();
         let quic = free_udp();
@@ -191,10 +227,16 @@ impl Pair {
             if *size > 0 {
                 random_file(&path, *size, 100 + i as u64);
             }
-            pvols += &format!("\n[[protection.volume]]\nname = \"{name}\"\npath = \"vols/{name}.img\"\n");
-            dvols += &format!("\n[[protection.volume]]\nname = \"{name}\"\npath = \"replicas/{name}.img\"\n");
+            pvols += &format!(
+                "\n[[protection.volume]]\nname = \"{name}\"\npath = \"vols/{name}.img\"\n"
+            );
+            dvols += &format!(
+                "\n[[protection.volume]]\nname = \"{name}\"\npath = \"replicas/{name}.img\"\n"
+            );
         }
-        let prot = |extra: &str, vols: &str| format!("\n[[protection]]\nname = \"{PROT}\"\ninterval = \"1h\"\nsync_on_start = false\nchunk_size = \"{}\"\n{extra}{vols}", opts.chunk_size);
+        let prot = |extra: &str, vols: &str| {
+            format!("\n[[protection]]\nname = \"{PROT}\"\ninterval = \"1h\"\nsync_on_start = false\nchunk_size = \"{}\"\n{extra}{vols}", opts.chunk_size)
+        };
         let primary_cfg = d.join("primary.toml");
         fs::write(&primary_cfg, format!("[site]\nname = \"primary\"\nrole = \"primary\"\nstate_dir = \"pstate\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/primary.pem\"\nkey = \"certs/primary.key\"\n[peer]\naddress = \"127.0.0.1:{quic}\"\nserver_name = \"dr\"\n[control]\naddress = \"127.0.0.1:{pctl}\"\n{}", prot("", &pvols))).unwrap();
         let dr_cfg = d.join("dr.toml");
@@ -234,7 +276,12 @@ impl Pair {
 
     /// The primary's snapshot of `gen` (kept while `gen` is the acknowledged base).
     pub fn snapshot(&self, gen: u64, name: &str) -> PathBuf {
-        self.primary.state_dir.join("snapshots").join(PROT).join(gen.to_string()).join(name)
+        self.primary
+            .state_dir
+            .join("snapshots")
+            .join(PROT)
+            .join(gen.to_string())
+            .join(name)
     }
 
     pub fn try_sync(&self) -> Result<CycleReport, String> {
@@ -246,7 +293,11 @@ impl Pair {
 
     pub fn sync(&self) -> CycleReport {
         self.try_sync().unwrap_or_else(|e| {
-            panic!("sync failed: {e}\n--- primary log ---\n{}\n--- dr log ---\n{}", self.primary.log_text(), self.dr.log_text())
+            panic!(
+                "sync failed: {e}\n--- primary log ---\n{}\n--- dr log ---\n{}",
+                self.primary.log_text(),
+                self.dr.log_text()
+            )
         })
     }
 
@@ -260,7 +311,10 @@ impl Pair {
     }
 
     pub fn snapshot_hashes(&self, gen: u64) -> Vec<String> {
-        self.volumes.iter().map(|v| b3(&self.snapshot(gen, v))).collect()
+        self.volumes
+            .iter()
+            .map(|v| b3(&self.snapshot(gen, v)))
+            .collect()
     }
 }
 
