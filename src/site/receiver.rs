@@ -347,138 +347,155 @@ async fn cycle(
         })
         .await?;
     }
-    let stage_dir =
-        staging_dir(&site.config, protection).join(format!("{}-{}", point.gen, point.cycle));
-    let mut bases: HashMap<String, Gen> = HashMap::new();
-    let mut staged: BTreeMap<String, (PathBuf, VolumeRecord)> = BTreeMap::new();
-    loop {
-        if guard.failing_over.load(Ordering::SeqCst) {
+    let result: R<()> = async {
+        let stage_dir =
+            staging_dir(&site.config, protection).join(format!("{}-{}", point.gen, point.cycle));
+        let mut bases: HashMap<String, Gen> = HashMap::new();
+        let mut staged: BTreeMap<String, (PathBuf, VolumeRecord)> = BTreeMap::new();
+        loop {
+            if guard.failing_over.load(Ordering::SeqCst) {
+                return Err(failed_over(&rec));
+            }
+            match next_frame(r, &token, "Commit").await? {
+                Msg::HashRequest { volume, chunk_size } => {
+                    let v = prot
+                        .volumes
+                        .iter()
+                        .find(|v| v.name.as_str() == volume)
+                        .ok_or_else(|| {
+                            invalid(format!("hash request for unknown volume {volume:?}"))
+                        })?;
+                    check_chunk_size(chunk_size)?;
+                    let gen =
+                        serve_hashes(site, &prot, &rec, v.path.clone(), &volume, chunk_size, w)
+                            .await?;
+                    bases.insert(volume, gen);
+                }
+                Msg::Begin {
+                    volume,
+                    size,
+                    chunk_size,
+                } => {
+                    if !group.contains(&volume) || staged.contains_key(&volume) {
+                        return Err(invalid(format!("unexpected Begin for volume {volume:?}")));
+                    }
+                    check_chunk_size(chunk_size)?;
+                    let base_gen = match bases.get(&volume) {
+                        Some(g) => *g,
+                        None => rec
+                            .point
+                            .as_ref()
+                            .filter(|p| base == Some(p.point))
+                            .filter(|p| {
+                                p.volumes
+                                    .get(&volume)
+                                    .is_some_and(|v| v.chunk_size == chunk_size)
+                            })
+                            .map(|p| p.point.gen)
+                            .ok_or(Fail::Refuse(
+                                Refusal::BaseMismatch { sent: base, have },
+                                ErrorKind::Refused,
+                            ))?,
+                    };
+                    let geometry = Geometry::new(size, chunk_size);
+                    let path = stage_dir.join(format!("{volume}.log"));
+                    let replica = prot
+                        .volumes
+                        .iter()
+                        .find(|v| v.name.as_str() == volume)
+                        .map(|v| v.path.clone())
+                        .expect("volume is in the group");
+                    let target = StageTarget {
+                        log: path.clone(),
+                        replica,
+                        min_free: site.config.min_free_space,
+                    };
+                    let vrec = receive_volume(
+                        site, protection, point.gen, &volume, geometry, base_gen, target, r, &token,
+                    )
+                    .await?;
+                    let mut b = Batch::default();
+                    b.put_staged(
+                        protection,
+                        point.gen,
+                        &volume,
+                        &StagedVolume {
+                            v: RECORD_VERSION,
+                            cycle: point.cycle.0,
+                            log: path.display().to_string(),
+                            record: vrec.clone(),
+                        },
+                    );
+                    site.store.write(b, false).kind(ErrorKind::Store)?;
+                    staged.insert(volume, (path, vrec));
+                }
+                Msg::Commit { gen } if gen == point.gen => break,
+                other => {
+                    return Err(invalid(format!(
+                        "unexpected {} during the cycle of gen {}",
+                        other.kind(),
+                        point.gen
+                    )))
+                }
+            }
+        }
+        if staged.len() != group.len() {
+            return Err(invalid(format!(
+                "Commit after {} of {} volumes",
+                staged.len(),
+                group.len()
+            )));
+        }
+        if guard.failing_over.load(Ordering::SeqCst) || token.is_cancelled() {
             return Err(failed_over(&rec));
         }
-        match next_frame(r, &token, "Commit").await? {
-            Msg::HashRequest { volume, chunk_size } => {
-                let v = prot
-                    .volumes
+        let commit = CommitRecord {
+            v: RECORD_VERSION,
+            point: PointRecord {
+                point,
+                volumes: staged
                     .iter()
-                    .find(|v| v.name.as_str() == volume)
-                    .ok_or_else(|| {
-                        invalid(format!("hash request for unknown volume {volume:?}"))
-                    })?;
-                check_chunk_size(chunk_size)?;
-                let gen =
-                    serve_hashes(site, &prot, &rec, v.path.clone(), &volume, chunk_size, w).await?;
-                bases.insert(volume, gen);
-            }
-            Msg::Begin {
-                volume,
-                size,
-                chunk_size,
-            } => {
-                if !group.contains(&volume) || staged.contains_key(&volume) {
-                    return Err(invalid(format!("unexpected Begin for volume {volume:?}")));
-                }
-                check_chunk_size(chunk_size)?;
-                let base_gen = match bases.get(&volume) {
-                    Some(g) => *g,
-                    None => rec
-                        .point
-                        .as_ref()
-                        .filter(|p| base == Some(p.point))
-                        .filter(|p| {
-                            p.volumes
-                                .get(&volume)
-                                .is_some_and(|v| v.chunk_size == chunk_size)
-                        })
-                        .map(|p| p.point.gen)
-                        .ok_or(Fail::Refuse(
-                            Refusal::BaseMismatch { sent: base, have },
-                            ErrorKind::Refused,
-                        ))?,
-                };
-                let geometry = Geometry::new(size, chunk_size);
-                let path = stage_dir.join(format!("{volume}.log"));
-                let replica = prot
-                    .volumes
-                    .iter()
-                    .find(|v| v.name.as_str() == volume)
-                    .map(|v| v.path.clone())
-                    .expect("volume is in the group");
-                let target = StageTarget {
-                    log: path.clone(),
-                    replica,
-                    min_free: site.config.min_free_space,
-                };
-                let vrec = receive_volume(
-                    site, protection, point.gen, &volume, geometry, base_gen, target, r, &token,
-                )
-                .await?;
-                let mut b = Batch::default();
-                b.put_staged(
-                    protection,
-                    point.gen,
-                    &volume,
-                    &StagedVolume {
-                        v: RECORD_VERSION,
-                        cycle: point.cycle.0,
-                        log: path.display().to_string(),
-                        record: vrec.clone(),
-                    },
-                );
-                site.store.write(b, false).kind(ErrorKind::Store)?;
-                staged.insert(volume, (path, vrec));
-            }
-            Msg::Commit { gen } if gen == point.gen => break,
-            other => {
-                return Err(invalid(format!(
-                    "unexpected {} during the cycle of gen {}",
-                    other.kind(),
-                    point.gen
-                )))
-            }
+                    .map(|(k, (_, v))| (k.clone(), v.clone()))
+                    .collect(),
+            },
+            logs: staged
+                .iter()
+                .map(|(k, (p, _))| (k.clone(), p.display().to_string()))
+                .collect(),
+        };
+        let mut b = Batch::default();
+        b.put_commit(protection, &commit);
+        for v in staged.keys() {
+            b.delete_staged(protection, point.gen, v);
+        }
+        site.store.write(b, true).kind(ErrorKind::Store)?;
+        failpoint::hit("dr-committed");
+        {
+            let (store, config, p) = (site.store.clone(), site.config.clone(), prot.clone());
+            blocking(ErrorKind::Io, move || {
+                recovery::redo_commit(&store, &config, &p, &commit)
+            })
+            .await?;
+        }
+        tracing::info!(protection, gen = %point.gen, "consistent point advanced");
+        peer_err(w.send(&Msg::Committed { point }).await)?;
+        w.finish();
+        Ok(())
+    }
+    .await;
+    if result.is_err() {
+        // Free the failed gen's staging now (a full disk wants its space back), under the
+        // same lock; a committed gen's logs are kept for its redo.
+        let (store, config, p) = (site.store.clone(), site.config.clone(), prot.clone());
+        if let Err(Fail::Error(e)) = blocking(ErrorKind::Io, move || {
+            recovery::discard_staging(&store, &config, &p)
+        })
+        .await
+        {
+            tracing::warn!(protection, error = %e, "could not discard the failed gen's staging");
         }
     }
-    if staged.len() != group.len() {
-        return Err(invalid(format!(
-            "Commit after {} of {} volumes",
-            staged.len(),
-            group.len()
-        )));
-    }
-    if guard.failing_over.load(Ordering::SeqCst) || token.is_cancelled() {
-        return Err(failed_over(&rec));
-    }
-    let commit = CommitRecord {
-        v: RECORD_VERSION,
-        point: PointRecord {
-            point,
-            volumes: staged
-                .iter()
-                .map(|(k, (_, v))| (k.clone(), v.clone()))
-                .collect(),
-        },
-        logs: staged
-            .iter()
-            .map(|(k, (p, _))| (k.clone(), p.display().to_string()))
-            .collect(),
-    };
-    let mut b = Batch::default();
-    b.put_commit(protection, &commit);
-    for v in staged.keys() {
-        b.delete_staged(protection, point.gen, v);
-    }
-    site.store.write(b, true).kind(ErrorKind::Store)?;
-    failpoint::hit("dr-committed");
-    {
-        let (store, config, p) = (site.store.clone(), site.config.clone(), prot.clone());
-        blocking(ErrorKind::Io, move || {
-            recovery::redo_commit(&store, &config, &p, &commit)
-        })
-        .await?;
-    }
-    tracing::info!(protection, gen = %point.gen, "consistent point advanced");
-    peer_err(w.send(&Msg::Committed { point }).await)?;
-    w.finish();
-    Ok(())
+    result
 }
 
 fn check_chunk_size(cs: u32) -> R<()> {

@@ -14,6 +14,8 @@ use lifeboat::cli::Client;
 use lifeboat::site::status::{CycleReport, SiteStatus};
 use rand::{Rng, RngCore, SeedableRng};
 
+pub mod relay;
+
 pub const PROT: &str = "p";
 
 pub fn b3(path: &Path) -> String {
@@ -189,12 +191,18 @@ pub struct Pair {
     pub dr: SiteProc,
     pub volumes: Vec<String>,
     pub chunk_size: u64,
+    pub relay: Option<relay::Relay>,
+    pub quic_port: u16,
 }
 
 pub struct PairOptions {
     pub volumes: Vec<(&'static str, u64)>,
     pub chunk_size: &'static str,
     pub start: bool,
+    /// Route the primary's QUIC traffic through a [`relay::Relay`].
+    pub relay: bool,
+    /// Extra lines for the DR site's `[site]` table.
+    pub dr_site: &'static str,
 }
 
 impl Default for PairOptions {
@@ -203,6 +211,8 @@ impl Default for PairOptions {
             volumes: vec![("v1", 8 << 20)],
             chunk_size: "64KiB",
             start: true,
+            relay: false,
+            dr_site: "",
         }
     }
 }
@@ -219,6 +229,10 @@ impl Pair {
         fs::create_dir_all(d.join("vols")).unwrap();
         fs::create_dir_all(d.join("replicas")).unwrap();
         let quic = free_udp();
+        let relay = opts
+            .relay
+            .then(|| relay::Relay::start(format!("127.0.0.1:{quic}").parse().unwrap()));
+        let peer_port = relay.as_ref().map_or(quic, |r| r.addr.port());
         let (pctl, dctl) = (free_tcp(), free_tcp());
         let mut pvols = String::new();
         let mut dvols = String::new();
@@ -238,9 +252,9 @@ impl Pair {
             format!("\n[[protection]]\nname = \"{PROT}\"\ninterval = \"1h\"\nsync_on_start = false\nchunk_size = \"{}\"\n{extra}{vols}", opts.chunk_size)
         };
         let primary_cfg = d.join("primary.toml");
-        fs::write(&primary_cfg, format!("[site]\nname = \"primary\"\nrole = \"primary\"\nstate_dir = \"pstate\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/primary.pem\"\nkey = \"certs/primary.key\"\n[peer]\naddress = \"127.0.0.1:{quic}\"\nserver_name = \"dr\"\n[control]\naddress = \"127.0.0.1:{pctl}\"\n{}", prot("", &pvols))).unwrap();
+        fs::write(&primary_cfg, format!("[site]\nname = \"primary\"\nrole = \"primary\"\nstate_dir = \"pstate\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/primary.pem\"\nkey = \"certs/primary.key\"\n[peer]\naddress = \"127.0.0.1:{peer_port}\"\nserver_name = \"dr\"\n[control]\naddress = \"127.0.0.1:{pctl}\"\n{}", prot("", &pvols))).unwrap();
         let dr_cfg = d.join("dr.toml");
-        fs::write(&dr_cfg, format!("[site]\nname = \"dr\"\nrole = \"dr\"\nstate_dir = \"dstate\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/dr.pem\"\nkey = \"certs/dr.key\"\n[listen]\naddress = \"127.0.0.1:{quic}\"\n[control]\naddress = \"127.0.0.1:{dctl}\"\n{}", prot("", &dvols))).unwrap();
+        fs::write(&dr_cfg, format!("[site]\nname = \"dr\"\nrole = \"dr\"\nstate_dir = \"dstate\"\n{}\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/dr.pem\"\nkey = \"certs/dr.key\"\n[listen]\naddress = \"127.0.0.1:{quic}\"\n[control]\naddress = \"127.0.0.1:{dctl}\"\n{}", opts.dr_site, prot("", &dvols))).unwrap();
         let site = |name: &'static str, config: PathBuf, port: u16, state: &str| SiteProc {
             name,
             config,
@@ -257,6 +271,8 @@ impl Pair {
             dr: site("dr", dr_cfg, dctl, "dstate"),
             volumes: opts.volumes.iter().map(|(n, _)| n.to_string()).collect(),
             chunk_size,
+            relay,
+            quic_port: quic,
             dir,
         };
         if opts.start {
@@ -308,6 +324,13 @@ impl Pair {
 
     pub fn replica_hashes(&self) -> Vec<String> {
         self.volumes.iter().map(|v| b3(&self.replica(v))).collect()
+    }
+
+    /// Scatters `writes` random 4 KiB writes over every volume.
+    pub fn change_all(&self, writes: u64, seed: u64) {
+        for (i, v) in self.volumes.iter().enumerate() {
+            scatter_writes(&self.volume(v), writes, self.chunk_size, seed + i as u64);
+        }
     }
 
     pub fn snapshot_hashes(&self, gen: u64) -> Vec<String> {
