@@ -95,7 +95,7 @@ fn a_full_replica_disk_fails_before_the_group_commit() {
         start: false,
         ..Default::default()
     });
-    let fs = Tmpfs::mount(&pair.replica("v1").parent().unwrap().to_path_buf(), "24m");
+    let fs = Tmpfs::mount(pair.replica("v1").parent().unwrap(), "24m");
     let mut pair = pair;
     pair.dr.start();
     pair.primary.start();

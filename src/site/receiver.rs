@@ -654,7 +654,13 @@ async fn receive_volume(
     });
     let result: R<()> = async {
         loop {
-            let incoming = match next_frame(r, token, "End").await? {
+            // The stager may stop on its own (a chunk failed verification): answer at once
+            // rather than when the peer sends its next frame.
+            let frame = tokio::select! {
+                f = next_frame(r, token, "End") => f?,
+                _ = tx.closed() => return Ok(()),
+            };
+            let incoming = match frame {
                 Msg::Chunk {
                     index,
                     hash,
