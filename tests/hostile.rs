@@ -172,11 +172,8 @@ async fn lies() {
         let mut buf = Vec::new();
         let got = tokio::time::timeout(std::time::Duration::from_secs(10), async {
             let mut b = [0u8; 256];
-            loop {
-                match rcv.read(&mut b).await {
-                    Ok(Some(n)) => buf.extend_from_slice(&b[..n]),
-                    _ => break,
-                }
+            while let Ok(Some(n)) = rcv.read(&mut b).await {
+                buf.extend_from_slice(&b[..n]);
             }
         })
         .await;
