@@ -63,7 +63,7 @@ pub fn scatter_writes(
 ) -> std::collections::BTreeSet<u64> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let f = OpenOptions::new().write(true).open(path).unwrap();
-    let size = f.metadata().unwrap().len();
+    let size = lifeboat::engine::scan::volume_size(&f).unwrap();
     let mut block = vec![0u8; 4096];
     let mut chunks = std::collections::BTreeSet::new();
     for _ in 0..count {
@@ -203,6 +203,8 @@ pub struct PairOptions {
     pub relay: bool,
     /// Extra lines for the DR site's `[site]` table.
     pub dr_site: &'static str,
+    /// Extra lines for the primary's `[[protection]]` table.
+    pub primary_protection: &'static str,
 }
 
 impl Default for PairOptions {
@@ -213,6 +215,7 @@ impl Default for PairOptions {
             start: true,
             relay: false,
             dr_site: "",
+            primary_protection: "",
         }
     }
 }
@@ -249,10 +252,10 @@ impl Pair {
             );
         }
         let prot = |extra: &str, vols: &str| {
-            format!("\n[[protection]]\nname = \"{PROT}\"\ninterval = \"1h\"\nsync_on_start = false\nchunk_size = \"{}\"\n{extra}{vols}", opts.chunk_size)
+            format!("\n[[protection]]\nname = \"{PROT}\"\ninterval = \"1h\"\nsync_on_start = false\nchunk_size = \"{}\"\n{extra}\n{vols}", opts.chunk_size)
         };
         let primary_cfg = d.join("primary.toml");
-        fs::write(&primary_cfg, format!("[site]\nname = \"primary\"\nrole = \"primary\"\nstate_dir = \"pstate\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/primary.pem\"\nkey = \"certs/primary.key\"\n[peer]\naddress = \"127.0.0.1:{peer_port}\"\nserver_name = \"dr\"\n[control]\naddress = \"127.0.0.1:{pctl}\"\n{}", prot("", &pvols))).unwrap();
+        fs::write(&primary_cfg, format!("[site]\nname = \"primary\"\nrole = \"primary\"\nstate_dir = \"pstate\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/primary.pem\"\nkey = \"certs/primary.key\"\n[peer]\naddress = \"127.0.0.1:{peer_port}\"\nserver_name = \"dr\"\n[control]\naddress = \"127.0.0.1:{pctl}\"\n{}", prot(opts.primary_protection, &pvols))).unwrap();
         let dr_cfg = d.join("dr.toml");
         fs::write(&dr_cfg, format!("[site]\nname = \"dr\"\nrole = \"dr\"\nstate_dir = \"dstate\"\n{}\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/dr.pem\"\nkey = \"certs/dr.key\"\n[listen]\naddress = \"127.0.0.1:{quic}\"\n[control]\naddress = \"127.0.0.1:{dctl}\"\n{}", opts.dr_site, prot("", &dvols))).unwrap();
         let site = |name: &'static str, config: PathBuf, port: u16, state: &str| SiteProc {
