@@ -145,3 +145,41 @@ fn first_sync_onto_an_existing_replica_sends_only_the_differences() {
     assert_eq!(r.chunks_sent, changed.len() as u64);
     assert_eq!(pair.replica_hashes(), pair.volume_hashes());
 }
+
+#[test]
+fn lost_primary_state_store_resyncs_from_the_dr_index_without_a_full_copy() {
+    let mut pair = Pair::new(PairOptions {
+        volumes: vec![("v1", 16 << 20)],
+        ..Default::default()
+    });
+    pair.sync();
+    pair.primary.stop();
+    std::fs::remove_dir_all(pair.primary.state_dir.join("db")).unwrap();
+    let changed = scatter_writes(&pair.volume("v1"), 12, pair.chunk_size, 21);
+    pair.primary.start();
+    let r = pair.sync();
+    assert!(r.volumes[0].resync);
+    assert_eq!(r.chunks_sent, changed.len() as u64);
+    assert_eq!(pair.replica_hashes(), pair.volume_hashes());
+}
+
+#[test]
+fn no_key_material_reaches_the_logs() {
+    let pair = Pair::new(PairOptions::default());
+    pair.sync();
+    let logs = pair.primary.log_text() + &pair.dr.log_text();
+    assert!(
+        logs.contains("consistent point advanced"),
+        "the logs are not the daemon's"
+    );
+    for key in ["certs/primary.key", "certs/dr.key", "certs/ca.key"] {
+        let pem = std::fs::read_to_string(pair.dir.path().join(key)).unwrap();
+        assert!(!logs.contains("PRIVATE KEY"));
+        for line in pem
+            .lines()
+            .filter(|l| !l.starts_with("-----") && l.len() > 16)
+        {
+            assert!(!logs.contains(line), "a line of {key} is in the logs");
+        }
+    }
+}
