@@ -152,11 +152,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Status { target, output } => {
             let s: SiteStatus = Client::new(&target)?.get("/v1/status")?;
-            match output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
-                Output::Text => print!("{}", render_status(&s)),
-            }
-            Ok(ExitCode::SUCCESS)
+            show(output, &s, render_status)
         }
         Command::Sync {
             target,
@@ -165,11 +161,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let r: CycleReport =
                 Client::new(&target)?.post(&format!("/v1/protections/{protection}/sync"))?;
-            match output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
-                Output::Text => println!("{}", render_cycle(&r)),
-            }
-            Ok(ExitCode::SUCCESS)
+            show(output, &r, |r| render_cycle(r) + "\n")
         }
         Command::Failover {
             target,
@@ -177,14 +169,23 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             output,
         } => {
             let r = failover(&target, &protection)?;
-            match output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
-                Output::Text => print!("{}", render_failover(&r)),
-            }
-            Ok(ExitCode::SUCCESS)
+            show(output, &r, render_failover)
         }
         Command::Demo(args) => crate::demo::run(args),
     }
+}
+
+/// Prints a report as JSON or as text.
+fn show<T: serde::Serialize>(
+    output: Output,
+    value: &T,
+    text: impl Fn(&T) -> String,
+) -> Result<ExitCode> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Output::Text => print!("{}", text(value)),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn load_config(path: &std::path::Path) -> Result<config::Config> {

@@ -69,17 +69,7 @@ fn a_dr_site_with_a_certificate_from_another_ca_is_refused_by_the_primary() {
 #[test]
 fn plaintext_datagrams_get_no_answer() {
     let pair = Pair::new(PairOptions::default());
-    let port = std::fs::read_to_string(&pair.dr.config)
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("address = \"127.0.0.1:") && !l.contains(&pair.dr.control))
-        .map(|l| {
-            l.trim_start_matches("address = \"127.0.0.1:")
-                .trim_end_matches('"')
-                .parse::<u16>()
-                .unwrap()
-        })
-        .unwrap();
+    let port = pair.quic_port;
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
@@ -102,17 +92,7 @@ fn plaintext_datagrams_get_no_answer() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_trusted_client_with_the_wrong_alpn_gets_no_connection() {
     let pair = Pair::new(PairOptions::default());
-    let port = std::fs::read_to_string(&pair.dr.config)
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("address = \"127.0.0.1:") && !l.contains(&pair.dr.control))
-        .map(|l| {
-            l.trim_start_matches("address = \"127.0.0.1:")
-                .trim_end_matches('"')
-                .parse::<u16>()
-                .unwrap()
-        })
-        .unwrap();
+    let port = pair.quic_port;
     let files = lifeboat::net::tls::TlsFiles {
         ca: pair.dir.path().join("certs/ca.pem"),
         cert: pair.dir.path().join("certs/primary.pem"),

@@ -11,8 +11,8 @@ use anyhow::{anyhow, bail, Result};
 use crate::config::Role;
 use crate::ids::{now_ms, Epoch};
 use crate::site::recovery;
-use crate::site::status::{FailoverReport, VolumeStatus};
-use crate::site::{age_seconds, Site};
+use crate::site::status::FailoverReport;
+use crate::site::{age_seconds, volume_statuses, Site};
 use crate::store::{Batch, FailoverRecord};
 
 pub async fn failover(site: &Arc<Site>, name: &str) -> Result<FailoverReport> {
@@ -60,19 +60,7 @@ pub async fn failover(site: &Arc<Site>, name: &str) -> Result<FailoverReport> {
             site.store.write(b, true)?;
         }
         let point = rec.point.as_ref().map(|p| p.point);
-        let replicas = prot
-            .volumes
-            .iter()
-            .map(|v| {
-                let vr = rec.point.as_ref().and_then(|p| p.volumes.get(v.name.as_str()));
-                VolumeStatus {
-                    name: v.name.to_string(),
-                    path: v.path.display().to_string(),
-                    size: vr.map(|r| r.size),
-                    root: vr.map(|r| r.root.to_string()),
-                }
-            })
-            .collect();
+        let replicas = volume_statuses(&prot, &rec);
         let seconds = started.elapsed().as_secs_f64();
         site.metrics.failover_seconds.with_label_values(&[name]).set(seconds);
         tracing::warn!(protection = name, epoch = %rec.epoch, gen = ?point.map(|p| p.gen), "failed over: this site no longer accepts replication for the protection");

@@ -154,22 +154,7 @@ impl Site {
             (Role::Primary, _, _) => ("primary", None),
             (Role::Dr, _, _) => ("dr", None),
         };
-        let volumes = p
-            .volumes
-            .iter()
-            .map(|v| {
-                let vr = rec
-                    .point
-                    .as_ref()
-                    .and_then(|r| r.volumes.get(v.name.as_str()));
-                VolumeStatus {
-                    name: v.name.to_string(),
-                    path: v.path.display().to_string(),
-                    size: vr.map(|r| r.size),
-                    root: vr.map(|r| r.root.to_string()),
-                }
-            })
-            .collect();
+        let volumes = volume_statuses(p, &rec);
         ProtectionStatus {
             name: name.to_string(),
             role: role.to_string(),
@@ -237,6 +222,25 @@ impl Site {
         }
         self.metrics.render()
     }
+}
+
+/// Each volume of `p` with its path and, at the record's point, its size and root.
+pub fn volume_statuses(p: &Protection, rec: &ProtectionRecord) -> Vec<VolumeStatus> {
+    p.volumes
+        .iter()
+        .map(|v| {
+            let vr = rec
+                .point
+                .as_ref()
+                .and_then(|r| r.volumes.get(v.name.as_str()));
+            VolumeStatus {
+                name: v.name.to_string(),
+                path: v.path.display().to_string(),
+                size: vr.map(|r| r.size),
+                root: vr.map(|r| r.root.to_string()),
+            }
+        })
+        .collect()
 }
 
 pub fn age_seconds(taken_at_ms: u64) -> f64 {
