@@ -285,7 +285,7 @@ fn demo(args: &DemoArgs, dir: &Path, started: Instant) -> Result<bool> {
     );
     let primary_cfg = dir.join("primary.toml");
     fs::write(&primary_cfg, format!(
-        "[site]\nname = \"primary\"\nrole = \"primary\"\nstate_dir = \"primary/state\"\n\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/primary.pem\"\nkey = \"certs/primary.key\"\n\n[peer]\naddress = \"127.0.0.1:{quic}\"\nserver_name = \"dr\"\n\n[control]\naddress = \"127.0.0.1:{pctl}\"\n\n[[protection]]\nname = \"demo-db\"\ninterval = \"1h\"\nrpo_target = \"1m\"\n{hooks}\n\n[[protection.volume]]\nname = \"data\"\npath = \"{}\"\n\n[[protection.volume]]\nname = \"wal\"\npath = \"{}\"\n",
+        "[site]\nname = \"primary\"\nrole = \"primary\"\nstate_dir = \"primary/state\"\n\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/primary.pem\"\nkey = \"certs/primary.key\"\n\n[peer]\naddress = \"127.0.0.1:{quic}\"\nserver_name = \"dr\"\n\n[control]\naddress = \"127.0.0.1:{pctl}\"\n\n[[protection]]\nname = \"demo-db\"\ninterval = \"1h\"\nsync_on_start = false\nrpo_target = \"1m\"\n{hooks}\n\n[[protection.volume]]\nname = \"data\"\npath = \"{}\"\n\n[[protection.volume]]\nname = \"wal\"\npath = \"{}\"\n",
         data.display(), wal.display()))?;
     let dr_cfg = dir.join("dr.toml");
     fs::write(&dr_cfg, format!(

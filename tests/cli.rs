@@ -108,3 +108,24 @@ fn commands_that_need_a_daemon_say_which_one_they_could_not_reach() {
         "{err}"
     );
 }
+
+#[test]
+fn the_demo_passes_all_its_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = lifeboat(&[
+        "demo",
+        "--size",
+        "32MiB",
+        "--cycles",
+        "2",
+        "--dir",
+        dir.path().join("d").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("all checks passed"), "{out}");
+    assert!(
+        out.contains("gen 1 in"),
+        "the initial sync is not reported: {out}"
+    );
+    assert_eq!(out.matches("[ok]").count(), 4, "{out}");
+}
