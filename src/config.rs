@@ -80,6 +80,7 @@ struct RawProtection {
     post: Vec<String>,
     hook_timeout: Option<String>,
     sync_on_start: Option<bool>,
+    compression: Option<String>,
     #[serde(default, rename = "volume")]
     volumes: Vec<RawVolume>,
 }
@@ -155,6 +156,8 @@ pub struct Protection {
     pub hook_timeout: Duration,
     /// Run the first cycle when the daemon starts, not one interval later.
     pub sync_on_start: bool,
+    /// zstd-compress chunks where that saves bytes ("auto", the default) or never ("off").
+    pub compression: bool,
     pub volumes: Vec<Volume>,
 }
 
@@ -448,6 +451,17 @@ impl Validator {
                 SnapshotMode::Auto
             }
         };
+        let compression = match p.compression.as_deref().unwrap_or("auto") {
+            "auto" => true,
+            "off" => false,
+            other => {
+                self.problem(
+                    format!("{key}.compression"),
+                    format!("{other:?} is not a compression mode; expected \"auto\" or \"off\""),
+                );
+                true
+            }
+        };
         let snapshot_dir = match &p.snapshot_dir {
             Some(s) => self.path(&format!("{key}.snapshot_dir"), s),
             None => state_dir.join("snapshots"),
@@ -512,6 +526,7 @@ impl Validator {
             post: p.post,
             hook_timeout,
             sync_on_start: p.sync_on_start.unwrap_or(true),
+            compression,
             volumes,
         }
     }

@@ -150,6 +150,18 @@ async fn lies() {
     .unwrap();
     assert!(refusal(&mut r).await.contains("differs from the primary"));
 
+    // 3b. A compressed chunk that inflates beyond the chunk's length (a zstd bomb).
+    let (mut w, mut r) = liar.begin(8 << 20).await;
+    let bomb = zstd::bulk::compress(&vec![0u8; 8 << 20], 1).unwrap();
+    w.send(&Msg::Chunk {
+        index: 1,
+        hash: ChunkHash::of(&bytes),
+        payload: Payload::Zstd(ByteBuf::from(bomb)),
+    })
+    .await
+    .unwrap();
+    assert!(refusal(&mut r).await.contains("compressed chunk 1"));
+
     // 4. Chunks out of order or beyond the volume.
     let (mut w, mut r) = liar.begin(8 << 20).await;
     w.send(&Msg::Chunk {

@@ -183,3 +183,70 @@ fn no_key_material_reaches_the_logs() {
         }
     }
 }
+
+fn text_volume(path: &std::path::Path, size: usize) {
+    let mut text = Vec::with_capacity(size);
+    let mut i = 0u64;
+    while text.len() < size {
+        i += 1;
+        text.extend_from_slice(
+            format!(
+                "{i:010} INSERT INTO orders VALUES ({}, 'customer-{}');\n",
+                i * 7,
+                i % 977
+            )
+            .as_bytes(),
+        );
+    }
+    text.truncate(size);
+    std::fs::write(path, text).unwrap();
+}
+
+#[test]
+fn compressible_chunks_travel_compressed_and_replicate_identically() {
+    let pair = Pair::new(PairOptions {
+        volumes: vec![("t", 0)],
+        start: false,
+        ..Default::default()
+    });
+    text_volume(&pair.volume("t"), 16 << 20);
+    let mut pair = pair;
+    pair.dr.start();
+    pair.primary.start();
+    let r = pair.sync();
+    assert_eq!(r.bytes_changed, 16 << 20);
+    assert_eq!(r.compressed_chunks, 256);
+    assert!(
+        r.chunk_bytes_sent < (16 << 20) / 3,
+        "sent {} for 16 MiB of text",
+        r.chunk_bytes_sent
+    );
+    assert!(r.compression_saved_bytes > 10 << 20);
+    assert_eq!(pair.replica_hashes(), pair.volume_hashes());
+    let m = pair.primary.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            &format!("lifeboat_compression_saved_bytes_total{{protection=\"{PROT}\"}}")
+        ),
+        Some(r.compression_saved_bytes as f64)
+    );
+}
+
+#[test]
+fn compression_off_sends_raw_chunks() {
+    let pair = Pair::new(PairOptions {
+        volumes: vec![("t", 0)],
+        start: false,
+        primary_protection: "compression = \"off\"",
+        ..Default::default()
+    });
+    text_volume(&pair.volume("t"), 4 << 20);
+    let mut pair = pair;
+    pair.dr.start();
+    pair.primary.start();
+    let r = pair.sync();
+    assert_eq!(r.compressed_chunks, 0);
+    assert!(r.chunk_bytes_sent >= 4 << 20);
+    assert_eq!(pair.replica_hashes(), pair.volume_hashes());
+}

@@ -2,6 +2,7 @@
 //! the scanner that reads a snapshot and hashes it on all cores.
 
 pub mod chunk;
+pub mod compress;
 pub mod diff;
 pub mod index;
 pub mod scan;

@@ -15,6 +15,7 @@ use anyhow::{Context, Result};
 use rayon::prelude::*;
 
 use crate::engine::chunk::{is_zero, zero_hash, Geometry};
+use crate::engine::compress::Compressor;
 use crate::ids::ChunkHash;
 
 /// Bytes read per batch; the batch is hashed in parallel.
@@ -29,6 +30,8 @@ pub enum Content {
     Zero,
     /// Changed: send these bytes.
     Data(Vec<u8>),
+    /// Changed: send these zstd-compressed bytes (the hash is of the raw chunk).
+    Compressed(Vec<u8>),
 }
 
 #[derive(Debug)]
@@ -46,6 +49,9 @@ pub struct ScanStats {
     pub bytes_changed: u64,
     pub zero_chunks_changed: u64,
     pub hole_chunks: u64,
+    pub compressed_chunks: u64,
+    /// Raw bytes of compressed chunks minus their compressed size.
+    pub compression_saved: u64,
 }
 
 /// Size of a regular file or block device.
@@ -124,6 +130,7 @@ pub fn scan_file(
     mut base: impl FnMut(u64) -> Result<Option<ChunkHash>>,
     mut emit: impl FnMut(Scanned) -> Result<()>,
     progress: &AtomicU64,
+    compressor: Option<&Compressor>,
 ) -> Result<ScanStats> {
     let file = File::open(path).with_context(|| format!("open snapshot {}", path.display()))?;
     let size = volume_size(&file)?;
@@ -169,6 +176,7 @@ pub fn scan_file(
 
         for batch in rx {
             let batch = batch.with_context(|| format!("read {}", path.display()))?;
+            let batch_holes: Vec<bool> = batch.bufs.iter().map(Option::is_none).collect();
             let hashed: Vec<(ChunkHash, bool)> = batch
                 .bufs
                 .par_iter()
@@ -182,26 +190,57 @@ pub fn scan_file(
                     }
                 })
                 .collect();
-            for (k, (buf, (hash, zero))) in batch.bufs.into_iter().zip(hashed).enumerate() {
+            // The base compare walks the index in order; compressing the changed chunks
+            // is parallel again.
+            let mut changed = Vec::with_capacity(hashed.len());
+            for (k, (hash, _)) in hashed.iter().enumerate() {
+                changed.push(base(batch.first + k as u64)? != Some(*hash));
+            }
+            let first = batch.first;
+            let contents: Vec<Content> = batch
+                .bufs
+                .into_par_iter()
+                .zip(hashed.par_iter())
+                .zip(changed.par_iter())
+                .enumerate()
+                .map(|(k, ((buf, (_, zero)), &changed))| match (changed, zero) {
+                    (false, _) => Content::Unchanged,
+                    (true, true) => Content::Zero,
+                    (true, false) => {
+                        let raw = buf.expect("non-zero chunk was read");
+                        match compressor.and_then(|c| c.compress(first + k as u64, &raw)) {
+                            Some(z) => Content::Compressed(z),
+                            None => Content::Data(raw),
+                        }
+                    }
+                })
+                .collect();
+            for (k, (content, (hash, _))) in contents.into_iter().zip(hashed).enumerate() {
                 let index = batch.first + k as u64;
                 let len = geometry.len(index) as u64;
                 stats.chunks += 1;
                 stats.bytes_scanned += len;
-                if buf.is_none() {
+                if batch_holes.get(k).copied().unwrap_or(false) {
                     stats.hole_chunks += 1;
                 }
-                let content = if base(index)? == Some(hash) {
-                    Content::Unchanged
-                } else {
-                    stats.chunks_changed += 1;
-                    stats.bytes_changed += len;
-                    if zero {
+                match &content {
+                    Content::Unchanged => {}
+                    Content::Zero => {
+                        stats.chunks_changed += 1;
+                        stats.bytes_changed += len;
                         stats.zero_chunks_changed += 1;
-                        Content::Zero
-                    } else {
-                        Content::Data(buf.expect("non-zero chunk was read"))
                     }
-                };
+                    Content::Data(_) => {
+                        stats.chunks_changed += 1;
+                        stats.bytes_changed += len;
+                    }
+                    Content::Compressed(z) => {
+                        stats.chunks_changed += 1;
+                        stats.bytes_changed += len;
+                        stats.compressed_chunks += 1;
+                        stats.compression_saved += len.saturating_sub(z.len() as u64);
+                    }
+                }
                 emit(Scanned {
                     index,
                     hash,
@@ -249,6 +288,7 @@ mod tests {
                 Ok(())
             },
             &progress,
+            None,
         )
         .unwrap();
         assert_eq!(stats.chunks, 65);
@@ -272,6 +312,7 @@ mod tests {
                 Ok(())
             },
             &progress,
+            None,
         )
         .unwrap();
         assert_eq!(again.chunks_changed, 0);

@@ -41,6 +41,8 @@ pub enum Payload {
     /// All-zero chunk or hole: the receiver writes zeros (or punches a hole).
     Zero,
     Data(ByteBuf),
+    /// The chunk compressed with zstd; the hash is of the raw bytes.
+    Zstd(ByteBuf),
 }
 
 /// Why a receiver will not take a cycle. Each is a different action for the sender.

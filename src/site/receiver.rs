@@ -609,6 +609,7 @@ fn hash_replica(
             Ok(())
         },
         &progress,
+        None,
     )
     .with_context(|| format!("hash replica {}", path.display()))?;
     if let Some((no, seg)) = builder.finish() {
@@ -791,12 +792,23 @@ fn stage(
                     )));
                 }
                 let len = geometry.len(index);
+                let inflated;
                 let bytes = match &payload {
                     Payload::Data(b) => {
                         if b.len() != len as usize || ChunkHash::of(b) != hash {
                             return Err(verify(format!("volume {vol}: chunk {index} does not match its hash; nothing of this gen was applied")));
                         }
                         Some(&b[..])
+                    }
+                    Payload::Zstd(z) => {
+                        // Bounded by the chunk's length: a hostile stream cannot inflate memory.
+                        inflated = crate::engine::compress::decompress(z, len).map_err(|e| {
+                            verify(format!("volume {vol}: compressed chunk {index}: {e}"))
+                        })?;
+                        if ChunkHash::of(&inflated) != hash {
+                            return Err(verify(format!("volume {vol}: chunk {index} does not match its hash; nothing of this gen was applied")));
+                        }
+                        Some(&inflated[..])
                     }
                     Payload::Zero => {
                         if zero_hash(len) != hash {

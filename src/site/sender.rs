@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::config::Protection;
 use crate::engine::chunk::{Geometry, RootHasher};
+use crate::engine::compress::Compressor;
 use crate::engine::diff::BaseCursor;
 use crate::engine::index::{Segment, SegmentBuilder};
 use crate::engine::scan::{scan_file, Content, Scanned};
@@ -355,6 +356,7 @@ async fn send_volume(
         format!("primary-sending:{}", v.name),
     );
     let progress = Arc::new(AtomicU64::new(0));
+    let compressor = prot.compression.then(Compressor::default);
     let shown = (progress.clone(), v.size);
     site.live
         .update(prot.name.as_str(), |l| l.progress = Some(shown));
@@ -385,6 +387,7 @@ async fn send_volume(
                 Ok(())
             },
             &progress,
+            compressor.as_ref(),
         )?;
         if let Some((no, seg)) = builder.finish() {
             let mut b = Batch::default();
@@ -402,6 +405,7 @@ async fn send_volume(
                 Payload::Zero
             }
             Content::Data(b) => Payload::Data(ByteBuf::from(b)),
+            Content::Compressed(z) => Payload::Zstd(ByteBuf::from(z)),
             Content::Unchanged => continue,
         };
         let msg = Msg::Chunk {
@@ -433,6 +437,8 @@ async fn send_volume(
     report.bytes_scanned += stats.bytes_scanned;
     report.bytes_changed += stats.bytes_changed;
     report.chunk_bytes_sent += sent;
+    report.compressed_chunks += stats.compressed_chunks;
+    report.compression_saved_bytes += stats.compression_saved;
     let m = &site.metrics;
     let p = prot.name.as_str();
     m.scanned_bytes
@@ -445,6 +451,9 @@ async fn send_volume(
     m.chunks_sent
         .with_label_values(&[p])
         .inc_by(stats.chunks_changed);
+    m.compression_saved_bytes
+        .with_label_values(&[p])
+        .inc_by(stats.compression_saved);
     tracing::info!(protection = p, volume = %v.name, %gen, resync, changed = stats.chunks_changed, chunks = stats.chunks, sent, "volume sent");
     Ok((
         VolumeRecord {

@@ -45,6 +45,9 @@ pub struct CycleReport {
     pub wire_bytes: u64,
     pub chunks_sent: u64,
     pub zero_chunks_sent: u64,
+    pub compressed_chunks: u64,
+    /// Raw bytes of compressed chunks minus what was sent for them.
+    pub compression_saved_bytes: u64,
     pub volumes: Vec<VolumeReport>,
 }
 
