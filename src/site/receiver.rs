@@ -446,8 +446,12 @@ async fn cycle(
                 group.len()
             )));
         }
-        if guard.failing_over.load(Ordering::SeqCst) || token.is_cancelled() {
+        if guard.failing_over.load(Ordering::SeqCst) {
             return Err(failed_over(&rec));
+        }
+        if token.is_cancelled() {
+            // A newer attempt took over; only a real failover may tell a primary it is fenced.
+            return Err(invalid("this cycle was superseded by a newer attempt"));
         }
         let commit = CommitRecord {
             v: RECORD_VERSION,
