@@ -93,8 +93,7 @@ fn snapshots_on_xfs_are_reflinks_and_replicate_identically() {
     let _xfs = Xfs::new(pair.dir.path());
     relocate(&pair.volume("v1"), &pair.dir.path().join("xfs"));
     let mut pair = pair;
-    pair.dr.start();
-    pair.primary.start();
+    pair.start();
     let r = pair.sync();
     assert_eq!(r.volumes[0].snapshot_method, "reflink");
     assert_eq!(pair.replica_hashes(), pair.volume_hashes());
@@ -149,8 +148,7 @@ fn a_block_device_volume_replicates_to_a_block_device_replica() {
     std::os::unix::fs::symlink(&src.dev, pair.volume("v1")).unwrap();
     std::os::unix::fs::symlink(&dst.dev, pair.replica("v1")).unwrap();
     let mut pair = pair;
-    pair.dr.start();
-    pair.primary.start();
+    pair.start();
     let r = pair.sync();
     assert_eq!(r.volumes[0].snapshot_method, "copy");
     assert_eq!(r.volumes[0].size, 16 << 20);

@@ -51,8 +51,7 @@ fn a_full_staging_disk_fails_the_cycle_cleanly_and_the_next_one_completes() {
     });
     let fs = Tmpfs::mount(&pair.dir.path().join("stagefs"), "64m");
     let mut pair = pair;
-    pair.dr.start();
-    pair.primary.start();
+    pair.start();
     pair.sync();
     let gen1 = pair.replica_hashes();
     // 300 scattered writes change about 17 MiB of chunks: more than 2 MiB of staging.
@@ -81,8 +80,7 @@ fn the_reserve_stops_staging_before_the_disk_is_full() {
     });
     let _fs = Tmpfs::mount(&pair.dir.path().join("stagefs"), "40m");
     let mut pair = pair;
-    pair.dr.start();
-    pair.primary.start();
+    pair.start();
     let err = pair.try_sync().unwrap_err();
     assert!(err.contains("min_free_space"), "{err}");
     assert_eq!(pair.dr.status().protections[0].consistent_gen, None);
@@ -97,8 +95,7 @@ fn a_full_replica_disk_fails_before_the_group_commit() {
     });
     let fs = Tmpfs::mount(pair.replica("v1").parent().unwrap(), "24m");
     let mut pair = pair;
-    pair.dr.start();
-    pair.primary.start();
+    pair.start();
     pair.sync();
     let gen1 = pair.replica_hashes();
     // Fill the replica file system, then grow the volume by 8 MiB of new data.

@@ -76,8 +76,7 @@ fn a_mostly_zero_volume_does_not_send_its_zeros() {
     f.write_all_at(&data, 40 << 20).unwrap();
     drop(f);
     let mut pair = pair;
-    pair.dr.start();
-    pair.primary.start();
+    pair.start();
     let r = pair.sync();
     assert_eq!(
         r.chunks_sent, 1024,
@@ -138,8 +137,7 @@ fn first_sync_onto_an_existing_replica_sends_only_the_differences() {
     std::fs::copy(pair.volume("v1"), pair.replica("v1")).unwrap();
     let changed = scatter_writes(&pair.volume("v1"), 20, pair.chunk_size, 9);
     let mut pair = pair;
-    pair.dr.start();
-    pair.primary.start();
+    pair.start();
     let r = pair.sync();
     assert!(r.volumes[0].resync);
     assert_eq!(r.chunks_sent, changed.len() as u64);
@@ -211,8 +209,7 @@ fn compressible_chunks_travel_compressed_and_replicate_identically() {
     });
     text_volume(&pair.volume("t"), 16 << 20);
     let mut pair = pair;
-    pair.dr.start();
-    pair.primary.start();
+    pair.start();
     let r = pair.sync();
     assert_eq!(r.bytes_changed, 16 << 20);
     assert_eq!(r.compressed_chunks, 256);
@@ -243,8 +240,7 @@ fn compression_off_sends_raw_chunks() {
     });
     text_volume(&pair.volume("t"), 4 << 20);
     let mut pair = pair;
-    pair.dr.start();
-    pair.primary.start();
+    pair.start();
     let r = pair.sync();
     assert_eq!(r.compressed_chunks, 0);
     assert!(r.chunk_bytes_sent >= 4 << 20);

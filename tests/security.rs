@@ -30,8 +30,7 @@ fn a_primary_with_a_certificate_from_another_ca_is_refused_and_nothing_is_writte
         ..Default::default()
     });
     use_foreign_certs(&pair, "primary");
-    pair.dr.start();
-    pair.primary.start();
+    pair.start();
     let err = pair.try_sync().unwrap_err();
     assert!(err.contains("connect to DR site"), "{err}");
     assert!(
@@ -53,8 +52,7 @@ fn a_dr_site_with_a_certificate_from_another_ca_is_refused_by_the_primary() {
         ..Default::default()
     });
     use_foreign_certs(&pair, "dr");
-    pair.dr.start();
-    pair.primary.start();
+    pair.start();
     let err = pair.try_sync().unwrap_err();
     assert!(err.to_lowercase().contains("certificate"), "{err}");
     assert!(!pair.replica("v1").exists());

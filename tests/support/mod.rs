@@ -279,10 +279,15 @@ impl Pair {
             dir,
         };
         if opts.start {
-            pair.dr.start();
-            pair.primary.start();
+            pair.start();
         }
         pair
+    }
+
+    /// Starts the DR site, then the primary.
+    pub fn start(&mut self) {
+        self.dr.start();
+        self.primary.start();
     }
 
     pub fn volume(&self, name: &str) -> PathBuf {
