@@ -195,3 +195,26 @@ fn metrics_reflect_a_cycle() {
     let health = pair.primary.client().get_text("/healthz").unwrap();
     assert_eq!(health.trim(), "ok");
 }
+
+#[test]
+fn a_failing_pre_command_takes_no_snapshot_and_says_which_command() {
+    let pair = Pair::new(PairOptions {
+        primary_protection: "pre = [\"echo database busy >&2; exit 3\"]",
+        ..Default::default()
+    });
+    let err = pair.try_sync().unwrap_err();
+    assert!(
+        err.contains("exited with 3") && err.contains("database busy"),
+        "{err}"
+    );
+    let st = pair.primary.status();
+    assert_eq!(
+        st.protections[0].last_error.as_ref().unwrap().kind.as_str(),
+        "hook"
+    );
+    assert!(
+        !pair.snapshot(1, "v1").exists(),
+        "a snapshot was taken after a failed pre command"
+    );
+    assert_eq!(pair.dr.status().protections[0].consistent_gen, None);
+}

@@ -25,6 +25,7 @@ use crate::site::status::{method_name, CycleReport, VolumeReport};
 use crate::site::{KindError, Site, WithKind};
 use crate::store::schema::SCRATCH;
 use crate::store::{Batch, FenceRecord, PointRecord, ProtectionRecord, VolumeRecord};
+use crate::volume::hooks::HookFailed;
 use crate::volume::snapshot::{self, GroupSnapshot};
 use crate::{failpoint, store::Store};
 
@@ -118,9 +119,7 @@ pub async fn run_cycle(
     site.live.activity(name, format!("snapshot of gen {gen}"));
     let snap_started = Instant::now();
     let snap = snapshot::take(prot, gen).await.map_err(|e| {
-        let kind = if format!("{e:#}").contains("pre command")
-            || format!("{e:#}").contains("post command")
-        {
+        let kind = if e.downcast_ref::<HookFailed>().is_some() {
             ErrorKind::Hook
         } else {
             ErrorKind::Snapshot

@@ -4,8 +4,13 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use tokio::process::Command;
+
+/// A pre or post command failed; the cycle reports it as a hook error.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct HookFailed(pub String);
 
 /// Outcome of one command, for status and errors.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -102,11 +107,11 @@ pub async fn around<T>(
     }
     let window = started.elapsed();
     if let Some(f) = failure {
-        bail!("pre command {}; snapshot not taken", f.describe());
+        return Err(HookFailed(format!("pre command {}; snapshot not taken", f.describe())).into());
     }
     let value = value.expect("body ran")?;
     if !post_failures.is_empty() {
-        bail!("post command {}", post_failures.join("; "));
+        return Err(HookFailed(format!("post command {}", post_failures.join("; "))).into());
     }
     Ok((value, window))
 }
