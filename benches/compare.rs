@@ -19,6 +19,9 @@ use lifeboat::site::status::CycleReport;
 use rand::{Rng, RngCore, SeedableRng};
 use serde::Serialize;
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 #[derive(Serialize, Clone)]
 struct Row {
     scenario: String,
@@ -75,19 +78,6 @@ fn peak_rss_mib(pid: u32) -> f64 {
 
 fn reset_peak(pid: u32) {
     let _ = fs::write(format!("/proc/{pid}/clear_refs"), "5");
-}
-
-fn random_image(path: &Path, size: u64) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-    let f = File::create(path).unwrap();
-    let mut buf = vec![0u8; 8 << 20];
-    let mut off = 0;
-    while off < size {
-        let n = ((size - off) as usize).min(buf.len());
-        rng.fill_bytes(&mut buf[..n]);
-        f.write_all_at(&buf[..n], off).unwrap();
-        off += n as u64;
-    }
 }
 
 /// 1% of the image changed: scattered 4 KiB blocks, or contiguous 1 MiB extents.
@@ -294,7 +284,7 @@ fn main() {
         lifeboat::cli::human_bytes(size),
         dir.display()
     );
-    random_image(&image, size);
+    support::random_file(&image, size, 1);
     let mut rows = Vec::new();
 
     // Baselines: reading (warm) and hashing the image.
