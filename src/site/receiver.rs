@@ -597,11 +597,7 @@ fn hash_replica(
     let geometry = Geometry::new(size, chunk_size);
     let mut builder = SegmentBuilder::default();
     let progress = Default::default();
-    let put = |no, seg| -> anyhow::Result<()> {
-        let mut b = Batch::default();
-        b.put_segment(prot, vol, SCRATCH, no, &seg);
-        store.write(b, false)
-    };
+    let put = |no, seg| -> anyhow::Result<()> { store.write_segment(prot, vol, SCRATCH, no, &seg) };
     scan_file(
         path,
         geometry,
@@ -752,9 +748,9 @@ fn stage(
      -> Result<(), KindError> {
         root.push(&h);
         if let Some((no, seg)) = builder.push(h) {
-            let mut b = Batch::default();
-            b.put_segment(prot, vol, gen, no, &seg);
-            store.write(b, false).kind(ErrorKind::Store)?;
+            store
+                .write_segment(prot, vol, gen, no, &seg)
+                .kind(ErrorKind::Store)?;
         }
         Ok(())
     };
@@ -858,9 +854,9 @@ fn stage(
             }
             Incoming::End { root: expected, .. } => {
                 if let Some((no, seg)) = builder.finish() {
-                    let mut b = Batch::default();
-                    b.put_segment(prot, vol, gen, no, &seg);
-                    store.write(b, false).kind(ErrorKind::Store)?;
+                    store
+                        .write_segment(prot, vol, gen, no, &seg)
+                        .kind(ErrorKind::Store)?;
                 }
                 let got = root.finish();
                 if got != expected {

@@ -294,9 +294,9 @@ async fn fetch_peer_hashes(
         match wire(r.expect("HashEnd").await)? {
             Msg::HashSegment { segment, packed } => {
                 let seg = Segment::decode(&packed).kind(ErrorKind::Protocol)?;
-                let mut b = Batch::default();
-                b.put_segment(prot, volume, SCRATCH, segment, &seg);
-                store.write(b, false).kind(ErrorKind::Store)?;
+                store
+                    .write_segment(prot, volume, SCRATCH, segment, &seg)
+                    .kind(ErrorKind::Store)?;
             }
             Msg::HashEnd { volume: v, .. } if v == volume => break,
             Msg::Refused(reason) => {
@@ -371,9 +371,7 @@ async fn send_volume(
             |s| {
                 root.push(&s.hash);
                 if let Some((no, seg)) = builder.push(s.hash) {
-                    let mut b = Batch::default();
-                    b.put_segment(&name, &vol, gen, no, &seg);
-                    store.write(b, false)?;
+                    store.write_segment(&name, &vol, gen, no, &seg)?;
                 }
                 if !matches!(s.content, Content::Unchanged) {
                     tx.blocking_send(s)
@@ -389,9 +387,7 @@ async fn send_volume(
             compressor.as_ref(),
         )?;
         if let Some((no, seg)) = builder.finish() {
-            let mut b = Batch::default();
-            b.put_segment(&name, &vol, gen, no, &seg);
-            store.write(b, false)?;
+            store.write_segment(&name, &vol, gen, no, &seg)?;
         }
         Ok((stats, root.finish()))
     });

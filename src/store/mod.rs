@@ -216,6 +216,22 @@ impl Store {
             .context("write to the state store")
     }
 
+    /// Writes one index segment without a sync: an index only matters once a later synced
+    /// batch (the tentative record, the group commit) refers to its gen, and that sync makes
+    /// everything written before it durable.
+    pub fn write_segment(
+        &self,
+        prot: &str,
+        vol: &str,
+        gen: Gen,
+        no: u64,
+        seg: &Segment,
+    ) -> Result<()> {
+        let mut b = Batch::default();
+        b.put_segment(prot, vol, gen, no, seg);
+        self.write(b, false)
+    }
+
     pub fn protection(&self, prot: &str) -> Result<Option<ProtectionRecord>> {
         let cf = self.cf(CF_PROTECTIONS);
         match self
