@@ -125,3 +125,95 @@ fn a_gen_committed_before_a_kill_during_apply_is_finished_at_restart() {
     assert_eq!(r.chunk_bytes_sent, 0);
     assert_eq!(pair.replica_hashes(), pair.volume_hashes());
 }
+
+/// Replica files of the pair and anything lifeboat left beside them.
+fn replica_dir_listing(pair: &Pair) -> Vec<String> {
+    let dir = pair
+        .replica(&pair.volumes[0])
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_first_sync_killed_mid_transfer_leaves_no_replica_and_no_partial_file() {
+    // The first full sync writes each replica whole beside its path (no staging log);
+    // until the group commit nothing may appear under the replica's name.
+    let mut pair = Pair::new(PairOptions {
+        volumes: vec![("v1", 16 << 20), ("v2", 16 << 20), ("v3", 16 << 20)],
+        start: false,
+        ..Default::default()
+    });
+    pair.dr.failpoint = Some("dr-staging:v2".into());
+    pair.start();
+    let pending = sync_in_background(&pair);
+    pair.dr.wait_failpoint();
+    let during = replica_dir_listing(&pair);
+    assert!(
+        during.contains(&"v1.img.lifeboat-new".to_string()),
+        "v1 is built beside its path: {during:?}"
+    );
+    pair.dr.kill9();
+    assert!(pending.join().unwrap().is_err());
+    assert!(
+        !during.iter().any(|n| n.ends_with(".img")),
+        "no replica may exist before the group commit: {during:?}"
+    );
+
+    pair.dr.failpoint = None;
+    pair.dr.start();
+    assert_eq!(
+        replica_dir_listing(&pair),
+        Vec::<String>::new(),
+        "restart removes the uncommitted new replicas"
+    );
+    assert_eq!(pair.dr.status().protections[0].consistent_gen, None);
+    let r = pair.sync();
+    assert_eq!(pair.replica_hashes(), pair.snapshot_hashes(r.gen));
+    assert_eq!(
+        replica_dir_listing(&pair),
+        vec!["v1.img", "v2.img", "v3.img"]
+    );
+}
+
+#[test]
+fn a_first_sync_committed_before_a_kill_during_install_is_finished_at_restart() {
+    let mut pair = Pair::new(PairOptions {
+        volumes: vec![("v1", 16 << 20), ("v2", 16 << 20), ("v3", 16 << 20)],
+        start: false,
+        ..Default::default()
+    });
+    pair.dr.failpoint = Some("dr-applying:v2".into());
+    pair.start();
+    let pending = sync_in_background(&pair);
+    pair.dr.wait_failpoint();
+    pair.dr.kill9();
+    assert!(pending.join().unwrap().is_err());
+    // v1 was renamed into place, v2 and v3 not yet.
+    assert_eq!(
+        replica_dir_listing(&pair),
+        vec!["v1.img", "v2.img.lifeboat-new", "v3.img.lifeboat-new"]
+    );
+
+    pair.dr.failpoint = None;
+    pair.dr.start();
+    assert_eq!(
+        replica_dir_listing(&pair),
+        vec!["v1.img", "v2.img", "v3.img"]
+    );
+    assert_eq!(pair.dr.status().protections[0].consistent_gen, Some(1));
+    assert_eq!(pair.replica_hashes(), pair.snapshot_hashes(1));
+    let r = pair.sync();
+    assert_eq!(r.gen, 2);
+    assert_eq!(r.chunk_bytes_sent, 0);
+    assert_eq!(pair.replica_hashes(), pair.volume_hashes());
+}

@@ -79,6 +79,8 @@ fn the_reserve_stops_staging_before_the_disk_is_full() {
         ..Default::default()
     });
     let _fs = Tmpfs::mount(&pair.dir.path().join("stagefs"), "40m");
+    // An existing (empty) replica: the sync stages a log instead of building a new replica.
+    std::fs::File::create(pair.replica("v1")).unwrap();
     let mut pair = pair;
     pair.start();
     let err = pair.try_sync().unwrap_err();

@@ -2,7 +2,7 @@
 //! verify and stage every chunk, write one group-commit record when the whole group is
 //! staged, apply it to the replicas, and only then acknowledge.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -30,7 +30,7 @@ use crate::store::schema::{RECORD_VERSION, SCRATCH};
 use crate::store::{
     Batch, CommitRecord, PointRecord, ProtectionRecord, StagedVolume, Store, VolumeRecord,
 };
-use crate::volume::replica::Reserver;
+use crate::volume::replica::{self, FreshReplica, Reserver};
 use crate::volume::staging::StagingWriter;
 
 /// Why a cycle stopped at the DR site.
@@ -352,6 +352,7 @@ async fn cycle(
             staging_dir(&site.config, protection).join(format!("{}-{}", point.gen, point.cycle));
         let mut bases: HashMap<String, Gen> = HashMap::new();
         let mut staged: BTreeMap<String, (PathBuf, VolumeRecord)> = BTreeMap::new();
+        let mut fresh_volumes = BTreeSet::new();
         loop {
             if guard.failing_over.load(Ordering::SeqCst) {
                 return Err(failed_over(&rec));
@@ -398,16 +399,36 @@ async fn cycle(
                             ))?,
                     };
                     let geometry = Geometry::new(size, chunk_size);
-                    let path = stage_dir.join(format!("{volume}.log"));
                     let replica = prot
                         .volumes
                         .iter()
                         .find(|v| v.name.as_str() == volume)
                         .map(|v| v.path.clone())
                         .expect("volume is in the group");
+                    // No replica and no base: every chunk comes, so build the replica
+                    // itself beside its path instead of a log to copy later.
+                    let fresh = {
+                        let (store, p, v, r) = (
+                            site.store.clone(),
+                            protection.to_string(),
+                            volume.clone(),
+                            replica.clone(),
+                        );
+                        blocking(ErrorKind::Store, move || {
+                            let exists = std::fs::symlink_metadata(&r).is_ok();
+                            Ok(!exists && store.index(&p, &v, base_gen).next().is_none())
+                        })
+                        .await?
+                    };
+                    let path = if fresh {
+                        replica::fresh_path(&replica)
+                    } else {
+                        stage_dir.join(format!("{volume}.log"))
+                    };
                     let target = StageTarget {
                         log: path.clone(),
                         replica,
+                        fresh,
                         min_free: site.config.min_free_space,
                     };
                     let vrec = receive_volume(
@@ -424,9 +445,13 @@ async fn cycle(
                             cycle: point.cycle.0,
                             log: path.display().to_string(),
                             record: vrec.clone(),
+                            fresh,
                         },
                     );
                     site.store.write(b, false).kind(ErrorKind::Store)?;
+                    if fresh {
+                        fresh_volumes.insert(volume.clone());
+                    }
                     staged.insert(volume, (path, vrec));
                 }
                 Msg::Commit { gen } if gen == point.gen => break,
@@ -466,6 +491,7 @@ async fn cycle(
                 .iter()
                 .map(|(k, (p, _))| (k.clone(), p.display().to_string()))
                 .collect(),
+            fresh: fresh_volumes,
         };
         let mut b = Batch::default();
         b.put_commit(protection, &commit);
@@ -703,8 +729,10 @@ async fn receive_volume(
 
 /// Where a volume's incoming chunks go.
 struct StageTarget {
+    /// The staging log, or with `fresh` the new replica file.
     log: PathBuf,
     replica: PathBuf,
+    fresh: bool,
     min_free: u64,
 }
 
@@ -717,6 +745,46 @@ fn free_space(path: &std::path::Path) -> std::io::Result<u64> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Where verified chunks go: a staging log, or a fresh replica written in place.
+enum Sink {
+    Log(StagingWriter),
+    Fresh(FreshReplica),
+}
+
+impl Sink {
+    fn append(
+        &mut self,
+        geometry: Geometry,
+        index: u64,
+        hash: &ChunkHash,
+        len: u32,
+        bytes: Option<&[u8]>,
+    ) -> anyhow::Result<()> {
+        match self {
+            Sink::Log(w) => w.append(index, hash, len, bytes),
+            Sink::Fresh(f) => f.write(geometry.offset(index), bytes),
+        }
+    }
+    fn bytes(&self) -> u64 {
+        match self {
+            Sink::Log(w) => w.bytes,
+            Sink::Fresh(f) => f.bytes,
+        }
+    }
+    fn records(&self) -> u64 {
+        match self {
+            Sink::Log(w) => w.records,
+            Sink::Fresh(f) => f.records,
+        }
+    }
+    fn finish(self) -> anyhow::Result<PathBuf> {
+        match self {
+            Sink::Log(w) => w.finish(),
+            Sink::Fresh(f) => f.finish(),
+        }
+    }
 }
 
 /// Blocking: verifies each chunk, appends it to the staging log, and builds the new index
@@ -735,8 +803,17 @@ fn stage(
     let mut cursor = BaseCursor::new(store.index(prot, vol, base_gen));
     let mut builder = SegmentBuilder::default();
     let mut root = RootHasher::new(geometry);
-    let mut writer = StagingWriter::create(&target.log, geometry).kind(ErrorKind::Io)?;
-    let mut reserver = Reserver::open(&target.replica).kind(ErrorKind::Io)?;
+    let mut writer = if target.fresh {
+        Sink::Fresh(FreshReplica::create(&target.replica, geometry.size).kind(ErrorKind::Io)?)
+    } else {
+        Sink::Log(StagingWriter::create(&target.log, geometry).kind(ErrorKind::Io)?)
+    };
+    // A fresh replica's blocks are written, not promised: no reservation needed.
+    let mut reserver = if target.fresh {
+        Reserver::none()
+    } else {
+        Reserver::open(&target.replica).kind(ErrorKind::Io)?
+    };
     let staging_fs = target.log.parent().unwrap_or(&target.log).to_path_buf();
     let mut checked_at = 0u64;
     let count = geometry.chunk_count();
@@ -829,8 +906,8 @@ fn stage(
                         .kind(ErrorKind::Io)?;
                 }
                 // Check the reserve every 8 MiB staged, before the disk is actually full.
-                if target.min_free > 0 && writer.bytes >= checked_at + (8 << 20) {
-                    checked_at = writer.bytes;
+                if target.min_free > 0 && writer.bytes() >= checked_at + (8 << 20) {
+                    checked_at = writer.bytes();
                     let free = free_space(&staging_fs).kind(ErrorKind::Io)?;
                     if free < target.min_free {
                         return Err(KindError {
@@ -844,11 +921,11 @@ fn stage(
                     }
                 }
                 writer
-                    .append(index, &hash, len, bytes)
+                    .append(geometry, index, &hash, len, bytes)
                     .kind(ErrorKind::Io)?;
                 push(hash, &mut builder, &mut root)?;
                 next = index + 1;
-                if writer.records == 1 {
+                if writer.records() == 1 {
                     failpoint::hit(&failpoint_name);
                 }
             }

@@ -67,6 +67,16 @@ pub fn redo_commit(
             continue;
         };
         failpoint::hit(&format!("dr-applying:{}", v.name));
+        if commit.fresh.contains(v.name.as_str()) {
+            replica::install(Path::new(log), &v.path).with_context(|| {
+                format!(
+                    "install gen {gen} as replica {} ({})",
+                    v.name,
+                    v.path.display()
+                )
+            })?;
+            continue;
+        }
         replica::apply(Path::new(log), &v.path).with_context(|| {
             format!(
                 "apply gen {gen} to replica {} ({})",
@@ -100,6 +110,14 @@ pub fn discard_staging(store: &Store, config: &Config, prot: &Protection) -> Res
     let keep: Vec<Gen> = rec.point.iter().map(|p| p.point.gen).collect();
     store.drop_index_except(name, &keep, &mut b)?;
     store.write(b, true)?;
+    for v in &prot.volumes {
+        let fresh = replica::fresh_path(&v.path);
+        match std::fs::remove_file(&fresh) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("remove {}", fresh.display())),
+        }
+    }
     remove_dir(&staging_dir(config, name))
 }
 

@@ -3,7 +3,7 @@
 
 pub mod schema;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -78,6 +78,10 @@ pub struct CommitRecord {
     pub point: PointRecord,
     /// Volume name → staging log path.
     pub logs: BTreeMap<String, String>,
+    /// Volumes whose "log" is a complete new replica file, renamed into place on apply
+    /// (a first full sync onto a replica that did not exist).
+    #[serde(default)]
+    pub fresh: BTreeSet<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -86,6 +90,9 @@ pub struct StagedVolume {
     pub cycle: u64,
     pub log: String,
     pub record: VolumeRecord,
+    /// `log` is a new replica file, not a staging log.
+    #[serde(default)]
+    pub fresh: bool,
 }
 
 enum Op {

@@ -4,7 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
@@ -31,6 +31,11 @@ impl Reserver {
         let f = open_replica(path)?;
         let file = f.metadata()?.is_file().then_some(f);
         Ok(Reserver { file })
+    }
+
+    /// Reserves nothing.
+    pub fn none() -> Reserver {
+        Reserver { file: None }
     }
 
     pub fn reserve(&mut self, off: u64, len: u32) -> Result<()> {
@@ -86,6 +91,99 @@ fn write_zeros(f: &File, off: u64, len: u32, is_file: bool) -> std::io::Result<(
         }
     }
     f.write_all_at(&vec![0u8; len as usize], off)
+}
+
+/// Where a replica that does not exist yet is built by its first full sync: next to it, on
+/// the same file system, so the group commit's apply is one rename.
+pub fn fresh_path(replica: &Path) -> PathBuf {
+    let mut s = replica.as_os_str().to_owned();
+    s.push(".lifeboat-new");
+    PathBuf::from(s)
+}
+
+/// Start write-back every this many bytes, so the final fsync finds little left to write.
+const WRITEBACK_EVERY: u64 = 32 << 20;
+
+/// A replica being written whole, in place of a staging log: a first full sync writes each
+/// verified chunk once instead of twice (log, then replica). Nobody reads it before the
+/// group commit renames it over the (absent) replica, so the old state stays intact.
+pub struct FreshReplica {
+    file: File,
+    path: PathBuf,
+    pub bytes: u64,
+    pub records: u64,
+    unflushed: u64,
+}
+
+impl FreshReplica {
+    pub fn create(replica: &Path, size: u64) -> Result<Self> {
+        let path = fresh_path(replica);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .with_context(|| format!("create new replica {}", path.display()))?;
+        file.set_len(size)
+            .with_context(|| format!("size new replica {}", path.display()))?;
+        Ok(FreshReplica {
+            file,
+            path,
+            bytes: 0,
+            records: 0,
+            unflushed: 0,
+        })
+    }
+
+    /// Writes a verified chunk; zero chunks stay holes.
+    pub fn write(&mut self, off: u64, bytes: Option<&[u8]>) -> Result<()> {
+        self.records += 1;
+        let Some(b) = bytes else { return Ok(()) };
+        self.file
+            .write_all_at(b, off)
+            .with_context(|| format!("write new replica {} at byte {off}", self.path.display()))?;
+        self.bytes += b.len() as u64;
+        self.unflushed += b.len() as u64;
+        if self.unflushed >= WRITEBACK_EVERY {
+            self.unflushed = 0;
+            // Asynchronous: queue what is written so far for the disk; never waits.
+            unsafe {
+                libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
+            };
+        }
+        Ok(())
+    }
+
+    /// Fsyncs; after this the new replica survives a crash (it is installed at commit).
+    pub fn finish(self) -> Result<PathBuf> {
+        self.file
+            .sync_all()
+            .with_context(|| format!("fsync new replica {}", self.path.display()))?;
+        Ok(self.path)
+    }
+}
+
+/// Renames a committed fresh replica into place; idempotent (a redo after the rename finds
+/// the replica there and the new file gone).
+pub fn install(fresh: &Path, replica: &Path) -> Result<()> {
+    match std::fs::rename(fresh, replica) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && replica.exists() => return Ok(()),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("rename {} to {}", fresh.display(), replica.display()))
+        }
+    }
+    let dir = replica
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("fsync directory {}", dir.display()))
 }
 
 /// Applies the staging log at `log` to the replica at `replica` and fsyncs it.

@@ -19,8 +19,10 @@ use lifeboat::site::status::CycleReport;
 use rand::{Rng, RngCore, SeedableRng};
 use serde::Serialize;
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../../tests/support/mod.rs"]
 mod support;
+
+mod link;
 
 #[derive(Serialize, Clone)]
 struct Row {
@@ -277,6 +279,18 @@ fn main() {
     let load0 = fs::read_to_string("/proc/loadavg").unwrap_or_default();
     lifeboat::net::tls::generate(&dir.join("certs"), &["primary".into(), "dr".into()], &[])
         .unwrap();
+    if args.iter().any(|a| a == "--link-only") {
+        let v: Vec<f64> = (0..runs)
+            .map(|_| link::quic_path_seconds(&dir.join("certs"), size))
+            .collect();
+        println!(
+            "QUIC path: {:.3} s for {} ({:.0} MiB/s)",
+            median(v.clone()),
+            size,
+            size as f64 / median(v) / 1048576.0
+        );
+        return;
+    }
     let image = dir.join("image");
     let replica = dir.join("replica");
     eprintln!(
