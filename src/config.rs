@@ -51,6 +51,7 @@ struct RawTls {
 struct RawPeer {
     address: String,
     server_name: String,
+    max_bandwidth: Option<String>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -81,6 +82,7 @@ struct RawProtection {
     hook_timeout: Option<String>,
     sync_on_start: Option<bool>,
     compression: Option<String>,
+    refine: Option<String>,
     #[serde(default, rename = "volume")]
     volumes: Vec<RawVolume>,
 }
@@ -141,6 +143,8 @@ pub struct Config {
 pub struct Peer {
     pub address: SocketAddr,
     pub server_name: String,
+    /// Cap on replication bytes per second to this peer, all protections together.
+    pub max_bandwidth: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -158,8 +162,23 @@ pub struct Protection {
     pub sync_on_start: bool,
     /// zstd-compress chunks where that saves bytes ("auto", the default) or never ("off").
     pub compression: bool,
+    /// Send only the changed 4 KiB blocks of changed chunks.
+    pub refine: Refine,
     pub volumes: Vec<Volume>,
 }
+
+/// Sub-chunk refinement (see [`crate::engine::refine`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refine {
+    /// On when the link to the DR site is slower than [`REFINE_AUTO_BELOW`].
+    Auto,
+    On,
+    Off,
+}
+
+/// Bytes per second under which `refine = "auto"` refines. See the README's performance
+/// section for the measurement behind it.
+pub const REFINE_AUTO_BELOW: f64 = 1e9;
 
 #[derive(Debug, Clone)]
 pub struct Volume {
@@ -341,9 +360,27 @@ impl Validator {
                         "is empty; expected the DR site's name in its certificate",
                     );
                 }
+                let max_bandwidth = p.max_bandwidth.as_deref().and_then(|b| {
+                    let bytes = b.trim().trim_end_matches("/s");
+                    match parse_size(bytes) {
+                        Ok(0) => {
+                            self.problem("peer.max_bandwidth", "is zero; leave it out for no cap");
+                            None
+                        }
+                        Ok(n) => Some(n),
+                        Err(e) => {
+                            self.problem(
+                                "peer.max_bandwidth",
+                                format!("{e}; expected bytes per second such as \"50MiB/s\""),
+                            );
+                            None
+                        }
+                    }
+                });
                 Some(Peer {
                     address,
                     server_name: p.server_name.clone(),
+                    max_bandwidth,
                 })
             }
             (None, Role::Primary) => {
@@ -462,6 +499,20 @@ impl Validator {
                 true
             }
         };
+        let refine = match p.refine.as_deref().unwrap_or("auto") {
+            "auto" => Refine::Auto,
+            "on" => Refine::On,
+            "off" => Refine::Off,
+            other => {
+                self.problem(
+                    format!("{key}.refine"),
+                    format!(
+                        "{other:?} is not a refinement mode; expected \"auto\", \"on\" or \"off\""
+                    ),
+                );
+                Refine::Auto
+            }
+        };
         let snapshot_dir = match &p.snapshot_dir {
             Some(s) => self.path(&format!("{key}.snapshot_dir"), s),
             None => state_dir.join("snapshots"),
@@ -527,6 +578,7 @@ impl Validator {
             hook_timeout,
             sync_on_start: p.sync_on_start.unwrap_or(true),
             compression,
+            refine,
             volumes,
         }
     }

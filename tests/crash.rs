@@ -11,6 +11,9 @@ use support::*;
 fn group() -> Pair {
     Pair::new(PairOptions {
         volumes: vec![("v1", 16 << 20), ("v2", 16 << 20), ("v3", 16 << 20)],
+        // Incremental gens travel as block patches, so the redo of patches is what a kill
+        // during apply tests.
+        primary_protection: "refine = \"on\"",
         ..Default::default()
     })
 }

@@ -13,6 +13,8 @@ fn a_link_cut_mid_transfer_leaves_the_replicas_at_the_previous_gen() {
     let pair = Pair::new(PairOptions {
         volumes: vec![("v1", 8 << 20), ("v2", 8 << 20), ("v3", 8 << 20)],
         relay: true,
+        // Whole chunks, so the cut at 5 MiB falls inside the second volume.
+        primary_protection: "refine = \"off\"",
         ..Default::default()
     });
     pair.sync();
@@ -47,6 +49,8 @@ fn a_full_staging_disk_fails_the_cycle_cleanly_and_the_next_one_completes() {
         volumes: vec![("v1", 16 << 20)],
         start: false,
         dr_site: "staging_dir = \"stagefs\"\nmin_free_space = \"0\"",
+        // Whole chunks, so the changes need more staging than the shrunk file system has.
+        primary_protection: "refine = \"off\"",
         ..Default::default()
     });
     let fs = Tmpfs::mount(&pair.dir.path().join("stagefs"), "64m");

@@ -29,6 +29,7 @@ fn initial_sync_makes_a_byte_identical_replica() {
 fn incremental_cycle_sends_only_the_changed_chunks_and_an_idle_cycle_sends_none() {
     let pair = Pair::new(PairOptions {
         volumes: vec![("v1", 64 << 20)],
+        primary_protection: "refine = \"off\"",
         ..Default::default()
     });
     pair.sync();
@@ -55,6 +56,34 @@ fn incremental_cycle_sends_only_the_changed_chunks_and_an_idle_cycle_sends_none(
     assert_eq!(idle.chunk_bytes_sent, 0);
     assert_eq!(idle.bytes_changed, 0);
     assert_eq!(pair.replica_hashes(), pair.volume_hashes());
+}
+
+#[test]
+fn refinement_sends_only_the_changed_4k_blocks_and_the_replica_stays_exact() {
+    let pair = Pair::new(PairOptions {
+        volumes: vec![("v1", 64 << 20), ("v2", 8 << 20)],
+        primary_protection: "refine = \"on\"",
+        ..Default::default()
+    });
+    pair.sync();
+    for (cycle, seed) in [(2u64, 21u64), (3, 22)] {
+        // 1% of the 4 KiB blocks of v1, random bytes (incompressible), random offsets.
+        let writes = (64 << 20) / 4096 / 100;
+        let changed = scatter_writes(&pair.volume("v1"), writes, pair.chunk_size, seed);
+        let r = pair.sync();
+        assert_eq!(r.gen, cycle);
+        assert!(r.refine);
+        assert_eq!(r.refined_chunks, changed.len() as u64, "{r:?}");
+        let written = writes * 4096;
+        assert!(
+            r.chunk_bytes_sent <= 2 * written,
+            "sent {} bytes of chunk frames for {written} bytes written",
+            r.chunk_bytes_sent
+        );
+        assert!(r.chunk_bytes_sent >= changed.len() as u64 * 4096);
+        assert_eq!(pair.replica_hashes(), pair.snapshot_hashes(cycle));
+        assert_eq!(pair.replica_hashes(), pair.volume_hashes());
+    }
 }
 
 #[test]

@@ -5,4 +5,5 @@ pub mod chunk;
 pub mod compress;
 pub mod diff;
 pub mod index;
+pub mod refine;
 pub mod scan;

@@ -39,6 +39,18 @@ pub struct Scanned {
     pub index: u64,
     pub hash: ChunkHash,
     pub content: Content,
+    /// The base had this chunk (the DR replica holds an older version of it).
+    pub based: bool,
+}
+
+/// How changed chunks are handed on.
+#[derive(Default, Clone, Copy)]
+pub struct Encode<'a> {
+    /// Compress changed chunks where it pays.
+    pub compressor: Option<&'a Compressor>,
+    /// Keep chunks the base had raw (uncompressed): they are refined into block patches,
+    /// which are compressed instead.
+    pub raw_if_based: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -130,7 +142,7 @@ pub fn scan_file(
     mut base: impl FnMut(u64) -> Result<Option<ChunkHash>>,
     mut emit: impl FnMut(Scanned) -> Result<()>,
     progress: &AtomicU64,
-    compressor: Option<&Compressor>,
+    encode: Encode<'_>,
 ) -> Result<ScanStats> {
     let file = File::open(path).with_context(|| format!("open snapshot {}", path.display()))?;
     let size = volume_size(&file)?;
@@ -193,27 +205,35 @@ pub fn scan_file(
             // The base compare walks the index in order; compressing the changed chunks
             // is parallel again.
             let mut changed = Vec::with_capacity(hashed.len());
+            let mut based = Vec::with_capacity(hashed.len());
             for (k, (hash, _)) in hashed.iter().enumerate() {
-                changed.push(base(batch.first + k as u64)? != Some(*hash));
+                let b = base(batch.first + k as u64)?;
+                changed.push(b != Some(*hash));
+                based.push(b.is_some());
             }
             let first = batch.first;
             let contents: Vec<Content> = batch
                 .bufs
                 .into_par_iter()
                 .zip(hashed.par_iter())
-                .zip(changed.par_iter())
+                .zip(changed.par_iter().zip(based.par_iter()))
                 .enumerate()
-                .map(|(k, ((buf, (_, zero)), &changed))| match (changed, zero) {
-                    (false, _) => Content::Unchanged,
-                    (true, true) => Content::Zero,
-                    (true, false) => {
-                        let raw = buf.expect("non-zero chunk was read");
-                        match compressor.and_then(|c| c.compress(first + k as u64, &raw)) {
-                            Some(z) => Content::Compressed(z),
-                            None => Content::Data(raw),
+                .map(
+                    |(k, ((buf, (_, zero)), (&changed, &based)))| match (changed, zero) {
+                        (false, _) => Content::Unchanged,
+                        (true, true) => Content::Zero,
+                        (true, false) => {
+                            let raw = buf.expect("non-zero chunk was read");
+                            let compressor = encode
+                                .compressor
+                                .filter(|_| !(based && encode.raw_if_based));
+                            match compressor.and_then(|c| c.compress(first + k as u64, &raw)) {
+                                Some(z) => Content::Compressed(z),
+                                None => Content::Data(raw),
+                            }
                         }
-                    }
-                })
+                    },
+                )
                 .collect();
             for (k, (content, (hash, _))) in contents.into_iter().zip(hashed).enumerate() {
                 let index = batch.first + k as u64;
@@ -245,6 +265,7 @@ pub fn scan_file(
                     index,
                     hash,
                     content,
+                    based: based[k],
                 })?;
                 progress.fetch_add(len, Ordering::Relaxed);
             }
@@ -288,7 +309,7 @@ mod tests {
                 Ok(())
             },
             &progress,
-            None,
+            Encode::default(),
         )
         .unwrap();
         assert_eq!(stats.chunks, 65);
@@ -312,7 +333,7 @@ mod tests {
                 Ok(())
             },
             &progress,
-            None,
+            Encode::default(),
         )
         .unwrap();
         assert_eq!(again.chunks_changed, 0);

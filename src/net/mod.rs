@@ -1,5 +1,6 @@
 //! Where bytes cross the network: the wire protocol, TLS material and the QUIC endpoints.
 
+pub mod limit;
 pub mod quic;
 pub mod tls;
 pub mod wire;

@@ -7,17 +7,24 @@
 //! stream: `Prepare` → `Prepared | Refused`, then `Cycle`, and per volume an optional
 //! `HashRequest` (answered by `HashSegment`s and `HashEnd`), then `Begin`, `Chunk`s in
 //! index order and `End`; finally `Commit` → `Committed | Refused`.
+//!
+//! Sub-chunk refinement runs beside a volume's transfer on a stream of its own, so the
+//! chunk stream never waits on it: `RefineOpen`, then `BlockHashRequest`s, each answered in
+//! order by `BlockHashes` (empty when the DR site cannot read that chunk).
+
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 use crate::engine::chunk::MAX_CHUNK_SIZE;
 use crate::ids::{ChunkHash, Epoch, Gen, Point};
+use crate::net::limit::RateLimit;
 
 /// ALPN of the replication protocol; a client offering anything else gets no connection.
 pub const ALPN: &[u8] = b"lifeboat/1";
 /// Bumped on any incompatible change of [`Msg`].
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The largest frame: one chunk at the largest chunk size plus its header.
 pub const MAX_FRAME: usize = MAX_CHUNK_SIZE as usize + 4096;
 
@@ -43,6 +50,17 @@ pub enum Payload {
     Data(ByteBuf),
     /// The chunk compressed with zstd; the hash is of the raw bytes.
     Zstd(ByteBuf),
+    /// The blocks that differ from the DR site's replica (see [`crate::engine::refine`]);
+    /// the hash is of the whole new chunk.
+    Patch {
+        mask: ByteBuf,
+        data: ByteBuf,
+    },
+    /// A patch whose block data is zstd-compressed.
+    PatchZstd {
+        mask: ByteBuf,
+        data: ByteBuf,
+    },
 }
 
 /// Why a receiver will not take a cycle. Each is a different action for the sender.
@@ -124,6 +142,21 @@ pub enum Msg {
     Commit {
         gen: Gen,
     },
+    /// Opens a refinement stream for one volume of a running cycle.
+    RefineOpen {
+        protection: String,
+        volume: String,
+        size: u64,
+        chunk_size: u32,
+    },
+    BlockHashRequest {
+        index: u64,
+    },
+    /// Packed 16-byte hashes of the replica's 4 KiB blocks of chunk `index`.
+    BlockHashes {
+        index: u64,
+        packed: ByteBuf,
+    },
     Committed {
         point: Point,
     },
@@ -146,6 +179,9 @@ impl Msg {
             Msg::End { .. } => "End",
             Msg::Commit { .. } => "Commit",
             Msg::Committed { .. } => "Committed",
+            Msg::RefineOpen { .. } => "RefineOpen",
+            Msg::BlockHashRequest { .. } => "BlockHashRequest",
+            Msg::BlockHashes { .. } => "BlockHashes",
         }
     }
 }
@@ -252,6 +288,7 @@ impl FrameReader {
 pub struct FrameWriter {
     stream: quinn::SendStream,
     buf: Vec<u8>,
+    limit: Option<Arc<RateLimit>>,
     pub bytes: u64,
 }
 
@@ -260,13 +297,23 @@ impl FrameWriter {
         FrameWriter {
             stream,
             buf: Vec::new(),
+            limit: None,
             bytes: 0,
         }
+    }
+
+    /// Holds every frame to the pair's bandwidth cap.
+    pub fn with_limit(mut self, limit: Option<Arc<RateLimit>>) -> Self {
+        self.limit = limit;
+        self
     }
 
     pub async fn send(&mut self, msg: &Msg) -> Result<u64, WireError> {
         self.buf.clear();
         encode_frame(msg, &mut self.buf)?;
+        if let Some(l) = &self.limit {
+            l.take(self.buf.len() as u64).await;
+        }
         self.stream
             .write_all(&self.buf)
             .await
@@ -337,6 +384,34 @@ mod tests {
                 hash,
                 payload: Payload::Zero
             }),
+            (
+                any::<u64>(),
+                hash.clone(),
+                proptest::collection::vec(any::<u8>(), 0..3),
+                proptest::collection::vec(any::<u8>(), 0..3000)
+            )
+                .prop_map(|(index, hash, m, d)| Msg::Chunk {
+                    index,
+                    hash,
+                    payload: Payload::Patch {
+                        mask: ByteBuf::from(m),
+                        data: ByteBuf::from(d)
+                    },
+                }),
+            (".{0,10}", ".{0,10}", any::<u64>(), any::<u32>()).prop_map(
+                |(protection, volume, size, chunk_size)| Msg::RefineOpen {
+                    protection,
+                    volume,
+                    size,
+                    chunk_size
+                }
+            ),
+            (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..600)).prop_map(
+                |(index, p)| Msg::BlockHashes {
+                    index,
+                    packed: ByteBuf::from(p)
+                }
+            ),
             (".{0,10}", any::<u64>(), hash).prop_map(|(volume, chunk_count, root)| Msg::End {
                 volume,
                 chunk_count,

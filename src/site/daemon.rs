@@ -51,6 +51,7 @@ pub async fn run(config: Config) -> Result<()> {
                 ep.clone(),
                 peer.address,
                 peer.server_name.clone(),
+                peer.max_bandwidth,
             ));
             for p in &site.config.protections {
                 let (tx, rx) = mpsc::channel(16);

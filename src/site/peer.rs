@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::sync::Mutex;
 
+use crate::net::limit::RateLimit;
 use crate::net::quic;
 use crate::net::wire::{FrameReader, FrameWriter, Msg, PROTOCOL_VERSION};
 use crate::site::Site;
@@ -18,16 +19,34 @@ pub struct PeerLink {
     address: SocketAddr,
     server_name: String,
     conn: Mutex<Option<quinn::Connection>>,
+    /// The pair's bandwidth cap, shared by every cycle's streams.
+    pub limit: Option<Arc<RateLimit>>,
 }
 
 impl PeerLink {
-    pub fn new(endpoint: quinn::Endpoint, address: SocketAddr, server_name: String) -> Self {
+    pub fn new(
+        endpoint: quinn::Endpoint,
+        address: SocketAddr,
+        server_name: String,
+        max_bandwidth: Option<u64>,
+    ) -> Self {
         PeerLink {
             endpoint,
             address,
             server_name,
             conn: Mutex::new(None),
+            limit: max_bandwidth.map(|b| Arc::new(RateLimit::new(b))),
         }
+    }
+
+    /// Bytes per second the link can carry, as far as this site knows: the congestion
+    /// window over the round-trip time, and never more than the cap.
+    pub fn bandwidth_estimate(&self, conn: &quinn::Connection) -> f64 {
+        let rtt = conn.rtt().as_secs_f64().max(1e-6);
+        let est = conn.stats().path.cwnd as f64 / rtt;
+        self.limit
+            .as_ref()
+            .map_or(est, |l| est.min(l.bytes_per_sec()))
     }
 
     /// The live connection, connecting (and saying hello) if there is none.

@@ -17,7 +17,8 @@ use crate::config::Protection;
 use crate::engine::chunk::{zero_hash, Geometry, RootHasher, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use crate::engine::diff::BaseCursor;
 use crate::engine::index::SegmentBuilder;
-use crate::engine::scan::{scan_file, volume_size};
+use crate::engine::refine;
+use crate::engine::scan::{scan_file, volume_size, Encode};
 use crate::failpoint;
 use crate::ids::{now_ms, ChunkHash, Epoch, Gen};
 use crate::metrics::ErrorKind;
@@ -159,6 +160,23 @@ async fn hello(site: &Site, conn: &quinn::Connection) -> anyhow::Result<String> 
 async fn stream(site: Arc<Site>, peer: String, mut w: FrameWriter, mut r: FrameReader) {
     let (protection, epoch) = match r.next().await {
         Ok(Some(Msg::Prepare { protection, epoch })) => (protection, epoch),
+        Ok(Some(Msg::RefineOpen {
+            protection,
+            volume,
+            size,
+            chunk_size,
+        })) => {
+            if let Err(e) =
+                serve_block_hashes(&site, &protection, &volume, size, chunk_size, w, r).await
+            {
+                let e = match e {
+                    Fail::Refuse(refusal, _) => refusal.to_string(),
+                    Fail::Error(e) => e.to_string(),
+                };
+                tracing::warn!(peer = %peer, protection = %protection, volume = %volume, error = %e, "refinement stream failed");
+            }
+            return;
+        }
         Ok(None) => return,
         Ok(Some(other)) => {
             let _ = w
@@ -213,6 +231,90 @@ async fn stream(site: Arc<Site>, peer: String, mut w: FrameWriter, mut r: FrameR
     let _ = w.send(&Msg::Refused(refusal)).await;
     w.finish();
     r.stop();
+}
+
+/// Answers a refinement stream: for each requested chunk, the block hashes of this site's
+/// replica, in request order. Read-only: whatever it answers, the chunk stream verifies
+/// every patched chunk against its full hash before staging it.
+async fn serve_block_hashes(
+    site: &Arc<Site>,
+    protection: &str,
+    volume: &str,
+    size: u64,
+    chunk_size: u32,
+    mut w: FrameWriter,
+    mut r: FrameReader,
+) -> R<()> {
+    let refuse = |refusal: Refusal| Fail::Refuse(refusal, ErrorKind::Refused);
+    let prot = site
+        .config
+        .protection(protection)
+        .ok_or_else(|| refuse(Refusal::UnknownProtection(protection.to_string())))?;
+    let path = prot
+        .volumes
+        .iter()
+        .find(|v| v.name.as_str() == volume)
+        .map(|v| v.path.clone())
+        .ok_or_else(|| {
+            let names: Vec<&str> = prot.volumes.iter().map(|v| v.name.as_str()).collect();
+            refuse(Refusal::UnknownVolume(volume.to_string(), names.join(", ")))
+        })?;
+    if let Err(Fail::Refuse(refusal, _)) = check_chunk_size(chunk_size) {
+        let _ = w.send(&Msg::Refused(refusal.clone())).await;
+        return Err(refuse(refusal));
+    }
+    let geometry = Geometry::new(size, chunk_size);
+    let (req_tx, mut req_rx) = mpsc::channel::<u64>(64);
+    let (resp_tx, mut resp_rx) = mpsc::channel::<Msg>(64);
+    let worker = tokio::task::spawn_blocking(move || {
+        // No replica (or an unreadable one): empty answers, and the chunks go whole.
+        let f = std::fs::File::open(&path).ok();
+        while let Some(index) = req_rx.blocking_recv() {
+            let packed = match &f {
+                Some(f) if index < geometry.chunk_count() => {
+                    replica::read_chunk(f, geometry.offset(index), geometry.len(index))
+                        .map(|c| refine::block_hashes(&c))
+                        .unwrap_or_default()
+                }
+                _ => Vec::new(),
+            };
+            let answer = Msg::BlockHashes {
+                index,
+                packed: ByteBuf::from(packed),
+            };
+            if resp_tx.blocking_send(answer).is_err() {
+                break;
+            }
+        }
+    });
+    let reading = async move {
+        while let Some(m) = peer_err(r.next().await)? {
+            match m {
+                Msg::BlockHashRequest { index } => {
+                    if req_tx.send(index).await.is_err() {
+                        break;
+                    }
+                }
+                other => {
+                    return Err(invalid(format!(
+                        "unexpected {} on a refinement stream",
+                        other.kind()
+                    )))
+                }
+            }
+        }
+        Ok(())
+    };
+    let writing = async {
+        while let Some(m) = resp_rx.recv().await {
+            peer_err(w.send(&m).await)?;
+        }
+        w.finish();
+        Ok(())
+    };
+    let result = tokio::try_join!(reading, writing).map(|_| ());
+    worker.await.kind(ErrorKind::Io)?;
+    result
 }
 
 fn persist(store: &Store, prot: &str, rec: &ProtectionRecord) -> R<()> {
@@ -635,7 +737,7 @@ fn hash_replica(
             Ok(())
         },
         &progress,
-        None,
+        Encode::default(),
     )
     .with_context(|| format!("hash replica {}", path.display()))?;
     if let Some((no, seg)) = builder.finish() {
@@ -747,6 +849,14 @@ fn free_space(path: &std::path::Path) -> std::io::Result<u64> {
     Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
+/// A verified chunk, as it is kept until the group commit.
+enum Staged<'a> {
+    Data(&'a [u8]),
+    Zero,
+    /// Block bitmap and blocks over the replica's chunk.
+    Patch(&'a [u8], &'a [u8]),
+}
+
 /// Where verified chunks go: a staging log, or a fresh replica written in place.
 enum Sink {
     Log(StagingWriter),
@@ -760,11 +870,19 @@ impl Sink {
         index: u64,
         hash: &ChunkHash,
         len: u32,
-        bytes: Option<&[u8]>,
+        staged: Staged,
     ) -> anyhow::Result<()> {
-        match self {
-            Sink::Log(w) => w.append(index, hash, len, bytes),
-            Sink::Fresh(f) => f.write(geometry.offset(index), bytes),
+        match (self, staged) {
+            (Sink::Log(w), Staged::Data(b)) => w.append(index, hash, len, Some(b)),
+            (Sink::Log(w), Staged::Zero) => w.append(index, hash, len, None),
+            (Sink::Log(w), Staged::Patch(mask, data)) => {
+                w.append_patch(index, hash, len, mask, data)
+            }
+            (Sink::Fresh(f), Staged::Data(b)) => f.write(geometry.offset(index), Some(b)),
+            (Sink::Fresh(f), Staged::Zero) => f.write(geometry.offset(index), None),
+            (Sink::Fresh(_), Staged::Patch(..)) => {
+                Err(anyhow!("chunk {index}: a patch cannot start a new replica"))
+            }
         }
     }
     fn bytes(&self) -> u64 {
@@ -807,6 +925,12 @@ fn stage(
         Sink::Fresh(FreshReplica::create(&target.replica, geometry.size).kind(ErrorKind::Io)?)
     } else {
         Sink::Log(StagingWriter::create(&target.log, geometry).kind(ErrorKind::Io)?)
+    };
+    // Patches complete chunks of the replica as it is (the consistent point).
+    let base_file = if target.fresh {
+        None
+    } else {
+        std::fs::File::open(&target.replica).ok()
     };
     // A fresh replica's blocks are written, not promised: no reservation needed.
     let mut reserver = if target.fresh {
@@ -869,13 +993,16 @@ fn stage(
                     )));
                 }
                 let len = geometry.len(index);
+                let mismatch = || {
+                    verify(format!("volume {vol}: chunk {index} does not match its hash; nothing of this gen was applied"))
+                };
                 let inflated;
-                let bytes = match &payload {
+                let staged = match &payload {
                     Payload::Data(b) => {
                         if b.len() != len as usize || ChunkHash::of(b) != hash {
-                            return Err(verify(format!("volume {vol}: chunk {index} does not match its hash; nothing of this gen was applied")));
+                            return Err(mismatch());
                         }
-                        Some(&b[..])
+                        Staged::Data(&b[..])
                     }
                     Payload::Zstd(z) => {
                         // Bounded by the chunk's length: a hostile stream cannot inflate memory.
@@ -883,9 +1010,9 @@ fn stage(
                             verify(format!("volume {vol}: compressed chunk {index}: {e}"))
                         })?;
                         if ChunkHash::of(&inflated) != hash {
-                            return Err(verify(format!("volume {vol}: chunk {index} does not match its hash; nothing of this gen was applied")));
+                            return Err(mismatch());
                         }
-                        Some(&inflated[..])
+                        Staged::Data(&inflated[..])
                     }
                     Payload::Zero => {
                         if zero_hash(len) != hash {
@@ -893,11 +1020,33 @@ fn stage(
                                 "volume {vol}: zero marker {index} carries a non-zero hash"
                             )));
                         }
-                        None
+                        Staged::Zero
+                    }
+                    Payload::Patch { mask, data } | Payload::PatchZstd { mask, data } => {
+                        let bad = |e: String| verify(format!("volume {vol}: patch {index}: {e}"));
+                        let need = refine::patch_data_len(len as usize, mask).map_err(bad)?;
+                        let data = if matches!(payload, Payload::PatchZstd { .. }) {
+                            inflated = crate::engine::compress::decompress(data, need as u32)
+                                .map_err(bad)?;
+                            &inflated[..]
+                        } else {
+                            &data[..]
+                        };
+                        let Some(f) = &base_file else {
+                            return Err(bad("this site has no replica to patch".into()));
+                        };
+                        let mut chunk = replica::read_chunk(f, geometry.offset(index), len)
+                            .with_context(|| format!("volume {vol}: read replica chunk {index}"))
+                            .kind(ErrorKind::Io)?;
+                        refine::apply(&mut chunk, mask, data).map_err(bad)?;
+                        if ChunkHash::of(&chunk) != hash {
+                            return Err(mismatch());
+                        }
+                        Staged::Patch(mask, data)
                     }
                 };
                 // Reserve replica blocks now, so a full replica disk fails before the group commit.
-                if bytes.is_some() {
+                if !matches!(staged, Staged::Zero) {
                     reserver
                         .reserve(geometry.offset(index), len)
                         .with_context(|| {
@@ -921,7 +1070,7 @@ fn stage(
                     }
                 }
                 writer
-                    .append(geometry, index, &hash, len, bytes)
+                    .append(geometry, index, &hash, len, staged)
                     .kind(ErrorKind::Io)?;
                 push(hash, &mut builder, &mut root)?;
                 next = index + 1;

@@ -11,14 +11,16 @@ use anyhow::{anyhow, Context};
 use serde_bytes::ByteBuf;
 use tokio::sync::mpsc;
 
-use crate::config::Protection;
+use crate::config::{Protection, Refine, REFINE_AUTO_BELOW};
 use crate::engine::chunk::{Geometry, RootHasher};
 use crate::engine::compress::Compressor;
 use crate::engine::diff::BaseCursor;
 use crate::engine::index::{Segment, SegmentBuilder};
-use crate::engine::scan::{scan_file, Content, Scanned};
+use crate::engine::refine;
+use crate::engine::scan::{scan_file, Content, Encode, Scanned};
 use crate::ids::{now_ms, CycleId, Gen, Point};
 use crate::metrics::ErrorKind;
+use crate::net::limit::RateLimit;
 use crate::net::wire::{FrameReader, FrameWriter, Msg, Payload, Refusal, VolumeMeta, WireError};
 use crate::site::peer::PeerLink;
 use crate::site::status::{method_name, CycleReport, VolumeReport};
@@ -83,7 +85,7 @@ pub async fn run_cycle(
     let conn = peer.connection(site).await.kind(ErrorKind::Peer)?;
     let wire_start = conn.stats().udp_tx.bytes;
     let (send, recv) = conn.open_bi().await.kind(ErrorKind::Peer)?;
-    let mut w = FrameWriter::new(send);
+    let mut w = FrameWriter::new(send).with_limit(peer.limit.clone());
     let mut r = FrameReader::new(recv);
     wire(
         w.send(&Msg::Prepare {
@@ -159,10 +161,22 @@ pub async fn run_cycle(
     )?;
 
     let transfer_started = Instant::now();
+    let link = peer.bandwidth_estimate(&conn);
+    let refine = match prot.refine {
+        Refine::On => true,
+        Refine::Off => false,
+        Refine::Auto => link < REFINE_AUTO_BELOW,
+    };
     let mut report = CycleReport {
         gen: gen.0,
         started_at_ms: now_ms(),
+        refine,
         ..Default::default()
+    };
+    let side = Side {
+        conn: &conn,
+        limit: peer.limit.clone(),
+        refine,
     };
     let mut volumes = BTreeMap::new();
     for (i, v) in snap.volumes.iter().enumerate() {
@@ -181,6 +195,7 @@ pub async fn run_cycle(
             &snap,
             i,
             base.as_ref(),
+            &side,
             &mut w,
             &mut r,
             &mut report,
@@ -318,6 +333,7 @@ async fn send_volume(
     snap: &GroupSnapshot,
     i: usize,
     base: Option<&PointRecord>,
+    side: &Side<'_>,
     w: &mut FrameWriter,
     r: &mut FrameReader,
     report: &mut CycleReport,
@@ -355,7 +371,9 @@ async fn send_volume(
         format!("primary-sending:{}", v.name),
     );
     let progress = Arc::new(AtomicU64::new(0));
-    let compressor = prot.compression.then(Compressor::default);
+    let compressor = prot.compression.then(|| Arc::new(Compressor::default()));
+    let scan_compressor = compressor.clone();
+    let raw_if_based = side.refine;
     let shown = (progress.clone(), v.size);
     site.live
         .update(prot.name.as_str(), |l| l.progress = Some(shown));
@@ -384,7 +402,10 @@ async fn send_volume(
                 Ok(())
             },
             &progress,
-            compressor.as_ref(),
+            Encode {
+                compressor: scan_compressor.as_deref(),
+                raw_if_based,
+            },
         )?;
         if let Some((no, seg)) = builder.finish() {
             store.write_segment(&name, &vol, gen, no, &seg)?;
@@ -392,28 +413,84 @@ async fn send_volume(
         Ok((stats, root.finish()))
     });
 
-    let mut sent = 0u64;
-    while let Some(s) = rx.recv().await {
-        let payload = match s.content {
-            Content::Zero => {
-                report.zero_chunks_sent += 1;
-                Payload::Zero
+    // Refinement: a second stream asks the DR site for block hashes of each changed chunk
+    // the replica has, ahead of the chunk writer, which turns the answers into patches.
+    let mut refine_stream = if side.refine {
+        let (send, recv) = side.conn.open_bi().await.kind(ErrorKind::Peer)?;
+        let mut rw = FrameWriter::new(send).with_limit(side.limit.clone());
+        wire(
+            rw.send(&Msg::RefineOpen {
+                protection: prot.name.to_string(),
+                volume: v.name.clone(),
+                size: v.size,
+                chunk_size: prot.chunk_size,
+            })
+            .await,
+        )?;
+        Some((rw, FrameReader::new(recv)))
+    } else {
+        None
+    };
+    let (mut ask, mut answers) = match refine_stream.take() {
+        Some((rw, rr)) => (Some(rw), Some(rr)),
+        None => (None, None),
+    };
+    let (qtx, mut qrx) = mpsc::channel::<(Scanned, bool)>(REFINE_WINDOW);
+    let requester = async move {
+        while let Some(s) = rx.recv().await {
+            let asked = ask.is_some() && s.based && matches!(s.content, Content::Data(_));
+            if let (true, Some(rw)) = (asked, ask.as_mut()) {
+                wire(rw.send(&Msg::BlockHashRequest { index: s.index }).await)?;
             }
-            Content::Data(b) => Payload::Data(ByteBuf::from(b)),
-            Content::Compressed(z) => Payload::Zstd(ByteBuf::from(z)),
-            Content::Unchanged => continue,
-        };
-        let msg = Msg::Chunk {
-            index: s.index,
-            hash: s.hash,
-            payload,
-        };
-        match w.send(&msg).await {
-            Ok(n) => sent += n,
-            Err(e) => return Err(stream_failure(e, r).await),
+            if qtx.send((s, asked)).await.is_err() {
+                break; // the chunk writer stopped; its error says why
+            }
         }
-        report.chunks_sent += 1;
-    }
+        if let Some(rw) = ask.as_mut() {
+            rw.finish();
+        }
+        Ok::<(), KindError>(())
+    };
+    let mut sent = 0u64;
+    let writer = async {
+        while let Some((s, asked)) = qrx.recv().await {
+            let payload = match s.content {
+                Content::Zero => {
+                    report.zero_chunks_sent += 1;
+                    Payload::Zero
+                }
+                Content::Data(b) if asked => {
+                    let rr = answers.as_mut().expect("asked on the refine stream");
+                    let theirs = match wire(rr.expect("BlockHashes").await)? {
+                        Msg::BlockHashes { index, packed } if index == s.index => packed,
+                        Msg::Refused(reason) => {
+                            return Err(KindError {
+                                kind: ErrorKind::Refused,
+                                error: anyhow!("DR site refused refinement: {reason}"),
+                            })
+                        }
+                        other => return Err(protocol(other.kind(), "BlockHashes")),
+                    };
+                    encode_refined(s.index, b, &theirs, compressor.as_deref(), report)
+                }
+                Content::Data(b) => Payload::Data(ByteBuf::from(b)),
+                Content::Compressed(z) => Payload::Zstd(ByteBuf::from(z)),
+                Content::Unchanged => continue,
+            };
+            let msg = Msg::Chunk {
+                index: s.index,
+                hash: s.hash,
+                payload,
+            };
+            match w.send(&msg).await {
+                Ok(n) => sent += n,
+                Err(e) => return Err(stream_failure(e, r).await),
+            }
+            report.chunks_sent += 1;
+        }
+        Ok(())
+    };
+    tokio::try_join!(requester, writer)?;
     let (stats, root) = scan
         .await
         .kind(ErrorKind::Io)?
@@ -466,6 +543,49 @@ async fn send_volume(
             chunk_bytes_sent: sent,
         },
     ))
+}
+
+/// Changed chunks in flight between the block-hash request and the chunk writer: 1024 x
+/// 64 KiB bounds the memory at 64 MiB and covers a round trip of 64 MiB of chunks.
+const REFINE_WINDOW: usize = 1024;
+
+/// What the chunk writer needs beyond the cycle's own stream.
+struct Side<'a> {
+    conn: &'a quinn::Connection,
+    limit: Option<Arc<RateLimit>>,
+    refine: bool,
+}
+
+/// A chunk the DR replica has an older version of: only the blocks that differ, compressed
+/// where that pays; the whole chunk when every block changed.
+fn encode_refined(
+    index: u64,
+    raw: Vec<u8>,
+    theirs: &[u8],
+    compressor: Option<&Compressor>,
+    report: &mut CycleReport,
+) -> Payload {
+    match refine::diff(&raw, theirs) {
+        Some(p) => {
+            report.refined_chunks += 1;
+            report.refine_saved_bytes += (raw.len() - p.data.len()) as u64;
+            let mask = ByteBuf::from(p.mask);
+            match compressor.and_then(|c| c.compress(index, &p.data)) {
+                Some(z) => Payload::PatchZstd {
+                    mask,
+                    data: ByteBuf::from(z),
+                },
+                None => Payload::Patch {
+                    mask,
+                    data: ByteBuf::from(p.data),
+                },
+            }
+        }
+        None => match compressor.and_then(|c| c.compress(index, &raw)) {
+            Some(z) => Payload::Zstd(ByteBuf::from(z)),
+            None => Payload::Data(ByteBuf::from(raw)),
+        },
+    }
 }
 
 /// After a failed write, the DR site may have said why before closing the stream.

@@ -48,6 +48,12 @@ pub struct CycleReport {
     pub compressed_chunks: u64,
     /// Raw bytes of compressed chunks minus what was sent for them.
     pub compression_saved_bytes: u64,
+    /// Whether changed chunks were refined into 4 KiB block patches this cycle.
+    pub refine: bool,
+    /// Chunks sent as block patches.
+    pub refined_chunks: u64,
+    /// Bytes of those chunks that did not need sending (unchanged blocks).
+    pub refine_saved_bytes: u64,
     pub volumes: Vec<VolumeReport>,
 }
 

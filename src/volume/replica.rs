@@ -8,13 +8,16 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use crate::engine::refine;
 use crate::engine::scan::volume_size;
+use crate::ids::ChunkHash;
 use crate::volume::staging::{Record, StagingReader};
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ApplyStats {
     pub data_chunks: u64,
     pub zero_chunks: u64,
+    pub patched_chunks: u64,
     pub bytes_written: u64,
 }
 
@@ -91,6 +94,22 @@ fn write_zeros(f: &File, off: u64, len: u32, is_file: bool) -> std::io::Result<(
         }
     }
     f.write_all_at(&vec![0u8; len as usize], off)
+}
+
+/// Reads `len` bytes at `off`; bytes past the end of the file read as zeros (a replica
+/// shorter than the volume it is growing into).
+pub fn read_chunk(f: &File, off: u64, len: u32) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len as usize];
+    let mut at = 0;
+    while at < buf.len() {
+        match f.read_at(&mut buf[at..], off + at as u64) {
+            Ok(0) => break,
+            Ok(n) => at += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(buf)
 }
 
 /// Where a replica that does not exist yet is built by its first full sync: next to it, on
@@ -219,6 +238,40 @@ pub fn apply(log: &Path, replica: &Path) -> Result<ApplyStats> {
                 })?;
                 stats.zero_chunks += 1;
             }
+            Record::Patch {
+                index,
+                hash,
+                len,
+                mask,
+                data,
+            } => {
+                // Overlaying the same blocks again gives the same chunk, so a redo after a
+                // torn write of this very patch still verifies.
+                let off = geometry.offset(index);
+                let mut chunk = read_chunk(&f, off, len).with_context(|| {
+                    format!("read chunk {index} of replica {}", replica.display())
+                })?;
+                let place = refine::ranges(len as usize, &mask, data.len())
+                    .map_err(|e| anyhow::anyhow!("patch {index}: {e}"))?;
+                for (dst, src) in &place {
+                    chunk[dst.clone()].copy_from_slice(&data[src.clone()]);
+                }
+                if ChunkHash::of(&chunk) != hash {
+                    bail!(
+                        "{}: patch {index} over replica {} does not match its hash; refusing to apply it",
+                        log.display(),
+                        replica.display()
+                    );
+                }
+                for (dst, src) in place {
+                    f.write_all_at(&data[src], off + dst.start as u64)
+                        .with_context(|| {
+                            format!("write chunk {index} to replica {}", replica.display())
+                        })?;
+                }
+                stats.patched_chunks += 1;
+                stats.bytes_written += data.len() as u64;
+            }
         }
     }
     if is_file {
@@ -234,7 +287,6 @@ pub fn apply(log: &Path, replica: &Path) -> Result<ApplyStats> {
 mod tests {
     use super::*;
     use crate::engine::chunk::{zero_hash, Geometry};
-    use crate::ids::ChunkHash;
     use crate::volume::staging::StagingWriter;
 
     #[test]
@@ -262,6 +314,42 @@ mod tests {
         expect.extend(vec![1u8; 4096]);
         expect.extend(&tail);
         assert_eq!(once, expect);
+    }
+
+    #[test]
+    fn a_patch_redone_over_a_torn_write_gives_the_same_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Geometry::new(16384, 16384);
+        let old: Vec<u8> = (0..16384u32).map(|i| (i % 251) as u8).collect();
+        let mut new = old.clone();
+        new[100] ^= 0xff; // block 0
+        new[12_000] ^= 0xff; // block 2
+        let p =
+            crate::engine::refine::diff(&new, &crate::engine::refine::block_hashes(&old)).unwrap();
+        let log = dir.path().join("v.log");
+        let mut w = StagingWriter::create(&log, g).unwrap();
+        w.append_patch(0, &ChunkHash::of(&new), 16384, &p.mask, &p.data)
+            .unwrap();
+        w.finish().unwrap();
+        let replica = dir.path().join("r.img");
+        // A crash wrote block 0 of the patch but not block 2.
+        let mut torn = old.clone();
+        torn[..4096].copy_from_slice(&new[..4096]);
+        std::fs::write(&replica, &torn).unwrap();
+        apply(&log, &replica).unwrap();
+        assert_eq!(std::fs::read(&replica).unwrap(), new);
+        apply(&log, &replica).unwrap();
+        assert_eq!(std::fs::read(&replica).unwrap(), new);
+        // Over a chunk that is not the base it was made for, the patch is refused.
+        let mut other = old.clone();
+        other[5000] ^= 1; // block 1, which the patch does not carry
+        std::fs::write(&replica, &other).unwrap();
+        let err = apply(&log, &replica).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("does not match its hash"),
+            "{err:#}"
+        );
+        assert_eq!(std::fs::read(&replica).unwrap(), other);
     }
 
     #[test]

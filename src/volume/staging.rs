@@ -3,8 +3,10 @@
 //! an idempotent redo, so a crash during apply is finished at restart.
 //!
 //! Format: header `LBSTAGE1`, volume size (u64 LE), chunk size (u32 LE); then records of
-//! kind (u8: 1 data, 2 zero), index (u64 LE), length (u32 LE), blake3 (32 bytes), and for
-//! data the bytes. Every record is re-verified when read back.
+//! kind (u8: 1 data, 2 zero, 3 patch), index (u64 LE), length (u32 LE), blake3 (32 bytes),
+//! for data the bytes, for a patch its block bitmap and blocks. Data and zero records are
+//! re-verified when read back; a patch is verified when applied, against the replica chunk
+//! it completes (the hash is of the whole new chunk).
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -13,11 +15,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::engine::chunk::{zero_hash, Geometry};
+use crate::engine::refine;
 use crate::ids::ChunkHash;
 
 const MAGIC: &[u8; 8] = b"LBSTAGE1";
 const KIND_DATA: u8 = 1;
 const KIND_ZERO: u8 = 2;
+const KIND_PATCH: u8 = 3;
 
 pub enum Record {
     Data {
@@ -28,6 +32,14 @@ pub enum Record {
     Zero {
         index: u64,
         len: u32,
+    },
+    /// Blocks of a chunk that differ from the replica's (see [`crate::engine::refine`]).
+    Patch {
+        index: u64,
+        hash: ChunkHash,
+        len: u32,
+        mask: Vec<u8>,
+        data: Vec<u8>,
     },
 }
 
@@ -88,6 +100,30 @@ impl StagingWriter {
         res.with_context(|| format!("append to staging log {}", self.path.display()))?;
         self.records += 1;
         self.bytes += 45 + bytes.map_or(0, |b| b.len() as u64);
+        Ok(())
+    }
+
+    /// Appends a verified patch: the blocks of chunk `index` that differ from the replica.
+    pub fn append_patch(
+        &mut self,
+        index: u64,
+        hash: &ChunkHash,
+        len: u32,
+        mask: &[u8],
+        data: &[u8],
+    ) -> Result<()> {
+        let w = &mut self.out;
+        let res = (|| -> std::io::Result<()> {
+            w.write_all(&[KIND_PATCH])?;
+            w.write_all(&index.to_le_bytes())?;
+            w.write_all(&len.to_le_bytes())?;
+            w.write_all(&hash.0)?;
+            w.write_all(mask)?;
+            w.write_all(data)
+        })();
+        res.with_context(|| format!("append to staging log {}", self.path.display()))?;
+        self.records += 1;
+        self.bytes += 45 + (mask.len() + data.len()) as u64;
         Ok(())
     }
 
@@ -172,6 +208,25 @@ impl StagingReader {
                     );
                 }
                 Ok(Some(Record::Zero { index, len }))
+            }
+            KIND_PATCH => {
+                let mut mask = vec![0u8; refine::mask_len(len as usize)];
+                self.input.read_exact(&mut mask).with_context(|| {
+                    format!("truncated patch {index} in {}", self.path.display())
+                })?;
+                let data_len = refine::patch_data_len(len as usize, &mask)
+                    .map_err(|e| anyhow::anyhow!("{}: patch {index}: {e}", self.path.display()))?;
+                let mut data = vec![0u8; data_len];
+                self.input.read_exact(&mut data).with_context(|| {
+                    format!("truncated patch {index} in {}", self.path.display())
+                })?;
+                Ok(Some(Record::Patch {
+                    index,
+                    hash,
+                    len,
+                    mask,
+                    data,
+                }))
             }
             k => bail!("{}: unknown record kind {k}", self.path.display()),
         }
