@@ -7,6 +7,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use support::relay::Xfs;
 use support::*;
 
 fn run(cmd: &str, args: &[&str]) -> String {
@@ -20,38 +21,6 @@ fn run(cmd: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// An XFS file system on a loop device, mounted for the test.
-struct Xfs {
-    mnt: PathBuf,
-}
-
-impl Xfs {
-    fn new(dir: &Path) -> Xfs {
-        let img = dir.join("xfs.img");
-        let mnt = dir.join("xfs");
-        std::fs::create_dir_all(&mnt).unwrap();
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(512 << 20)
-            .unwrap();
-        run(
-            "mkfs.xfs",
-            &["-q", "-m", "reflink=1", img.to_str().unwrap()],
-        );
-        run(
-            "mount",
-            &["-o", "loop", img.to_str().unwrap(), mnt.to_str().unwrap()],
-        );
-        Xfs { mnt }
-    }
-}
-
-impl Drop for Xfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mnt).status();
-    }
 }
 
 /// A loop block device over a file.
@@ -90,19 +59,35 @@ fn snapshots_on_xfs_are_reflinks_and_replicate_identically() {
         primary_protection: "snapshot = \"reflink\"\nsnapshot_dir = \"xfs/snaps\"",
         ..Default::default()
     });
-    let _xfs = Xfs::new(pair.dir.path());
+    let d = pair.dir.path();
+    let _xfs = Xfs::mount(&d.join("xfs.img"), &d.join("xfs"), 512 << 20).unwrap();
     relocate(&pair.volume("v1"), &pair.dir.path().join("xfs"));
     let mut pair = pair;
     pair.start();
     let r = pair.sync();
     assert_eq!(r.volumes[0].snapshot_method, "reflink");
     assert_eq!(pair.replica_hashes(), pair.volume_hashes());
-    scatter_writes(&pair.volume("v1"), 50, pair.chunk_size, 4);
+    let changed = scatter_writes(&pair.volume("v1"), 50, pair.chunk_size, 4);
     let r = pair.sync();
     assert_eq!(r.volumes[0].snapshot_method, "reflink");
     // The snapshot of gen 2 shares extents with the volume yet kept its own bytes.
     let snap = pair.dir.path().join("xfs/snaps").join(PROT).join("2/v1");
     assert_eq!(pair.replica_hashes(), vec![b3(&snap)]);
+    assert_eq!(pair.replica_hashes(), pair.volume_hashes());
+    // Chunks whose extents gen 1's snapshot shares were neither read nor sent; the
+    // written ones were (their extents moved).
+    let size = 32u64 << 20;
+    assert_eq!(r.bytes_changed, changed.len() as u64 * pair.chunk_size);
+    assert!(
+        r.bytes_shared >= size - changed.len() as u64 * pair.chunk_size - (4 << 20),
+        "only {} of {size} bytes recognised as shared ({r:?})",
+        r.bytes_shared
+    );
+    assert!(r.bytes_shared <= size - changed.len() as u64 * pair.chunk_size);
+    // An idle cycle reads nothing at all.
+    let idle = pair.sync();
+    assert_eq!(idle.bytes_shared, size, "{idle:?}");
+    assert_eq!(idle.chunk_bytes_sent, 0);
     assert_eq!(pair.replica_hashes(), pair.volume_hashes());
 }
 

@@ -1,12 +1,16 @@
 //! Whole-system comparison on this machine, in one run: lifeboat against rsync and the
-//! hardware limits (`cat` to /dev/null, `b3sum`, lifeboat's QUIC path), for the scenarios
-//! of the performance issue. Prints a table; `--json FILE` also writes it as JSON.
+//! hardware limits (`cat` to /dev/null, `b3sum`, lifeboat's QUIC path alone, writing the
+//! image with fsync), for the scenarios of the performance issue. Prints a table and the
+//! targets; `--json FILE` also writes it as JSON.
 //!
-//!   cargo bench --bench compare -- [--quick] [--runs N] [--json FILE]
+//!   cargo bench --bench compare -- --quick|--full [--runs N] [--json FILE] [--no-xfs]
 //!
-//! Needs rsync and b3sum (`apt-get install rsync b3sum`). Figures are medians of `--runs`;
-//! CPU is user+sys of both ends (daemons read from /proc, rsync from rusage), peak RSS is
-//! VmHWM reset before each scenario.
+//! Needs rsync, b3sum and zstd (`apt-get install rsync b3sum zstd`). As root with xfsprogs,
+//! the primary's side (image and snapshots) lives on XFS on a loop device, where snapshots
+//! are reflinks as in a production setup; `--no-xfs` keeps everything in the temp dir
+//! (copy snapshots on ext4). The DR side and rsync's destination are always in the temp
+//! dir. Figures are medians of `--runs`; CPU is user+sys of both ends (daemons read from
+//! /proc, rsync from rusage), peak RSS is VmHWM reset before each scenario.
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -23,6 +27,8 @@ use serde::Serialize;
 mod support;
 
 mod link;
+
+use support::relay::Xfs;
 
 #[derive(Serialize, Clone)]
 struct Row {
@@ -245,28 +251,114 @@ fn med_rows(rows: Vec<Row>) -> Row {
     r
 }
 
+/// The table so far; each row is also shown as it lands, so a long run shows progress.
+struct Rows(Vec<Row>);
+
+impl Rows {
+    fn push(&mut self, r: Row) {
+        eprintln!(
+            "  {:<24} {:<22} wall {:.3} s, cpu {:.3} s, wire {} B  {}",
+            r.scenario, r.tool, r.wall_s, r.cpu_s, r.wire_bytes, r.note
+        );
+        self.0.push(r);
+    }
+
+    fn last_mut(&mut self) -> Option<&mut Row> {
+        self.0.last_mut()
+    }
+}
+
+fn flag(args: &[String], name: &str) -> bool {
+    args.iter().any(|a| a == name)
+}
+
+fn value(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+fn pressure() -> String {
+    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let psi = fs::read_to_string("/proc/pressure/cpu").unwrap_or_default();
+    let some = psi.lines().next().unwrap_or("").replace("some ", "");
+    format!(
+        "load {} | cpu pressure {}",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        some
+    )
+}
+
+fn baseline(tool: &str, wall_s: f64, cpu_s: f64, note: &str) -> Row {
+    Row {
+        scenario: "baseline".into(),
+        tool: tool.into(),
+        wall_s,
+        cpu_s,
+        wire_bytes: 0,
+        rss_primary_mib: 0.0,
+        rss_dr_mib: 0.0,
+        note: note.into(),
+    }
+}
+
+/// Sum of `zstd -1` of each chunk on its own: what per-chunk compression can reach.
+fn zstd_chunks(path: &Path, chunk: usize) -> u64 {
+    let f = File::open(path).unwrap();
+    let size = f.metadata().unwrap().len();
+    let mut buf = vec![0u8; chunk];
+    let mut total = 0u64;
+    let mut off = 0u64;
+    while off < size {
+        let n = ((size - off) as usize).min(chunk);
+        f.read_exact_at(&mut buf[..n], off).unwrap();
+        total += zstd::bulk::compress(&buf[..n], 1).unwrap().len() as u64;
+        off += n as u64;
+    }
+    total
+}
+
+/// `size` bytes of compressible data: a tar of /usr, repeated if /usr is smaller.
+fn usr_tar(path: &Path, size: u64) {
+    use std::io::Read;
+    let mut out = File::create(path).unwrap();
+    let mut left = size;
+    while left > 0 {
+        let mut tar = Command::new("tar")
+            .args(["cf", "-", "/usr"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run tar");
+        let stdout = tar.stdout.take().unwrap();
+        let n = std::io::copy(&mut stdout.take(left), &mut out).unwrap();
+        let _ = tar.kill();
+        let _ = tar.wait();
+        assert!(n > 0, "tar of /usr produced nothing");
+        left -= n;
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--bench")
-        && !args.iter().any(|a| a == "--quick" || a == "--full")
+    if flag(&args, "--bench")
+        && !flag(&args, "--quick")
+        && !flag(&args, "--full")
         && std::env::var("LIFEBOAT_BENCH").is_err()
     {
         // `cargo bench` with no arguments runs every bench; this one takes minutes.
         eprintln!("compare: skipped; run `cargo bench --bench compare -- --quick` (1 GiB) or `-- --full` (4 GiB)");
         return;
     }
-    let quick = args.iter().any(|a| a == "--quick");
-    let runs: usize = args
-        .iter()
-        .position(|a| a == "--runs")
-        .and_then(|i| args.get(i + 1))
+    let quick = flag(&args, "--quick");
+    let runs: usize = value(&args, "--runs")
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    let json = args
-        .iter()
-        .position(|a| a == "--json")
-        .and_then(|i| args.get(i + 1))
-        .cloned();
+    let json = value(&args, "--json");
     let size: u64 = if quick { 1 << 30 } else { 4 << 30 };
     let base = std::env::var("LIFEBOAT_BENCH_DIR")
         .map(PathBuf::from)
@@ -276,68 +368,91 @@ fn main() {
         .tempdir_in(base)
         .unwrap();
     let dir = tmp.path();
-    let load0 = fs::read_to_string("/proc/loadavg").unwrap_or_default();
     lifeboat::net::tls::generate(&dir.join("certs"), &["primary".into(), "dr".into()], &[])
         .unwrap();
-    if args.iter().any(|a| a == "--link-only") {
+    if flag(&args, "--link-only") {
         let v: Vec<f64> = (0..runs)
             .map(|_| link::quic_path_seconds(&dir.join("certs"), size))
             .collect();
-        println!(
-            "QUIC path: {:.3} s for {} ({:.0} MiB/s)",
-            median(v.clone()),
-            size,
-            size as f64 / median(v) / 1048576.0
-        );
+        println!("QUIC path: {:.3} s for {size} bytes", median(v));
         return;
     }
-    let image = dir.join("image");
+    // The primary's side: XFS with reflink where we can, as production would run it.
+    let xfs = if flag(&args, "--no-xfs") {
+        None
+    } else {
+        match Xfs::mount(&dir.join("xfs.img"), &dir.join("src"), 3 * size + (1 << 30)) {
+            Ok(x) => Some(x),
+            Err(e) => {
+                eprintln!("compare: no XFS ({e}); the primary's snapshots will be copies");
+                None
+            }
+        }
+    };
+    let src = xfs.as_ref().map_or(dir.to_path_buf(), |x| x.mnt.clone());
+    let fs_note = if xfs.is_some() {
+        "primary on XFS (loop device, reflink snapshots), DR on the temp dir's file system"
+    } else {
+        "everything on the temp dir's file system"
+    };
+    let image = src.join("image");
     let replica = dir.join("replica");
     eprintln!(
-        "compare: {} image, {runs} run(s) per figure, in {}",
+        "compare: {} image, {runs} run(s) per figure, {fs_note}, in {}",
         lifeboat::cli::human_bytes(size),
         dir.display()
     );
+    let pressure0 = pressure();
     support::random_file(&image, size, 1);
-    let mut rows = Vec::new();
+    let mut rows = Rows(Vec::new());
 
-    // Baselines: reading (warm) and hashing the image.
+    // Baselines: reading (warm) and hashing the image, the QUIC path, writing the replica.
     let _ = timed(Command::new("cat").arg(&image).stdout(Stdio::null()));
-    let base_row = |tool: &str, cmd: &dyn Fn() -> Command| {
-        let v: Vec<(f64, f64)> = (0..runs)
-            .map(|_| {
-                let (w, c, _) = timed(&mut cmd());
-                (w, c)
-            })
-            .collect();
-        Row {
-            scenario: "baseline".into(),
-            tool: tool.into(),
-            wall_s: median(v.iter().map(|x| x.0).collect()),
-            cpu_s: median(v.iter().map(|x| x.1).collect()),
-            wire_bytes: 0,
-            rss_primary_mib: 0.0,
-            rss_dr_mib: 0.0,
-            note: String::new(),
+    let med = |f: &mut dyn FnMut() -> (f64, f64)| {
+        let v: Vec<(f64, f64)> = (0..runs).map(|_| f()).collect();
+        (
+            median(v.iter().map(|x| x.0).collect()),
+            median(v.iter().map(|x| x.1).collect()),
+        )
+    };
+    let sh = |script: String| {
+        move || {
+            let (w, c, _) = timed(Command::new("sh").arg("-c").arg(&script));
+            (w, c)
         }
     };
-    let img = image.clone();
-    rows.push(base_row("cat", &|| {
-        let mut c = Command::new("sh");
-        c.arg("-c")
-            .arg(format!("cat {} > /dev/null", img.display()));
-        c
-    }));
-    rows.push(base_row("b3sum 1 thread", &|| {
-        let mut c = Command::new("b3sum");
-        c.args(["--num-threads", "1"]).arg(&img);
-        c
-    }));
-    rows.push(base_row("b3sum 2 threads", &|| {
-        let mut c = Command::new("b3sum");
-        c.args(["--num-threads", "2"]).arg(&img);
-        c
-    }));
+    let (w, c) = med(&mut sh(format!("cat {} > /dev/null", image.display())));
+    rows.push(baseline("cat (read)", w, c, "warm page cache"));
+    let (w, c) = med(&mut sh(format!(
+        "b3sum --num-threads 1 {}",
+        image.display()
+    )));
+    rows.push(baseline("b3sum 1 thread", w, c, ""));
+    let (w, c) = med(&mut sh(format!(
+        "b3sum --num-threads 2 {}",
+        image.display()
+    )));
+    rows.push(baseline("b3sum 2 threads", w, c, "read + hash"));
+    let (w, c) = med(&mut || (link::quic_path_seconds(&dir.join("certs"), size), 0.0));
+    rows.push(baseline(
+        "QUIC path",
+        w,
+        c,
+        "64 KiB chunk frames, loopback, mutual TLS",
+    ));
+    let out = dir.join("dd-out");
+    let (w, c) = med(&mut sh(format!(
+        "rm -f {o}; dd if={} of={o} bs=1M conv=fsync status=none",
+        image.display(),
+        o = out.display()
+    )));
+    let _ = fs::remove_file(&out);
+    rows.push(baseline(
+        "write + fsync",
+        w,
+        c,
+        "dd conv=fsync to the DR file system",
+    ));
 
     // rsync daemon on loopback.
     let rport = free_port(false);
@@ -364,30 +479,42 @@ fn main() {
     );
     std::thread::sleep(Duration::from_millis(500));
 
-    // S1: initial full sync, each run onto an empty destination.
-    let mut lb = Vec::new();
-    let mut rs = Vec::new();
-    for _ in 0..runs {
-        let _ = fs::remove_file(&replica);
-        let p = start_pair(dir, &image, &replica, "");
-        lb.push(lifeboat_cycle(&p, "S1 initial", ""));
-        drop(p);
-        let _ = fs::remove_file(dir.join("rsync-dest/img"));
-        rs.push(rsync_run(&rsyncd, rport, &image, "S1 initial"));
-    }
-    rows.push(med_rows(lb));
+    // S1: initial full sync, each run onto an empty destination; compression on and off.
+    let s1 = |img: &Path, extra: &str, scenario: &str, note: &str| {
+        let v: Vec<Row> = (0..runs)
+            .map(|_| {
+                let _ = fs::remove_file(&replica);
+                let p = start_pair(dir, img, &replica, extra);
+                lifeboat_cycle(&p, scenario, note)
+            })
+            .collect();
+        med_rows(v)
+    };
+    rows.push(s1(&image, "", "S1 initial", ""));
+    rows.last_mut().unwrap().tool = "lifeboat".into();
+    let mut off = s1(&image, "compression = \"off\"", "S1 initial", "");
+    off.tool = "lifeboat compress off".into();
+    rows.push(off);
+    let rs: Vec<Row> = (0..runs)
+        .map(|_| {
+            let _ = fs::remove_file(dir.join("rsync-dest/img"));
+            rsync_run(&rsyncd, rport, &image, "S1 initial")
+        })
+        .collect();
     rows.push(med_rows(rs));
 
-    // S3, S4, S5 on one pair that stays up, as in production.
+    // S3, S4, S5 on one pair that stays up, as in production (refine = auto).
+    let _ = fs::remove_file(&replica);
     let p = start_pair(dir, &image, &replica, "");
     p.client
         .post::<CycleReport>("/v1/protections/b/sync")
         .unwrap();
-    for (scenario, extent) in [
+    let scenarios = [
         ("S3 no change", 0u64),
         ("S4 1% random 4 KiB", 4096),
         ("S5 1% as 1 MiB extents", 1 << 20),
-    ] {
+    ];
+    for (scenario, extent) in scenarios {
         let (mut lb, mut rs) = (Vec::new(), Vec::new());
         for run in 0..runs {
             if extent > 0 {
@@ -400,20 +527,72 @@ fn main() {
         rows.push(med_rows(rs));
     }
     drop(p);
-    let load1 = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    // S4 again without refinement: whole changed chunks.
+    let _ = fs::remove_file(&replica);
+    let p = start_pair(dir, &image, &replica, "refine = \"off\"");
+    p.client
+        .post::<CycleReport>("/v1/protections/b/sync")
+        .unwrap();
+    let v: Vec<Row> = (0..runs)
+        .map(|run| {
+            change(&image, size, 4096, 200 + run as u64);
+            lifeboat_cycle(&p, "S4 1% random 4 KiB", "")
+        })
+        .collect();
+    let mut r = med_rows(v);
+    r.tool = "lifeboat refine off".into();
+    rows.push(r);
+    drop(p);
 
+    // S7: compressible data (a tar of /usr), full sync with compression on and off.
+    let tar = src.join("usr.tar");
+    usr_tar(&tar, size);
+    let zchunks = zstd_chunks(&tar, 64 << 10);
+    let (w, c) = med(&mut sh(format!(
+        "zstd -1 -q -c {} > /dev/null",
+        tar.display()
+    )));
+    let mut z = baseline("zstd -1", w, c, "whole tar, one thread");
+    z.scenario = "S7 tar of /usr".into();
+    z.wire_bytes = zchunks;
+    z.note = format!("wire = zstd -1 of each 64 KiB chunk; {}", z.note);
+    rows.push(z);
+    let mut on = s1(&tar, "", "S7 tar of /usr", "");
+    on.tool = "lifeboat".into();
+    rows.push(on);
+    let mut off = s1(&tar, "compression = \"off\"", "S7 tar of /usr", "");
+    off.tool = "lifeboat compress off".into();
+    rows.push(off);
+    let _ = fs::remove_file(&tar);
+    let pressure1 = pressure();
+
+    report(&rows.0, size, runs, fs_note, &pressure0, &pressure1, json);
+    drop(rsyncd);
+    drop(xfs);
+}
+
+fn report(
+    rows: &[Row],
+    size: u64,
+    runs: usize,
+    fs_note: &str,
+    pressure0: &str,
+    pressure1: &str,
+    json: Option<String>,
+) {
     let find = |s: &str, t: &str| {
         rows.iter()
             .find(|r| r.scenario == s && r.tool == t)
             .cloned()
+            .unwrap_or_else(|| panic!("no row {s} / {t}"))
     };
     println!(
-        "\n{:<24} {:<16} {:>9} {:>9} {:>14} {:>9} {:>9}  note",
-        "scenario", "tool", "wall s", "cpu s", "wire bytes", "rss P MiB", "rss D MiB"
+        "\n{:<24} {:<22} {:>8} {:>8} {:>14} {:>7} {:>7}  note",
+        "scenario", "tool", "wall s", "cpu s", "wire bytes", "rss P", "rss D"
     );
-    for r in &rows {
+    for r in rows {
         println!(
-            "{:<24} {:<16} {:>9.3} {:>9.3} {:>14} {:>9.1} {:>9.1}  {}",
+            "{:<24} {:<22} {:>8.3} {:>8.3} {:>14} {:>7.1} {:>7.1}  {}",
             r.scenario,
             r.tool,
             r.wall_s,
@@ -425,26 +604,142 @@ fn main() {
         );
     }
     println!(
-        "\nratios (same machine, same run; load average before: {} after: {})",
-        load0.trim(),
-        load1.trim()
+        "\n{} image, medians of {runs}; {fs_note}\nbefore: {pressure0}\nafter:  {pressure1}",
+        lifeboat::cli::human_bytes(size)
     );
-    let read_hash = find("baseline", "b3sum 2 threads")
-        .unwrap()
-        .wall_s
-        .max(find("baseline", "cat").unwrap().wall_s);
-    for s in [
-        "S1 initial",
-        "S3 no change",
-        "S4 1% random 4 KiB",
-        "S5 1% as 1 MiB extents",
-    ] {
-        let (l, r) = (find(s, "lifeboat").unwrap(), find(s, "rsync").unwrap());
-        println!("  {s:<24} wall {:.2}x rsync, cpu {:.2}x rsync, wire {:.2}x rsync, wall {:.2}x read+hash", l.wall_s / r.wall_s, l.cpu_s / r.cpu_s.max(1e-9), l.wire_bytes as f64 / r.wire_bytes.max(1) as f64, l.wall_s / read_hash);
-    }
+    let base = |t: &str| find("baseline", t).wall_s;
+    let read_hash = base("b3sum 2 threads").max(base("cat (read)"));
+    let stages = [
+        ("read", base("cat (read)")),
+        ("hash", base("b3sum 2 threads")),
+        ("QUIC path", base("QUIC path")),
+        ("replica write", base("write + fsync")),
+    ];
+    let (slow_name, slowest) =
+        stages
+            .iter()
+            .cloned()
+            .fold(("", 0.0), |a, b| if b.1 > a.1 { b } else { a });
+    let mut checks: Vec<(String, bool)> = Vec::new();
+    let mut check = |what: String, ok: bool| {
+        println!("  [{}] {what}", if ok { "met" } else { "MISSED" });
+        checks.push((what, ok));
+    };
+    println!("\ntargets (ratios on this machine, same run):");
+    let s1 = find("S1 initial", "lifeboat");
+    check(
+        format!(
+            "S1 wall {:.3} s = {:.2} x the slowest stage ({slow_name}, {slowest:.3} s); target <= 1.3; {:.2} x rsync",
+            s1.wall_s,
+            s1.wall_s / slowest,
+            s1.wall_s / find("S1 initial", "rsync").wall_s
+        ),
+        s1.wall_s <= 1.3 * slowest,
+    );
+    let rss = rows
+        .iter()
+        .filter(|r| r.tool.starts_with("lifeboat"))
+        .map(|r| r.rss_primary_mib.max(r.rss_dr_mib))
+        .fold(0.0, f64::max);
+    check(
+        format!("peak RSS of either daemon {rss:.0} MiB; target < 256"),
+        rss < 256.0,
+    );
+    let s3 = find("S3 no change", "lifeboat");
+    check(
+        format!(
+            "S3 wall {:.3} s = {:.2} x read+hash ({read_hash:.3} s); target <= 1.1; {:.2} x rsync",
+            s3.wall_s,
+            s3.wall_s / read_hash,
+            s3.wall_s / find("S3 no change", "rsync").wall_s
+        ),
+        s3.wall_s <= 1.1 * read_hash,
+    );
+    check(
+        format!("S3 {}", s3.note),
+        s3.note.contains("chunk bytes 0 "),
+    );
+    let (s4, s4r, s4o) = (
+        find("S4 1% random 4 KiB", "lifeboat"),
+        find("S4 1% random 4 KiB", "rsync"),
+        find("S4 1% random 4 KiB", "lifeboat refine off"),
+    );
+    check(
+        format!(
+            "S4 wall {:.3} s = {:.3} x rsync ({:.3} s); target <= 0.25",
+            s4.wall_s,
+            s4.wall_s / s4r.wall_s,
+            s4r.wall_s
+        ),
+        s4.wall_s <= 0.25 * s4r.wall_s,
+    );
+    check(
+        format!(
+            "S4 cpu {:.3} s = {:.3} x rsync ({:.3} s); target <= 0.2",
+            s4.cpu_s,
+            s4.cpu_s / s4r.cpu_s,
+            s4r.cpu_s
+        ),
+        s4.cpu_s <= 0.2 * s4r.cpu_s,
+    );
+    let changed = |r: &Row| {
+        r.note
+            .split("changed ")
+            .nth(1)
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    check(
+        format!(
+            "S4 refine off: wire {} = {:.3} x the changed 64 KiB chunks ({}); target <= 1.1",
+            s4o.wire_bytes,
+            s4o.wire_bytes as f64 / changed(&s4o) as f64,
+            changed(&s4o)
+        ),
+        s4o.wire_bytes as f64 <= 1.1 * changed(&s4o) as f64,
+    );
+    let written = size / 100 / 4096 * 4096;
+    check(
+        format!(
+            "S4 refined: wire {} = {:.2} x the bytes written ({written}); target <= 2; rsync sent {:.1} x",
+            s4.wire_bytes,
+            s4.wire_bytes as f64 / written as f64,
+            s4r.wire_bytes as f64 / written as f64
+        ),
+        s4.wire_bytes <= 2 * written,
+    );
+    let (s7, z) = (
+        find("S7 tar of /usr", "lifeboat"),
+        find("S7 tar of /usr", "zstd -1"),
+    );
+    check(
+        format!(
+            "S7 wire {} = {:.3} x zstd -1 of the same chunks ({}); target <= 1.05",
+            s7.wire_bytes,
+            s7.wire_bytes as f64 / z.wire_bytes as f64,
+            z.wire_bytes
+        ),
+        s7.wire_bytes as f64 <= 1.05 * z.wire_bytes as f64,
+    );
+    let s1off = find("S1 initial", "lifeboat compress off");
+    check(
+        format!(
+            "incompressible S1 with compression on: {:.3} x the wall with it off; target <= 1.05",
+            s1.wall_s / s1off.wall_s
+        ),
+        s1.wall_s <= 1.05 * s1off.wall_s,
+    );
     if let Some(path) = json {
-        fs::write(&path, serde_json::to_string_pretty(&serde_json::json!({ "image_bytes": size, "runs": runs, "loadavg_before": load0.trim(), "loadavg_after": load1.trim(), "rows": rows })).unwrap()).unwrap();
+        let doc = serde_json::json!({
+            "image_bytes": size,
+            "runs": runs,
+            "file_systems": fs_note,
+            "pressure_before": pressure0,
+            "pressure_after": pressure1,
+            "rows": rows,
+            "targets": checks.iter().map(|(w, ok)| serde_json::json!({"target": w, "met": ok})).collect::<Vec<_>>(),
+        });
+        fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
         eprintln!("wrote {path}");
     }
-    drop(rsyncd);
 }

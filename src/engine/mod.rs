@@ -4,6 +4,7 @@
 pub mod chunk;
 pub mod compress;
 pub mod diff;
+pub mod extents;
 pub mod index;
 pub mod refine;
 pub mod scan;

@@ -16,6 +16,7 @@ use rayon::prelude::*;
 
 use crate::engine::chunk::{is_zero, zero_hash, Geometry};
 use crate::engine::compress::Compressor;
+use crate::engine::extents;
 use crate::ids::ChunkHash;
 
 /// Bytes read per batch; the batch is hashed in parallel.
@@ -43,9 +44,12 @@ pub struct Scanned {
     pub based: bool,
 }
 
-/// How changed chunks are handed on.
+/// How the scan finds and hands on changed chunks.
 #[derive(Default, Clone, Copy)]
-pub struct Encode<'a> {
+pub struct ScanOptions<'a> {
+    /// The base gen's reflink snapshot: ranges whose extents it shares with this snapshot
+    /// are unchanged and are neither read nor hashed (see [`crate::engine::extents`]).
+    pub base_snapshot: Option<&'a Path>,
     /// Compress changed chunks where it pays.
     pub compressor: Option<&'a Compressor>,
     /// Keep chunks the base had raw (uncompressed): they are refined into block patches,
@@ -61,6 +65,9 @@ pub struct ScanStats {
     pub bytes_changed: u64,
     pub zero_chunks_changed: u64,
     pub hole_chunks: u64,
+    /// Chunks known unchanged from extents shared with the base snapshot (not read).
+    pub shared_chunks: u64,
+    pub shared_bytes: u64,
     pub compressed_chunks: u64,
     /// Raw bytes of compressed chunks minus their compressed size.
     pub compression_saved: u64,
@@ -132,6 +139,41 @@ struct Batch {
     first: u64,
     // None marks a chunk in a hole.
     bufs: Vec<Option<Vec<u8>>>,
+    // Chunks whose extents the base snapshot shares: unchanged, not read.
+    shared: Vec<bool>,
+}
+
+/// Finds the chunks of a batch that share their extents with the base snapshot; turns
+/// itself off at the first error (a file system without FIEMAP reads everything).
+struct Shared<'a> {
+    base: Option<File>,
+    new: &'a File,
+}
+
+impl Shared<'_> {
+    fn batch(&mut self, geometry: Geometry, first: u64, last: u64) -> Vec<bool> {
+        let n = (last - first) as usize;
+        let Some(base) = &self.base else {
+            return vec![false; n];
+        };
+        let range =
+            geometry.offset(first)..geometry.offset(last - 1) + geometry.len(last - 1) as u64;
+        let same = extents::extents(base, range.clone())
+            .and_then(|a| Ok(extents::identical(&a, &extents::extents(self.new, range)?)));
+        match same {
+            Ok(same) => (first..last)
+                .map(|i| {
+                    let off = geometry.offset(i);
+                    extents::covered(&same, off..off + geometry.len(i) as u64)
+                })
+                .collect(),
+            Err(e) => {
+                tracing::debug!(error = %e, "no extent map; reading every chunk");
+                self.base = None;
+                vec![false; n]
+            }
+        }
+    }
 }
 
 /// Scans `path` as `geometry`, calling `base` for the base hash of each chunk in order and
@@ -142,7 +184,7 @@ pub fn scan_file(
     mut base: impl FnMut(u64) -> Result<Option<ChunkHash>>,
     mut emit: impl FnMut(Scanned) -> Result<()>,
     progress: &AtomicU64,
-    encode: Encode<'_>,
+    options: ScanOptions<'_>,
 ) -> Result<ScanStats> {
     let file = File::open(path).with_context(|| format!("open snapshot {}", path.display()))?;
     let size = volume_size(&file)?;
@@ -159,16 +201,22 @@ pub fn scan_file(
 
     std::thread::scope(|scope| -> Result<()> {
         let file = &file;
+        let base_snapshot = options.base_snapshot.and_then(|p| File::open(p).ok());
         scope.spawn(move || {
             let mut holes = Holes::new(file);
+            let mut shared_extents = Shared {
+                base: base_snapshot,
+                new: file,
+            };
             let mut first = 0;
             while first < total {
                 let last = (first + per_batch).min(total);
+                let shared = shared_extents.batch(geometry, first, last);
                 let mut bufs = Vec::with_capacity((last - first) as usize);
                 for i in first..last {
                     let off = geometry.offset(i);
                     let len = geometry.len(i) as usize;
-                    if holes.is_hole(off, off + len as u64) {
+                    if shared[(i - first) as usize] || holes.is_hole(off, off + len as u64) {
                         bufs.push(None);
                         continue;
                     }
@@ -179,7 +227,14 @@ pub fn scan_file(
                     }
                     bufs.push(Some(buf));
                 }
-                if tx.send(Ok(Batch { first, bufs })).is_err() {
+                if tx
+                    .send(Ok(Batch {
+                        first,
+                        bufs,
+                        shared,
+                    }))
+                    .is_err()
+                {
                     return; // the consumer stopped (an error downstream)
                 }
                 first = last;
@@ -189,13 +244,16 @@ pub fn scan_file(
         for batch in rx {
             let batch = batch.with_context(|| format!("read {}", path.display()))?;
             let batch_holes: Vec<bool> = batch.bufs.iter().map(Option::is_none).collect();
-            let hashed: Vec<(ChunkHash, bool)> = batch
+            let mut batch = batch;
+            let mut hashed: Vec<(ChunkHash, bool)> = batch
                 .bufs
                 .par_iter()
                 .enumerate()
                 .map(|(k, b)| {
                     let len = geometry.len(batch.first + k as u64);
                     match b {
+                        // Shared with the base: the base hash is filled in below.
+                        None if batch.shared[k] => (ChunkHash([0; 32]), false),
                         None => (zero_hash(len), true),
                         Some(b) if is_zero(b) => (zero_hash(len), true),
                         Some(b) => (ChunkHash::of(b), false),
@@ -206,9 +264,31 @@ pub fn scan_file(
             // is parallel again.
             let mut changed = Vec::with_capacity(hashed.len());
             let mut based = Vec::with_capacity(hashed.len());
-            for (k, (hash, _)) in hashed.iter().enumerate() {
-                let b = base(batch.first + k as u64)?;
-                changed.push(b != Some(*hash));
+            for k in 0..hashed.len() {
+                let index = batch.first + k as u64;
+                let b = base(index)?;
+                if batch.shared[k] {
+                    match b {
+                        Some(h) => {
+                            hashed[k] = (h, h == zero_hash(geometry.len(index)));
+                            stats.shared_chunks += 1;
+                            stats.shared_bytes += geometry.len(index) as u64;
+                        }
+                        None => {
+                            // Not in the base index after all (a grown volume): read it.
+                            let mut buf = vec![0u8; geometry.len(index) as usize];
+                            file.read_exact_at(&mut buf, geometry.offset(index))
+                                .with_context(|| format!("read {}", path.display()))?;
+                            hashed[k] = if is_zero(&buf) {
+                                (zero_hash(buf.len() as u32), true)
+                            } else {
+                                (ChunkHash::of(&buf), false)
+                            };
+                            batch.bufs[k] = Some(buf);
+                        }
+                    }
+                }
+                changed.push(b != Some(hashed[k].0));
                 based.push(b.is_some());
             }
             let first = batch.first;
@@ -224,9 +304,9 @@ pub fn scan_file(
                         (true, true) => Content::Zero,
                         (true, false) => {
                             let raw = buf.expect("non-zero chunk was read");
-                            let compressor = encode
+                            let compressor = options
                                 .compressor
-                                .filter(|_| !(based && encode.raw_if_based));
+                                .filter(|_| !(based && options.raw_if_based));
                             match compressor.and_then(|c| c.compress(first + k as u64, &raw)) {
                                 Some(z) => Content::Compressed(z),
                                 None => Content::Data(raw),
@@ -309,7 +389,7 @@ mod tests {
                 Ok(())
             },
             &progress,
-            Encode::default(),
+            ScanOptions::default(),
         )
         .unwrap();
         assert_eq!(stats.chunks, 65);
@@ -333,7 +413,7 @@ mod tests {
                 Ok(())
             },
             &progress,
-            Encode::default(),
+            ScanOptions::default(),
         )
         .unwrap();
         assert_eq!(again.chunks_changed, 0);

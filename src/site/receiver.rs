@@ -18,7 +18,7 @@ use crate::engine::chunk::{zero_hash, Geometry, RootHasher, MAX_CHUNK_SIZE, MIN_
 use crate::engine::diff::BaseCursor;
 use crate::engine::index::SegmentBuilder;
 use crate::engine::refine;
-use crate::engine::scan::{scan_file, volume_size, Encode};
+use crate::engine::scan::{scan_file, volume_size, ScanOptions};
 use crate::failpoint;
 use crate::ids::{now_ms, ChunkHash, Epoch, Gen};
 use crate::metrics::ErrorKind;
@@ -737,7 +737,7 @@ fn hash_replica(
             Ok(())
         },
         &progress,
-        Encode::default(),
+        ScanOptions::default(),
     )
     .with_context(|| format!("hash replica {}", path.display()))?;
     if let Some((no, seg)) = builder.finish() {

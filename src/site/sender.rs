@@ -17,7 +17,7 @@ use crate::engine::compress::Compressor;
 use crate::engine::diff::BaseCursor;
 use crate::engine::index::{Segment, SegmentBuilder};
 use crate::engine::refine;
-use crate::engine::scan::{scan_file, Content, Encode, Scanned};
+use crate::engine::scan::{scan_file, Content, ScanOptions, Scanned};
 use crate::ids::{now_ms, CycleId, Gen, Point};
 use crate::metrics::ErrorKind;
 use crate::net::limit::RateLimit;
@@ -374,6 +374,11 @@ async fn send_volume(
     let compressor = prot.compression.then(|| Arc::new(Compressor::default()));
     let scan_compressor = compressor.clone();
     let raw_if_based = side.refine;
+    // The base gen's snapshot, kept until this gen is acknowledged: where it shares extents
+    // with the new one (reflink snapshots), nothing changed.
+    let base_snapshot = local_base
+        .map(|(g, _)| snapshot::gen_dir(prot, g).join(&v.name))
+        .filter(|p| p.exists());
     let shown = (progress.clone(), v.size);
     site.live
         .update(prot.name.as_str(), |l| l.progress = Some(shown));
@@ -402,7 +407,8 @@ async fn send_volume(
                 Ok(())
             },
             &progress,
-            Encode {
+            ScanOptions {
+                base_snapshot: base_snapshot.as_deref(),
                 compressor: scan_compressor.as_deref(),
                 raw_if_based,
             },
@@ -507,6 +513,7 @@ async fn send_volume(
         return Err(stream_failure(e, r).await);
     }
     report.bytes_scanned += stats.bytes_scanned;
+    report.bytes_shared += stats.shared_bytes;
     report.bytes_changed += stats.bytes_changed;
     report.chunk_bytes_sent += sent;
     report.compressed_chunks += stats.compressed_chunks;

@@ -37,6 +37,9 @@ pub struct CycleReport {
     pub phases: Phases,
     pub bytes_scanned: u64,
     pub bytes_changed: u64,
+    /// Bytes known unchanged because the snapshot shares their extents with the base
+    /// gen's snapshot: neither read nor hashed.
+    pub bytes_shared: u64,
     /// Bytes of chunk frames (data plus headers) sent.
     pub chunk_bytes_sent: u64,
     /// Bytes of hash frames exchanged for a resync.

@@ -148,3 +148,59 @@ impl Drop for Tmpfs {
             .status();
     }
 }
+
+/// An XFS file system (reflink on) in an image file on a loop device, unmounted on drop.
+/// Needs root and xfsprogs.
+pub struct Xfs {
+    pub mnt: std::path::PathBuf,
+}
+
+impl Xfs {
+    pub fn mount(img: &std::path::Path, mnt: &std::path::Path, size: u64) -> Result<Xfs, String> {
+        let run = |cmd: &str, args: &[&std::ffi::OsStr]| -> Result<(), String> {
+            let out = std::process::Command::new(cmd)
+                .args(args)
+                .output()
+                .map_err(|e| format!("run {cmd}: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{cmd} failed (needs root and xfsprogs): {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        };
+        std::fs::create_dir_all(mnt).map_err(|e| e.to_string())?;
+        std::fs::File::create(img)
+            .and_then(|f| f.set_len(size))
+            .map_err(|e| format!("create {}: {e}", img.display()))?;
+        run(
+            "mkfs.xfs",
+            &[
+                "-q".as_ref(),
+                "-m".as_ref(),
+                "reflink=1".as_ref(),
+                img.as_os_str(),
+            ],
+        )?;
+        run(
+            "mount",
+            &[
+                "-o".as_ref(),
+                "loop".as_ref(),
+                img.as_os_str(),
+                mnt.as_os_str(),
+            ],
+        )?;
+        Ok(Xfs {
+            mnt: mnt.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for Xfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.mnt).status();
+    }
+}
