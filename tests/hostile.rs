@@ -1,5 +1,5 @@
-//! A peer with a trusted certificate that lies: chunks whose bytes do not match their hash,
-//! a wrong root, oversized and malformed frames. Nothing it sends reaches a replica, the
+//! A peer with a trusted certificate that lies: chunks and block patches whose bytes do not
+//! match their hash, a wrong root, oversized and malformed frames. Nothing it sends reaches a replica, the
 //! DR site says why, and the daemon keeps serving the real primary.
 
 mod support;
@@ -161,6 +161,42 @@ async fn lies() {
     .await
     .unwrap();
     assert!(refusal(&mut r).await.contains("compressed chunk 1"));
+
+    // 3c. A block patch whose blocks, laid over the replica's chunk, do not give its hash.
+    let (mut w, mut r) = liar.begin(8 << 20).await;
+    w.send(&Msg::Chunk {
+        index: 2,
+        hash: ChunkHash::of(&bytes),
+        payload: Payload::Patch {
+            mask: ByteBuf::from(vec![0b1, 0]),
+            data: ByteBuf::from(vec![7u8; 4096]),
+        },
+    })
+    .await
+    .unwrap();
+    assert!(refusal(&mut r)
+        .await
+        .contains("chunk 2 does not match its hash"));
+
+    // 3d. A patch whose bitmap does not fit the chunk, and one short of its blocks.
+    for (mask, data, says) in [
+        (vec![0b1], vec![7u8; 4096], "bitmap of 1 bytes"),
+        (vec![0b11, 0], vec![7u8; 4096], "its bitmap needs 8192"),
+    ] {
+        let (mut w, mut r) = liar.begin(8 << 20).await;
+        w.send(&Msg::Chunk {
+            index: 2,
+            hash: ChunkHash::of(&bytes),
+            payload: Payload::Patch {
+                mask: ByteBuf::from(mask),
+                data: ByteBuf::from(data),
+            },
+        })
+        .await
+        .unwrap();
+        let m = refusal(&mut r).await;
+        assert!(m.contains("patch 2") && m.contains(says), "{m}");
+    }
 
     // 4. Chunks out of order or beyond the volume.
     let (mut w, mut r) = liar.begin(8 << 20).await;

@@ -264,13 +264,13 @@ pub fn scan_file(
             // is parallel again.
             let mut changed = Vec::with_capacity(hashed.len());
             let mut based = Vec::with_capacity(hashed.len());
-            for k in 0..hashed.len() {
+            for (k, slot) in hashed.iter_mut().enumerate() {
                 let index = batch.first + k as u64;
                 let b = base(index)?;
                 if batch.shared[k] {
                     match b {
                         Some(h) => {
-                            hashed[k] = (h, h == zero_hash(geometry.len(index)));
+                            *slot = (h, h == zero_hash(geometry.len(index)));
                             stats.shared_chunks += 1;
                             stats.shared_bytes += geometry.len(index) as u64;
                         }
@@ -279,7 +279,7 @@ pub fn scan_file(
                             let mut buf = vec![0u8; geometry.len(index) as usize];
                             file.read_exact_at(&mut buf, geometry.offset(index))
                                 .with_context(|| format!("read {}", path.display()))?;
-                            hashed[k] = if is_zero(&buf) {
+                            *slot = if is_zero(&buf) {
                                 (zero_hash(buf.len() as u32), true)
                             } else {
                                 (ChunkHash::of(&buf), false)
@@ -288,7 +288,7 @@ pub fn scan_file(
                         }
                     }
                 }
-                changed.push(b != Some(hashed[k].0));
+                changed.push(b != Some(slot.0));
                 based.push(b.is_some());
             }
             let first = batch.first;

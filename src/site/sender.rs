@@ -371,7 +371,7 @@ async fn send_volume(
         format!("primary-sending:{}", v.name),
     );
     let progress = Arc::new(AtomicU64::new(0));
-    let compressor = prot.compression.then(|| Arc::new(Compressor::default()));
+    let compressor = prot.compression.then(|| Arc::new(Compressor));
     let scan_compressor = compressor.clone();
     let raw_if_based = side.refine;
     // The base gen's snapshot, kept until this gen is acknowledged: where it shares extents

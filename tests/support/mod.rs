@@ -195,6 +195,22 @@ pub struct Pair {
     pub quic_port: u16,
 }
 
+impl Drop for Pair {
+    /// Stops both daemons, then unmounts whatever a test mounted under the pair's
+    /// directory, so the directory itself can be removed.
+    fn drop(&mut self) {
+        self.primary.kill9();
+        self.dr.kill9();
+        let root = self.dir.path().to_string_lossy().into_owned();
+        let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
+        for m in mounts.lines().filter_map(|l| l.split_whitespace().nth(1)) {
+            if m.starts_with(&root) {
+                let _ = Command::new("umount").arg("-l").arg(m).status();
+            }
+        }
+    }
+}
+
 pub struct PairOptions {
     pub volumes: Vec<(&'static str, u64)>,
     pub chunk_size: &'static str,
