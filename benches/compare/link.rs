@@ -21,8 +21,16 @@ fn files(certs: &Path, site: &str) -> TlsFiles {
     }
 }
 
-/// Seconds to move `bytes` of chunk frames from a client endpoint to a server endpoint.
-pub fn quic_path_seconds(certs: &Path, bytes: u64) -> f64 {
+fn self_cpu() -> f64 {
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// (wall, CPU) seconds to move `bytes` of chunk frames from a client endpoint to a server
+/// endpoint, both in this process (so the CPU is both ends').
+pub fn quic_path(certs: &Path, bytes: u64) -> (f64, f64) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -60,6 +68,7 @@ pub fn quic_path_seconds(certs: &Path, bytes: u64) -> f64 {
         rand::rng().fill_bytes(&mut chunk);
         let hash = ChunkHash::of(&chunk);
         let t = Instant::now();
+        let cpu0 = self_cpu();
         let mut sent = 0u64;
         let mut index = 0;
         while sent < bytes {
@@ -76,8 +85,9 @@ pub fn quic_path_seconds(certs: &Path, bytes: u64) -> f64 {
         w.finish();
         let got = sink.await.unwrap();
         let secs = t.elapsed().as_secs_f64();
+        let cpu = self_cpu() - cpu0;
         assert_eq!(got, sent);
         conn.close(0u32.into(), b"done");
-        secs
+        (secs, cpu)
     })
 }

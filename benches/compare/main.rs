@@ -208,8 +208,12 @@ fn lifeboat_cycle(p: &Pair, scenario: &str, note: &str) -> Row {
         rss_primary_mib: peak_rss_mib(pp),
         rss_dr_mib: peak_rss_mib(dp),
         note: format!(
-            "{note}chunk bytes {} changed {}",
-            r.chunk_bytes_sent, r.bytes_changed
+            "{note}snapshot {:.3} transfer {:.3} commit {:.3}; chunk bytes {} changed {}",
+            r.phases.snapshot,
+            r.phases.transfer,
+            r.phases.commit,
+            r.chunk_bytes_sent,
+            r.bytes_changed
         ),
     }
 }
@@ -263,10 +267,6 @@ impl Rows {
             r.scenario, r.tool, r.wall_s, r.cpu_s, r.wire_bytes, r.note
         );
         self.0.push(r);
-    }
-
-    fn last_mut(&mut self) -> Option<&mut Row> {
-        self.0.last_mut()
     }
 }
 
@@ -374,7 +374,7 @@ fn main() {
         .unwrap();
     if flag(&args, "--link-only") {
         let v: Vec<f64> = (0..runs)
-            .map(|_| link::quic_path_seconds(&dir.join("certs"), size))
+            .map(|_| link::quic_path(&dir.join("certs"), size).0)
             .collect();
         println!("QUIC path: {:.3} s for {size} bytes", median(v));
         return;
@@ -410,7 +410,10 @@ fn main() {
         // For profiling: one lifeboat initial sync, nothing else.
         let p = start_pair(dir, &image, &replica, "");
         let r = lifeboat_cycle(&p, "S1 initial", "");
-        println!("S1: {:.3} s wall, {:.3} s cpu", r.wall_s, r.cpu_s);
+        println!(
+            "S1: {:.3} s wall, {:.3} s cpu, rss {:.0}/{:.0} MiB; {}",
+            r.wall_s, r.cpu_s, r.rss_primary_mib, r.rss_dr_mib, r.note
+        );
         return;
     }
     let mut rows = Rows(Vec::new());
@@ -442,7 +445,7 @@ fn main() {
         image.display()
     )));
     rows.push(baseline("b3sum 2 threads", w, c, "read + hash"));
-    let (w, c) = med(&mut || (link::quic_path_seconds(&dir.join("certs"), size), 0.0));
+    let (w, c) = med(&mut || link::quic_path(&dir.join("certs"), size));
     rows.push(baseline(
         "QUIC path",
         w,
@@ -488,21 +491,25 @@ fn main() {
     );
     std::thread::sleep(Duration::from_millis(500));
 
-    // S1: initial full sync, each run onto an empty destination; compression on and off.
-    let s1 = |img: &Path, extra: &str, scenario: &str, note: &str| {
-        let v: Vec<Row> = (0..runs)
-            .map(|_| {
-                let _ = fs::remove_file(&replica);
-                let p = start_pair(dir, img, &replica, extra);
-                lifeboat_cycle(&p, scenario, note)
-            })
-            .collect();
-        med_rows(v)
+    // S1: initial full sync, each run onto an empty destination; compression on and off
+    // and rsync take turns, so page-cache and memory effects fall on all of them alike.
+    let one = |img: &Path, extra: &str, scenario: &str| {
+        let _ = fs::remove_file(&replica);
+        let p = start_pair(dir, img, &replica, extra);
+        lifeboat_cycle(&p, scenario, "")
     };
-    rows.push(s1(&image, "", "S1 initial", ""));
-    rows.last_mut().unwrap().tool = "lifeboat".into();
-    let mut off = s1(&image, "compression = \"off\"", "S1 initial", "");
-    off.tool = "lifeboat compress off".into();
+    let s1 = |img: &Path, scenario: &str| {
+        let (mut on, mut off) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            on.push(one(img, "", scenario));
+            off.push(one(img, "compression = \"off\"", scenario));
+        }
+        let mut off = med_rows(off);
+        off.tool = "lifeboat compress off".into();
+        (med_rows(on), off)
+    };
+    let (on, off) = s1(&image, "S1 initial");
+    rows.push(on);
     rows.push(off);
     let rs: Vec<Row> = (0..runs)
         .map(|_| {
@@ -568,11 +575,8 @@ fn main() {
     z.wire_bytes = zchunks;
     z.note = format!("wire = zstd -1 of each 64 KiB chunk; {}", z.note);
     rows.push(z);
-    let mut on = s1(&tar, "", "S7 tar of /usr", "");
-    on.tool = "lifeboat".into();
+    let (on, off) = s1(&tar, "S7 tar of /usr");
     rows.push(on);
-    let mut off = s1(&tar, "compression = \"off\"", "S7 tar of /usr", "");
-    off.tool = "lifeboat compress off".into();
     rows.push(off);
     let _ = fs::remove_file(&tar);
     let pressure1 = pressure();

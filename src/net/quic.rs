@@ -7,16 +7,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
-use quinn::{Endpoint, MtuDiscoveryConfig, TransportConfig, VarInt};
+use quinn::{Endpoint, TransportConfig, VarInt};
 
 use crate::net::wire::ALPN;
 
 /// Flow-control windows sized for a fast LAN/WAN: 64 MiB covers 10 Gbit/s at 50 ms RTT.
 /// A peer silent for 10 s (five missed keep-alives) is dead: a kill -9 sends no close, so
 /// this bounds how long a cycle waits on a vanished site.
-/// UDP payload of a 9000-byte IPv6 frame (less 40 IPv6 and 8 UDP header bytes).
-const JUMBO_UDP_PAYLOAD: u16 = 8952;
-
 fn transport() -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     t.max_idle_timeout(Some(Duration::from_secs(10).try_into().expect("10 s fits")));
@@ -25,13 +22,6 @@ fn transport() -> Arc<TransportConfig> {
     t.receive_window(VarInt::from_u32(64 << 20));
     t.send_window(64 << 20);
     t.max_concurrent_bidi_streams(VarInt::from_u32(64));
-    // Path MTU discovery up to jumbo frames: where the network carries 9000-byte frames
-    // (common between data-centre racks, and loopback), each datagram carries six times the
-    // data for the same per-packet crypto and syscall cost. Elsewhere discovery settles at
-    // what the path allows, from the safe 1200-byte start.
-    let mut mtu = MtuDiscoveryConfig::default();
-    mtu.upper_bound(JUMBO_UDP_PAYLOAD);
-    t.mtu_discovery_config(Some(mtu));
     Arc::new(t)
 }
 

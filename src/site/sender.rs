@@ -11,7 +11,7 @@ use anyhow::{anyhow, Context};
 use serde_bytes::ByteBuf;
 use tokio::sync::mpsc;
 
-use crate::config::{Protection, Refine, REFINE_AUTO_BELOW};
+use crate::config::{Protection, Refine};
 use crate::engine::chunk::{Geometry, RootHasher};
 use crate::engine::compress::Compressor;
 use crate::engine::diff::BaseCursor;
@@ -161,11 +161,10 @@ pub async fn run_cycle(
     )?;
 
     let transfer_started = Instant::now();
-    let link = peer.bandwidth_estimate(&conn);
     let refine = match prot.refine {
         Refine::On => true,
         Refine::Off => false,
-        Refine::Auto => link < REFINE_AUTO_BELOW,
+        Refine::Auto => peer.auto_refine(),
     };
     let mut report = CycleReport {
         gen: gen.0,
