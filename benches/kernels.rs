@@ -91,5 +91,48 @@ fn wire(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, hashing, index_compare, wire);
+/// What compression costs a changed chunk: the histogram check alone on incompressible data
+/// (the common case it must keep cheap), and zstd on text.
+fn compression(c: &mut Criterion) {
+    use lifeboat::engine::compress::Compressor;
+    let random = data(64 << 10);
+    let text: Vec<u8> = b"INSERT INTO t VALUES (1, 'lifeboat');\n"
+        .iter()
+        .cycle()
+        .take(64 << 10)
+        .copied()
+        .collect();
+    let mut g = c.benchmark_group("compress 64 KiB chunk");
+    g.throughput(Throughput::Bytes(64 << 10));
+    g.bench_function("random (skipped by the histogram)", |b| {
+        b.iter(|| Compressor.compress(0, &random))
+    });
+    g.bench_function("text (zstd -1)", |b| {
+        b.iter(|| Compressor.compress(0, &text))
+    });
+    g.finish();
+}
+
+/// Block hashes and a patch for a 64 KiB chunk with one changed 4 KiB block.
+fn refinement(c: &mut Criterion) {
+    use lifeboat::engine::refine;
+    let old = data(64 << 10);
+    let mut new = old.clone();
+    new[20_000] ^= 1;
+    let theirs = refine::block_hashes(&old);
+    let mut g = c.benchmark_group("refine 64 KiB chunk");
+    g.throughput(Throughput::Bytes(64 << 10));
+    g.bench_function("block hashes", |b| b.iter(|| refine::block_hashes(&old)));
+    g.bench_function("diff", |b| b.iter(|| refine::diff(&new, &theirs)));
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    hashing,
+    index_compare,
+    wire,
+    compression,
+    refinement
+);
 criterion_main!(benches);

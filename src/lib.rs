@@ -9,10 +9,11 @@
 //! - [`config`]: the TOML config, validated with every problem reported at once.
 //! - [`ids`]: typed identifiers (chunk hashes, gens, epochs, names, points).
 //! - [`volume`]: group snapshots with pre/post hooks, staging logs, writing replicas.
-//! - [`engine`]: chunk geometry, the scanner that hashes on all cores, the ordered diff
-//!   against packed index segments.
+//! - [`engine`]: chunk geometry, the scanner that hashes on all cores (skipping extents the
+//!   base snapshot shares), the ordered diff against packed index segments, compression
+//!   and 4 KiB block refinement.
 //! - [`store`]: the RocksDB state store and its schema.
-//! - [`net`]: the wire protocol, TLS material and QUIC endpoints.
+//! - [`net`]: the wire protocol, TLS material, QUIC endpoints and the bandwidth cap.
 //! - [`site`]: the daemon: scheduler, sender, receiver, recovery, failover, control API.
 //! - [`metrics`]: every Prometheus metric.
 //! - [`cli`]: the command line; [`demo`]: the two-site demonstration.
