@@ -406,6 +406,22 @@ fn main() {
     );
     let pressure0 = pressure();
     support::random_file(&image, size, 1);
+    if flag(&args, "--s4-only") {
+        // For profiling: an initial sync, then cycles after 1% random 4 KiB writes.
+        let p = start_pair(dir, &image, &replica, "");
+        p.client
+            .post::<CycleReport>("/v1/protections/b/sync")
+            .unwrap();
+        for run in 0..runs {
+            change(&image, size, 4096, 100 + run as u64);
+            let r = lifeboat_cycle(&p, "S4", "");
+            println!(
+                "S4: {:.3} s wall, {:.3} s cpu; {}",
+                r.wall_s, r.cpu_s, r.note
+            );
+        }
+        return;
+    }
     if flag(&args, "--s1-only") {
         // For profiling: one lifeboat initial sync, nothing else.
         let p = start_pair(dir, &image, &replica, "");

@@ -597,7 +597,9 @@ fn encode_refined(
 
 /// After a failed write, the DR site may have said why before closing the stream.
 async fn stream_failure(e: WireError, r: &mut FrameReader) -> KindError {
-    let reason = tokio::time::timeout(std::time::Duration::from_secs(2), r.next()).await;
+    // The DR site answers after it has freed the failed gen's staging (fsyncs included),
+    // which on a loaded disk takes a while; a dead peer is cut off by the idle timeout.
+    let reason = tokio::time::timeout(std::time::Duration::from_secs(10), r.next()).await;
     match reason {
         Ok(Ok(Some(Msg::Refused(reason)))) => KindError {
             kind: ErrorKind::Refused,
