@@ -284,6 +284,9 @@ impl FrameReader {
     }
 }
 
+/// Bytes of queued frames that trigger a write.
+const CORK: usize = 256 << 10;
+
 /// Writes frames to a QUIC send stream, reusing one buffer.
 pub struct FrameWriter {
     stream: quinn::SendStream,
@@ -308,22 +311,47 @@ impl FrameWriter {
         self
     }
 
+    /// Sends `msg` and everything queued before it.
     pub async fn send(&mut self, msg: &Msg) -> Result<u64, WireError> {
-        self.buf.clear();
-        encode_frame(msg, &mut self.buf)?;
+        let n = self.encode(msg)?;
+        self.flush().await?;
+        Ok(n)
+    }
+
+    /// Queues `msg` and sends once [`CORK`] bytes are queued: a stream of chunk frames
+    /// goes out in large writes, which fill QUIC packets (compressed chunks end mid-packet)
+    /// and wake the connection less often. [`FrameWriter::send`] and
+    /// [`FrameWriter::flush`] send the rest; call one before waiting for an answer.
+    pub async fn queue(&mut self, msg: &Msg) -> Result<u64, WireError> {
+        let n = self.encode(msg)?;
+        if self.buf.len() >= CORK {
+            self.flush().await?;
+        }
+        Ok(n)
+    }
+
+    pub async fn flush(&mut self) -> Result<(), WireError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
         if let Some(l) = &self.limit {
             l.take(self.buf.len() as u64).await;
         }
-        self.stream
-            .write_all(&self.buf)
-            .await
-            .map_err(|e| WireError::Stream(e.to_string()))?;
-        let n = self.buf.len() as u64;
+        let res = self.stream.write_all(&self.buf).await;
+        self.buf.clear();
+        res.map_err(|e| WireError::Stream(e.to_string()))
+    }
+
+    fn encode(&mut self, msg: &Msg) -> Result<u64, WireError> {
+        let before = self.buf.len();
+        encode_frame(msg, &mut self.buf)?;
+        let n = (self.buf.len() - before) as u64;
         self.bytes += n;
         Ok(n)
     }
 
     pub fn finish(&mut self) {
+        debug_assert!(self.buf.is_empty(), "finish with unsent frames");
         let _ = self.stream.finish();
     }
 }

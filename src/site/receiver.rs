@@ -307,8 +307,13 @@ async fn serve_block_hashes(
     };
     let writing = async {
         while let Some(m) = resp_rx.recv().await {
-            peer_err(w.send(&m).await)?;
+            peer_err(w.queue(&m).await)?;
+            // The primary waits for these: send whenever no more are ready.
+            if resp_rx.is_empty() {
+                peer_err(w.flush().await)?;
+            }
         }
+        peer_err(w.flush().await)?;
         w.finish();
         Ok(())
     };

@@ -444,8 +444,14 @@ async fn send_volume(
     let requester = async move {
         while let Some(s) = rx.recv().await {
             let asked = ask.is_some() && s.based && matches!(s.content, Content::Data(_));
-            if let (true, Some(rw)) = (asked, ask.as_mut()) {
-                wire(rw.send(&Msg::BlockHashRequest { index: s.index }).await)?;
+            if let Some(rw) = ask.as_mut() {
+                if asked {
+                    wire(rw.queue(&Msg::BlockHashRequest { index: s.index }).await)?;
+                }
+                // The chunk writer waits for answers: never block with requests unsent.
+                if rx.is_empty() || qtx.capacity() == 0 {
+                    wire(rw.flush().await)?;
+                }
             }
             if qtx.send((s, asked)).await.is_err() {
                 break; // the chunk writer stopped; its error says why
@@ -487,7 +493,8 @@ async fn send_volume(
                 hash: s.hash,
                 payload,
             };
-            match w.send(&msg).await {
+            // Queued: chunk frames go out in large writes; End (a send) flushes the rest.
+            match w.queue(&msg).await {
                 Ok(n) => sent += n,
                 Err(e) => return Err(stream_failure(e, r).await),
             }
