@@ -62,7 +62,12 @@ fn a_full_staging_disk_fails_the_cycle_cleanly_and_the_next_one_completes() {
     pair.change_all(300, 80);
     fs.resize("2m");
     let err = pair.try_sync().unwrap_err();
-    assert!(err.contains("No space left on device"), "{err}");
+    assert!(
+        err.contains("No space left on device"),
+        "{err}\n--- primary log ---\n{}\n--- dr log ---\n{}",
+        pair.primary.log_text(),
+        pair.dr.log_text()
+    );
     assert_eq!(pair.replica_hashes(), gen1);
     assert_eq!(pair.dr.status().protections[0].consistent_gen, Some(1));
     let left: Vec<_> = walk(&fs.path);

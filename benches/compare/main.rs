@@ -208,10 +208,11 @@ fn lifeboat_cycle(p: &Pair, scenario: &str, note: &str) -> Row {
         rss_primary_mib: peak_rss_mib(pp),
         rss_dr_mib: peak_rss_mib(dp),
         note: format!(
-            "{note}snapshot {:.3} transfer {:.3} commit {:.3}; chunk bytes {} changed {}",
+            "{note}snapshot {:.3} transfer {:.3} commit {:.3}; lost {}; chunk bytes {} changed {}",
             r.phases.snapshot,
             r.phases.transfer,
             r.phases.commit,
+            r.lost_bytes,
             r.chunk_bytes_sent,
             r.bytes_changed
         ),
@@ -406,6 +407,18 @@ fn main() {
     );
     let pressure0 = pressure();
     support::random_file(&image, size, 1);
+    if flag(&args, "--s7-only") {
+        // For profiling: a full sync of compressible data.
+        let tar = src.join("usr.tar");
+        usr_tar(&tar, size);
+        let p = start_pair(dir, &tar, &replica, "");
+        let r = lifeboat_cycle(&p, "S7", "");
+        println!(
+            "S7: {:.3} s wall, {:.3} s cpu, wire {}; {}",
+            r.wall_s, r.cpu_s, r.wire_bytes, r.note
+        );
+        return;
+    }
     if flag(&args, "--s4-only") {
         // For profiling: an initial sync, then cycles after 1% random 4 KiB writes.
         let p = start_pair(dir, &image, &replica, "");

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
-use quinn::{Endpoint, TransportConfig, VarInt};
+use quinn::{Endpoint, EndpointConfig, TokioRuntime, TransportConfig, VarInt};
 
 use crate::net::wire::ALPN;
 
@@ -25,11 +25,46 @@ fn transport() -> Arc<TransportConfig> {
     Arc::new(t)
 }
 
+/// Socket buffers of 16 MiB. At a few Gbit/s the kernel's default (about 200 KiB) fills
+/// in a millisecond whenever the receiving daemon is off the CPU, and every dropped
+/// datagram is sent again and halves the congestion window. Root (or CAP_NET_ADMIN) may
+/// exceed net.core.rmem_max; otherwise the kernel caps the size there.
+fn tune_socket(socket: &std::net::UdpSocket) {
+    use std::os::unix::io::AsRawFd;
+    let size: libc::c_int = 16 << 20;
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        let set = |opt| unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                &size as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if set(force) != 0 {
+            set(plain);
+        }
+    }
+}
+
 pub fn server_endpoint(addr: SocketAddr, tls: rustls::ServerConfig) -> Result<Endpoint> {
     let crypto = QuicServerConfig::try_from(tls).context("QUIC server TLS config")?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport());
-    Endpoint::server(cfg, addr).with_context(|| format!("listen for peers on UDP {addr}"))
+    let socket = std::net::UdpSocket::bind(addr)
+        .with_context(|| format!("listen for peers on UDP {addr}"))?;
+    tune_socket(&socket);
+    Endpoint::new(
+        EndpointConfig::default(),
+        Some(cfg),
+        socket,
+        Arc::new(TokioRuntime),
+    )
+    .with_context(|| format!("listen for peers on UDP {addr}"))
 }
 
 pub fn client_endpoint(peer: SocketAddr, tls: rustls::ClientConfig) -> Result<Endpoint> {
@@ -41,7 +76,16 @@ pub fn client_endpoint(peer: SocketAddr, tls: rustls::ClientConfig) -> Result<En
     } else {
         "0.0.0.0:0".parse().expect("literal")
     };
-    let mut ep = Endpoint::client(bind).context("bind UDP socket for the peer connection")?;
+    let socket =
+        std::net::UdpSocket::bind(bind).context("bind UDP socket for the peer connection")?;
+    tune_socket(&socket);
+    let mut ep = Endpoint::new(
+        EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(TokioRuntime),
+    )
+    .context("bind UDP socket for the peer connection")?;
     ep.set_default_client_config(cfg);
     Ok(ep)
 }

@@ -84,6 +84,7 @@ pub async fn run_cycle(
     site.live.activity(name, "connecting to the DR site");
     let conn = peer.connection(site).await.kind(ErrorKind::Peer)?;
     let wire_start = conn.stats().udp_tx.bytes;
+    let lost_start = conn.stats().path.lost_bytes;
     let (send, recv) = conn.open_bi().await.kind(ErrorKind::Peer)?;
     let mut w = FrameWriter::new(send).with_limit(peer.limit.clone());
     let mut r = FrameReader::new(recv);
@@ -216,7 +217,10 @@ pub async fn run_cycle(
         format!("gen {gen}: waiting for the DR site to commit"),
     );
     let commit_started = Instant::now();
-    wire(w.send(&Msg::Commit { gen }).await)?;
+    // A small volume can be wholly sent before the DR site fails it; its reason follows.
+    if let Err(e) = w.send(&Msg::Commit { gen }).await {
+        return Err(stream_failure(e, &mut r).await);
+    }
     match wire(r.expect("Committed").await)? {
         Msg::Committed { point: p } if p == point => {}
         Msg::Committed { point: p } => {
@@ -239,6 +243,7 @@ pub async fn run_cycle(
     report.phases.commit = commit_started.elapsed().as_secs_f64();
     report.seconds = started.elapsed().as_secs_f64();
     report.wire_bytes = conn.stats().udp_tx.bytes.saturating_sub(wire_start);
+    report.lost_bytes = conn.stats().path.lost_bytes.saturating_sub(lost_start);
     Ok(report)
 }
 
@@ -612,9 +617,18 @@ async fn stream_failure(e: WireError, r: &mut FrameReader) -> KindError {
             kind: ErrorKind::Refused,
             error: anyhow!("DR site refused the cycle: {reason}"),
         },
-        _ => KindError {
-            kind: ErrorKind::Peer,
-            error: e.into(),
-        },
+        other => {
+            let got = match other {
+                Ok(Ok(Some(m))) => m.kind().to_string(),
+                Ok(Ok(None)) => "the end of the stream".into(),
+                Ok(Err(e)) => format!("{e}"),
+                Err(_) => "nothing within 10 s".into(),
+            };
+            tracing::debug!(%got, "no reason from the DR site after a failed write");
+            KindError {
+                kind: ErrorKind::Peer,
+                error: e.into(),
+            }
+        }
     }
 }

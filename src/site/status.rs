@@ -46,6 +46,8 @@ pub struct CycleReport {
     pub hash_bytes_received: u64,
     /// UDP bytes the connection sent during the cycle.
     pub wire_bytes: u64,
+    /// Of those, bytes in packets QUIC declared lost (and sent again).
+    pub lost_bytes: u64,
     pub chunks_sent: u64,
     pub zero_chunks_sent: u64,
     pub compressed_chunks: u64,
