@@ -234,9 +234,14 @@ pub async fn run_cycle(
     }
     w.finish();
     acknowledge(&site.store, name, &mut rec).kind(ErrorKind::Store)?;
-    if let Err(e) = snapshot::prune(prot, &[gen]) {
-        tracing::warn!(protection = name, error = %format!("{e:#}"), "could not remove old snapshots");
-    }
+    // Only the gens older than this one, listed now: the next cycle's snapshot is safe.
+    let old = snapshot::stale(prot, &[gen]);
+    let p = name.to_string();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = snapshot::remove(old) {
+            tracing::warn!(protection = p, error = %format!("{e:#}"), "could not remove old snapshots");
+        }
+    });
     report.phases.snapshot = snapshot_seconds;
     report.phases.freeze = snap.freeze.as_secs_f64();
     report.phases.transfer = transfer_seconds;

@@ -92,19 +92,32 @@ pub async fn take(prot: &Protection, gen: Gen) -> Result<GroupSnapshot> {
 
 /// Removes snapshot gens of `prot` other than `keep`.
 pub fn prune(prot: &Protection, keep: &[Gen]) -> Result<()> {
+    remove(stale(prot, keep))
+}
+
+/// Snapshot gen directories of `prot` other than `keep`.
+pub fn stale(prot: &Protection, keep: &[Gen]) -> Vec<PathBuf> {
     let root = prot.snapshot_dir.join(prot.name.as_str());
     let Ok(entries) = fs::read_dir(&root) else {
-        return Ok(());
+        return Vec::new();
     };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let Some(gen) = name.to_str().and_then(|s| s.parse::<u64>().ok()) else {
-            continue;
-        };
-        if !keep.contains(&Gen(gen)) {
-            fs::remove_dir_all(e.path())
-                .with_context(|| format!("remove old snapshot {}", e.path().display()))?;
-        }
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u64>().ok())
+                .is_some_and(|g| !keep.contains(&Gen(g)))
+        })
+        .map(|e| e.path())
+        .collect()
+}
+
+/// Removes snapshot directories (on XFS, freeing a fragmented reflink copy can take a
+/// while, so callers may do it off the cycle's path).
+pub fn remove(dirs: Vec<PathBuf>) -> Result<()> {
+    for d in dirs {
+        fs::remove_dir_all(&d).with_context(|| format!("remove old snapshot {}", d.display()))?;
     }
     Ok(())
 }
