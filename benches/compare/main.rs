@@ -271,6 +271,11 @@ impl Rows {
     }
 }
 
+/// Flushes all dirty data to disk, so earlier writes do not compete with a measurement.
+fn settle() {
+    let _ = Command::new("sync").status();
+}
+
 fn flag(args: &[String], name: &str) -> bool {
     args.iter().any(|a| a == name)
 }
@@ -407,6 +412,8 @@ fn main() {
     );
     let pressure0 = pressure();
     support::random_file(&image, size, 1);
+    // Write the new image back now (through the loop device too), not during the runs.
+    settle();
     if flag(&args, "--s7-only") {
         // For profiling: a full sync of compressible data.
         let tar = src.join("usr.tar");
@@ -594,6 +601,7 @@ fn main() {
     // S7: compressible data (a tar of /usr), full sync with compression on and off.
     let tar = src.join("usr.tar");
     usr_tar(&tar, size);
+    settle();
     let zchunks = zstd_chunks(&tar, 64 << 10);
     let (w, c) = med(&mut sh(format!(
         "zstd -1 -q -c {} > /dev/null",
