@@ -195,6 +195,12 @@ impl Config {
     }
 }
 
+impl Protection {
+    pub fn volume(&self, name: &str) -> Option<&Volume> {
+        self.volumes.iter().find(|v| v.name.as_str() == name)
+    }
+}
+
 /// One problem with a config value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -287,6 +293,30 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 impl Validator {
+    /// One of a fixed set of words; missing means the first (the default). Anything else
+    /// is a problem naming the words allowed.
+    fn choice<T: Copy>(
+        &mut self,
+        key: String,
+        value: Option<&str>,
+        what: &str,
+        options: &[(&str, T)],
+    ) -> T {
+        let Some(v) = value else { return options[0].1 };
+        if let Some((_, t)) = options.iter().find(|(word, _)| *word == v) {
+            return *t;
+        }
+        let words: Vec<String> = options.iter().map(|(w, _)| format!("{w:?}")).collect();
+        let (last, rest) = words.split_last().expect("options are not empty");
+        let expected = if rest.is_empty() {
+            last.clone()
+        } else {
+            format!("{} or {last}", rest.join(", "))
+        };
+        self.problem(key, format!("{v:?} is not a {what}; expected {expected}"));
+        options[0].1
+    }
+
     fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
         self.problems.push(Problem {
             key: key.into(),
@@ -479,43 +509,32 @@ impl Validator {
             }
             Some(Ok(n)) => n as u32,
         };
-        let snapshot = match p.snapshot.as_deref().unwrap_or("auto") {
-            "auto" => SnapshotMode::Auto,
-            "reflink" => SnapshotMode::Reflink,
-            "copy" => SnapshotMode::Copy,
-            other => {
-                self.problem(
-                    format!("{key}.snapshot"),
-                    format!("{other:?} is not a snapshot method; expected \"auto\", \"reflink\" or \"copy\""),
-                );
-                SnapshotMode::Auto
-            }
-        };
-        let compression = match p.compression.as_deref().unwrap_or("auto") {
-            "auto" => true,
-            "off" => false,
-            other => {
-                self.problem(
-                    format!("{key}.compression"),
-                    format!("{other:?} is not a compression mode; expected \"auto\" or \"off\""),
-                );
-                true
-            }
-        };
-        let refine = match p.refine.as_deref().unwrap_or("auto") {
-            "auto" => Refine::Auto,
-            "on" => Refine::On,
-            "off" => Refine::Off,
-            other => {
-                self.problem(
-                    format!("{key}.refine"),
-                    format!(
-                        "{other:?} is not a refinement mode; expected \"auto\", \"on\" or \"off\""
-                    ),
-                );
-                Refine::Auto
-            }
-        };
+        let snapshot = self.choice(
+            format!("{key}.snapshot"),
+            p.snapshot.as_deref(),
+            "snapshot method",
+            &[
+                ("auto", SnapshotMode::Auto),
+                ("reflink", SnapshotMode::Reflink),
+                ("copy", SnapshotMode::Copy),
+            ],
+        );
+        let compression = self.choice(
+            format!("{key}.compression"),
+            p.compression.as_deref(),
+            "compression mode",
+            &[("auto", true), ("off", false)],
+        );
+        let refine = self.choice(
+            format!("{key}.refine"),
+            p.refine.as_deref(),
+            "refinement mode",
+            &[
+                ("auto", Refine::Auto),
+                ("on", Refine::On),
+                ("off", Refine::Off),
+            ],
+        );
         let snapshot_dir = match &p.snapshot_dir {
             Some(s) => self.path(&format!("{key}.snapshot_dir"), s),
             None => state_dir.join("snapshots"),

@@ -250,15 +250,10 @@ async fn serve_block_hashes(
         .config
         .protection(protection)
         .ok_or_else(|| refuse(Refusal::UnknownProtection(protection.to_string())))?;
-    let path = prot
-        .volumes
-        .iter()
-        .find(|v| v.name.as_str() == volume)
-        .map(|v| v.path.clone())
-        .ok_or_else(|| {
-            let names: Vec<&str> = prot.volumes.iter().map(|v| v.name.as_str()).collect();
-            refuse(Refusal::UnknownVolume(volume.to_string(), names.join(", ")))
-        })?;
+    let path = prot.volume(volume).map(|v| v.path.clone()).ok_or_else(|| {
+        let names: Vec<&str> = prot.volumes.iter().map(|v| v.name.as_str()).collect();
+        refuse(Refusal::UnknownVolume(volume.to_string(), names.join(", ")))
+    })?;
     if let Err(Fail::Refuse(refusal, _)) = check_chunk_size(chunk_size) {
         let _ = w.send(&Msg::Refused(refusal.clone())).await;
         return Err(refuse(refusal));
@@ -466,13 +461,9 @@ async fn cycle(
             }
             match next_frame(r, &token, "Commit").await? {
                 Msg::HashRequest { volume, chunk_size } => {
-                    let v = prot
-                        .volumes
-                        .iter()
-                        .find(|v| v.name.as_str() == volume)
-                        .ok_or_else(|| {
-                            invalid(format!("hash request for unknown volume {volume:?}"))
-                        })?;
+                    let v = prot.volume(&volume).ok_or_else(|| {
+                        invalid(format!("hash request for unknown volume {volume:?}"))
+                    })?;
                     check_chunk_size(chunk_size)?;
                     let gen =
                         serve_hashes(site, &prot, &rec, v.path.clone(), &volume, chunk_size, w)
@@ -507,9 +498,7 @@ async fn cycle(
                     };
                     let geometry = Geometry::new(size, chunk_size);
                     let replica = prot
-                        .volumes
-                        .iter()
-                        .find(|v| v.name.as_str() == volume)
+                        .volume(&volume)
                         .map(|v| v.path.clone())
                         .expect("volume is in the group");
                     // No replica and no base: every chunk comes, so build the replica
