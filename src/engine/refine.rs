@@ -107,12 +107,14 @@ pub fn ranges(len: usize, mask: &[u8], data_len: usize) -> Result<Vec<Placement>
     Ok(out)
 }
 
-/// Overlays a patch on `base` (the replica's chunk) in place.
-pub fn apply(base: &mut [u8], mask: &[u8], data: &[u8]) -> Result<(), String> {
-    for (dst, src) in ranges(base.len(), mask, data.len())? {
-        base[dst].copy_from_slice(&data[src]);
+/// Overlays a patch on `base` (the replica's chunk) in place; returns where each block
+/// went, for a caller that writes only those blocks back.
+pub fn apply(base: &mut [u8], mask: &[u8], data: &[u8]) -> Result<Vec<Placement>, String> {
+    let place = ranges(base.len(), mask, data.len())?;
+    for (dst, src) in &place {
+        base[dst.clone()].copy_from_slice(&data[src.clone()]);
     }
-    Ok(())
+    Ok(place)
 }
 
 #[cfg(test)]

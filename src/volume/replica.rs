@@ -251,11 +251,8 @@ pub fn apply(log: &Path, replica: &Path) -> Result<ApplyStats> {
                 let mut chunk = read_chunk(&f, off, len).with_context(|| {
                     format!("read chunk {index} of replica {}", replica.display())
                 })?;
-                let place = refine::ranges(len as usize, &mask, data.len())
+                let place = refine::apply(&mut chunk, &mask, &data)
                     .map_err(|e| anyhow::anyhow!("patch {index}: {e}"))?;
-                for (dst, src) in &place {
-                    chunk[dst.clone()].copy_from_slice(&data[src.clone()]);
-                }
                 if ChunkHash::of(&chunk) != hash {
                     bail!(
                         "{}: patch {index} over replica {} does not match its hash; refusing to apply it",

@@ -81,26 +81,10 @@ impl StagingWriter {
         len: u32,
         bytes: Option<&[u8]>,
     ) -> Result<()> {
-        let kind = if bytes.is_some() {
-            KIND_DATA
-        } else {
-            KIND_ZERO
-        };
-        let w = &mut self.out;
-        let res = (|| -> std::io::Result<()> {
-            w.write_all(&[kind])?;
-            w.write_all(&index.to_le_bytes())?;
-            w.write_all(&len.to_le_bytes())?;
-            w.write_all(&hash.0)?;
-            if let Some(b) = bytes {
-                w.write_all(b)?;
-            }
-            Ok(())
-        })();
-        res.with_context(|| format!("append to staging log {}", self.path.display()))?;
-        self.records += 1;
-        self.bytes += 45 + bytes.map_or(0, |b| b.len() as u64);
-        Ok(())
+        match bytes {
+            Some(b) => self.record(KIND_DATA, index, hash, len, &[b]),
+            None => self.record(KIND_ZERO, index, hash, len, &[]),
+        }
     }
 
     /// Appends a verified patch: the blocks of chunk `index` that differ from the replica.
@@ -112,18 +96,32 @@ impl StagingWriter {
         mask: &[u8],
         data: &[u8],
     ) -> Result<()> {
+        self.record(KIND_PATCH, index, hash, len, &[mask, data])
+    }
+
+    /// One record: the fixed header, then `body` in order.
+    fn record(
+        &mut self,
+        kind: u8,
+        index: u64,
+        hash: &ChunkHash,
+        len: u32,
+        body: &[&[u8]],
+    ) -> Result<()> {
         let w = &mut self.out;
         let res = (|| -> std::io::Result<()> {
-            w.write_all(&[KIND_PATCH])?;
+            w.write_all(&[kind])?;
             w.write_all(&index.to_le_bytes())?;
             w.write_all(&len.to_le_bytes())?;
             w.write_all(&hash.0)?;
-            w.write_all(mask)?;
-            w.write_all(data)
+            for part in body {
+                w.write_all(part)?;
+            }
+            Ok(())
         })();
         res.with_context(|| format!("append to staging log {}", self.path.display()))?;
         self.records += 1;
-        self.bytes += 45 + (mask.len() + data.len()) as u64;
+        self.bytes += 45 + body.iter().map(|p| p.len() as u64).sum::<u64>();
         Ok(())
     }
 
