@@ -198,6 +198,24 @@ async fn lies() {
         assert!(m.contains("patch 2") && m.contains(says), "{m}");
     }
 
+    // 3e. A refinement stream for a volume this site does not have is refused by name.
+    let (s, rcv) = liar.conn.open_bi().await.unwrap();
+    let (mut w, mut r) = (FrameWriter::new(s), FrameReader::new(rcv));
+    w.send(&Msg::RefineOpen {
+        protection: PROT.into(),
+        volume: "nope".into(),
+        size: 8 << 20,
+        chunk_size: 65536,
+    })
+    .await
+    .unwrap();
+    match r.expect("Refused").await {
+        Ok(Msg::Refused(Refusal::UnknownVolume(v, have))) => {
+            assert_eq!((v.as_str(), have.as_str()), ("nope", "v1"))
+        }
+        other => panic!("expected UnknownVolume, got {other:?}"),
+    }
+
     // 4. Chunks out of order or beyond the volume.
     let (mut w, mut r) = liar.begin(8 << 20).await;
     w.send(&Msg::Chunk {

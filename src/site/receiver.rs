@@ -166,13 +166,28 @@ async fn stream(site: Arc<Site>, peer: String, mut w: FrameWriter, mut r: FrameR
             size,
             chunk_size,
         })) => {
-            if let Err(e) =
-                serve_block_hashes(&site, &protection, &volume, size, chunk_size, w, r).await
-            {
+            let result = serve_block_hashes(
+                &site,
+                &protection,
+                &volume,
+                size,
+                chunk_size,
+                &mut w,
+                &mut r,
+            )
+            .await;
+            if let Err(e) = result {
+                // Like a cycle, a refused refinement stream tells the primary why.
                 let e = match e {
-                    Fail::Refuse(refusal, _) => refusal.to_string(),
+                    Fail::Refuse(refusal, _) => {
+                        let message = refusal.to_string();
+                        let _ = w.send(&Msg::Refused(refusal)).await;
+                        message
+                    }
                     Fail::Error(e) => e.to_string(),
                 };
+                w.finish();
+                r.stop();
                 tracing::warn!(peer = %peer, protection = %protection, volume = %volume, error = %e, "refinement stream failed");
             }
             return;
@@ -242,8 +257,8 @@ async fn serve_block_hashes(
     volume: &str,
     size: u64,
     chunk_size: u32,
-    mut w: FrameWriter,
-    mut r: FrameReader,
+    w: &mut FrameWriter,
+    r: &mut FrameReader,
 ) -> R<()> {
     let refuse = |refusal: Refusal| Fail::Refuse(refusal, ErrorKind::Refused);
     let prot = site
@@ -254,10 +269,7 @@ async fn serve_block_hashes(
         let names: Vec<&str> = prot.volumes.iter().map(|v| v.name.as_str()).collect();
         refuse(Refusal::UnknownVolume(volume.to_string(), names.join(", ")))
     })?;
-    if let Err(Fail::Refuse(refusal, _)) = check_chunk_size(chunk_size) {
-        let _ = w.send(&Msg::Refused(refusal.clone())).await;
-        return Err(refuse(refusal));
-    }
+    check_chunk_size(chunk_size)?;
     let geometry = Geometry::new(size, chunk_size);
     let (req_tx, mut req_rx) = mpsc::channel::<u64>(64);
     let (resp_tx, mut resp_rx) = mpsc::channel::<Msg>(64);
@@ -282,7 +294,9 @@ async fn serve_block_hashes(
             }
         }
     });
-    let reading = async move {
+    let reading = async {
+        // Owned here: when reading ends the worker sees the end of its requests.
+        let req_tx = req_tx;
         while let Some(m) = peer_err(r.next().await)? {
             match m {
                 Msg::BlockHashRequest { index } => {
@@ -915,22 +929,17 @@ fn stage(
     let mut cursor = BaseCursor::new(store.index(prot, vol, base_gen));
     let mut builder = SegmentBuilder::default();
     let mut root = RootHasher::new(geometry);
-    let mut writer = if target.fresh {
-        Sink::Fresh(FreshReplica::create(&target.replica, geometry.size).kind(ErrorKind::Io)?)
+    // A fresh replica's blocks are written, not promised (no reservation), and it has no
+    // old chunks for patches; a staged volume patches the replica as it is (the
+    // consistent point) and reserves the blocks it will write.
+    let (mut writer, base_file, mut reserver) = if target.fresh {
+        let fresh = FreshReplica::create(&target.replica, geometry.size).kind(ErrorKind::Io)?;
+        (Sink::Fresh(fresh), None, Reserver::none())
     } else {
-        Sink::Log(StagingWriter::create(&target.log, geometry).kind(ErrorKind::Io)?)
-    };
-    // Patches complete chunks of the replica as it is (the consistent point).
-    let base_file = if target.fresh {
-        None
-    } else {
-        std::fs::File::open(&target.replica).ok()
-    };
-    // A fresh replica's blocks are written, not promised: no reservation needed.
-    let mut reserver = if target.fresh {
-        Reserver::none()
-    } else {
-        Reserver::open(&target.replica).kind(ErrorKind::Io)?
+        let log = StagingWriter::create(&target.log, geometry).kind(ErrorKind::Io)?;
+        let reserver = Reserver::open(&target.replica).kind(ErrorKind::Io)?;
+        let base = std::fs::File::open(&target.replica).ok();
+        (Sink::Log(log), base, reserver)
     };
     let staging_fs = target.log.parent().unwrap_or(&target.log).to_path_buf();
     let mut checked_at = 0u64;
