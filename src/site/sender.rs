@@ -59,10 +59,15 @@ fn fence(site: &Site, prot: &str, rec: &mut ProtectionRecord, refusal: &Refusal)
 fn refused(site: &Site, prot: &str, rec: &mut ProtectionRecord, r: Refusal) -> KindError {
     match r {
         Refusal::StaleEpoch { .. } | Refusal::FailedOver { .. } => fence(site, prot, rec, &r),
-        other => KindError {
-            kind: ErrorKind::Refused,
-            error: anyhow!("DR site refused the cycle: {other}"),
-        },
+        other => refusal_error("the cycle", other),
+    }
+}
+
+/// A refusal that does not fence: the cycle fails with the DR site's reason.
+fn refusal_error(what: &str, reason: Refusal) -> KindError {
+    KindError {
+        kind: ErrorKind::Refused,
+        error: anyhow!("DR site refused {what}: {reason}"),
     }
 }
 
@@ -323,12 +328,7 @@ async fn fetch_peer_hashes(
                     .kind(ErrorKind::Store)?;
             }
             Msg::HashEnd { volume: v, .. } if v == volume => break,
-            Msg::Refused(reason) => {
-                return Err(KindError {
-                    kind: ErrorKind::Refused,
-                    error: anyhow!("DR site refused the cycle: {reason}"),
-                })
-            }
+            Msg::Refused(reason) => return Err(refusal_error("the cycle", reason)),
             other => return Err(protocol(other.kind(), "HashSegment")),
         }
     }
@@ -430,7 +430,7 @@ async fn send_volume(
 
     // Refinement: a second stream asks the DR site for block hashes of each changed chunk
     // the replica has, ahead of the chunk writer, which turns the answers into patches.
-    let mut refine_stream = if side.refine {
+    let (mut ask, mut answers) = if side.refine {
         let (send, recv) = side.conn.open_bi().await.kind(ErrorKind::Peer)?;
         let mut rw = FrameWriter::new(send).with_limit(side.limit.clone());
         wire(
@@ -442,13 +442,9 @@ async fn send_volume(
             })
             .await,
         )?;
-        Some((rw, FrameReader::new(recv)))
+        (Some(rw), Some(FrameReader::new(recv)))
     } else {
-        None
-    };
-    let (mut ask, mut answers) = match refine_stream.take() {
-        Some((rw, rr)) => (Some(rw), Some(rr)),
-        None => (None, None),
+        (None, None)
     };
     let (qtx, mut qrx) = mpsc::channel::<(Scanned, bool)>(REFINE_WINDOW);
     let requester = async move {
@@ -484,12 +480,7 @@ async fn send_volume(
                     let rr = answers.as_mut().expect("asked on the refine stream");
                     let theirs = match wire(rr.expect("BlockHashes").await)? {
                         Msg::BlockHashes { index, packed } if index == s.index => packed,
-                        Msg::Refused(reason) => {
-                            return Err(KindError {
-                                kind: ErrorKind::Refused,
-                                error: anyhow!("DR site refused refinement: {reason}"),
-                            })
-                        }
+                        Msg::Refused(reason) => return Err(refusal_error("refinement", reason)),
                         other => return Err(protocol(other.kind(), "BlockHashes")),
                     };
                     encode_refined(s.index, b, &theirs, compressor.as_deref(), report)
@@ -618,10 +609,7 @@ async fn stream_failure(e: WireError, r: &mut FrameReader) -> KindError {
     // which on a loaded disk takes a while; a dead peer is cut off by the idle timeout.
     let reason = tokio::time::timeout(std::time::Duration::from_secs(10), r.next()).await;
     match reason {
-        Ok(Ok(Some(Msg::Refused(reason)))) => KindError {
-            kind: ErrorKind::Refused,
-            error: anyhow!("DR site refused the cycle: {reason}"),
-        },
+        Ok(Ok(Some(Msg::Refused(reason)))) => refusal_error("the cycle", reason),
         other => {
             let got = match other {
                 Ok(Ok(Some(m))) => m.kind().to_string(),
