@@ -242,9 +242,14 @@ pub fn scan_file(
         });
 
         for batch in rx {
-            let batch = batch.with_context(|| format!("read {}", path.display()))?;
-            let batch_holes: Vec<bool> = batch.bufs.iter().map(Option::is_none).collect();
-            let mut batch = batch;
+            let mut batch = batch.with_context(|| format!("read {}", path.display()))?;
+            // Unread chunks are holes unless their extents are shared with the base.
+            let batch_holes: Vec<bool> = batch
+                .bufs
+                .iter()
+                .zip(&batch.shared)
+                .map(|(b, &shared)| b.is_none() && !shared)
+                .collect();
             let mut hashed: Vec<(ChunkHash, bool)> = batch
                 .bufs
                 .par_iter()
