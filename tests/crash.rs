@@ -8,14 +8,18 @@ use std::time::Duration;
 use lifeboat::site::status::CycleReport;
 use support::*;
 
-fn group() -> Pair {
-    Pair::new(PairOptions {
+fn group_options() -> PairOptions {
+    PairOptions {
         volumes: vec![("v1", 16 << 20), ("v2", 16 << 20), ("v3", 16 << 20)],
         // Incremental gens travel as block patches, so the redo of patches is what a kill
         // during apply tests.
         primary_protection: "refine = \"on\"",
         ..Default::default()
-    })
+    }
+}
+
+fn group() -> Pair {
+    Pair::new(group_options())
 }
 
 fn change_all(pair: &Pair, seed: u64) {
@@ -152,9 +156,8 @@ fn a_first_sync_killed_mid_transfer_leaves_no_replica_and_no_partial_file() {
     // The first full sync writes each replica whole beside its path (no staging log);
     // until the group commit nothing may appear under the replica's name.
     let mut pair = Pair::new(PairOptions {
-        volumes: vec![("v1", 16 << 20), ("v2", 16 << 20), ("v3", 16 << 20)],
         start: false,
-        ..Default::default()
+        ..group_options()
     });
     pair.dr.failpoint = Some("dr-staging:v2".into());
     pair.start();
@@ -191,9 +194,8 @@ fn a_first_sync_killed_mid_transfer_leaves_no_replica_and_no_partial_file() {
 #[test]
 fn a_first_sync_committed_before_a_kill_during_install_is_finished_at_restart() {
     let mut pair = Pair::new(PairOptions {
-        volumes: vec![("v1", 16 << 20), ("v2", 16 << 20), ("v3", 16 << 20)],
         start: false,
-        ..Default::default()
+        ..group_options()
     });
     pair.dr.failpoint = Some("dr-applying:v2".into());
     pair.start();
