@@ -94,7 +94,7 @@ fn wire(c: &mut Criterion) {
 /// What compression costs a changed chunk: the histogram check alone on incompressible data
 /// (the common case it must keep cheap), and zstd on text.
 fn compression(c: &mut Criterion) {
-    use lifeboat::engine::compress::Compressor;
+    use lifeboat::engine::compress::compress;
     let random = data(64 << 10);
     let text: Vec<u8> = b"INSERT INTO t VALUES (1, 'lifeboat');\n"
         .iter()
@@ -105,11 +105,9 @@ fn compression(c: &mut Criterion) {
     let mut g = c.benchmark_group("compress 64 KiB chunk");
     g.throughput(Throughput::Bytes(64 << 10));
     g.bench_function("random (skipped by the histogram)", |b| {
-        b.iter(|| Compressor.compress(0, &random))
+        b.iter(|| compress(&random))
     });
-    g.bench_function("text (zstd -1)", |b| {
-        b.iter(|| Compressor.compress(0, &text))
-    });
+    g.bench_function("text (zstd -1)", |b| b.iter(|| compress(&text)));
     g.finish();
 }
 

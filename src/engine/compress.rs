@@ -7,10 +7,6 @@
 //! Per chunk, not per run of chunks: a tar of mixed files or a database with compressed
 //! and plain tables changes its nature from one chunk to the next.
 
-/// Shared by the hashing threads of one volume's scan.
-#[derive(Default)]
-pub struct Compressor;
-
 const LEVEL: i32 = 1;
 /// A chunk goes compressed if that saves at least 1/64 of it: below that the DR site's
 /// decompression is not worth the bytes.
@@ -42,17 +38,14 @@ pub fn sampled_entropy(raw: &[u8]) -> f64 {
         .sum()
 }
 
-impl Compressor {
-    /// The compressed bytes of `raw`, or `None` where compression does not pay. `index`
-    /// is the chunk's number (kept for callers; the decision is per chunk).
-    pub fn compress(&self, _index: u64, raw: &[u8]) -> Option<Vec<u8>> {
-        if raw.len() < 64 || sampled_entropy(raw) > MAX_ENTROPY {
-            return None;
-        }
-        match zstd::bulk::compress(raw, LEVEL) {
-            Ok(c) if c.len() <= raw.len() - raw.len() / MIN_SAVING => Some(c),
-            _ => None,
-        }
+/// The compressed bytes of `raw`, or `None` where compression does not pay.
+pub fn compress(raw: &[u8]) -> Option<Vec<u8>> {
+    if raw.len() < 64 || sampled_entropy(raw) > MAX_ENTROPY {
+        return None;
+    }
+    match zstd::bulk::compress(raw, LEVEL) {
+        Ok(c) if c.len() <= raw.len() - raw.len() / MIN_SAVING => Some(c),
+        _ => None,
     }
 }
 
@@ -74,14 +67,13 @@ mod tests {
 
     #[test]
     fn text_compresses_and_round_trips() {
-        let c = Compressor;
         let text: Vec<u8> = b"INSERT INTO t VALUES (1, 'x');\n"
             .iter()
             .cycle()
             .take(65536)
             .copied()
             .collect();
-        let z = c.compress(0, &text).expect("text compresses");
+        let z = compress(&text).expect("text compresses");
         assert!(z.len() < text.len() / 4);
         assert_eq!(decompress(&z, 65536).unwrap(), text);
         assert!(
@@ -92,19 +84,18 @@ mod tests {
 
     #[test]
     fn random_data_is_skipped_without_zstd_and_each_chunk_is_judged_alone() {
-        let c = Compressor;
         for seed in 0..8 {
             let noise = blake_noise(seed);
             assert!(sampled_entropy(&noise) > MAX_ENTROPY);
-            assert!(c.compress(seed, &noise).is_none());
+            assert!(compress(&noise).is_none());
         }
         // Right after incompressible chunks, a compressible one still compresses.
         let text = vec![b'a'; 65536];
-        assert!(c.compress(9, &text).is_some());
+        assert!(compress(&text).is_some());
         // Half text, half noise: worth it.
         let mut mixed = blake_noise(1);
         mixed[..32768].copy_from_slice(&text[..32768]);
-        assert!(c.compress(10, &mixed).is_some());
+        assert!(compress(&mixed).is_some());
     }
 
     fn blake_noise(seed: u64) -> Vec<u8> {

@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use rayon::prelude::*;
 
 use crate::engine::chunk::{is_zero, zero_hash, Geometry};
-use crate::engine::compress::Compressor;
+use crate::engine::compress;
 use crate::engine::extents;
 use crate::ids::ChunkHash;
 
@@ -51,7 +51,7 @@ pub struct ScanOptions<'a> {
     /// are unchanged and are neither read nor hashed (see [`crate::engine::extents`]).
     pub base_snapshot: Option<&'a Path>,
     /// Compress changed chunks where it pays.
-    pub compressor: Option<&'a Compressor>,
+    pub compress: bool,
     /// Keep chunks the base had raw (uncompressed): they are refined into block patches,
     /// which are compressed instead.
     pub raw_if_based: bool,
@@ -296,23 +296,19 @@ pub fn scan_file(
                 changed.push(b != Some(slot.0));
                 based.push(b.is_some());
             }
-            let first = batch.first;
             let contents: Vec<Content> = batch
                 .bufs
                 .into_par_iter()
                 .zip(hashed.par_iter())
                 .zip(changed.par_iter().zip(based.par_iter()))
-                .enumerate()
                 .map(
-                    |(k, ((buf, (_, zero)), (&changed, &based)))| match (changed, zero) {
+                    |((buf, (_, zero)), (&changed, &based))| match (changed, zero) {
                         (false, _) => Content::Unchanged,
                         (true, true) => Content::Zero,
                         (true, false) => {
                             let raw = buf.expect("non-zero chunk was read");
-                            let compressor = options
-                                .compressor
-                                .filter(|_| !(based && options.raw_if_based));
-                            match compressor.and_then(|c| c.compress(first + k as u64, &raw)) {
+                            let try_it = options.compress && !(based && options.raw_if_based);
+                            match try_it.then(|| compress::compress(&raw)).flatten() {
                                 Some(z) => Content::Compressed(z),
                                 None => Content::Data(raw),
                             }

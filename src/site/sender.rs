@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::config::{Protection, Refine};
 use crate::engine::chunk::{Geometry, RootHasher};
-use crate::engine::compress::Compressor;
+use crate::engine::compress;
 use crate::engine::diff::BaseCursor;
 use crate::engine::index::{Segment, SegmentBuilder};
 use crate::engine::refine;
@@ -380,8 +380,7 @@ async fn send_volume(
         format!("primary-sending:{}", v.name),
     );
     let progress = Arc::new(AtomicU64::new(0));
-    let compressor = prot.compression.then(|| Arc::new(Compressor));
-    let scan_compressor = compressor.clone();
+    let compression = prot.compression;
     let raw_if_based = side.refine;
     // The base gen's snapshot, kept until this gen is acknowledged: where it shares extents
     // with the new one (reflink snapshots), nothing changed.
@@ -418,7 +417,7 @@ async fn send_volume(
             &progress,
             ScanOptions {
                 base_snapshot: base_snapshot.as_deref(),
-                compressor: scan_compressor.as_deref(),
+                compress: compression,
                 raw_if_based,
             },
         )?;
@@ -483,7 +482,7 @@ async fn send_volume(
                         Msg::Refused(reason) => return Err(refusal_error("refinement", reason)),
                         other => return Err(protocol(other.kind(), "BlockHashes")),
                     };
-                    encode_refined(s.index, b, &theirs, compressor.as_deref(), report)
+                    encode_refined(b, &theirs, compression, report)
                 }
                 Content::Data(b) => Payload::Data(ByteBuf::from(b)),
                 Content::Compressed(z) => Payload::Zstd(ByteBuf::from(z)),
@@ -574,18 +573,18 @@ struct Side<'a> {
 /// A chunk the DR replica has an older version of: only the blocks that differ, compressed
 /// where that pays; the whole chunk when every block changed.
 fn encode_refined(
-    index: u64,
     raw: Vec<u8>,
     theirs: &[u8],
-    compressor: Option<&Compressor>,
+    compression: bool,
     report: &mut CycleReport,
 ) -> Payload {
+    let compress = |b: &[u8]| compression.then(|| compress::compress(b)).flatten();
     match refine::diff(&raw, theirs) {
         Some(p) => {
             report.refined_chunks += 1;
             report.refine_saved_bytes += (raw.len() - p.data.len()) as u64;
             let mask = ByteBuf::from(p.mask);
-            match compressor.and_then(|c| c.compress(index, &p.data)) {
+            match compress(&p.data) {
                 Some(z) => Payload::PatchZstd {
                     mask,
                     data: ByteBuf::from(z),
@@ -596,7 +595,7 @@ fn encode_refined(
                 },
             }
         }
-        None => match compressor.and_then(|c| c.compress(index, &raw)) {
+        None => match compress(&raw) {
             Some(z) => Payload::Zstd(ByteBuf::from(z)),
             None => Payload::Data(ByteBuf::from(raw)),
         },
