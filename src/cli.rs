@@ -73,14 +73,39 @@ pub enum Command {
         output: Output,
     },
     /// Fail over a protection at the DR site: fence the old primary (raise the epoch) and
-    /// leave the replicas at the consistent point. Works with the daemon stopped too.
+    /// leave the replicas at the consistent point. Kubernetes protections: apply that gen's
+    /// manifests with the primary's replica counts, resume CronJobs, and wait until the
+    /// workloads are ready. Prints each step and its time. Works with the daemon stopped.
     Failover {
         #[command(flatten)]
         target: Target,
         #[arg(short, long)]
         protection: String,
+        /// Print the plan (epoch, gen, objects, scaling) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// How long to wait for workloads to report ready replicas.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        ready_timeout: Duration,
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
+    },
+    /// Write a gen's DR-ready manifests (Kubernetes protections) as YAML files, one per
+    /// object, numbered in apply order: for review, or to commit to a GitOps repository.
+    Export {
+        #[command(flatten)]
+        target: Target,
+        #[arg(short, long)]
+        protection: String,
+        /// The gen (default: the consistent gen). The DR site keeps the last 16 gens.
+        #[arg(long)]
+        gen: Option<u64>,
+        /// The standby form (workloads at zero, CronJobs suspended) instead of the form
+        /// failover applies.
+        #[arg(long)]
+        standby: bool,
+        /// Directory to write into (created if missing).
+        dir: PathBuf,
     },
     /// Create a pair CA and a certificate for each site (keys are written with mode 0600).
     Certs {
@@ -166,10 +191,37 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Failover {
             target,
             protection,
+            dry_run,
+            ready_timeout,
             output,
         } => {
-            let r = failover(&target, &protection)?;
+            let opts = crate::site::failover::FailoverOptions {
+                dry_run,
+                ready_timeout_secs: ready_timeout.as_secs().max(1),
+            };
+            let r = failover(&target, &protection, &opts)?;
             show(output, &r, render_failover)
+        }
+        Command::Export {
+            target,
+            protection,
+            gen,
+            standby,
+            dir,
+        } => {
+            let e = export(&target, &protection, gen, standby)?;
+            let files = crate::k8s::bundle::export(&e.objects, &dir)?;
+            println!(
+                "wrote {} objects of gen {} ({} form) to {}",
+                files.len(),
+                e.gen,
+                if e.standby { "standby" } else { "failover" },
+                dir.display()
+            );
+            for w in &e.warnings {
+                println!("warning: {w}");
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Demo(args) => crate::demo::run(args),
     }
@@ -194,19 +246,64 @@ fn load_config(path: &std::path::Path) -> Result<config::Config> {
 
 /// Failover through the daemon, or directly on the state store when the daemon is down
 /// (the usual case in a real disaster is that the DR daemon is fine, but not always).
-fn failover(target: &Target, protection: &str) -> Result<FailoverReport> {
+fn failover(
+    target: &Target,
+    protection: &str,
+    opts: &crate::site::failover::FailoverOptions,
+) -> Result<FailoverReport> {
     let client = Client::new(target)?;
-    match client.post::<FailoverReport>(&format!("/v1/protections/{protection}/failover")) {
+    let path = format!(
+        "/v1/protections/{protection}/failover?dry_run={}&ready_timeout_secs={}",
+        opts.dry_run, opts.ready_timeout_secs
+    );
+    match client.post::<FailoverReport>(&path) {
         Ok(r) => Ok(r),
         Err(e) if e.downcast_ref::<Unreachable>().is_some() && target.config.is_some() => {
-            let path = target.config.as_ref().expect("checked");
             eprintln!("{e}; failing over directly on the state store");
-            let cfg = load_config(path)?;
-            let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(async {
-                let store = crate::store::Store::open(&cfg.state_dir.join("db"))?;
-                let site = std::sync::Arc::new(crate::site::Site::new(cfg, store));
-                crate::site::failover::failover(&site, protection).await
+            offline(target, |site| async move {
+                crate::site::failover::failover(&site, protection, opts).await
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Runs `f` on a site opened from the config file, for when the daemon is down.
+fn offline<T, F, Fut>(target: &Target, f: F) -> Result<T>
+where
+    F: FnOnce(std::sync::Arc<crate::site::Site>) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let path = target
+        .config
+        .as_ref()
+        .context("--config is needed to work without the daemon")?;
+    let cfg = load_config(path)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let store = crate::store::Store::open(&cfg.state_dir.join("db"))?;
+        let site = std::sync::Arc::new(crate::site::Site::open(cfg, store).await?);
+        f(site).await
+    })
+}
+
+fn export(
+    target: &Target,
+    protection: &str,
+    gen: Option<u64>,
+    standby: bool,
+) -> Result<crate::site::mirror::Exported> {
+    let client = Client::new(target)?;
+    let mut path = format!("/v1/protections/{protection}/manifests?standby={standby}");
+    if let Some(g) = gen {
+        path.push_str(&format!("&gen={g}"));
+    }
+    match client.get(&path) {
+        Ok(r) => Ok(r),
+        Err(e) if e.downcast_ref::<Unreachable>().is_some() && target.config.is_some() => {
+            eprintln!("{e}; reading the state store directly");
+            offline(target, |site| async move {
+                crate::site::mirror::export(&site, protection, gen, standby)
             })
         }
         Err(e) => Err(e),
@@ -351,6 +448,9 @@ pub fn render_status(s: &SiteStatus) -> String {
         if let Some(r) = &p.last_refusal {
             out += &format!("  last refusal: {}\n", r.message);
         }
+        if let Some(k) = &p.kubernetes {
+            out += &render_kube(k);
+        }
         for v in &p.volumes {
             out += &format!(
                 "  volume {} at {}{}\n",
@@ -366,6 +466,20 @@ pub fn render_status(s: &SiteStatus) -> String {
 }
 
 pub fn render_failover(r: &FailoverReport) -> String {
+    if r.dry_run {
+        let mut out = format!(
+            "dry run: failover of protection {} would (nothing was changed):\n",
+            r.protection
+        );
+        for (i, s) in r.steps.iter().enumerate() {
+            out += &format!("  {}. {}\n", i + 1, s.what);
+        }
+        match r.recovered_gen {
+            Some(g) => out += &format!("recovering gen {g}\n"),
+            None => out += "no gen was ever replicated: there is nothing to recover\n",
+        }
+        return out;
+    }
     let mut out = if r.already_failed_over {
         format!(
             "protection {} was already failed over (epoch {})\n",
@@ -383,6 +497,65 @@ pub fn render_failover(r: &FailoverReport) -> String {
     }
     for v in &r.replicas {
         out += &format!("  replica {}: {}\n", v.name, v.path);
+    }
+    if !r.steps.is_empty() {
+        out += "steps (the recovery time):\n";
+        for s in &r.steps {
+            out += &format!("  {:>8.3}s  {}\n", s.seconds, s.what);
+        }
+    }
+    if let Some(k) = &r.kubernetes {
+        for s in &k.scaled {
+            out += &format!("  scaled {s}\n");
+        }
+        for s in &k.resumed {
+            out += &format!("  resumed {s}\n");
+        }
+        for w in &k.ready {
+            out += &format!(
+                "  ready: {} ({} replicas) after {:.3}s\n",
+                w.workload, w.replicas, w.seconds
+            );
+        }
+    }
+    out
+}
+
+fn render_kube(k: &crate::site::status::KubeStatus) -> String {
+    let mut out = String::new();
+    let c = &k.covers;
+    if !c.namespaces.is_empty() {
+        out += &format!(
+            "  kubernetes{}: namespaces {}; {} pods, {} PVCs, {} objects\n",
+            k.gen.map(|g| format!(" (gen {g})")).unwrap_or_default(),
+            c.namespaces.join(", "),
+            c.pods.len(),
+            c.pvcs.len(),
+            c.objects.len()
+        );
+    }
+    for p in &c.pods {
+        out += &format!("    pod {p}\n");
+    }
+    for p in &c.pvcs {
+        out += &format!("    pvc {p}\n");
+    }
+    for o in &c.objects {
+        out += &format!("    {o}\n");
+    }
+    if let Some(a) = &k.applied {
+        out += &format!(
+            "  standby manifests applied: {} objects, {} changed, {} pruned\n",
+            a.applied.len(),
+            a.changed.len(),
+            a.pruned.len()
+        );
+    }
+    if let Some(e) = &k.apply_error {
+        out += &format!("  standby manifests NOT applied: {e}\n");
+    }
+    for w in &k.warnings {
+        out += &format!("  warning: {w}\n");
     }
     out
 }

@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::engine::chunk::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use crate::ids::{ProtectionName, VolumeName};
+use crate::k8s::KubeProtection;
 use crate::net::tls::TlsFiles;
 
 #[derive(Deserialize, Debug)]
@@ -24,6 +25,7 @@ struct RawConfig {
     peer: Option<RawPeer>,
     listen: Option<RawListen>,
     control: Option<RawControl>,
+    kubernetes: Option<RawKubernetes>,
     #[serde(default, rename = "protection")]
     protections: Vec<RawProtection>,
 }
@@ -66,6 +68,41 @@ struct RawControl {
     address: String,
 }
 
+/// `[kubernetes]`: how this site's daemon reaches its own cluster.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawKubernetes {
+    kubeconfig: Option<String>,
+    context: Option<String>,
+}
+
+/// `[protection.kubernetes]`: what a protection selects in the cluster.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawKubeProtection {
+    #[serde(default)]
+    namespaces: Vec<String>,
+    selector: Option<String>,
+    #[serde(default)]
+    include_kinds: Vec<String>,
+    #[serde(default)]
+    exclude_kinds: Vec<String>,
+    #[serde(default)]
+    custom_resources: Vec<String>,
+    exclude_label: Option<String>,
+    #[serde(default)]
+    namespace_map: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    storage_class_map: std::collections::BTreeMap<String, String>,
+    resource_modifiers: Option<String>,
+    volume_path: Option<String>,
+    /// A Stork Rule object in the (first) protected namespace, run before the snapshot.
+    pre_rule: Option<String>,
+    post_rule: Option<String>,
+    /// Run Velero's backup hook annotations of the selected pods (default true).
+    velero_hooks: Option<bool>,
+}
+
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 struct RawProtection {
@@ -80,9 +117,12 @@ struct RawProtection {
     #[serde(default)]
     post: Vec<String>,
     hook_timeout: Option<String>,
+    pre_rule: Option<String>,
+    post_rule: Option<String>,
     sync_on_start: Option<bool>,
     compression: Option<String>,
     refine: Option<String>,
+    kubernetes: Option<RawKubeProtection>,
     #[serde(default, rename = "volume")]
     volumes: Vec<RawVolume>,
 }
@@ -136,7 +176,17 @@ pub struct Config {
     pub peer: Option<Peer>,
     pub listen: Option<SocketAddr>,
     pub control: SocketAddr,
+    /// Set when any protection is a Kubernetes protection.
+    pub kubernetes: Option<KubeSettings>,
     pub protections: Vec<Protection>,
+}
+
+/// How the daemon reaches its cluster: a kubeconfig file (and context), or, without one,
+/// the in-cluster service account (or `$KUBECONFIG`, as kubectl infers it).
+#[derive(Debug, Clone, Default)]
+pub struct KubeSettings {
+    pub kubeconfig: Option<PathBuf>,
+    pub context: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -158,12 +208,19 @@ pub struct Protection {
     pub pre: Vec<String>,
     pub post: Vec<String>,
     pub hook_timeout: Duration,
+    /// Pre and post rules: the `pre`/`post` commands and the Stork Rule files
+    /// `pre_rule`/`post_rule`, in that order.
+    pub pre_rules: Vec<crate::rules::Rule>,
+    pub post_rules: Vec<crate::rules::Rule>,
     /// Run the first cycle when the daemon starts, not one interval later.
     pub sync_on_start: bool,
     /// zstd-compress chunks where that saves bytes ("auto", the default) or never ("off").
     pub compression: bool,
     /// Send only the changed 4 KiB blocks of changed chunks.
     pub refine: Refine,
+    /// Kubernetes mode: the selection whose PVCs form the group (at the primary) and
+    /// where replicas of those PVCs live (at the DR site).
+    pub kubernetes: Option<crate::k8s::KubeProtection>,
     pub volumes: Vec<Volume>,
 }
 
@@ -198,6 +255,23 @@ impl Config {
 impl Protection {
     pub fn volume(&self, name: &str) -> Option<&Volume> {
         self.volumes.iter().find(|v| v.name.as_str() == name)
+    }
+
+    /// This protection with the volumes `names` added where the config does not list them:
+    /// in Kubernetes mode the group is the selection's PVCs, which change between cycles
+    /// (a StatefulSet scaled up), so a volume's path comes from `volume_path`.
+    pub fn with_volumes<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Protection {
+        let mut p = self.clone();
+        let Some(k) = &self.kubernetes else { return p };
+        for name in names {
+            if p.volume(name).is_some() {
+                continue;
+            }
+            if let (Ok(vname), Some(path)) = (VolumeName::new(name), k.path_of_volume(name)) {
+                p.volumes.push(Volume { name: vname, path });
+            }
+        }
+        p
     }
 }
 
@@ -444,8 +518,22 @@ impl Validator {
                     format!("{:?} is used by an earlier protection", p.name),
                 );
             }
-            protections.push(self.protection(&key, p, &state_dir));
+            protections.push(self.protection(&key, p, &state_dir, role));
         }
+        let kubernetes = match (
+            &raw.kubernetes,
+            protections.iter().any(|p| p.kubernetes.is_some()),
+        ) {
+            (Some(k), _) => Some(KubeSettings {
+                kubeconfig: k
+                    .kubeconfig
+                    .as_deref()
+                    .map(|s| self.path("kubernetes.kubeconfig", s)),
+                context: k.context.clone(),
+            }),
+            (None, true) => Some(KubeSettings::default()),
+            (None, false) => None,
+        };
         if protections.is_empty() {
             self.problem(
                 "protection",
@@ -463,11 +551,18 @@ impl Validator {
             peer,
             listen,
             control,
+            kubernetes,
             protections,
         }
     }
 
-    fn protection(&mut self, key: &str, p: RawProtection, state_dir: &Path) -> Protection {
+    fn protection(
+        &mut self,
+        key: &str,
+        p: RawProtection,
+        state_dir: &Path,
+        role: Role,
+    ) -> Protection {
         let name = ProtectionName::new(&p.name).unwrap_or_else(|e| {
             self.problem(format!("{key}.name"), e);
             ProtectionName::new("invalid").expect("literal")
@@ -582,10 +677,41 @@ impl Validator {
             }
             volumes.push(Volume { name: vname, path });
         }
-        if p.volumes.is_empty() {
+        let kubernetes = p
+            .kubernetes
+            .map(|k| self.kube_protection(&format!("{key}.kubernetes"), k, role));
+        if kubernetes.is_some() && !(p.pre.is_empty() && p.post.is_empty()) {
+            self.problem(
+                format!("{key}.pre"),
+                "pre/post commands run on this host; in Kubernetes mode use pre_rule/post_rule (Stork Rules, run in the pods) or Velero hook annotations",
+            );
+        }
+        let mut rules = |field: &str, commands: &[String], file: &Option<String>| {
+            let mut out = Vec::new();
+            if !commands.is_empty() {
+                out.push(crate::rules::format::local(field, commands, hook_timeout));
+            }
+            if let Some(f) = file {
+                let path = self.path(&format!("{key}.{field}_rule"), f);
+                match std::fs::read_to_string(&path)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|y| crate::rules::format::stork_rule(&y, hook_timeout))
+                {
+                    Ok(r) => out.push(r),
+                    Err(e) => self.problem(
+                        format!("{key}.{field}_rule"),
+                        format!("{}: {e:#}", path.display()),
+                    ),
+                }
+            }
+            out
+        };
+        let pre_rules = rules("pre", &p.pre, &p.pre_rule);
+        let post_rules = rules("post", &p.post, &p.post_rule);
+        if p.volumes.is_empty() && kubernetes.is_none() {
             self.problem(
                 format!("{key}.volume"),
-                "no [[protection.volume]] is listed; expected at least one",
+                "no [[protection.volume]] is listed; expected at least one (or a [protection.kubernetes] selection)",
             );
         }
         Protection {
@@ -598,10 +724,108 @@ impl Validator {
             pre: p.pre,
             post: p.post,
             hook_timeout,
+            pre_rules,
+            post_rules,
             sync_on_start: p.sync_on_start.unwrap_or(true),
             compression,
             refine,
+            kubernetes,
             volumes,
+        }
+    }
+
+    fn kube_protection(&mut self, key: &str, k: RawKubeProtection, role: Role) -> KubeProtection {
+        use crate::k8s::labels::Selector;
+        let dns_label = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !s.starts_with('-')
+                && !s.ends_with('-')
+        };
+        if role == Role::Primary && k.namespaces.is_empty() {
+            self.problem(
+                format!("{key}.namespaces"),
+                "is empty; expected the namespace(s) to protect, e.g. [\"prod\"]",
+            );
+        }
+        for (i, ns) in k.namespaces.iter().enumerate() {
+            if !dns_label(ns) {
+                self.problem(
+                    format!("{key}.namespaces[{i}]"),
+                    format!("{ns:?} is not a namespace name (lowercase letters, digits and '-', at most 63)"),
+                );
+            }
+        }
+        for (from, to) in &k.namespace_map {
+            if !dns_label(to) {
+                self.problem(
+                    format!("{key}.namespace_map.{from}"),
+                    format!("{to:?} is not a namespace name (lowercase letters, digits and '-', at most 63)"),
+                );
+            }
+        }
+        let selector = k
+            .selector
+            .as_deref()
+            .and_then(|s| match Selector::parse(s) {
+                Ok(sel) => Some(sel),
+                Err(e) => {
+                    self.problem(format!("{key}.selector"), e);
+                    None
+                }
+            });
+        let resource_modifiers = k.resource_modifiers.as_deref().and_then(|s| {
+            let path = self.path(&format!("{key}.resource_modifiers"), s);
+            match crate::k8s::transform::Modifiers::load(&path) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    self.problem(format!("{key}.resource_modifiers"), format!("{e:#}"));
+                    None
+                }
+            }
+        });
+        let volume_path = match k.volume_path.as_deref() {
+            Some(t) if t.contains("{pvc}") => Some(t.to_string()),
+            Some(t) => {
+                self.problem(
+                    format!("{key}.volume_path"),
+                    format!("{t:?} does not contain {{pvc}}; expected a template such as \"/srv/volumes/{{namespace}}/{{pvc}}.img\""),
+                );
+                None
+            }
+            None => {
+                self.problem(
+                    format!("{key}.volume_path"),
+                    "is missing; expected where a PVC's bytes are (primary) or its replica goes (DR), e.g. \"/srv/volumes/{namespace}/{pvc}.img\"",
+                );
+                None
+            }
+        };
+        let volume_path = volume_path.map(|t| {
+            if Path::new(&t).is_absolute() {
+                t
+            } else {
+                self.base.join(t).display().to_string()
+            }
+        });
+        KubeProtection {
+            namespaces: k.namespaces,
+            selector,
+            include_kinds: k.include_kinds,
+            exclude_kinds: k.exclude_kinds,
+            custom_resources: k.custom_resources,
+            exclude_label: k
+                .exclude_label
+                .unwrap_or_else(|| crate::k8s::EXCLUDE_LABEL.to_string()),
+            namespace_map: k.namespace_map,
+            storage_class_map: k.storage_class_map,
+            resource_modifiers,
+            volume_path: volume_path.unwrap_or_default(),
+            pre_rule: k.pre_rule,
+            post_rule: k.post_rule,
+            velero_hooks: k.velero_hooks.unwrap_or(true),
         }
     }
 }

@@ -20,6 +20,7 @@ pub enum ErrorKind {
     Io,
     Store,
     Verify,
+    Kubernetes,
 }
 
 impl ErrorKind {
@@ -35,6 +36,7 @@ impl ErrorKind {
             ErrorKind::Io => "io",
             ErrorKind::Store => "store",
             ErrorKind::Verify => "verify",
+            ErrorKind::Kubernetes => "kubernetes",
         }
     }
 }
@@ -59,6 +61,7 @@ pub struct Metrics {
     pub errors: IntCounterVec,
     pub peer_connected: IntGaugeVec,
     pub failover_seconds: GaugeVec,
+    pub hook_failures: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -90,6 +93,7 @@ impl Metrics {
             errors: reg(&r, IntCounterVec::new(Opts::new("lifeboat_errors_total", "Errors by kind"), &["protection", "kind"]).unwrap()),
             peer_connected: reg(&r, IntGaugeVec::new(Opts::new("lifeboat_peer_connected", "1 while the QUIC connection to the peer is up"), &["peer"]).unwrap()),
             failover_seconds: reg(&r, GaugeVec::new(Opts::new("lifeboat_failover_duration_seconds", "Duration of the last failover"), p).unwrap()),
+            hook_failures: reg(&r, IntCounterVec::new(Opts::new("lifeboat_hook_failures_total", "Rule actions (pre, background, post) that failed or timed out"), p).unwrap()),
             registry: r,
         }
     }

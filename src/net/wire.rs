@@ -24,7 +24,7 @@ use crate::net::limit::RateLimit;
 /// ALPN of the replication protocol; a client offering anything else gets no connection.
 pub const ALPN: &[u8] = b"lifeboat/1";
 /// Bumped on any incompatible change of [`Msg`].
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The largest frame: one chunk at the largest chunk size plus its header.
 pub const MAX_FRAME: usize = MAX_CHUNK_SIZE as usize + 4096;
 
@@ -142,6 +142,11 @@ pub enum Msg {
     Commit {
         gen: Gen,
     },
+    /// Kubernetes mode: the gen's manifest bundle, sent before `Commit`; it commits with
+    /// the gen's data.
+    Manifests {
+        bundle: ByteBuf,
+    },
     /// Opens a refinement stream for one volume of a running cycle.
     RefineOpen {
         protection: String,
@@ -169,6 +174,7 @@ impl Msg {
             Msg::HelloAck { .. } => "HelloAck",
             Msg::Prepare { .. } => "Prepare",
             Msg::Prepared { .. } => "Prepared",
+            Msg::Manifests { .. } => "Manifests",
             Msg::Refused(_) => "Refused",
             Msg::Cycle { .. } => "Cycle",
             Msg::HashRequest { .. } => "HashRequest",

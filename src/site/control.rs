@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -43,6 +43,7 @@ pub fn router(site: Arc<Site>, syncs: HashMap<String, mpsc::Sender<SyncRequest>>
         .route("/v1/status", get(status))
         .route("/v1/protections/{name}/sync", post(sync))
         .route("/v1/protections/{name}/failover", post(failover_now))
+        .route("/v1/protections/{name}/manifests", get(manifests))
         .with_state(Ctx {
             site,
             syncs: Arc::new(syncs),
@@ -108,9 +109,32 @@ async fn sync(State(c): State<Ctx>, Path(name): Path<String>) -> Response {
     }
 }
 
-async fn failover_now(State(c): State<Ctx>, Path(name): Path<String>) -> Response {
-    match failover::failover(&c.site, &name).await {
+async fn failover_now(
+    State(c): State<Ctx>,
+    Path(name): Path<String>,
+    Query(opts): Query<failover::FailoverOptions>,
+) -> Response {
+    match failover::failover(&c.site, &name, &opts).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => err(StatusCode::CONFLICT, format!("{e:#}"), None),
+    }
+}
+
+#[derive(Deserialize)]
+struct ManifestQuery {
+    gen: Option<u64>,
+    #[serde(default)]
+    standby: bool,
+}
+
+/// A gen's DR-ready manifests (the consistent gen's by default), for `lifeboat export`.
+async fn manifests(
+    State(c): State<Ctx>,
+    Path(name): Path<String>,
+    Query(q): Query<ManifestQuery>,
+) -> Response {
+    match crate::site::mirror::export(&c.site, &name, q.gen, q.standby) {
+        Ok(m) => Json(m).into_response(),
+        Err(e) => err(StatusCode::NOT_FOUND, format!("{e:#}"), None),
     }
 }

@@ -21,7 +21,7 @@ use crate::store::Store;
 pub async fn run(config: Config) -> Result<()> {
     let db = config.state_dir.join("db");
     let store = tokio::task::spawn_blocking(move || Store::open(&db)).await??;
-    let site = Arc::new(Site::new(config, store));
+    let site = Arc::new(Site::open(config, store).await?);
     {
         let s = site.clone();
         tokio::task::spawn_blocking(move || recovery::recover(&s.store, &s.config))
@@ -36,6 +36,18 @@ pub async fn run(config: Config) -> Result<()> {
             let addr = site.config.listen.context("a DR site needs [listen]")?;
             let ep = quic::server_endpoint(addr, tls::server_config(&site.config.tls)?)?;
             tracing::info!(address = %ep.local_addr()?, "listening for the primary (QUIC)");
+            // A gen committed before a restart may not have had its manifests applied.
+            for p in site
+                .config
+                .protections
+                .iter()
+                .filter(|p| p.kubernetes.is_some())
+            {
+                tracker.spawn(crate::site::mirror::apply_standby(
+                    site.clone(),
+                    p.name.to_string(),
+                ));
+            }
             tracker.spawn(receiver::serve(
                 site.clone(),
                 ep.clone(),

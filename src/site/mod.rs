@@ -5,6 +5,7 @@
 pub mod control;
 pub mod daemon;
 pub mod failover;
+pub mod mirror;
 pub mod peer;
 pub mod receiver;
 pub mod recovery;
@@ -65,6 +66,10 @@ pub struct Site {
     pub guards: HashMap<String, Arc<ProtectionGuard>>,
     pub peer_connected: AtomicBool,
     pub ready: AtomicBool,
+    /// Kubernetes mode: the client for this site's cluster.
+    pub kube: Option<kube::Client>,
+    /// DR, Kubernetes mode: one standby apply at a time per site.
+    pub mirror_lock: tokio::sync::Mutex<()>,
 }
 
 /// An error with the kind that becomes its metric label.
@@ -115,7 +120,27 @@ impl Site {
             guards,
             peer_connected: AtomicBool::new(false),
             ready: AtomicBool::new(false),
+            kube: None,
+            mirror_lock: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// A site with its Kubernetes client when the config has Kubernetes protections.
+    pub async fn open(config: Config, store: Store) -> Result<Site> {
+        let kube = match &config.kubernetes {
+            Some(k) => Some(crate::k8s::connect(k).await?),
+            None => None,
+        };
+        let mut site = Site::new(config, store);
+        site.kube = kube;
+        Ok(site)
+    }
+
+    /// The Kubernetes client, or an error naming the protection that needs it.
+    pub fn kube(&self, prot: &str) -> Result<&kube::Client> {
+        self.kube.as_ref().ok_or_else(|| {
+            anyhow::anyhow!("protection {prot} is a Kubernetes protection but this site has no Kubernetes client")
+        })
     }
 
     pub fn guard(&self, prot: &str) -> Option<Arc<ProtectionGuard>> {
@@ -155,6 +180,10 @@ impl Site {
             (Role::Dr, _, _) => ("dr", None),
         };
         let volumes = volume_statuses(p, &rec);
+        let kubernetes = live
+            .kubernetes
+            .clone()
+            .or_else(|| p.kubernetes.as_ref().map(|_| status::KubeStatus::default()));
         ProtectionStatus {
             name: name.to_string(),
             role: role.to_string(),
@@ -173,6 +202,7 @@ impl Site {
             stopped_because,
             last_refusal: live.last_refusal,
             volumes,
+            kubernetes,
         }
     }
 
@@ -226,6 +256,10 @@ impl Site {
 
 /// Each volume of `p` with its path and, at the record's point, its size and root.
 pub fn volume_statuses(p: &Protection, rec: &ProtectionRecord) -> Vec<VolumeStatus> {
+    let p = match &rec.point {
+        Some(pt) => p.with_volumes(pt.volumes.keys().map(String::as_str)),
+        None => p.clone(),
+    };
     p.volumes
         .iter()
         .map(|v| {

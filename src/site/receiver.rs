@@ -264,7 +264,8 @@ async fn serve_block_hashes(
     let prot = site
         .config
         .protection(protection)
-        .ok_or_else(|| refuse(Refusal::UnknownProtection(protection.to_string())))?;
+        .ok_or_else(|| refuse(Refusal::UnknownProtection(protection.to_string())))?
+        .with_volumes([volume]);
     let path = prot.volume(volume).map(|v| v.path.clone()).ok_or_else(|| {
         let names: Vec<&str> = prot.volumes.iter().map(|v| v.name.as_str()).collect();
         refuse(Refusal::UnknownVolume(volume.to_string(), names.join(", ")))
@@ -437,6 +438,8 @@ async fn cycle(
             ErrorKind::Refused,
         ));
     }
+    // Kubernetes mode: the group is the primary's selection of PVCs this cycle.
+    let prot = prot.with_volumes(volumes.iter().map(|v| v.name.as_str()));
     let group: Vec<String> = prot.volumes.iter().map(|v| v.name.to_string()).collect();
     let mut sent: Vec<String> = volumes.iter().map(|v| v.name.clone()).collect();
     sent.sort();
@@ -469,6 +472,7 @@ async fn cycle(
         let mut bases: HashMap<String, Gen> = HashMap::new();
         let mut staged: BTreeMap<String, (PathBuf, VolumeRecord)> = BTreeMap::new();
         let mut fresh_volumes = BTreeSet::new();
+        let mut manifests: Option<Vec<u8>> = None;
         loop {
             if guard.failing_over.load(Ordering::SeqCst) {
                 return Err(failed_over(&rec));
@@ -564,6 +568,11 @@ async fn cycle(
                     }
                     staged.insert(volume, (path, vrec));
                 }
+                Msg::Manifests { bundle } if prot.kubernetes.is_some() => {
+                    crate::k8s::bundle::Bundle::decode(&bundle)
+                        .map_err(|e| invalid(format!("manifest bundle of gen {}: {e:#}", point.gen)))?;
+                    manifests = Some(bundle.into_vec());
+                }
                 Msg::Commit { gen } if gen == point.gen => break,
                 other => {
                     return Err(invalid(format!(
@@ -579,6 +588,12 @@ async fn cycle(
                 "Commit after {} of {} volumes",
                 staged.len(),
                 group.len()
+            )));
+        }
+        if prot.kubernetes.is_some() && manifests.is_none() {
+            return Err(invalid(format!(
+                "Commit of gen {} without its manifest bundle (a Kubernetes protection's gen commits its data and manifests together)",
+                point.gen
             )));
         }
         if guard.failing_over.load(Ordering::SeqCst) {
@@ -605,6 +620,9 @@ async fn cycle(
         };
         let mut b = Batch::default();
         b.put_commit(protection, &commit);
+        if let Some(m) = manifests {
+            b.put_manifests(protection, point.gen, m);
+        }
         for v in staged.keys() {
             b.delete_staged(protection, point.gen, v);
         }
@@ -620,6 +638,9 @@ async fn cycle(
         tracing::info!(protection, gen = %point.gen, "consistent point advanced");
         peer_err(w.send(&Msg::Committed { point }).await)?;
         w.finish();
+        if prot.kubernetes.is_some() {
+            tokio::spawn(crate::site::mirror::apply_standby(site.clone(), protection.to_string()));
+        }
         Ok(())
     }
     .await;

@@ -62,6 +62,7 @@ pub fn redo_commit(
 ) -> Result<()> {
     let name = prot.name.as_str();
     let gen = commit.point.point.gen;
+    let prot = prot.with_volumes(commit.logs.keys().map(String::as_str));
     for v in &prot.volumes {
         let Some(log) = commit.logs.get(v.name.as_str()) else {
             continue;
@@ -109,7 +110,14 @@ pub fn discard_staging(store: &Store, config: &Config, prot: &Protection) -> Res
     }
     let keep: Vec<Gen> = rec.point.iter().map(|p| p.point.gen).collect();
     store.drop_index_except(name, &keep, &mut b)?;
+    let staged: Vec<String> = store.staged(name)?.into_iter().map(|(_, v, _)| v).collect();
     store.write(b, true)?;
+    let known = rec
+        .point
+        .iter()
+        .flat_map(|p| p.volumes.keys())
+        .chain(&staged);
+    let prot = prot.with_volumes(known.map(String::as_str));
     for v in &prot.volumes {
         let fresh = replica::fresh_path(&v.path);
         match std::fs::remove_file(&fresh) {

@@ -124,9 +124,69 @@ pub async fn run_cycle(
         .max(dr_point.map_or(0, |p| p.gen.0))
         + 1);
 
+    // Kubernetes mode: the selection decides the group and its manifests, read just
+    // before the snapshot; an API error fails the cycle before anything is sent.
+    let mut rules = crate::rules::run::Rules {
+        executor: crate::rules::exec::Executor::Local,
+        pods: Vec::new(),
+        pre: prot.pre_rules.clone(),
+        post: prot.post_rules.clone(),
+    };
+    let (group, bundle) = match &prot.kubernetes {
+        Some(kp) => {
+            site.live
+                .activity(name, format!("gen {gen}: collecting manifests"));
+            let client = site.kube(name).kind(ErrorKind::Kubernetes)?;
+            let collected = crate::k8s::collect::collect(client, kp)
+                .await
+                .kind(ErrorKind::Kubernetes)?;
+            let mut group = prot.clone();
+            for v in &collected.volumes {
+                let vname = crate::ids::VolumeName::new(&v.name)
+                    .map_err(anyhow::Error::msg)
+                    .kind(ErrorKind::Kubernetes)?;
+                if group.volume(&v.name).is_none() {
+                    group.volumes.push(crate::config::Volume {
+                        name: vname,
+                        path: v.path.clone(),
+                    });
+                }
+            }
+            rules = kube_rules(client, prot, kp, collected.pods.clone())
+                .await
+                .kind(ErrorKind::Kubernetes)?;
+            let b = &collected.bundle;
+            site.live.update(name, |l| {
+                l.kubernetes = Some(crate::site::status::KubeStatus {
+                    gen: Some(gen.0),
+                    covers: b.coverage.clone(),
+                    warnings: b.warnings.clone(),
+                    ..Default::default()
+                })
+            });
+            (group, Some(b.encode()))
+        }
+        None => (prot.clone(), None),
+    };
+    let prot = &group;
+
     site.live.activity(name, format!("snapshot of gen {gen}"));
     let snap_started = Instant::now();
-    let snap = snapshot::take(prot, gen).await.map_err(|e| {
+    let mut freeze = crate::rules::run::FreezeReport::default();
+    let snap = snapshot::take(prot, gen, &rules, &mut freeze).await;
+    if !rules.is_empty() {
+        site.metrics
+            .freeze_seconds
+            .with_label_values(&[name])
+            .set(freeze.freeze.as_secs_f64());
+    }
+    if !freeze.failures.is_empty() {
+        site.metrics
+            .hook_failures
+            .with_label_values(&[name])
+            .inc_by(freeze.failures.len() as u64);
+    }
+    let snap = snap.map_err(|e| {
         let kind = if e.downcast_ref::<HookFailed>().is_some() {
             ErrorKind::Hook
         } else {
@@ -222,6 +282,16 @@ pub async fn run_cycle(
         format!("gen {gen}: waiting for the DR site to commit"),
     );
     let commit_started = Instant::now();
+    if let Some(bundle) = bundle {
+        if let Err(e) = w
+            .send(&Msg::Manifests {
+                bundle: ByteBuf::from(bundle),
+            })
+            .await
+        {
+            return Err(stream_failure(e, &mut r).await);
+        }
+    }
     // A small volume can be wholly sent before the DR site fails it; its reason follows.
     if let Err(e) = w.send(&Msg::Commit { gen }).await {
         return Err(stream_failure(e, &mut r).await);
@@ -255,6 +325,65 @@ pub async fn run_cycle(
     report.wire_bytes = conn.stats().udp_tx.bytes.saturating_sub(wire_start);
     report.lost_bytes = conn.stats().path.lost_bytes.saturating_sub(lost_start);
     Ok(report)
+}
+
+/// Kubernetes mode: the protection's rules run in its pods: Stork Rule files, the Stork
+/// Rule objects named in `[protection.kubernetes]`, and the pods' Velero hook annotations.
+async fn kube_rules(
+    client: &kube::Client,
+    prot: &Protection,
+    kp: &crate::k8s::KubeProtection,
+    pods: Vec<serde_json::Value>,
+) -> anyhow::Result<crate::rules::run::Rules> {
+    use crate::rules::format;
+    let mut pre = prot.pre_rules.clone();
+    let mut post = prot.post_rules.clone();
+    let ns = kp
+        .namespaces
+        .first()
+        .map(String::as_str)
+        .unwrap_or("default");
+    let kind = crate::k8s::kinds::Kind {
+        group: "stork.libopenstorage.org".into(),
+        version: "v1alpha1".into(),
+        kind: "Rule".into(),
+        plural: "rules".into(),
+        namespaced: true,
+    };
+    for (name, list) in [(&kp.pre_rule, &mut pre), (&kp.post_rule, &mut post)] {
+        let Some(name) = name else { continue };
+        let api: kube::Api<kube::api::DynamicObject> =
+            kube::Api::namespaced_with(client.clone(), ns, &kind.resource());
+        let obj = api
+            .get(name)
+            .await
+            .map_err(|e| crate::k8s::api_error(e, format!("get Stork Rule {ns}/{name}")))?;
+        let mut v = serde_json::to_value(obj)?;
+        v["apiVersion"] = kind.api_version().into();
+        v["kind"] = "Rule".into();
+        list.push(format::stork_rule_object(&v, prot.hook_timeout)?);
+    }
+    if kp.velero_hooks {
+        for (phase, list) in [("pre", &mut pre), ("post", &mut post)] {
+            let items = pods
+                .iter()
+                .map(|p| format::velero_hooks(p, phase))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let items: Vec<_> = items.into_iter().flatten().collect();
+            if !items.is_empty() {
+                list.push(crate::rules::Rule {
+                    name: format!("velero {phase}-backup hooks"),
+                    items,
+                });
+            }
+        }
+    }
+    Ok(crate::rules::run::Rules {
+        executor: crate::rules::exec::Executor::Kube(client.clone()),
+        pods,
+        pre,
+        post,
+    })
 }
 
 fn protocol(got: &'static str, expected: &'static str) -> KindError {

@@ -102,6 +102,22 @@ pub struct ProtectionStatus {
     /// DR: the last replication attempt this site refused, and why.
     pub last_refusal: Option<ErrorReport>,
     pub volumes: Vec<VolumeStatus>,
+    /// Kubernetes mode: what the selection covers (primary) or what was applied (DR).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubeStatus>,
+}
+
+/// Kubernetes mode, per protection.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct KubeStatus {
+    /// The gen the coverage (primary) or the applied manifests (DR) belong to.
+    pub gen: Option<u64>,
+    pub covers: crate::k8s::bundle::Coverage,
+    pub warnings: Vec<String>,
+    /// DR: the last standby apply.
+    pub applied: Option<crate::k8s::apply::ApplyReport>,
+    /// DR: why the last standby apply failed (the data of the gen is committed regardless).
+    pub apply_error: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -129,6 +145,30 @@ pub struct FailoverReport {
     pub replicas: Vec<VolumeStatus>,
     pub already_failed_over: bool,
     pub seconds: f64,
+    /// Each step and its seconds: the recovery time, broken down.
+    #[serde(default)]
+    pub steps: Vec<Step>,
+    /// Kubernetes mode: the objects applied and the workloads that became ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubeFailover>,
+    /// A dry run: nothing was changed; `steps` is the plan.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Step {
+    pub what: String,
+    pub seconds: f64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct KubeFailover {
+    pub gen: u64,
+    pub applied: Vec<String>,
+    pub scaled: Vec<String>,
+    pub resumed: Vec<String>,
+    pub ready: Vec<crate::k8s::apply::Readiness>,
 }
 
 /// In-memory state per protection that the store does not keep.
@@ -140,6 +180,7 @@ pub struct LiveProtection {
     pub last_cycle: Option<CycleReport>,
     pub last_error: Option<ErrorReport>,
     pub last_refusal: Option<ErrorReport>,
+    pub kubernetes: Option<KubeStatus>,
 }
 
 #[derive(Default)]

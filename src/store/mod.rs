@@ -155,6 +155,19 @@ impl Batch {
             .push(Op::Put(CF_STAGED, staged_key(prot, gen, vol), json(rec)));
         self
     }
+    /// A gen's manifest bundle; bundles older than the last [`MANIFEST_GENS_KEPT`] go.
+    pub fn put_manifests(&mut self, prot: &str, gen: Gen, bundle: Vec<u8>) -> &mut Self {
+        if gen.0 > MANIFEST_GENS_KEPT {
+            self.ops.push(Op::DeleteRange(
+                CF_MANIFESTS,
+                commit_key(prot, Gen(0)),
+                commit_key(prot, Gen(gen.0 - MANIFEST_GENS_KEPT + 1)),
+            ));
+        }
+        self.ops
+            .push(Op::Put(CF_MANIFESTS, commit_key(prot, gen), bundle));
+        self
+    }
     pub fn delete_staged(&mut self, prot: &str, gen: Gen, vol: &str) -> &mut Self {
         self.ops
             .push(Op::Delete(CF_STAGED, staged_key(prot, gen, vol)));
@@ -237,6 +250,34 @@ impl Store {
         let mut b = Batch::default();
         b.put_segment(prot, vol, gen, no, seg);
         self.write(b, false)
+    }
+
+    /// The manifest bundle committed with `gen`, if it is kept.
+    pub fn manifests(&self, prot: &str, gen: Gen) -> Result<Option<Vec<u8>>> {
+        self.db
+            .get_cf(self.cf(CF_MANIFESTS), commit_key(prot, gen))
+            .context("read manifests from the state store")
+    }
+
+    /// The gens whose manifest bundles are kept, oldest first.
+    pub fn manifest_gens(&self, prot: &str) -> Result<Vec<Gen>> {
+        let mut prefix = prot.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        let iter = self.db.iterator_cf(
+            self.cf(CF_MANIFESTS),
+            rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+        );
+        for item in iter {
+            let (k, _) = item.context("read manifests from the state store")?;
+            let Some(rest) = k.strip_prefix(prefix.as_slice()) else {
+                break;
+            };
+            if let Ok(b) = <[u8; 8]>::try_from(rest) {
+                out.push(Gen(u64::from_be_bytes(b)));
+            }
+        }
+        Ok(out)
     }
 
     pub fn protection(&self, prot: &str) -> Result<Option<ProtectionRecord>> {

@@ -10,6 +10,7 @@
 //! | `index` | protection NUL volume NUL gen(u64 BE) segment(u64 BE) | packed chunk hashes ([`crate::engine::index::Segment`]) |
 //! | `commits` | protection NUL gen(u64 BE) | [`CommitRecord`](super::CommitRecord) JSON: the DR site's group-commit record; while it exists the gen's staged chunks must be (re)applied |
 //! | `staged` | protection NUL gen(u64 BE) NUL volume | [`StagedVolume`](super::StagedVolume) JSON: a verified, fsynced staging log of one volume of an uncommitted gen |
+//! | `manifests` | protection NUL gen(u64 BE) | a gen's Kubernetes manifest bundle ([`crate::k8s::bundle::Bundle::encode`]: version byte, zstd JSON); written in the gen's commit batch, the last [`MANIFEST_GENS_KEPT`] gens kept |
 //!
 //! Index gens: the primary keeps the index of its point (the base) and of its tentative gen
 //! (written during the scan); [`SCRATCH`] holds hashes fetched from, or scanned for, a peer
@@ -22,7 +23,17 @@ pub const CF_PROTECTIONS: &str = "protections";
 pub const CF_INDEX: &str = "index";
 pub const CF_COMMITS: &str = "commits";
 pub const CF_STAGED: &str = "staged";
-pub const ALL_CFS: [&str; 4] = [CF_PROTECTIONS, CF_INDEX, CF_COMMITS, CF_STAGED];
+pub const CF_MANIFESTS: &str = "manifests";
+pub const ALL_CFS: [&str; 5] = [
+    CF_PROTECTIONS,
+    CF_INDEX,
+    CF_COMMITS,
+    CF_STAGED,
+    CF_MANIFESTS,
+];
+
+/// Manifest bundles kept per protection at the DR site (for `export --gen` and review).
+pub const MANIFEST_GENS_KEPT: u64 = 16;
 
 /// The index gen used for hashes exchanged in a resync.
 pub const SCRATCH: Gen = Gen(u64::MAX);

@@ -15,7 +15,6 @@ use crate::config::{Protection, SnapshotMode};
 use crate::engine::chunk::is_zero;
 use crate::engine::scan::volume_size;
 use crate::ids::{now_ms, Gen};
-use crate::volume::hooks;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -47,8 +46,14 @@ pub fn gen_dir(prot: &Protection, gen: Gen) -> PathBuf {
         .join(gen.0.to_string())
 }
 
-/// Takes the group snapshot of `prot` as `gen`.
-pub async fn take(prot: &Protection, gen: Gen) -> Result<GroupSnapshot> {
+/// Takes the group snapshot of `prot` as `gen` inside `rules` (pre rules, the snapshot of
+/// every volume, post rules); `report` gets the freeze window and failed actions either way.
+pub async fn take(
+    prot: &Protection,
+    gen: Gen,
+    rules: &crate::rules::run::Rules,
+    report: &mut crate::rules::run::FreezeReport,
+) -> Result<GroupSnapshot> {
     let dir = gen_dir(prot, gen);
     let vols = prot.volumes.clone();
     let mode = prot.snapshot;
@@ -80,13 +85,12 @@ pub async fn take(prot: &Protection, gen: Gen) -> Result<GroupSnapshot> {
         .context("snapshot task")??;
         Ok((taken_at_ms, volumes))
     };
-    let ((taken_at_ms, volumes), freeze) =
-        hooks::around(&prot.pre, &prot.post, prot.hook_timeout, body).await?;
+    let (taken_at_ms, volumes) = rules.around(body, report).await?;
     Ok(GroupSnapshot {
         gen,
         taken_at_ms,
         volumes,
-        freeze,
+        freeze: report.freeze,
     })
 }
 

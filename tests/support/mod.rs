@@ -14,6 +14,7 @@ use lifeboat::cli::Client;
 use lifeboat::site::status::{CycleReport, SiteStatus};
 use rand::{Rng, RngCore, SeedableRng};
 
+pub mod kubeapi;
 pub mod relay;
 
 pub const PROT: &str = "p";
@@ -221,6 +222,11 @@ pub struct PairOptions {
     pub dr_site: &'static str,
     /// Extra lines for the primary's `[[protection]]` table.
     pub primary_protection: &'static str,
+    /// Appended to the primary's config (after its protection): `[protection.kubernetes]`
+    /// and `[kubernetes]` tables.
+    pub primary_tail: String,
+    /// Appended to the DR site's config.
+    pub dr_tail: String,
 }
 
 impl Default for PairOptions {
@@ -232,6 +238,8 @@ impl Default for PairOptions {
             relay: false,
             dr_site: "",
             primary_protection: "",
+            primary_tail: String::new(),
+            dr_tail: String::new(),
         }
     }
 }
@@ -271,9 +279,9 @@ impl Pair {
             format!("\n[[protection]]\nname = \"{PROT}\"\ninterval = \"1h\"\nsync_on_start = false\nchunk_size = \"{}\"\n{extra}\n{vols}", opts.chunk_size)
         };
         let primary_cfg = d.join("primary.toml");
-        fs::write(&primary_cfg, format!("[site]\nname = \"primary\"\nrole = \"primary\"\nstate_dir = \"pstate\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/primary.pem\"\nkey = \"certs/primary.key\"\n[peer]\naddress = \"127.0.0.1:{peer_port}\"\nserver_name = \"dr\"\n[control]\naddress = \"127.0.0.1:{pctl}\"\n{}", prot(opts.primary_protection, &pvols))).unwrap();
+        fs::write(&primary_cfg, format!("[site]\nname = \"primary\"\nrole = \"primary\"\nstate_dir = \"pstate\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/primary.pem\"\nkey = \"certs/primary.key\"\n[peer]\naddress = \"127.0.0.1:{peer_port}\"\nserver_name = \"dr\"\n[control]\naddress = \"127.0.0.1:{pctl}\"\n{}", prot(opts.primary_protection, &pvols) + &opts.primary_tail)).unwrap();
         let dr_cfg = d.join("dr.toml");
-        fs::write(&dr_cfg, format!("[site]\nname = \"dr\"\nrole = \"dr\"\nstate_dir = \"dstate\"\n{}\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/dr.pem\"\nkey = \"certs/dr.key\"\n[listen]\naddress = \"127.0.0.1:{quic}\"\n[control]\naddress = \"127.0.0.1:{dctl}\"\n{}", opts.dr_site, prot("", &dvols))).unwrap();
+        fs::write(&dr_cfg, format!("[site]\nname = \"dr\"\nrole = \"dr\"\nstate_dir = \"dstate\"\n{}\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/dr.pem\"\nkey = \"certs/dr.key\"\n[listen]\naddress = \"127.0.0.1:{quic}\"\n[control]\naddress = \"127.0.0.1:{dctl}\"\n{}", opts.dr_site, prot("", &dvols) + &opts.dr_tail)).unwrap();
         let site = |name: &'static str, config: PathBuf, port: u16, state: &str| SiteProc {
             name,
             config,

@@ -1,0 +1,126 @@
+//! Kubernetes mode: what a protection selects in the primary's cluster ([`collect`]), how
+//! its manifests are cleaned ([`sanitise`]) and mapped ([`transform`]) into the bundle that
+//! travels with each gen ([`bundle`]), and how the DR site applies a bundle to its own
+//! cluster, scaled down on standby and scaled up at failover ([`apply`]).
+
+pub mod apply;
+pub mod bundle;
+pub mod collect;
+pub mod kinds;
+pub mod labels;
+pub mod sanitise;
+pub mod transform;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+
+use crate::config::KubeSettings;
+use labels::Selector;
+use transform::Modifiers;
+
+/// Objects with this label (value "true") are left out of every protection.
+pub const EXCLUDE_LABEL: &str = "lifeboat.dev/exclude";
+/// Set on every object lifeboat applies at the DR site: the protection it belongs to.
+pub const PROTECTION_LABEL: &str = "lifeboat.dev/protection";
+/// The primary's replica count of a workload held at zero on standby.
+pub const REPLICAS_ANNOTATION: &str = "lifeboat.dev/replicas";
+/// The primary's `suspend` of a CronJob or Job held suspended on standby.
+pub const SUSPEND_ANNOTATION: &str = "lifeboat.dev/suspend";
+/// A node label no node carries: DaemonSets select it on standby so they run no pods.
+pub const STANDBY_NODE_LABEL: &str = "lifeboat.dev/standby-never-scheduled";
+/// The field manager of every server-side apply.
+pub const FIELD_MANAGER: &str = "lifeboat";
+
+/// A protection's selection in its cluster (`[protection.kubernetes]`).
+#[derive(Debug, Clone)]
+pub struct KubeProtection {
+    pub namespaces: Vec<String>,
+    /// Pods by label: their PVCs form the group. None: the whole namespaces.
+    pub selector: Option<Selector>,
+    pub include_kinds: Vec<String>,
+    pub exclude_kinds: Vec<String>,
+    /// Custom resources to mirror, as `plural.group` (`cassandradatacenters.cassandra.datastax.com`).
+    pub custom_resources: Vec<String>,
+    pub exclude_label: String,
+    pub namespace_map: BTreeMap<String, String>,
+    pub storage_class_map: BTreeMap<String, String>,
+    pub resource_modifiers: Option<Modifiers>,
+    /// Template with `{namespace}` and `{pvc}`: the PVC's bytes at the primary, its replica
+    /// at the DR site.
+    pub volume_path: String,
+    /// Stork Rule objects (in the first protected namespace) run before and after the
+    /// group snapshot, through pods/exec.
+    pub pre_rule: Option<String>,
+    pub post_rule: Option<String>,
+    /// Run Velero's `pre.hook.backup.velero.io/*` and `post...` annotations of the pods.
+    pub velero_hooks: bool,
+}
+
+impl KubeProtection {
+    pub fn path_of(&self, namespace: &str, pvc: &str) -> PathBuf {
+        PathBuf::from(
+            self.volume_path
+                .replace("{namespace}", namespace)
+                .replace("{pvc}", pvc),
+        )
+    }
+
+    /// A volume named `namespace.pvc` (see [`volume_name`]) at this site.
+    pub fn path_of_volume(&self, volume: &str) -> Option<PathBuf> {
+        let (ns, pvc) = volume.split_once('.')?;
+        Some(self.path_of(ns, pvc))
+    }
+
+    /// The DR site's namespace for a primary namespace.
+    pub fn target_namespace<'a>(&'a self, ns: &'a str) -> &'a str {
+        self.namespace_map.get(ns).map_or(ns, String::as_str)
+    }
+}
+
+/// The volume of a PVC: `namespace.pvc` with the DR site's namespace (a namespace name has
+/// no dots, so the first dot splits it back).
+pub fn volume_name(namespace: &str, pvc: &str) -> String {
+    format!("{namespace}.{pvc}")
+}
+
+/// A client for this site's cluster.
+pub async fn connect(settings: &KubeSettings) -> Result<kube::Client> {
+    let config = match &settings.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("read kubeconfig {}", path.display()))?;
+            let opts = kube::config::KubeConfigOptions {
+                context: settings.context.clone(),
+                ..Default::default()
+            };
+            kube::Config::from_custom_kubeconfig(kc, &opts)
+                .await
+                .with_context(|| {
+                    format!(
+                        "kubeconfig {} (context {})",
+                        path.display(),
+                        settings.context.as_deref().unwrap_or("current")
+                    )
+                })?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no kubeconfig in the config file, and neither the in-cluster service account nor $KUBECONFIG is usable")?,
+    };
+    kube::Client::try_from(config).context("build the Kubernetes client")
+}
+
+/// An API error with what was being done and, for the errors an operator fixes (RBAC,
+/// missing namespaces), what to check.
+pub fn api_error(e: kube::Error, doing: impl std::fmt::Display) -> anyhow::Error {
+    match &e {
+        kube::Error::Api(s) if s.code == 403 => anyhow::anyhow!(
+            "{doing}: the API server denied it (403 Forbidden: {}); grant the daemon's service account this permission (see deploy/rbac.yaml)",
+            s.message
+        ),
+        kube::Error::Api(s) => anyhow::anyhow!("{doing}: {} {} ({})", s.code, s.reason, s.message),
+        _ => anyhow::Error::new(e).context(doing.to_string()),
+    }
+}

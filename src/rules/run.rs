@@ -1,0 +1,299 @@
+//! A group snapshot's rules: pre actions in every matching place in parallel, a barrier,
+//! the snapshot, background actions ended, post actions always. The freeze window (first
+//! pre action start to last post action end) is measured; only the snapshot happens in it.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use serde_json::Value;
+
+use super::exec::{Executor, Holding, Outcome, Target};
+use super::{OnError, Rule, RuleItem};
+use crate::k8s::labels::label_map;
+use crate::volume::hooks::HookFailed;
+
+/// What the rules of one cycle did.
+#[derive(Debug, Clone, Default)]
+pub struct FreezeReport {
+    pub freeze: Duration,
+    /// Every action that failed (pre, background and post), for status and metrics.
+    pub failures: Vec<Outcome>,
+    /// Every action run, in completion order.
+    pub outcomes: Vec<Outcome>,
+}
+
+/// The rules of a protection for one cycle, with where they run.
+#[derive(Clone)]
+pub struct Rules {
+    pub executor: Executor,
+    /// Kubernetes mode: the selection's pods (rules match their labels).
+    pub pods: Vec<Value>,
+    pub pre: Vec<Rule>,
+    pub post: Vec<Rule>,
+}
+
+impl Rules {
+    pub fn is_empty(&self) -> bool {
+        self.pre.is_empty() && self.post.is_empty()
+    }
+
+    /// Where an item's actions run.
+    fn targets(&self, item: &RuleItem) -> Vec<Target> {
+        if let Executor::Local = self.executor {
+            return vec![Target::Local];
+        }
+        self.pods
+            .iter()
+            .filter(|p| {
+                let ns = p["metadata"]["namespace"].as_str().unwrap_or("");
+                let name = p["metadata"]["name"].as_str().unwrap_or("");
+                match (&item.pod, &item.selector) {
+                    (Some((pns, pname)), _) => pns == ns && pname == name,
+                    (None, Some(sel)) => sel.matches(&label_map(p.pointer("/metadata/labels"))),
+                    (None, None) => true,
+                }
+            })
+            .map(|p| Target::Pod {
+                namespace: p["metadata"]["namespace"].as_str().unwrap_or("").into(),
+                name: p["metadata"]["name"].as_str().unwrap_or("").into(),
+                container: item.container.clone(),
+            })
+            .collect()
+    }
+
+    /// Runs `rules` in order; each action runs in all its targets at once. Background
+    /// actions are left holding in `held`. Returns false at the first failure that fails.
+    async fn phase(
+        &self,
+        rules: &[Rule],
+        held: &mut Vec<Holding>,
+        report: &mut FreezeReport,
+    ) -> bool {
+        for rule in rules {
+            for item in &rule.items {
+                let targets = self.targets(item);
+                for action in &item.actions {
+                    let here: Vec<&Target> = if action.single_pod {
+                        targets.iter().take(1).collect()
+                    } else {
+                        targets.iter().collect()
+                    };
+                    let mut failed = false;
+                    if action.background {
+                        let starts = here
+                            .iter()
+                            .map(|t| self.executor.start(&rule.name, t, action));
+                        for r in futures::future::join_all(starts).await {
+                            match r {
+                                Ok(h) => held.push(h),
+                                Err(o) => {
+                                    report.outcomes.push(o.clone());
+                                    report.failures.push(o);
+                                    failed |= action.on_error == OnError::Fail;
+                                }
+                            }
+                        }
+                    } else {
+                        let runs = here
+                            .iter()
+                            .map(|t| self.executor.run(&rule.name, t, action));
+                        for o in futures::future::join_all(runs).await {
+                            if !o.ok() {
+                                report.failures.push(o.clone());
+                                failed |= action.on_error == OnError::Fail;
+                            }
+                            report.outcomes.push(o);
+                        }
+                    }
+                    if failed {
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Runs the pre rules, then `body` if they all succeeded, then ends background actions
+    /// and runs the post rules (always, once pre rules started).
+    pub async fn around<T>(
+        &self,
+        body: impl std::future::Future<Output = Result<T>>,
+        report: &mut FreezeReport,
+    ) -> Result<T> {
+        let started = Instant::now();
+        let mut held = Vec::new();
+        let pre_ok = self.phase(&self.pre, &mut held, report).await;
+        let first_pre_failure = report.failures.first().cloned();
+        let value = if pre_ok { Some(body.await) } else { None };
+        for o in futures::future::join_all(held.into_iter().map(Holding::end)).await {
+            if !o.ok() {
+                report.failures.push(o.clone());
+            }
+            report.outcomes.push(o);
+        }
+        let before_post = report.failures.len();
+        let mut none = Vec::new();
+        self.phase(&self.post, &mut none, report).await;
+        for h in none {
+            report.outcomes.push(h.end().await);
+        }
+        report.freeze = started.elapsed();
+        if !pre_ok {
+            let f = first_pre_failure.expect("a failed pre phase recorded its failure");
+            return Err(HookFailed(format!("pre {}; snapshot not taken", f.describe())).into());
+        }
+        let value = value.expect("body ran")?;
+        let post_failures: Vec<String> = report.failures[before_post..]
+            .iter()
+            .map(Outcome::describe)
+            .collect();
+        if !post_failures.is_empty() {
+            return Err(HookFailed(format!("post {}", post_failures.join("; "))).into());
+        }
+        Ok(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::{format, Action};
+
+    fn local(pre: Vec<Rule>, post: Vec<Rule>) -> Rules {
+        Rules {
+            executor: Executor::Local,
+            pods: vec![],
+            pre,
+            post,
+        }
+    }
+
+    fn action(cmd: &str, background: bool, timeout_ms: u64) -> Action {
+        Action {
+            command: cmd.into(),
+            argv: None,
+            background,
+            single_pod: false,
+            timeout: Duration::from_millis(timeout_ms),
+            on_error: OnError::Fail,
+        }
+    }
+
+    fn rule(actions: Vec<Action>) -> Rule {
+        Rule {
+            name: "r".into(),
+            items: vec![RuleItem {
+                selector: None,
+                pod: None,
+                container: None,
+                actions,
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_pre_action_skips_the_body_and_post_still_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let post = dir.path().join("post-ran");
+        let rules = local(
+            vec![format::local(
+                "pre",
+                &["echo broken >&2; exit 3".into()],
+                Duration::from_secs(10),
+            )],
+            vec![format::local(
+                "post",
+                &[format!("touch {}", post.display())],
+                Duration::from_secs(10),
+            )],
+        );
+        let mut body_ran = false;
+        let mut report = FreezeReport::default();
+        let err = rules
+            .around(
+                async {
+                    body_ran = true;
+                    Ok(())
+                },
+                &mut report,
+            )
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(!body_ran);
+        assert!(post.exists());
+        assert!(
+            err.contains("exited with 3") && err.contains("broken") && err.contains("this host"),
+            "{err}"
+        );
+        assert_eq!(report.failures.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_background_action_holds_until_the_snapshot_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let l = log.display();
+        // The lock holder writes "locked", waits, then writes "released" after the body.
+        let rules = local(
+            vec![rule(vec![action(
+                &format!("echo locked >> {l}; ${{WAIT_CMD}}; echo released >> {l}"),
+                true,
+                10_000,
+            )])],
+            vec![],
+        );
+        let mut report = FreezeReport::default();
+        let log2 = log.clone();
+        rules
+            .around(
+                async move {
+                    let seen = std::fs::read_to_string(&log2).unwrap();
+                    assert_eq!(seen, "locked\n", "the body runs while the lock is held");
+                    std::fs::write(log2.with_extension("snap"), "taken").unwrap();
+                    Ok(())
+                },
+                &mut report,
+            )
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "locked\nreleased\n");
+        assert!(report.failures.is_empty(), "{:?}", report.failures);
+    }
+
+    #[tokio::test]
+    async fn an_action_that_outlives_its_timeout_is_killed_and_reported() {
+        let rules = local(vec![rule(vec![action("sleep 30", false, 200)])], vec![]);
+        let mut report = FreezeReport::default();
+        let err = rules
+            .around(async { Ok(()) }, &mut report)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("outlived its timeout and was killed"), "{err}");
+        assert!(report.failures[0].timed_out);
+        // A background action that never reaches its lock is killed at its timeout too.
+        let rules = local(
+            vec![rule(vec![action("sleep 30; ${WAIT_CMD}", true, 200)])],
+            vec![],
+        );
+        let mut report = FreezeReport::default();
+        let err = rules
+            .around(async { Ok(()) }, &mut report)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("outlived its timeout"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn on_error_continue_lets_the_snapshot_go_ahead() {
+        let mut a = action("exit 1", false, 5_000);
+        a.on_error = OnError::Continue;
+        let rules = local(vec![rule(vec![a])], vec![]);
+        let mut report = FreezeReport::default();
+        rules.around(async { Ok(()) }, &mut report).await.unwrap();
+        assert_eq!(report.failures.len(), 1);
+    }
+}

@@ -1,0 +1,855 @@
+//! Kubernetes mode end to end: two real daemons, each talking through the real `kube` client
+//! over real HTTP to its own test API server (tests/support/kubeapi.rs). The primary's
+//! server holds a `prod` namespace with Cassandra (a 3-replica StatefulSet with claim
+//! templates) and two MySQL Deployments; the DR site's server starts empty.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::kubeapi::KubeApi;
+use support::{b3, random_file, Pair, PairOptions, PROT};
+
+const FIXTURES: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: prod, labels: {team: data}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: cassandra, namespace: prod}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: mysql, namespace: prod}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: default, namespace: prod}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: kube-root-ca.crt, namespace: prod}
+data: {ca.crt: "cluster specific"}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: cassandra-seeds, namespace: prod}
+rules: [{apiGroups: [""], resources: [endpoints], verbs: [get, list]}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: cassandra-seeds, namespace: prod}
+subjects: [{kind: ServiceAccount, name: cassandra, namespace: prod}]
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: cassandra-seeds}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: cassandra-env, namespace: prod, labels: {app: cassandra}}
+data: {MAX_HEAP_SIZE: 512M}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: mysql-cnf, namespace: prod}
+data: {my.cnf: "[mysqld]\nmax_connections=200\n"}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: mysql-root, namespace: prod}
+type: Opaque
+stringData: {password: hunter2}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: mysql-token-x7k2, namespace: prod}
+type: kubernetes.io/service-account-token
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: cassandra, namespace: prod, labels: {app: cassandra}}
+spec:
+  replicas: 3
+  serviceName: cassandra
+  selector: {matchLabels: {app: cassandra}}
+  template:
+    metadata: {labels: {app: cassandra}}
+    spec:
+      serviceAccountName: cassandra
+      containers:
+      - name: cassandra
+        image: cassandra:4.1
+        envFrom: [{configMapRef: {name: cassandra-env}}]
+        volumeMounts: [{name: data, mountPath: /var/lib/cassandra}]
+  volumeClaimTemplates:
+  - metadata: {name: data}
+    spec: {accessModes: [ReadWriteOnce], storageClassName: fast, resources: {requests: {storage: 1Gi}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cassandra, namespace: prod, labels: {app: cassandra}}
+spec: {clusterIP: None, selector: {app: cassandra}, ports: [{port: 9042}]}
+---
+apiVersion: batch/v1
+kind: CronJob
+metadata: {name: mysql-backup, namespace: prod, labels: {app: mysql}}
+spec:
+  schedule: "0 3 * * *"
+  jobTemplate:
+    spec:
+      template:
+        metadata: {labels: {app: mysql-backup}}
+        spec:
+          restartPolicy: OnFailure
+          containers: [{name: dump, image: "mysql:8.4", command: [mysqldump, --all-databases]}]
+"#;
+
+fn mysql(instance: &str) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: mysql-{instance}-data
+  namespace: prod
+  annotations: {{pv.kubernetes.io/bind-completed: "yes"}}
+spec: {{accessModes: [ReadWriteOnce], storageClassName: fast, volumeName: pvc-mysql-{instance}, resources: {{requests: {{storage: 1Gi}}}}}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: mysql-{instance}, namespace: prod, labels: {{app: mysql}}}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: mysql, instance: "{instance}"}}}}
+  template:
+    metadata: {{labels: {{app: mysql, instance: "{instance}"}}}}
+    spec:
+      serviceAccountName: mysql
+      containers:
+      - name: mysql
+        image: "mysql:8.4"
+        env:
+        - {{name: MYSQL_ROOT_PASSWORD, valueFrom: {{secretKeyRef: {{name: mysql-root, key: password}}}}}}
+        - {{name: REPLICA_OF, value: "mysql-a.prod.svc.cluster.local"}}
+        volumeMounts: [{{name: data, mountPath: /var/lib/mysql}}, {{name: cnf, mountPath: /etc/mysql/conf.d}}]
+      volumes:
+      - {{name: data, persistentVolumeClaim: {{claimName: mysql-{instance}-data}}}}
+      - {{name: cnf, configMap: {{name: mysql-cnf}}}}
+---
+apiVersion: apps/v1
+kind: ReplicaSet
+metadata:
+  name: mysql-{instance}-5d8f
+  namespace: prod
+  ownerReferences: [{{apiVersion: apps/v1, kind: Deployment, name: mysql-{instance}, uid: u-{instance}, controller: true}}]
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: mysql, instance: "{instance}"}}}}
+  template:
+    metadata: {{labels: {{app: mysql, instance: "{instance}"}}}}
+    spec: {{containers: [{{name: mysql, image: "mysql:8.4"}}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: mysql-{instance}-5d8f-abcde
+  namespace: prod
+  labels: {{app: mysql, instance: "{instance}"}}
+  ownerReferences: [{{apiVersion: apps/v1, kind: ReplicaSet, name: mysql-{instance}-5d8f, uid: rs-{instance}, controller: true}}]
+spec:
+  nodeName: node-2
+  containers: [{{name: mysql, image: "mysql:8.4"}}]
+  volumes: [{{name: data, persistentVolumeClaim: {{claimName: mysql-{instance}-data}}}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: mysql-{instance}, namespace: prod, labels: {{app: mysql}}}}
+spec: {{clusterIP: 10.96.0.{n}, clusterIPs: [10.96.0.{n}], selector: {{app: mysql, instance: "{instance}"}}, ports: [{{port: 3306}}]}}
+"#,
+        n = if instance == "a" { 21 } else { 22 }
+    )
+}
+
+fn cassandra_pod(i: u32) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: data-cassandra-{i}
+  namespace: prod
+  labels: {{app: cassandra}}
+spec: {{accessModes: [ReadWriteOnce], storageClassName: fast, volumeName: pvc-cass-{i}, resources: {{requests: {{storage: 1Gi}}}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: cassandra-{i}
+  namespace: prod
+  labels: {{app: cassandra}}
+  ownerReferences: [{{apiVersion: apps/v1, kind: StatefulSet, name: cassandra, uid: sts-uid, controller: true}}]
+spec:
+  nodeName: node-{i}
+  serviceAccountName: cassandra
+  containers: [{{name: cassandra, image: "cassandra:4.1"}}]
+  volumes: [{{name: data, persistentVolumeClaim: {{claimName: data-cassandra-{i}}}}}]
+"#
+    )
+}
+
+const ALL_PVCS: [&str; 5] = [
+    "data-cassandra-0",
+    "data-cassandra-1",
+    "data-cassandra-2",
+    "mysql-a-data",
+    "mysql-b-data",
+];
+
+struct Sites {
+    pair: Pair,
+    primary_api: KubeApi,
+    dr_api: KubeApi,
+    _kdir: tempfile::TempDir,
+}
+
+/// Both API servers, the fixtures at the primary with a volume file per PVC, and a pair
+/// whose protection has `selection` (lines of `[protection.kubernetes]`).
+fn sites(selection: &str, dr_selection: &str) -> Sites {
+    let kdir = tempfile::tempdir().unwrap();
+    let primary_api = KubeApi::start(kdir.path(), "primary");
+    let dr_api = KubeApi::start(kdir.path(), "dr");
+    let mut docs = vec![FIXTURES.to_string(), mysql("a"), mysql("b")];
+    docs.extend((0..3).map(cassandra_pod));
+    let all = docs.join("\n---\n");
+    primary_api.create_yaml(&all);
+    let pair = Pair::new(PairOptions {
+        volumes: vec![],
+        start: false,
+        primary_tail: format!(
+            "[protection.kubernetes]\nvolume_path = \"vols/{{namespace}}/{{pvc}}.img\"\n{selection}\n[kubernetes]\nkubeconfig = \"{}\"\n",
+            primary_api.kubeconfig.display()
+        ),
+        dr_tail: format!(
+            "[protection.kubernetes]\nvolume_path = \"replicas/{{namespace}}/{{pvc}}.img\"\n{dr_selection}\n[kubernetes]\nkubeconfig = \"{}\"\n",
+            dr_api.kubeconfig.display()
+        ),
+        ..Default::default()
+    });
+    std::fs::create_dir_all(pair.dir.path().join("vols/prod")).unwrap();
+    for (i, pvc) in ALL_PVCS.iter().enumerate() {
+        random_file(&primary_volume(&pair, pvc), 1 << 20, 500 + i as u64);
+    }
+    let mut s = Sites {
+        pair,
+        primary_api,
+        dr_api,
+        _kdir: kdir,
+    };
+    s.pair.start();
+    s
+}
+
+fn primary_volume(pair: &Pair, pvc: &str) -> PathBuf {
+    pair.dir.path().join(format!("vols/prod/{pvc}.img"))
+}
+
+fn dr_replica(pair: &Pair, ns: &str, pvc: &str) -> PathBuf {
+    pair.dir.path().join(format!("replicas/{ns}/{pvc}.img"))
+}
+
+impl Sites {
+    /// Runs a cycle and waits until the DR site applied that gen's manifests.
+    fn sync_and_apply(&self) -> u64 {
+        let r = self.pair.sync();
+        self.wait_applied(r.gen);
+        r.gen
+    }
+
+    fn wait_applied(&self, gen: u64) -> lifeboat::site::status::KubeStatus {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let st = self.pair.dr.status();
+            let k = st.protections[0].kubernetes.clone().unwrap_or_default();
+            if let Some(e) = &k.apply_error {
+                panic!("standby apply failed: {e}\n{}", self.pair.dr.log_text());
+            }
+            if k.gen == Some(gen) && k.applied.is_some() {
+                return k;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gen {gen} never applied: {k:?}\n{}",
+                self.pair.dr.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn dr_names(&self, ns: &str) -> BTreeSet<String> {
+        self.dr_api
+            .in_namespace(ns)
+            .iter()
+            .map(|o| {
+                format!(
+                    "{}/{}",
+                    o["kind"].as_str().unwrap(),
+                    o["metadata"]["name"].as_str().unwrap()
+                )
+            })
+            .collect()
+    }
+
+    fn dr_get(&self, group: &str, plural: &str, ns: &str, name: &str) -> Value {
+        self.dr_api
+            .get(group, plural, ns, name)
+            .unwrap_or_else(|| panic!("{plural} {ns}/{name} missing at the DR site"))
+    }
+
+    fn dr_gen(&self) -> Option<u64> {
+        self.pair.dr.status().protections[0].consistent_gen
+    }
+
+    fn primary_error(&self) -> String {
+        self.pair.primary.status().protections[0]
+            .last_error
+            .as_ref()
+            .map(|e| e.message.clone())
+            .unwrap_or_default()
+    }
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+const NAMESPACE: &str = "namespaces = [\"prod\"]";
+
+#[test]
+fn protecting_a_namespace_mirrors_every_object_scaled_to_zero_with_the_data() {
+    let s = sites(NAMESPACE, "");
+    s.sync_and_apply();
+    let want = set(&[
+        "ServiceAccount/cassandra",
+        "ServiceAccount/mysql",
+        "Role/cassandra-seeds",
+        "RoleBinding/cassandra-seeds",
+        "ConfigMap/cassandra-env",
+        "ConfigMap/mysql-cnf",
+        "Secret/mysql-root",
+        "StatefulSet/cassandra",
+        "Deployment/mysql-a",
+        "Deployment/mysql-b",
+        "PersistentVolumeClaim/data-cassandra-0",
+        "PersistentVolumeClaim/data-cassandra-1",
+        "PersistentVolumeClaim/data-cassandra-2",
+        "PersistentVolumeClaim/mysql-a-data",
+        "PersistentVolumeClaim/mysql-b-data",
+        "Service/cassandra",
+        "Service/mysql-a",
+        "Service/mysql-b",
+        "CronJob/mysql-backup",
+    ]);
+    // Not mirrored: pods and controller-owned ReplicaSets (their controllers recreate
+    // them), the token Secret, kube-root-ca.crt and the default ServiceAccount.
+    assert_eq!(s.dr_names("prod"), want);
+    assert!(s.dr_api.get("", "namespaces", "", "prod").is_some());
+    assert_eq!(
+        s.dr_api.get("", "namespaces", "", "prod").unwrap()["metadata"]["labels"]["team"],
+        "data"
+    );
+
+    let sts = s.dr_get("apps", "statefulsets", "prod", "cassandra");
+    assert_eq!(sts["spec"]["replicas"], 0);
+    assert_eq!(sts["metadata"]["annotations"]["lifeboat.dev/replicas"], "3");
+    assert_eq!(
+        sts["status"]["readyReplicas"], 0,
+        "the DR site runs nothing on standby"
+    );
+    for d in ["mysql-a", "mysql-b"] {
+        let dep = s.dr_get("apps", "deployments", "prod", d);
+        assert_eq!(dep["spec"]["replicas"], 0);
+        assert_eq!(dep["metadata"]["annotations"]["lifeboat.dev/replicas"], "1");
+    }
+    assert_eq!(
+        s.dr_get("batch", "cronjobs", "prod", "mysql-backup")["spec"]["suspend"],
+        true
+    );
+
+    // Nothing cluster-specific crossed over.
+    for o in s.dr_api.in_namespace("prod") {
+        let what = format!("{} {}", o["kind"], o["metadata"]["name"]);
+        let primary = s
+            .primary_api
+            .in_namespace("prod")
+            .into_iter()
+            .find(|p| p["kind"] == o["kind"] && p["metadata"]["name"] == o["metadata"]["name"]);
+        assert_ne!(
+            o["metadata"]["uid"],
+            primary.unwrap()["metadata"]["uid"],
+            "{what}: uid"
+        );
+        assert!(o["metadata"].get("ownerReferences").is_none(), "{what}");
+        let managers: Vec<&str> = o["metadata"]["managedFields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["manager"].as_str().unwrap())
+            .collect();
+        assert_eq!(managers, ["lifeboat"], "{what}: applied by lifeboat only");
+        if !matches!(o["kind"].as_str(), Some("StatefulSet" | "Deployment")) {
+            assert!(o.get("status").is_none(), "{what}: status");
+        }
+    }
+    assert!(s.dr_get("", "services", "prod", "mysql-a")["spec"]
+        .get("clusterIP")
+        .is_none());
+    assert_eq!(
+        s.dr_get("", "services", "prod", "cassandra")["spec"]["clusterIP"],
+        "None"
+    );
+    // Each PVC is bound to a PV naming its replica, and the replica holds the data.
+    for pvc in ALL_PVCS {
+        let claim = s.dr_get("", "persistentvolumeclaims", "prod", pvc);
+        let pv_name = claim["spec"]["volumeName"].as_str().unwrap().to_string();
+        assert!(pv_name.starts_with("lifeboat-"), "{pvc}: {pv_name}");
+        let pv = s.dr_get("", "persistentvolumes", "", &pv_name);
+        let replica = dr_replica(&s.pair, "prod", pvc);
+        assert_eq!(
+            pv["spec"]["hostPath"]["path"],
+            replica.display().to_string()
+        );
+        assert_eq!(pv["spec"]["claimRef"]["name"], pvc);
+        assert_eq!(b3(&replica), b3(&primary_volume(&s.pair, pvc)), "{pvc}");
+    }
+    // Every change lifeboat made at the DR site was a server-side apply.
+    for r in s.dr_api.requests() {
+        if !matches!(r.method.as_str(), "GET") {
+            assert_eq!(r.method, "PATCH", "{r:?}");
+            assert!(
+                r.content_type.starts_with("application/apply-patch"),
+                "{r:?}"
+            );
+            assert!(r.query.contains("fieldManager=lifeboat"), "{r:?}");
+        }
+    }
+    // status at the primary lists what the protection covers.
+    let st = s.pair.primary.status();
+    let k = st.protections[0].kubernetes.clone().unwrap();
+    assert_eq!(k.covers.pods.len(), 5, "{k:?}");
+    assert_eq!(k.covers.pvcs.len(), 5, "{k:?}");
+    assert!(
+        k.covers
+            .objects
+            .contains(&"StatefulSet prod/cassandra".to_string()),
+        "{k:?}"
+    );
+    let text = lifeboat::cli::render_status(&st);
+    assert!(text.contains("pvc prod/data-cassandra-0 ->"), "{text}");
+}
+
+#[test]
+fn protecting_only_app_cassandra_mirrors_the_statefulset_its_claims_and_references() {
+    let s = sites("namespaces = [\"prod\"]\nselector = \"app=cassandra\"", "");
+    let r = s.pair.sync();
+    s.wait_applied(r.gen);
+    let want = set(&[
+        "StatefulSet/cassandra",
+        "PersistentVolumeClaim/data-cassandra-0",
+        "PersistentVolumeClaim/data-cassandra-1",
+        "PersistentVolumeClaim/data-cassandra-2",
+        "ConfigMap/cassandra-env",
+        "ServiceAccount/cassandra",
+        "RoleBinding/cassandra-seeds",
+        "Role/cassandra-seeds",
+        "Service/cassandra",
+    ]);
+    assert_eq!(s.dr_names("prod"), want);
+    let vols: BTreeSet<String> = r.volumes.iter().map(|v| v.name.clone()).collect();
+    assert_eq!(
+        vols,
+        set(&[
+            "prod.data-cassandra-0",
+            "prod.data-cassandra-1",
+            "prod.data-cassandra-2"
+        ])
+    );
+    for i in 0..3 {
+        let pvc = format!("data-cassandra-{i}");
+        assert_eq!(
+            b3(&dr_replica(&s.pair, "prod", &pvc)),
+            b3(&primary_volume(&s.pair, &pvc))
+        );
+    }
+    assert!(!dr_replica(&s.pair, "prod", "mysql-a-data").exists());
+}
+
+#[test]
+fn changes_at_the_primary_reach_the_dr_site_by_patch_keeping_uids() {
+    let s = sites(NAMESPACE, "");
+    s.sync_and_apply();
+    let sts_uid = s.dr_get("apps", "statefulsets", "prod", "cassandra")["metadata"]["uid"].clone();
+    let cm_uid = s.dr_get("", "configmaps", "prod", "mysql-cnf")["metadata"]["uid"].clone();
+    let before = s.dr_api.requests().len();
+
+    let p = &s.primary_api;
+    p.merge_patch("apps", "statefulsets", "prod", "cassandra",
+        serde_json::json!({"spec": {"template": {"spec": {"containers": [{"name": "cassandra", "image": "cassandra:5.0",
+            "envFrom": [{"configMapRef": {"name": "cassandra-env"}}]}]}}}}));
+    p.merge_patch(
+        "",
+        "configmaps",
+        "prod",
+        "mysql-cnf",
+        serde_json::json!({"data": {"my.cnf": "[mysqld]\nmax_connections=500\n"}}),
+    );
+    p.delete("", "services", "prod", "mysql-b");
+    support::scatter_writes(&primary_volume(&s.pair, "mysql-a-data"), 20, 65536, 9);
+    s.sync_and_apply();
+
+    let sts = s.dr_get("apps", "statefulsets", "prod", "cassandra");
+    assert_eq!(
+        sts["spec"]["template"]["spec"]["containers"][0]["image"],
+        "cassandra:5.0"
+    );
+    assert_eq!(
+        sts["metadata"]["uid"], sts_uid,
+        "patched in place, not recreated"
+    );
+    assert_eq!(sts["spec"]["replicas"], 0);
+    let cm = s.dr_get("", "configmaps", "prod", "mysql-cnf");
+    assert_eq!(cm["data"]["my.cnf"], "[mysqld]\nmax_connections=500\n");
+    assert_eq!(cm["metadata"]["uid"], cm_uid);
+    assert!(
+        s.dr_api.get("", "services", "prod", "mysql-b").is_none(),
+        "pruned"
+    );
+    assert!(s.dr_api.get("", "services", "prod", "mysql-a").is_some());
+    let k = s.pair.dr.status().protections[0]
+        .kubernetes
+        .clone()
+        .unwrap();
+    assert_eq!(
+        k.applied.unwrap().pruned,
+        vec!["Service prod/mysql-b".to_string()]
+    );
+    // The only delete is the prune; every other change was an apply.
+    let deletes: Vec<_> = s.dr_api.requests()[before..]
+        .iter()
+        .filter(|r| r.method == "DELETE")
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(
+        deletes,
+        vec!["/api/v1/namespaces/prod/services/mysql-b".to_string()]
+    );
+    assert!(s.dr_api.requests()[before..]
+        .iter()
+        .all(|r| r.method != "POST" && r.method != "PUT"));
+    assert_eq!(
+        b3(&dr_replica(&s.pair, "prod", "mysql-a-data")),
+        b3(&primary_volume(&s.pair, "mysql-a-data"))
+    );
+}
+
+#[test]
+fn failover_scales_up_with_the_manifests_of_the_recovered_gen_and_a_dry_run_changes_nothing() {
+    let mut s = sites(NAMESPACE, "");
+    s.sync_and_apply();
+    s.primary_api.merge_patch(
+        "apps",
+        "statefulsets",
+        "prod",
+        "cassandra",
+        serde_json::json!({"spec": {"replicas": 4}}),
+    );
+    let gen2 = s.sync_and_apply();
+
+    // Gen 3 starts with newer manifests, and the primary's site is lost mid-transfer.
+    s.primary_api.merge_patch(
+        "apps",
+        "statefulsets",
+        "prod",
+        "cassandra",
+        serde_json::json!({"spec": {"replicas": 9}}),
+    );
+    support::scatter_writes(&primary_volume(&s.pair, "data-cassandra-1"), 50, 65536, 3);
+    s.pair.primary.stop();
+    s.pair.primary.failpoint = Some("primary-sending:prod.data-cassandra-1".into());
+    s.pair.primary.start();
+    let ctl = s.pair.primary.control.clone();
+    std::thread::spawn(move || {
+        let _ =
+            lifeboat::cli::Client::at(&ctl).post::<Value>(&format!("/v1/protections/{PROT}/sync"));
+    });
+    s.pair.primary.wait_failpoint();
+    s.pair.primary.kill9();
+
+    let dr_cfg = s.pair.dr.config.clone();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
+            .args(args)
+            .arg("--config")
+            .arg(&dr_cfg)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {text}");
+        text
+    };
+    let before = s.dr_api.all("apps", "statefulsets");
+    let epoch_before = s.pair.dr.status().protections[0].epoch;
+    let plan = run(&["failover", "--protection", PROT, "--dry-run"]);
+    assert!(
+        plan.contains("dry run") && plan.contains("StatefulSet prod/cassandra to 4"),
+        "{plan}"
+    );
+    assert!(plan.contains("resume CronJob prod/mysql-backup"), "{plan}");
+    assert_eq!(
+        s.dr_api.all("apps", "statefulsets"),
+        before,
+        "a dry run changes nothing"
+    );
+    assert_eq!(s.pair.dr.status().protections[0].epoch, epoch_before);
+
+    let report = run(&["failover", "--protection", PROT, "--ready-timeout", "30s"]);
+    assert!(
+        report.contains(&format!("recovered gen {gen2}")),
+        "{report}"
+    );
+    assert!(
+        report.contains("ready: StatefulSet prod/cassandra (4 replicas)"),
+        "{report}"
+    );
+    assert!(report.contains("steps (the recovery time)"), "{report}");
+    let sts = s.dr_get("apps", "statefulsets", "prod", "cassandra");
+    assert_eq!(
+        sts["spec"]["replicas"], 4,
+        "gen {gen2}'s count, not the newer 9"
+    );
+    assert_eq!(sts["status"]["readyReplicas"], 4);
+    for d in ["mysql-a", "mysql-b"] {
+        assert_eq!(
+            s.dr_get("apps", "deployments", "prod", d)["spec"]["replicas"],
+            1
+        );
+    }
+    assert_eq!(
+        s.dr_get("batch", "cronjobs", "prod", "mysql-backup")["spec"]["suspend"],
+        false
+    );
+    // The recovered replicas are gen 2's data.
+    let st = s.pair.dr.status();
+    assert_eq!(st.protections[0].consistent_gen, Some(gen2));
+    assert_eq!(st.protections[0].role, "failed-over");
+
+    // export writes a gen's manifests for review: gen 1 still has 3 Cassandra replicas.
+    let dir = s.pair.dir.path().join("export");
+    let out = run(&[
+        "export",
+        "--protection",
+        PROT,
+        "--gen",
+        "1",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(out.contains("of gen 1"), "{out}");
+    let sts_file = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains("statefulset-prod-cassandra"))
+        .unwrap();
+    let doc: Value = serde_saphyr::from_str(&std::fs::read_to_string(&sts_file).unwrap()).unwrap();
+    assert_eq!(doc["spec"]["replicas"], 3);
+    let first = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .min()
+        .unwrap();
+    assert!(
+        first.contains("namespace-cluster-prod"),
+        "apply order: {first}"
+    );
+}
+
+#[test]
+fn namespace_mapping_moves_every_object_and_rewrites_references() {
+    let s = sites(
+        "namespaces = [\"prod\"]\nnamespace_map = { prod = \"prod-dr\" }",
+        "",
+    );
+    s.sync_and_apply();
+    assert!(
+        s.dr_api.in_namespace("prod").is_empty(),
+        "nothing left in prod"
+    );
+    assert!(s.dr_api.get("", "namespaces", "", "prod-dr").is_some());
+    assert!(s.dr_api.get("", "namespaces", "", "prod").is_none());
+    assert_eq!(s.dr_names("prod-dr").len(), 19);
+    let rb = s.dr_get(
+        "rbac.authorization.k8s.io",
+        "rolebindings",
+        "prod-dr",
+        "cassandra-seeds",
+    );
+    assert_eq!(rb["subjects"][0]["namespace"], "prod-dr");
+    for pvc in ALL_PVCS {
+        let replica = dr_replica(&s.pair, "prod-dr", pvc);
+        assert_eq!(b3(&replica), b3(&primary_volume(&s.pair, pvc)), "{pvc}");
+        let claim = s.dr_get("", "persistentvolumeclaims", "prod-dr", pvc);
+        let pv = s.dr_get(
+            "",
+            "persistentvolumes",
+            "",
+            claim["spec"]["volumeName"].as_str().unwrap(),
+        );
+        assert_eq!(pv["spec"]["claimRef"]["namespace"], "prod-dr");
+    }
+    // A Service DNS name in env is reported, not rewritten.
+    let k = s.pair.dr.status().protections[0]
+        .kubernetes
+        .clone()
+        .unwrap();
+    assert!(
+        k.warnings
+            .iter()
+            .any(|w| w.contains("REPLICA_OF") && w.contains("prod-dr")),
+        "{:?}",
+        k.warnings
+    );
+    let dep = s.dr_get("apps", "deployments", "prod-dr", "mysql-b");
+    assert_eq!(
+        dep["spec"]["template"]["spec"]["containers"][0]["env"][1]["value"],
+        "mysql-a.prod.svc.cluster.local"
+    );
+}
+
+#[test]
+fn bad_selections_and_rbac_denials_fail_the_cycle_with_a_clear_error_and_commit_nothing() {
+    let s = sites("namespaces = [\"prod\"]\nselector = \"app=nothing\"", "");
+    let e = s.pair.try_sync().unwrap_err();
+    assert!(
+        e.contains("selector app=nothing matches no pods and no workloads in namespace(s) prod"),
+        "{e}"
+    );
+    assert!(s.primary_error().contains("app=nothing"));
+    assert_eq!(s.dr_gen(), None);
+    drop(s);
+
+    let s = sites(
+        "namespaces = [\"prod\"]\ninclude_kinds = [\"Deploymnet\", \"Secret\"]",
+        "",
+    );
+    let e = s.pair.try_sync().unwrap_err();
+    assert!(
+        e.contains("unknown kind \"Deploymnet\"") && e.contains("did you mean Deployment?"),
+        "{e}"
+    );
+    assert_eq!(s.dr_gen(), None);
+    drop(s);
+
+    let s = sites(NAMESPACE, "");
+    let gen = s.sync_and_apply();
+    s.primary_api.deny("list", "secrets");
+    s.primary_api.merge_patch(
+        "",
+        "configmaps",
+        "prod",
+        "mysql-cnf",
+        serde_json::json!({"data": {"my.cnf": "changed"}}),
+    );
+    let e = s.pair.try_sync().unwrap_err();
+    assert!(
+        e.contains("403 Forbidden") && e.contains("secrets") && e.contains("namespace prod"),
+        "{e}"
+    );
+    let st = s.pair.primary.status();
+    let err = st.protections[0].last_error.clone().unwrap();
+    assert_eq!(err.kind.as_str(), "kubernetes");
+    assert!(lifeboat::cli::render_status(&st).contains("403 Forbidden"));
+    assert_eq!(s.dr_gen(), Some(gen), "no new gen at the DR site");
+    assert_ne!(
+        s.dr_get("", "configmaps", "prod", "mysql-cnf")["data"]["my.cnf"],
+        "changed"
+    );
+    // Fixed permissions: the next cycle commits data and manifests together.
+    s.primary_api.allow_all();
+    let next = s.sync_and_apply();
+    assert_eq!(next, gen + 1);
+    assert_eq!(
+        s.dr_get("", "configmaps", "prod", "mysql-cnf")["data"]["my.cnf"],
+        "changed"
+    );
+}
+
+/// The same scenario against a real cluster pair, when kubeconfigs are given:
+/// LIFEBOAT_TEST_PRIMARY_KUBECONFIG and LIFEBOAT_TEST_DR_KUBECONFIG (contexts as current).
+/// It creates the namespace `lifeboat-e2e` at the primary and deletes it at both ends.
+#[test]
+#[ignore = "needs two real clusters: set LIFEBOAT_TEST_PRIMARY_KUBECONFIG and LIFEBOAT_TEST_DR_KUBECONFIG"]
+fn real_clusters_mirror_a_namespace_and_fail_over() {
+    let (Ok(pk), Ok(dk)) = (
+        std::env::var("LIFEBOAT_TEST_PRIMARY_KUBECONFIG"),
+        std::env::var("LIFEBOAT_TEST_DR_KUBECONFIG"),
+    ) else {
+        panic!("set LIFEBOAT_TEST_PRIMARY_KUBECONFIG and LIFEBOAT_TEST_DR_KUBECONFIG");
+    };
+    let kubectl = |cfg: &str, args: &[&str], stdin: Option<&str>| {
+        use std::io::Write;
+        let mut c = std::process::Command::new("kubectl")
+            .env("KUBECONFIG", cfg)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("kubectl on PATH");
+        if let Some(s) = stdin {
+            c.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+        }
+        let out = c.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let fixtures = [FIXTURES.to_string(), mysql("a")]
+        .join("\n---\n")
+        .replace("prod", "lifeboat-e2e");
+    kubectl(&pk, &["apply", "-f", "-"], Some(&fixtures));
+    let mut pair = Pair::new(PairOptions {
+        volumes: vec![],
+        start: false,
+        primary_tail: format!("[protection.kubernetes]\nnamespaces = [\"lifeboat-e2e\"]\nvolume_path = \"vols/{{namespace}}/{{pvc}}.img\"\n[kubernetes]\nkubeconfig = \"{pk}\"\n"),
+        dr_tail: format!("[protection.kubernetes]\nvolume_path = \"replicas/{{namespace}}/{{pvc}}.img\"\n[kubernetes]\nkubeconfig = \"{dk}\"\n"),
+        ..Default::default()
+    });
+    std::fs::create_dir_all(pair.dir.path().join("vols/lifeboat-e2e")).unwrap();
+    random_file(
+        &pair.dir.path().join("vols/lifeboat-e2e/mysql-a-data.img"),
+        1 << 20,
+        1,
+    );
+    pair.start();
+    pair.sync();
+    std::thread::sleep(Duration::from_secs(5));
+    let replicas = kubectl(
+        &dk,
+        &[
+            "-n",
+            "lifeboat-e2e",
+            "get",
+            "deploy",
+            "mysql-a",
+            "-o",
+            "jsonpath={.spec.replicas}",
+        ],
+        None,
+    );
+    assert_eq!(replicas.trim(), "0");
+    for cfg in [&pk, &dk] {
+        kubectl(
+            cfg,
+            &["delete", "namespace", "lifeboat-e2e", "--wait=false"],
+            None,
+        );
+    }
+}
