@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::kubeapi::KubeApi;
+use support::kubeapi::{ExecCall, ExecResult, KubeApi};
 use support::{b3, random_file, Pair, PairOptions, PROT};
 
 const FIXTURES: &str = r#"
@@ -223,6 +223,13 @@ fn sites(selection: &str, dr_selection: &str) -> Sites {
     let mut docs = vec![FIXTURES.to_string(), mysql("a"), mysql("b")];
     docs.extend((0..3).map(cassandra_pod));
     let all = docs.join("\n---\n");
+    primary_api.add_type(
+        "stork.libopenstorage.org",
+        "v1alpha1",
+        "Rule",
+        "rules",
+        true,
+    );
     primary_api.create_yaml(&all);
     let pair = Pair::new(PairOptions {
         volumes: vec![],
@@ -852,4 +859,224 @@ fn real_clusters_mirror_a_namespace_and_fail_over() {
             None,
         );
     }
+}
+
+// ---- Rules in pods (issue 5): Stork Rules and Velero hooks through pods/exec ----
+
+/// A post rule of ours; the pre rule is the seed document's, verbatim.
+const POST_RULE: &str = "apiVersion: stork.libopenstorage.org/v1alpha1
+kind: Rule
+metadata:
+  name: cassandra-postsnap-rule
+  namespace: prod
+rules:
+  - podSelector:
+      app: cassandra
+    actions:
+    - type: command
+      value: echo thawed
+";
+
+/// The PVC file a pod's "container" writes to, as the test's stand-in for the pod.
+fn pod_volume(dir: &std::path::Path, pod: &str) -> PathBuf {
+    let pvc = match pod {
+        p if p.starts_with("cassandra-") => format!("data-{p}"),
+        p if p.starts_with("mysql-a") => "mysql-a-data".into(),
+        _ => "mysql-b-data".into(),
+    };
+    dir.join(format!("vols/prod/{pvc}.img"))
+}
+
+fn stamp(path: &std::path::Path, what: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .write_all_at(what, 0)
+        .unwrap();
+}
+
+fn head(path: &std::path::Path, n: usize) -> String {
+    String::from_utf8_lossy(&std::fs::read(path).unwrap()[..n]).into_owned()
+}
+
+fn rule_sites(extra: &str) -> Sites {
+    let s = sites(&format!("{NAMESPACE}\n{extra}"), "");
+    let seed = include_str!("../deploy/rules/cassandra-presnap-rule.yaml");
+    s.primary_api
+        .create_yaml(&seed.replace("metadata:\n", "metadata:\n  namespace: prod\n"));
+    s.primary_api.create_yaml(POST_RULE);
+    s
+}
+
+/// An exec handler that stamps the pod's volume: "FLUSHED" for the flush, "THAWED!" for
+/// the post rule, and fails the flush in `failing` pods.
+fn cassandra_handler(s: &Sites, failing: &'static str) {
+    let dir = s.pair.dir.path().to_path_buf();
+    s.primary_api.set_exec_handler(move |c: &ExecCall| {
+        let cmd = c.command.join(" ");
+        if cmd.contains("nodetool flush") {
+            if c.pod == failing {
+                return ExecResult {
+                    stderr: "nodetool: Failed to connect to 127.0.0.1:7199".into(),
+                    exit_code: 2,
+                    ..Default::default()
+                };
+            }
+            stamp(&pod_volume(&dir, &c.pod), b"FLUSHED");
+        } else if cmd.contains("echo thawed") {
+            stamp(&pod_volume(&dir, &c.pod), b"THAWED!");
+        }
+        ExecResult::default()
+    });
+}
+
+#[test]
+fn rules_the_seed_cassandra_rule_flushes_every_cassandra_pod_before_the_snapshot() {
+    let s = rule_sites(
+        "pre_rule = \"cassandra-presnap-rule\"\npost_rule = \"cassandra-postsnap-rule\"",
+    );
+    cassandra_handler(&s, "");
+    s.sync_and_apply();
+    let execs = s.primary_api.execs();
+    let pre: Vec<&ExecCall> = execs
+        .iter()
+        .filter(|c| c.command.join(" ").contains("nodetool flush"))
+        .collect();
+    let post: Vec<&ExecCall> = execs
+        .iter()
+        .filter(|c| c.command.join(" ").contains("echo thawed"))
+        .collect();
+    let pods = |calls: &[&ExecCall]| calls.iter().map(|c| c.pod.clone()).collect::<BTreeSet<_>>();
+    assert_eq!(
+        pods(&pre),
+        set(&["cassandra-0", "cassandra-1", "cassandra-2"]),
+        "{execs:?}"
+    );
+    assert_eq!(pods(&post), pods(&pre));
+    assert_eq!(pre[0].command, vec!["/bin/sh", "-c", "nodetool flush"]);
+    assert!(
+        execs.iter().all(|c| c.pod.starts_with("cassandra-")),
+        "no MySQL pod: {execs:?}"
+    );
+    let last_pre = pre.iter().map(|c| c.seq).max().unwrap();
+    assert!(
+        post.iter().all(|c| c.seq > last_pre),
+        "post only after every pre action"
+    );
+    // Order against the snapshot: the replica (the snapshot) has the flush, not the thaw.
+    for i in 0..3 {
+        let pvc = format!("data-cassandra-{i}");
+        assert_eq!(
+            head(&dr_replica(&s.pair, "prod", &pvc), 7),
+            "FLUSHED",
+            "{pvc}"
+        );
+        assert_eq!(head(&primary_volume(&s.pair, &pvc), 7), "THAWED!", "{pvc}");
+    }
+    let m = s.pair.primary.metrics();
+    let freeze = support::metric(&m, "lifeboat_freeze_seconds{protection=\"p\"}").unwrap();
+    assert!(freeze > 0.0, "{m}");
+}
+
+#[test]
+fn rules_a_pre_action_failing_in_one_pod_takes_no_snapshot_and_post_runs_in_all() {
+    let s = rule_sites(
+        "pre_rule = \"cassandra-presnap-rule\"\npost_rule = \"cassandra-postsnap-rule\"",
+    );
+    cassandra_handler(&s, "cassandra-1");
+    let e = s.pair.try_sync().unwrap_err();
+    for part in [
+        "pod prod/cassandra-1",
+        "`nodetool flush`",
+        "exited with 2",
+        "Failed to connect",
+        "snapshot not taken",
+    ] {
+        assert!(e.contains(part), "{part:?} not in {e}");
+    }
+    let post: BTreeSet<String> = s
+        .primary_api
+        .execs()
+        .iter()
+        .filter(|c| c.command.join(" ").contains("echo thawed"))
+        .map(|c| c.pod.clone())
+        .collect();
+    assert_eq!(post, set(&["cassandra-0", "cassandra-1", "cassandra-2"]));
+    assert_eq!(s.dr_gen(), None, "no gen at the DR site");
+    assert!(
+        !s.pair.snapshot(1, "prod.data-cassandra-0").exists(),
+        "no snapshot taken"
+    );
+    let st = s.pair.primary.status();
+    let err = st.protections[0].last_error.clone().unwrap();
+    assert_eq!(err.kind.as_str(), "hook");
+    assert!(err.message.contains("cassandra-1"));
+    let m = s.pair.primary.metrics();
+    assert_eq!(
+        support::metric(&m, "lifeboat_hook_failures_total{protection=\"p\"}"),
+        Some(1.0),
+        "{m}"
+    );
+}
+
+#[test]
+fn rules_velero_hook_annotations_run_in_their_containers_in_order_and_timeouts_kill() {
+    let s = sites(NAMESPACE, "");
+    s.primary_api.merge_patch("", "pods", "prod", "mysql-a-5d8f-abcde", serde_json::json!({"metadata": {"annotations": {
+        "pre.hook.backup.velero.io/container": "mysql",
+        "pre.hook.backup.velero.io/command": "[\"/bin/sh\", \"-c\", \"mysql -e 'FLUSH TABLES WITH READ LOCK'\"]",
+        "post.hook.backup.velero.io/container": "sidecar",
+        "post.hook.backup.velero.io/command": "[\"/bin/echo\", \"unlocked\"]"}}}));
+    let dir = s.pair.dir.path().to_path_buf();
+    s.primary_api.set_exec_handler(move |c: &ExecCall| {
+        let cmd = c.command.join(" ");
+        if cmd.contains("FLUSH TABLES") {
+            stamp(&pod_volume(&dir, &c.pod), b"PRE-HK");
+        } else if cmd.contains("unlocked") {
+            stamp(&pod_volume(&dir, &c.pod), b"POSTHK");
+        } else if cmd.contains("slow") {
+            return ExecResult {
+                delay: Duration::from_secs(20),
+                ..Default::default()
+            };
+        }
+        ExecResult::default()
+    });
+    s.sync_and_apply();
+    let execs = s.primary_api.execs();
+    assert_eq!(execs.len(), 2, "{execs:?}");
+    assert_eq!(
+        (execs[0].pod.as_str(), execs[0].container.as_deref()),
+        ("mysql-a-5d8f-abcde", Some("mysql"))
+    );
+    assert_eq!(
+        execs[0].command,
+        vec!["/bin/sh", "-c", "mysql -e 'FLUSH TABLES WITH READ LOCK'"]
+    );
+    assert_eq!(execs[1].container.as_deref(), Some("sidecar"));
+    assert_eq!(execs[1].command, vec!["/bin/echo", "unlocked"]);
+    assert_eq!(
+        head(&dr_replica(&s.pair, "prod", "mysql-a-data"), 6),
+        "PRE-HK"
+    );
+    assert_eq!(head(&primary_volume(&s.pair, "mysql-a-data"), 6), "POSTHK");
+
+    // A hook that outlives its Velero timeout is killed and named.
+    s.primary_api.merge_patch(
+        "",
+        "pods",
+        "prod",
+        "mysql-b-5d8f-abcde",
+        serde_json::json!({"metadata": {"annotations": {
+        "pre.hook.backup.velero.io/command": "[\"/bin/sh\", \"-c\", \"slow flush\"]",
+        "pre.hook.backup.velero.io/timeout": "1s"}}}),
+    );
+    let e = s.pair.try_sync().unwrap_err();
+    assert!(
+        e.contains("pod prod/mysql-b-5d8f-abcde")
+            && e.contains("outlived its timeout and was killed"),
+        "{e}"
+    );
 }

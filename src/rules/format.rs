@@ -186,18 +186,8 @@ pub fn local(name: &str, commands: &[String], default_timeout: Duration) -> Rule
 mod tests {
     use super::*;
 
-    /// The seed document's example, verbatim.
-    const SEED: &str = "apiVersion: stork.libopenstorage.org/v1alpha1
-kind: Rule
-metadata:
-  name: cassandra-presnap-rule
-spec:
-  - podSelector:
-      app: cassandra
-    actions:
-    - type: command
-      value: nodetool flush
-";
+    /// The seed document's example, verbatim (also shipped as a deployable rule).
+    const SEED: &str = include_str!("../../deploy/rules/cassandra-presnap-rule.yaml");
 
     #[test]
     fn the_seed_documents_rule_loads_unchanged() {

@@ -418,17 +418,17 @@ struct Target {
     sub: Option<String>,
 }
 
-fn parse_target(st: &ApiState, path: &str) -> Result<Target, Response> {
+fn parse_target(st: &ApiState, path: &str) -> Result<Target, Box<Response>> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group, rest) = match segs.as_slice() {
         ["api", "v1", rest @ ..] => ("", rest),
         ["apis", g, _v, rest @ ..] => (*g, rest),
         _ => {
-            return Err(status(
+            return Err(Box::new(status(
                 404,
                 "NotFound",
                 format!("the server could not find the requested resource ({path})"),
-            ))
+            )))
         }
     };
     let (ns, rest) = match rest {
@@ -436,14 +436,18 @@ fn parse_target(st: &ApiState, path: &str) -> Result<Target, Response> {
         _ => (None, rest),
     };
     let Some((plural, more)) = rest.split_first() else {
-        return Err(status(404, "NotFound", format!("no resource in {path}")));
+        return Err(Box::new(status(
+            404,
+            "NotFound",
+            format!("no resource in {path}"),
+        )));
     };
     let t = st.find_type(group, plural).ok_or_else(|| {
-        status(
+        Box::new(status(
             404,
             "NotFound",
             format!("the server could not find the requested resource ({group}/{plural})"),
-        )
+        ))
     })?;
     Ok(Target {
         t,
@@ -573,7 +577,7 @@ async fn handle(
     }
     let target = match parse_target(&st, &path) {
         Ok(t) => t,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let watch = q(&qm, "watch").is_some_and(|w| w == "true" || w == "1");
     let v = verb(&method, target.name.is_some(), watch);
