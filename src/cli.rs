@@ -87,6 +87,13 @@ pub enum Command {
         /// How long to wait for workloads to report ready replicas.
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         ready_timeout: Duration,
+        /// The primary is reachable: scale its workloads down and run a final cycle first,
+        /// so nothing written before is lost. Needs --primary.
+        #[arg(long, requires = "primary")]
+        planned: bool,
+        /// The primary daemon's control address (HOST:PORT), for --planned.
+        #[arg(long)]
+        primary: Option<String>,
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -193,13 +200,20 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             protection,
             dry_run,
             ready_timeout,
+            planned,
+            primary,
             output,
         } => {
             let opts = crate::site::failover::FailoverOptions {
                 dry_run,
                 ready_timeout_secs: ready_timeout.as_secs().max(1),
             };
-            let r = failover(&target, &protection, &opts)?;
+            let mut before = Vec::new();
+            if let (true, Some(addr), false) = (planned, &primary, dry_run) {
+                before = planned_steps(addr, &protection)?;
+            }
+            let mut r = failover(&target, &protection, &opts)?;
+            r.steps.splice(0..0, before);
             show(output, &r, render_failover)
         }
         Command::Export {
@@ -266,6 +280,30 @@ fn failover(
         }
         Err(e) => Err(e),
     }
+}
+
+/// Planned failover's first half, at the primary: scale the workloads down, then a final
+/// cycle, so the DR site's consistent point has everything written before.
+fn planned_steps(primary: &str, protection: &str) -> Result<Vec<crate::site::status::Step>> {
+    use crate::site::status::Step;
+    let client = Client::at(primary);
+    let t = std::time::Instant::now();
+    let done: Vec<String> = client
+        .post(&format!("/v1/protections/{protection}/quiesce"))
+        .context("planned failover: scale down the primary's workloads (drop --planned if the primary is lost)")?;
+    let mut steps = vec![Step {
+        what: format!("scale down the primary's workloads ({})", done.join(", ")),
+        seconds: t.elapsed().as_secs_f64(),
+    }];
+    let t = std::time::Instant::now();
+    let r: CycleReport = client
+        .post(&format!("/v1/protections/{protection}/sync"))
+        .context("planned failover: the final cycle")?;
+    steps.push(Step {
+        what: format!("final cycle: gen {} committed at the DR site", r.gen),
+        seconds: t.elapsed().as_secs_f64(),
+    });
+    Ok(steps)
 }
 
 /// Runs `f` on a site opened from the config file, for when the daemon is down.

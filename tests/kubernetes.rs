@@ -1080,3 +1080,112 @@ fn rules_velero_hook_annotations_run_in_their_containers_in_order_and_timeouts_k
         "{e}"
     );
 }
+
+#[test]
+fn a_planned_failover_scales_the_primary_down_and_loses_nothing_written_before() {
+    let s = sites(NAMESPACE, "");
+    s.sync_and_apply();
+    // Written after the last cycle: only a final cycle carries it.
+    stamp(&primary_volume(&s.pair, "data-cassandra-2"), b"LAST-WRITE");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
+        .args([
+            "failover",
+            "--protection",
+            PROT,
+            "--planned",
+            "--ready-timeout",
+            "30s",
+            "--primary",
+        ])
+        .arg(&s.pair.primary.control)
+        .arg("--config")
+        .arg(&s.pair.dr.config)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("scale down the primary's workloads") && text.contains("final cycle: gen 2"),
+        "{text}"
+    );
+    // The primary runs nothing; the DR site runs the counts the primary ran.
+    let p = |plural: &str, name: &str| s.primary_api.get("apps", plural, "prod", name).unwrap();
+    assert_eq!(p("statefulsets", "cassandra")["spec"]["replicas"], 0);
+    assert_eq!(p("deployments", "mysql-a")["spec"]["replicas"], 0);
+    assert_eq!(
+        s.primary_api
+            .get("batch", "cronjobs", "prod", "mysql-backup")
+            .unwrap()["spec"]["suspend"],
+        true
+    );
+    assert_eq!(
+        s.dr_get("apps", "statefulsets", "prod", "cassandra")["spec"]["replicas"],
+        3
+    );
+    assert_eq!(
+        s.dr_get("apps", "deployments", "prod", "mysql-a")["spec"]["replicas"],
+        1
+    );
+    assert_eq!(
+        s.dr_get("batch", "cronjobs", "prod", "mysql-backup")["spec"]["suspend"],
+        false
+    );
+    let replica = dr_replica(&s.pair, "prod", "data-cassandra-2");
+    assert_eq!(head(&replica, 10), "LAST-WRITE");
+    assert_eq!(
+        b3(&replica),
+        b3(&primary_volume(&s.pair, "data-cassandra-2"))
+    );
+}
+
+#[test]
+fn rules_a_background_lock_in_one_pod_is_held_across_the_snapshot() {
+    let mut s = sites(NAMESPACE, "");
+    let rule = s.pair.dir.path().join("mysql-lock.yaml");
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/rules/mysql-lock.yaml");
+    std::fs::copy(shipped, &rule).unwrap();
+    // The rule file is read at start: restart the primary with it.
+    s.pair.primary.stop();
+    let cfg = std::fs::read_to_string(&s.pair.primary.config)
+        .unwrap()
+        .replace(
+            "sync_on_start = false",
+            "sync_on_start = false\npre_rule = \"mysql-lock.yaml\"",
+        );
+    std::fs::write(&s.pair.primary.config, cfg).unwrap();
+    s.pair.primary.start();
+    let dir = s.pair.dir.path().to_path_buf();
+    s.primary_api.set_exec_handler(move |c: &ExecCall| {
+        let vol = pod_volume(&dir, &c.pod);
+        if c.command.join(" ").contains("read -r") {
+            stamp(&vol, b"LOCKED__");
+            let v = vol.clone();
+            return ExecResult {
+                stdout: format!("{}\n", lifeboat::rules::WAIT_MARKER),
+                wait_for_stdin: true,
+                on_stdin_closed: Some(std::sync::Arc::new(move || stamp(&v, b"RELEASED"))),
+                ..Default::default()
+            };
+        }
+        ExecResult::default()
+    });
+    s.sync_and_apply();
+    let execs = s.primary_api.execs();
+    assert_eq!(execs.len(), 1, "runInSinglePod: {execs:?}");
+    assert!(execs[0].pod.starts_with("mysql-a"), "{execs:?}");
+    assert_eq!(
+        head(&dr_replica(&s.pair, "prod", "mysql-a-data"), 8),
+        "LOCKED__",
+        "held during the snapshot"
+    );
+    assert_eq!(
+        head(&primary_volume(&s.pair, "mysql-a-data"), 8),
+        "RELEASED",
+        "ended after it"
+    );
+    // Ended by closing its stdin, not by its timeout.
+    let m = s.pair.primary.metrics();
+    let failures = support::metric(&m, "lifeboat_hook_failures_total{protection=\"p\"}");
+    assert_eq!(failures.unwrap_or(0.0), 0.0, "{m}");
+}

@@ -75,9 +75,30 @@ fn obj<'a>(v: &'a mut Value, path: &[&str]) -> Option<&'a mut Map<String, Value>
     cur.as_object_mut()
 }
 
+/// A workload lifeboat scaled down for a planned failover: its running count (and
+/// schedule) come back from lifeboat's own annotations.
+fn undo_quiesce(v: &mut Value) {
+    let ann = &v["metadata"]["annotations"];
+    let replicas = ann[super::REPLICAS_ANNOTATION]
+        .as_str()
+        .and_then(|n| n.parse::<i64>().ok());
+    let suspend = ann[super::SUSPEND_ANNOTATION].as_str().map(|s| s == "true");
+    if let Some(n) = replicas {
+        v["spec"]["replicas"] = n.into();
+    }
+    if let Some(s) = suspend {
+        v["spec"]["suspend"] = s.into();
+    }
+    if let Some(Value::Object(a)) = v.pointer_mut("/metadata/annotations") {
+        a.remove(super::REPLICAS_ANNOTATION);
+        a.remove(super::SUSPEND_ANNOTATION);
+    }
+}
+
 /// The object as another cluster can create it.
 pub fn sanitise(input: &Value) -> Value {
     let mut v = input.clone();
+    undo_quiesce(&mut v);
     let kind = v["kind"].as_str().unwrap_or("").to_string();
     if let Some(m) = v.as_object_mut() {
         m.remove("status");

@@ -10,7 +10,7 @@ use anyhow::{anyhow, Result};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, AttachParams, AttachedProcess};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
 use super::{Action, WAIT_CMD, WAIT_MARKER};
 
@@ -277,7 +277,11 @@ impl Holding {
     /// Ends the action: closes its stdin (its `${WAIT_CMD}` returns) and waits for it, killing
     /// it if it does not exit within its timeout.
     pub async fn end(mut self) -> Outcome {
-        drop(self.proc.stdin.take());
+        // Shut down, not just drop: an exec stream's stdin half only reports EOF (and so
+        // sends the v5 close frame) when shut down.
+        if let Some(mut stdin) = self.proc.stdin.take() {
+            let _ = stdin.shutdown().await;
+        }
         let stderr = read_all(self.proc.stderr.take());
         let stdout = read_all(self.proc.stdout.take());
         let work = async { tokio::join!(self.proc.wait, stderr, stdout) };

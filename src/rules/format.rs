@@ -204,19 +204,11 @@ mod tests {
 
     #[test]
     fn storks_current_form_with_background_and_single_pod_loads() {
-        let y = "apiVersion: stork.libopenstorage.org/v1alpha1
-kind: Rule
-metadata: {name: mysql-lock}
-rules:
-- podSelector: {app: mysql}
-  actions:
-  - type: command
-    background: true
-    runInSinglePod: true
-    value: mysql -e 'FLUSH TABLES WITH READ LOCK; ${WAIT_CMD}'
-    timeout: 45s
-    onError: Continue
-";
+        let y = format!(
+            "{}    timeout: 45s\n    onError: Continue\n",
+            include_str!("../../deploy/rules/mysql-lock.yaml")
+        );
+        let y = y.as_str();
         let r = stork_rule(y, Duration::from_secs(60)).unwrap();
         let a = &r.items[0].actions[0];
         assert!(a.background && a.single_pod);

@@ -44,6 +44,7 @@ pub fn router(site: Arc<Site>, syncs: HashMap<String, mpsc::Sender<SyncRequest>>
         .route("/v1/protections/{name}/sync", post(sync))
         .route("/v1/protections/{name}/failover", post(failover_now))
         .route("/v1/protections/{name}/manifests", get(manifests))
+        .route("/v1/protections/{name}/quiesce", post(quiesce))
         .with_state(Ctx {
             site,
             syncs: Arc::new(syncs),
@@ -136,5 +137,17 @@ async fn manifests(
     match crate::site::mirror::export(&c.site, &name, q.gen, q.standby) {
         Ok(m) => Json(m).into_response(),
         Err(e) => err(StatusCode::NOT_FOUND, format!("{e:#}"), None),
+    }
+}
+
+/// Planned failover, at the primary: scale the protection's workloads to zero.
+async fn quiesce(State(c): State<Ctx>, Path(name): Path<String>) -> Response {
+    match crate::site::planned::quiesce(&c.site, &name).await {
+        Ok(done) => Json(done).into_response(),
+        Err(e) => err(
+            StatusCode::CONFLICT,
+            format!("{e:#}"),
+            Some(ErrorKind::Kubernetes),
+        ),
     }
 }

@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod failover;
 pub mod mirror;
 pub mod peer;
+pub mod planned;
 pub mod receiver;
 pub mod recovery;
 pub mod scheduler;

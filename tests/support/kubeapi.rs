@@ -153,7 +153,7 @@ pub struct ExecCall {
     pub command: Vec<String>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct ExecResult {
     pub stdout: String,
     pub stderr: String,
@@ -163,6 +163,18 @@ pub struct ExecResult {
     /// After its stdout, the command waits until its stdin is closed (a background action
     /// holding a lock until lifeboat ends it).
     pub wait_for_stdin: bool,
+    /// Called when the stdin of a `wait_for_stdin` command closes (what the command does
+    /// after its wait, e.g. release a lock).
+    pub on_stdin_closed: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for ExecResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecResult")
+            .field("exit_code", &self.exit_code)
+            .field("wait_for_stdin", &self.wait_for_stdin)
+            .finish_non_exhaustive()
+    }
 }
 
 pub type ExecHandler = Arc<dyn Fn(&ExecCall) -> ExecResult + Send + Sync>;
@@ -1005,6 +1017,9 @@ async fn run_exec(mut socket: WebSocket, call: ExecCall, handler: Option<ExecHan
             }
         }
         api_note(&call, "stdin closed");
+        if let Some(f) = &r.on_stdin_closed {
+            f();
+        }
     }
     if !r.stderr.is_empty() {
         let _ = socket.send(frame(2, r.stderr.as_bytes())).await;
