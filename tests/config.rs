@@ -71,6 +71,16 @@ fn every_malformed_config_gets_an_error_naming_its_key() {
         ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[[protection.volume]]\nname = \"wal\"\npath = \"/srv/data.img\"", "protection[0].volume[1].path"),
         ("[[protection.volume]]\nname = \"data\"\npath = \"/srv/data.img\"\n", "", "protection[0].volume"),
         ("[peer]", "[control]\naddress = \"localhost:notaport\"\n[peer]", "control.address"),
+        ("interval = \"30s\"", "interval = \"30s\"\npre_rule = \"/nonexistent/rule.yaml\"", "protection[0].pre_rule"),
+        // Kubernetes mode (the volume list may then be empty).
+        ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]", "protection[0].kubernetes.volume_path"),
+        ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]\nvolume_path = \"/srv/x.img\"", "protection[0].kubernetes.volume_path"),
+        ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = []\nvolume_path = \"/v/{pvc}\"", "protection[0].kubernetes.namespaces"),
+        ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"Prod_1\"]\nvolume_path = \"/v/{pvc}\"", "protection[0].kubernetes.namespaces[0]"),
+        ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]\nselector = \"app in cassandra\"\nvolume_path = \"/v/{pvc}\"", "protection[0].kubernetes.selector"),
+        ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]\nnamespace_map = { prod = \"DR!\" }\nvolume_path = \"/v/{pvc}\"", "protection[0].kubernetes.namespace_map.prod"),
+        ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]\nresource_modifiers = \"/nonexistent.yaml\"\nvolume_path = \"/v/{pvc}\"", "protection[0].kubernetes.resource_modifiers"),
+        ("interval = \"30s\"", "interval = \"30s\"\npre = [\"sync\"]\n[protection.kubernetes]\nnamespaces = [\"prod\"]\nvolume_path = \"/v/{pvc}\"", "protection[0].pre"),
     ];
     for (from, to, key) in table {
         assert!(
