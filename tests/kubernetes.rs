@@ -537,9 +537,15 @@ fn changes_at_the_primary_reach_the_dr_site_by_patch_keeping_uids() {
         .kubernetes
         .clone()
         .unwrap();
+    let applied = k.applied.unwrap();
+    assert_eq!(applied.pruned, vec!["Service prod/mysql-b".to_string()]);
+    // Only what changed at the primary changed at the DR site.
     assert_eq!(
-        k.applied.unwrap().pruned,
-        vec!["Service prod/mysql-b".to_string()]
+        applied.changed,
+        vec![
+            "ConfigMap prod/mysql-cnf".to_string(),
+            "StatefulSet prod/cassandra".to_string()
+        ]
     );
     // The only delete is the prune; every other change was an apply.
     let deletes: Vec<_> = s.dr_api.requests()[before..]

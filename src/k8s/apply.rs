@@ -2,7 +2,7 @@
 //! pruning of what the primary deleted, and, at failover, waiting until the workloads
 //! report ready replicas.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
@@ -59,84 +59,81 @@ pub async fn apply(
     bundle: &Bundle,
     objects: &[Value],
 ) -> Result<ApplyReport> {
+    // What lifeboat applied before: one labelled list per kind and namespace gives both the
+    // resourceVersions to tell changed objects from unchanged ones and the prune candidates.
+    // Scope: the bundle's kinds in its namespaces, the PVs lifeboat made, and namespaces
+    // (listed for their versions only: a namespace holds more than lifeboat put there, so
+    // it is never pruned).
+    let lp = ListParams::default().labels(&format!("{PROTECTION_LABEL}={protection}"));
+    let mut scope: Vec<(Kind, Option<String>, bool)> = Vec::new();
+    for k in bundle.kinds.iter().map(Kind::from) {
+        for ns in &bundle.namespaces {
+            scope.push((k.clone(), Some(ns.clone()), true));
+        }
+    }
+    scope.push((kinds::persistent_volumes(), None, true));
+    scope.push((kinds::namespaces(), None, false));
+    // (apiVersion, kind, namespace, name) -> (resourceVersion, its kind if prunable)
+    type Key = (String, String, String, String);
+    let mut before: BTreeMap<Key, (Option<String>, Option<Kind>)> = BTreeMap::new();
+    for (kind, ns, prunable) in &scope {
+        let api = api_for(client, kind, ns.as_deref());
+        let list = match api.list(&lp).await {
+            Ok(l) => l,
+            // A namespace not created yet holds nothing of ours.
+            Err(kube::Error::Api(s)) if s.code == 404 => continue,
+            Err(e) => return Err(api_error(e, format!("list {}", kind.group_resource()))),
+        };
+        for o in list.items {
+            let key = (
+                kind.api_version(),
+                kind.kind.clone(),
+                o.metadata.namespace.clone().unwrap_or_default(),
+                o.metadata.name.clone().unwrap_or_default(),
+            );
+            let prune_as = prunable.then(|| kind.clone());
+            before.insert(key, (o.metadata.resource_version, prune_as));
+        }
+    }
+
     let mut report = ApplyReport::default();
     let pp = PatchParams::apply(FIELD_MANAGER).force();
-    let mut present = BTreeSet::new();
     for v in objects {
         let kind = kind_of(bundle, v)?;
         let name = v["metadata"]["name"].as_str().unwrap_or_default();
         let ns = v["metadata"]["namespace"].as_str();
-        let api = api_for(client, &kind, ns);
-        let before = api
-            .get_opt(name)
-            .await
-            .map_err(|e| api_error(e, format!("get {}", describe(v))))?
-            .and_then(|o| o.metadata.resource_version);
-        let after = api
+        let after = api_for(client, &kind, ns)
             .patch(name, &pp, &Patch::Apply(v))
             .await
             .map_err(|e| api_error(e, format!("apply {}", describe(v))))?
             .metadata
             .resource_version;
-        let what = describe(v);
-        if before != after {
-            report.changed.push(what.clone());
-        }
-        report.applied.push(what);
-        present.insert((
+        let key = (
             kind.api_version(),
             kind.kind.clone(),
             ns.unwrap_or("").to_string(),
             name.to_string(),
-        ));
-    }
-    // Prune: objects of the bundle's kinds (and the PVs lifeboat made) labelled with this
-    // protection, in its namespaces, that this gen does not have. Namespaces are never
-    // pruned: one holds more than lifeboat put there.
-    let lp = ListParams::default().labels(&format!("{PROTECTION_LABEL}={protection}"));
-    let mut scope: Vec<(Kind, Option<String>)> = Vec::new();
-    for k in bundle.kinds.iter().map(Kind::from) {
-        for ns in &bundle.namespaces {
-            scope.push((k.clone(), Some(ns.clone())));
+        );
+        let what = describe(v);
+        if before.remove(&key).and_then(|(rv, _)| rv) != after {
+            report.changed.push(what.clone());
         }
+        report.applied.push(what);
     }
-    scope.push((kinds::persistent_volumes(), None));
-    for (kind, ns) in scope {
-        let api = api_for(client, &kind, ns.as_deref());
-        let list = match api.list(&lp).await {
-            Ok(l) => l,
-            // A namespace not created yet has nothing to prune.
+    // Prune: what lifeboat applied before that this gen no longer has.
+    for ((_, kind_name, ns, name), (_, prune_as)) in before {
+        let Some(kind) = prune_as else { continue };
+        let api = api_for(client, &kind, Some(ns.as_str()).filter(|n| !n.is_empty()));
+        match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 404 => continue,
-            Err(e) => {
-                return Err(api_error(
-                    e,
-                    format!("list {} to prune", kind.group_resource()),
-                ))
-            }
-        };
-        for o in list.items {
-            let name = o.metadata.name.clone().unwrap_or_default();
-            let ons = o.metadata.namespace.clone().unwrap_or_default();
-            let key = (
-                kind.api_version(),
-                kind.kind.clone(),
-                ons.clone(),
-                name.clone(),
-            );
-            if present.contains(&key) {
-                continue;
-            }
-            match api.delete(&name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => continue,
-                Err(e) => return Err(api_error(e, format!("prune {} {ons}/{name}", kind.kind))),
-            }
-            report.pruned.push(if ons.is_empty() {
-                format!("{} {name}", kind.kind)
-            } else {
-                format!("{} {ons}/{name}", kind.kind)
-            });
+            Err(e) => return Err(api_error(e, format!("prune {kind_name} {ns}/{name}"))),
         }
+        report.pruned.push(if ns.is_empty() {
+            format!("{kind_name} {name}")
+        } else {
+            format!("{kind_name} {ns}/{name}")
+        });
     }
     Ok(report)
 }
