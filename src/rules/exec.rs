@@ -54,6 +54,16 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// Not yet run: what, where, by which rule.
+    fn new(rule: &str, target: &Target, a: &Action) -> Outcome {
+        Outcome {
+            rule: rule.to_string(),
+            target: target.to_string(),
+            command: a.command.clone(),
+            ..Default::default()
+        }
+    }
+
     pub fn ok(&self) -> bool {
         self.exit_code == Some(0) && !self.timed_out
     }
@@ -97,6 +107,17 @@ struct Proc {
     stdout: Option<Box<dyn AsyncRead + Send + Unpin>>,
     stderr: Option<Box<dyn AsyncRead + Send + Unpin>>,
     wait: std::pin::Pin<Box<dyn std::future::Future<Output = Option<i32>> + Send>>,
+}
+
+impl Proc {
+    /// Waits for the exit code while draining stdout and stderr (a full pipe would stall
+    /// the command); returns the code and the tail of stderr.
+    async fn finish(mut self) -> (Option<i32>, String) {
+        let stderr = read_all(self.stderr.take());
+        let stdout = read_all(self.stdout.take());
+        let (code, err, _) = tokio::join!(self.wait, stderr, stdout);
+        (code, err)
+    }
 }
 
 fn exit_code_of(
@@ -184,19 +205,8 @@ impl Executor {
     /// Runs a foreground action to completion, killing it after its timeout.
     pub async fn run(&self, rule: &str, target: &Target, a: &Action) -> Outcome {
         let started = Instant::now();
-        let mut out = Outcome {
-            rule: rule.to_string(),
-            target: target.to_string(),
-            command: a.command.clone(),
-            ..Default::default()
-        };
-        let work = async {
-            let mut p = self.spawn(target, a).await?;
-            let stderr = read_all(p.stderr.take());
-            let stdout = read_all(p.stdout.take());
-            let (code, err, _) = tokio::join!(p.wait, stderr, stdout);
-            Ok::<_, anyhow::Error>((code, err))
-        };
+        let mut out = Outcome::new(rule, target, a);
+        let work = async { Ok::<_, anyhow::Error>(self.spawn(target, a).await?.finish().await) };
         match tokio::time::timeout(a.timeout, work).await {
             Ok(Ok((code, err))) => {
                 out.exit_code = code;
@@ -213,12 +223,7 @@ impl Executor {
     /// Starts a background action and waits (within its timeout) until it holds its lock.
     pub async fn start(&self, rule: &str, target: &Target, a: &Action) -> Result<Holding, Outcome> {
         let started = Instant::now();
-        let mut out = Outcome {
-            rule: rule.to_string(),
-            target: target.to_string(),
-            command: a.command.clone(),
-            ..Default::default()
-        };
+        let mut out = Outcome::new(rule, target, a);
         let waits = a.command.contains("${WAIT_CMD}");
         let spawned = tokio::time::timeout(a.timeout, async {
             let mut p = self.spawn(target, a).await?;
@@ -282,11 +287,8 @@ impl Holding {
         if let Some(mut stdin) = self.proc.stdin.take() {
             let _ = stdin.shutdown().await;
         }
-        let stderr = read_all(self.proc.stderr.take());
-        let stdout = read_all(self.proc.stdout.take());
-        let work = async { tokio::join!(self.proc.wait, stderr, stdout) };
-        match tokio::time::timeout(self.timeout, work).await {
-            Ok((code, err, _)) => {
+        match tokio::time::timeout(self.timeout, self.proc.finish()).await {
+            Ok((code, err)) => {
                 self.outcome.exit_code = code;
                 self.outcome.stderr = err;
             }

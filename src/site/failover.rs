@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Role;
@@ -81,18 +81,7 @@ pub async fn failover(
             site.config.site_name
         );
     }
-    let prot = site.config.protection(name).cloned().ok_or_else(|| {
-        let names: Vec<_> = site
-            .config
-            .protections
-            .iter()
-            .map(|p| p.name.to_string())
-            .collect();
-        anyhow!(
-            "no protection named {name:?}; this site has: {}",
-            names.join(", ")
-        )
-    })?;
+    let prot = site.protection(name)?.clone();
     if opts.dry_run {
         return plan(site, &prot, started);
     }

@@ -37,14 +37,7 @@ pub fn objects(
     gen: Gen,
     form: Form,
 ) -> Result<(Bundle, Vec<serde_json::Value>)> {
-    let p = site
-        .config
-        .protection(prot)
-        .with_context(|| format!("no protection named {prot:?}"))?;
-    let kp = p
-        .kubernetes
-        .as_ref()
-        .with_context(|| format!("protection {prot} is not a Kubernetes protection"))?;
+    let kp = site.kube_protection(prot)?;
     let b = bundle(site, prot, gen)?;
     let objs = dr_objects(&b, prot, form, |ns, pvc| kp.path_of(ns, pvc));
     Ok((b, objs))

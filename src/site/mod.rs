@@ -137,6 +137,30 @@ impl Site {
         Ok(site)
     }
 
+    /// A protection by name, or an error listing the ones this site has.
+    pub fn protection(&self, name: &str) -> Result<&Protection> {
+        self.config.protection(name).ok_or_else(|| {
+            let names: Vec<_> = self
+                .config
+                .protections
+                .iter()
+                .map(|p| p.name.to_string())
+                .collect();
+            anyhow::anyhow!(
+                "no protection named {name:?}; this site has: {}",
+                names.join(", ")
+            )
+        })
+    }
+
+    /// A Kubernetes protection's selection, or an error saying it is not one.
+    pub fn kube_protection(&self, name: &str) -> Result<&crate::k8s::KubeProtection> {
+        self.protection(name)?
+            .kubernetes
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("protection {name} is not a Kubernetes protection"))
+    }
+
     /// The Kubernetes client, or an error naming the protection that needs it.
     pub fn kube(&self, prot: &str) -> Result<&kube::Client> {
         self.kube.as_ref().ok_or_else(|| {

@@ -4,7 +4,7 @@
 //! schedule state in `lifeboat.dev/suspend`), which the collector reads back, so the
 //! final gen's manifests carry the counts the DR site must start.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use serde_json::{json, Value};
 
@@ -32,14 +32,7 @@ fn selected(v: &Value, sel: Option<&Selector>) -> bool {
 
 /// Scales the protection's workloads to zero and suspends its CronJobs; returns what it did.
 pub async fn quiesce(site: &Site, name: &str) -> Result<Vec<String>> {
-    let prot = site
-        .config
-        .protection(name)
-        .with_context(|| format!("no protection named {name:?}"))?;
-    let kp = prot
-        .kubernetes
-        .as_ref()
-        .with_context(|| format!("protection {name} is not a Kubernetes protection"))?;
+    let kp = site.kube_protection(name)?;
     let client = site.kube(name)?;
     let pp = PatchParams::default();
     let mut done = Vec::new();
