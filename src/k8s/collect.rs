@@ -127,26 +127,9 @@ async fn resolve_kinds(client: &kube::Client, kp: &KubeProtection) -> Result<Vec
     Ok(out)
 }
 
-/// Equal ignoring case, or one edit apart: enough to suggest "Deployment" for "Deploymnet".
+/// At most two edits apart, ignoring case: enough to suggest "Deployment" for "Deploymnet".
 fn strsim_close(a: &str, b: &str) -> bool {
-    let (a, b) = (a.to_ascii_lowercase(), b.to_ascii_lowercase());
-    if a == b {
-        return true;
-    }
-    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
-    if a.len().abs_diff(b.len()) > 2 {
-        return false;
-    }
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for i in 1..=a.len() {
-        let mut cur = vec![i; b.len() + 1];
-        for j in 1..=b.len() {
-            let cost = usize::from(a[i - 1] != b[j - 1]);
-            cur[j] = (prev[j] + 1).min(cur[j - 1] + 1).min(prev[j - 1] + cost);
-        }
-        prev = cur;
-    }
-    prev[b.len()] <= 2
+    strsim::levenshtein(&a.to_ascii_lowercase(), &b.to_ascii_lowercase()) <= 2
 }
 
 fn name(v: &Value) -> &str {
