@@ -8,9 +8,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::de::DeserializeOwned;
 
+use crate::api::{ApiError, CycleReport, FailoverReport, SiteStatus};
 use crate::config::{self, ConfigError};
-use crate::site::control::ApiError;
-use crate::site::status::{CycleReport, FailoverReport, SiteStatus};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -147,7 +146,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run { config } => {
             let cfg = load_config(&config)?;
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(crate::site::daemon::run(cfg))?;
+            rt.block_on(crate::daemon::run(cfg))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { config } => match config::load(&config) {
@@ -204,7 +203,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             primary,
             output,
         } => {
-            let opts = crate::site::failover::FailoverOptions {
+            let opts = crate::api::FailoverOptions {
                 dry_run,
                 ready_timeout_secs: ready_timeout.as_secs().max(1),
             };
@@ -263,7 +262,7 @@ fn load_config(path: &std::path::Path) -> Result<config::Config> {
 fn failover(
     target: &Target,
     protection: &str,
-    opts: &crate::site::failover::FailoverOptions,
+    opts: &crate::api::FailoverOptions,
 ) -> Result<FailoverReport> {
     let client = Client::new(target)?;
     let path = format!(
@@ -274,8 +273,9 @@ fn failover(
         Ok(r) => Ok(r),
         Err(e) if e.downcast_ref::<Unreachable>().is_some() && target.config.is_some() => {
             eprintln!("{e}; failing over directly on the state store");
-            offline(target, |site| async move {
-                crate::site::failover::failover(&site, protection, opts).await
+            offline(target, |shared| async move {
+                let dr = crate::site::dr::Dr::new(shared);
+                Ok(crate::lifecycle::failover::failover(&dr, protection, opts).await?)
             })
         }
         Err(e) => Err(e),
@@ -284,8 +284,8 @@ fn failover(
 
 /// Planned failover's first half, at the primary: scale the workloads down, then a final
 /// cycle, so the DR site's consistent point has everything written before.
-fn planned_steps(primary: &str, protection: &str) -> Result<Vec<crate::site::status::Step>> {
-    use crate::site::status::Step;
+fn planned_steps(primary: &str, protection: &str) -> Result<Vec<crate::api::Step>> {
+    use crate::api::Step;
     let client = Client::at(primary);
     let t = std::time::Instant::now();
     let done: Vec<String> = client
@@ -309,7 +309,7 @@ fn planned_steps(primary: &str, protection: &str) -> Result<Vec<crate::site::sta
 /// Runs `f` on a site opened from the config file, for when the daemon is down.
 fn offline<T, F, Fut>(target: &Target, f: F) -> Result<T>
 where
-    F: FnOnce(std::sync::Arc<crate::site::Site>) -> Fut,
+    F: FnOnce(std::sync::Arc<crate::site::Shared>) -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
 {
     let path = target
@@ -320,8 +320,8 @@ where
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let store = crate::store::Store::open(&cfg.state_dir.join("db"))?;
-        let site = std::sync::Arc::new(crate::site::Site::open(cfg, store).await?);
-        f(site).await
+        let shared = std::sync::Arc::new(crate::site::Shared::open(cfg, store).await?);
+        f(shared).await
     })
 }
 
@@ -330,7 +330,7 @@ fn export(
     protection: &str,
     gen: Option<u64>,
     standby: bool,
-) -> Result<crate::site::mirror::Exported> {
+) -> Result<crate::api::Exported> {
     let client = Client::new(target)?;
     let mut path = format!("/v1/protections/{protection}/manifests?standby={standby}");
     if let Some(g) = gen {
@@ -340,8 +340,8 @@ fn export(
         Ok(r) => Ok(r),
         Err(e) if e.downcast_ref::<Unreachable>().is_some() && target.config.is_some() => {
             eprintln!("{e}; reading the state store directly");
-            offline(target, |site| async move {
-                crate::site::mirror::export(&site, protection, gen, standby)
+            offline(target, |shared| async move {
+                crate::lifecycle::standby::export(&shared, protection, gen, standby).await
             })
         }
         Err(e) => Err(e),
@@ -559,7 +559,7 @@ pub fn render_failover(r: &FailoverReport) -> String {
     out
 }
 
-fn render_kube(k: &crate::site::status::KubeStatus) -> String {
+fn render_kube(k: &crate::api::KubeStatus) -> String {
     let mut out = String::new();
     let c = &k.covers;
     if !c.namespaces.is_empty() {

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use rand::{Rng, RngCore, SeedableRng};
 
+use crate::api::{CycleReport, FailoverReport, SiteStatus};
 use crate::cli::{human_bytes, render_cycle, Client};
-use crate::site::status::{CycleReport, FailoverReport, SiteStatus};
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {

@@ -111,7 +111,10 @@ pub fn check_name(s: &str) -> Result<(), String> {
 macro_rules! name_type {
     ($(#[$m:meta])* $t:ident) => {
         $(#[$m])*
+        // Read back from the state store and the wire through `new`, so a stored or
+        // received name is as valid as a configured one.
         #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Debug)]
+        #[serde(try_from = "String", into = "String")]
         pub struct $t(String);
 
         impl $t {
@@ -121,6 +124,38 @@ macro_rules! name_type {
             }
             pub fn as_str(&self) -> &str {
                 &self.0
+            }
+        }
+
+        impl TryFrom<String> for $t {
+            type Error = String;
+            fn try_from(s: String) -> Result<Self, String> {
+                check_name(&s)?;
+                Ok($t(s))
+            }
+        }
+
+        impl From<$t> for String {
+            fn from(n: $t) -> String {
+                n.0
+            }
+        }
+
+        impl std::borrow::Borrow<str> for $t {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl AsRef<str> for $t {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl PartialEq<str> for $t {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
             }
         }
 

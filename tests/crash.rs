@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use lifeboat::site::status::CycleReport;
+use lifeboat::api::CycleReport;
 use support::*;
 
 fn group_options() -> PairOptions {

@@ -5,7 +5,7 @@ mod support;
 use std::process::Command;
 use std::time::Instant;
 
-use lifeboat::site::status::{FailoverReport, SiteStatus};
+use lifeboat::api::{FailoverReport, SiteStatus};
 use support::*;
 
 fn cli(args: &[&str]) -> (bool, String, String) {

@@ -274,7 +274,7 @@ impl Sites {
         r.gen
     }
 
-    fn wait_applied(&self, gen: u64) -> lifeboat::site::status::KubeStatus {
+    fn wait_applied(&self, gen: u64) -> lifeboat::api::KubeStatus {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let st = self.pair.dr.status();

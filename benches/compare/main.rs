@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use lifeboat::api::CycleReport;
 use lifeboat::cli::Client;
-use lifeboat::site::status::CycleReport;
 use rand::{Rng, RngCore, SeedableRng};
 use serde::Serialize;
 

@@ -8,3 +8,4 @@ pub mod extents;
 pub mod index;
 pub mod refine;
 pub mod scan;
+pub mod verify;

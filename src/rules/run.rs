@@ -10,7 +10,17 @@ use serde_json::Value;
 use super::exec::{Executor, Holding, Outcome, Target};
 use super::{OnError, Rule, RuleItem};
 use crate::k8s::labels::label_map;
-use crate::volume::hooks::HookFailed;
+
+/// Why work done inside the rules failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Barrier {
+    /// A pre action (the body did not run) or a post action failed.
+    #[error("{0}")]
+    Hook(String),
+    /// The body itself (the snapshot) failed.
+    #[error("{0:#}")]
+    Body(anyhow::Error),
+}
 
 /// What the rules of one cycle did.
 #[derive(Debug, Clone, Default)]
@@ -120,7 +130,7 @@ impl Rules {
         &self,
         body: impl std::future::Future<Output = Result<T>>,
         report: &mut FreezeReport,
-    ) -> Result<T> {
+    ) -> Result<T, Barrier> {
         let started = Instant::now();
         let mut held = Vec::new();
         let pre_ok = self.phase(&self.pre, &mut held, report).await;
@@ -141,15 +151,18 @@ impl Rules {
         report.freeze = started.elapsed();
         if !pre_ok {
             let f = first_pre_failure.expect("a failed pre phase recorded its failure");
-            return Err(HookFailed(format!("pre {}; snapshot not taken", f.describe())).into());
+            return Err(Barrier::Hook(format!(
+                "pre {}; snapshot not taken",
+                f.describe()
+            )));
         }
-        let value = value.expect("body ran")?;
+        let value = value.expect("body ran").map_err(Barrier::Body)?;
         let post_failures: Vec<String> = report.failures[before_post..]
             .iter()
             .map(Outcome::describe)
             .collect();
         if !post_failures.is_empty() {
-            return Err(HookFailed(format!("post {}", post_failures.join("; "))).into());
+            return Err(Barrier::Hook(format!("post {}", post_failures.join("; "))));
         }
         Ok(value)
     }

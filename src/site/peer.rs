@@ -13,7 +13,7 @@ use crate::config::REFINE_AUTO_BELOW;
 use crate::net::limit::RateLimit;
 use crate::net::quic;
 use crate::net::wire::{FrameReader, FrameWriter, Msg, PROTOCOL_VERSION};
-use crate::site::Site;
+use crate::site::Shared;
 
 pub struct PeerLink {
     endpoint: quinn::Endpoint,
@@ -51,7 +51,7 @@ impl PeerLink {
     }
 
     /// The live connection, connecting (and saying hello) if there is none.
-    pub async fn connection(&self, site: &Arc<Site>) -> Result<quinn::Connection> {
+    pub async fn connection(&self, site: &Shared) -> Result<quinn::Connection> {
         let mut guard = self.conn.lock().await;
         if let Some(c) = guard.as_ref() {
             if c.close_reason().is_none() {

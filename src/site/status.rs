@@ -1,175 +1,18 @@
-//! What `status` shows: the serde model shared by the daemon's status API and the CLI, and
-//! the in-memory live state (activity, last cycle, last error) behind it.
+//! What `status` and `/metrics` show: the in-memory live state per protection (activity,
+//! progress, last cycle, last error) that the store does not keep, and the site's status
+//! and clock-dependent gauges built from it and the records.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
-use serde::{Deserialize, Serialize};
-
-use crate::metrics::ErrorKind;
-use crate::volume::snapshot::Method;
-
-#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
-pub struct Phases {
-    pub snapshot: f64,
-    pub freeze: f64,
-    pub transfer: f64,
-    pub commit: f64,
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub struct VolumeReport {
-    pub name: String,
-    pub size: u64,
-    pub snapshot_method: String,
-    pub resync: bool,
-    pub chunks_changed: u64,
-    pub bytes_changed: u64,
-    pub chunk_bytes_sent: u64,
-}
-
-/// One finished cycle, as the primary saw it.
-#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
-pub struct CycleReport {
-    pub gen: u64,
-    pub started_at_ms: u64,
-    pub seconds: f64,
-    pub phases: Phases,
-    pub bytes_scanned: u64,
-    pub bytes_changed: u64,
-    /// Bytes known unchanged because the snapshot shares their extents with the base
-    /// gen's snapshot: neither read nor hashed.
-    pub bytes_shared: u64,
-    /// Bytes of chunk frames (data plus headers) sent.
-    pub chunk_bytes_sent: u64,
-    /// Bytes of hash frames exchanged for a resync.
-    pub hash_bytes_received: u64,
-    /// UDP bytes the connection sent during the cycle.
-    pub wire_bytes: u64,
-    /// Of those, bytes in packets QUIC declared lost (and sent again).
-    pub lost_bytes: u64,
-    pub chunks_sent: u64,
-    pub zero_chunks_sent: u64,
-    pub compressed_chunks: u64,
-    /// Raw bytes of compressed chunks minus what was sent for them.
-    pub compression_saved_bytes: u64,
-    /// Whether changed chunks were refined into 4 KiB block patches this cycle.
-    pub refine: bool,
-    /// Chunks sent as block patches.
-    pub refined_chunks: u64,
-    /// Bytes of those chunks that did not need sending (unchanged blocks).
-    pub refine_saved_bytes: u64,
-    pub volumes: Vec<VolumeReport>,
-}
-
-pub fn method_name(m: Method) -> String {
-    match m {
-        Method::Reflink => "reflink".into(),
-        Method::Copy => "copy".into(),
-    }
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub struct ErrorReport {
-    pub kind: ErrorKind,
-    pub message: String,
-    pub at_ms: u64,
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub struct VolumeStatus {
-    pub name: String,
-    pub path: String,
-    pub size: Option<u64>,
-    pub root: Option<String>,
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub struct ProtectionStatus {
-    pub name: String,
-    /// primary, dr, failed-over, or fenced.
-    pub role: String,
-    pub epoch: u64,
-    pub consistent_gen: Option<u64>,
-    pub consistent_taken_at_ms: Option<u64>,
-    pub consistent_age_seconds: Option<f64>,
-    pub rpo_target_seconds: f64,
-    pub activity: String,
-    pub last_cycle: Option<CycleReport>,
-    pub last_error: Option<ErrorReport>,
-    /// Why this site no longer replicates (fenced primary, failed-over DR site).
-    pub stopped_because: Option<String>,
-    /// DR: the last replication attempt this site refused, and why.
-    pub last_refusal: Option<ErrorReport>,
-    pub volumes: Vec<VolumeStatus>,
-    /// Kubernetes mode: what the selection covers (primary) or what was applied (DR).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kubernetes: Option<KubeStatus>,
-}
-
-/// Kubernetes mode, per protection.
-#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
-pub struct KubeStatus {
-    /// The gen the coverage (primary) or the applied manifests (DR) belong to.
-    pub gen: Option<u64>,
-    pub covers: crate::k8s::bundle::Coverage,
-    pub warnings: Vec<String>,
-    /// DR: the last standby apply.
-    pub applied: Option<crate::k8s::apply::ApplyReport>,
-    /// DR: why the last standby apply failed (the data of the gen is committed regardless).
-    pub apply_error: Option<String>,
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub struct PeerStatus {
-    pub address: String,
-    pub connected: bool,
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub struct SiteStatus {
-    pub site: String,
-    pub role: String,
-    pub version: String,
-    pub peer: Option<PeerStatus>,
-    pub protections: Vec<ProtectionStatus>,
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub struct FailoverReport {
-    pub protection: String,
-    pub epoch: u64,
-    pub recovered_gen: Option<u64>,
-    pub snapshot_taken_at_ms: Option<u64>,
-    pub age_seconds: Option<f64>,
-    pub replicas: Vec<VolumeStatus>,
-    pub already_failed_over: bool,
-    pub seconds: f64,
-    /// Each step and its seconds: the recovery time, broken down.
-    #[serde(default)]
-    pub steps: Vec<Step>,
-    /// Kubernetes mode: the objects applied and the workloads that became ready.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kubernetes: Option<KubeFailover>,
-    /// A dry run: nothing was changed; `steps` is the plan.
-    #[serde(default)]
-    pub dry_run: bool,
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub struct Step {
-    pub what: String,
-    pub seconds: f64,
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
-pub struct KubeFailover {
-    pub gen: u64,
-    pub applied: Vec<String>,
-    pub scaled: Vec<String>,
-    pub resumed: Vec<String>,
-    pub ready: Vec<crate::k8s::apply::Readiness>,
-}
+use crate::api::{
+    CycleReport, ErrorReport, KubeStatus, PeerStatus, ProtectionStatus, SiteStatus, VolumeStatus,
+};
+use crate::config::{Protection, Role};
+use crate::ids::now_ms;
+use crate::site::Shared;
+use crate::store::ProtectionRecord;
 
 /// In-memory state per protection that the store does not keep.
 #[derive(Debug, Clone, Default)]
@@ -225,4 +68,129 @@ impl Live {
             _ => l.activity.clone(),
         }
     }
+}
+
+impl Shared {
+    fn protection_status(&self, p: &Protection) -> ProtectionStatus {
+        let name = p.name.as_str();
+        let rec = self.store.blocking().record(&p.name).unwrap_or_default();
+        let live = self.live.get(name);
+        let point = rec.point.as_ref().map(|r| r.point);
+        let (role, stopped_because) = match (&self.config.role, &rec.failed_over, &rec.fenced) {
+            (_, Some(f), _) => (
+                "failed-over",
+                Some(format!(
+                    "failed over at epoch {} (recovered gen {}); replication from the old primary is refused",
+                    rec.epoch,
+                    f.gen.map_or("none".into(), |g| g.to_string())
+                )),
+            ),
+            (_, _, Some(f)) => ("fenced", Some(f.message.clone())),
+            (Role::Primary, _, _) => ("primary", None),
+            (Role::Dr, _, _) => ("dr", None),
+        };
+        let volumes = volume_statuses(p, &rec);
+        let kubernetes = live
+            .kubernetes
+            .clone()
+            .or_else(|| p.kubernetes.as_ref().map(|_| KubeStatus::default()));
+        ProtectionStatus {
+            name: name.to_string(),
+            role: role.to_string(),
+            epoch: rec.epoch.0,
+            consistent_gen: point.map(|p| p.gen.0),
+            consistent_taken_at_ms: point.map(|p| p.taken_at_ms),
+            consistent_age_seconds: point.map(|p| age_seconds(p.taken_at_ms)),
+            rpo_target_seconds: p.rpo_target.as_secs_f64(),
+            activity: if live.activity.is_empty() {
+                "idle".into()
+            } else {
+                Live::describe(&live)
+            },
+            last_cycle: live.last_cycle,
+            last_error: live.last_error,
+            stopped_because,
+            last_refusal: live.last_refusal,
+            volumes,
+            kubernetes,
+        }
+    }
+
+    /// The site's status. Reads the store: call it on a blocking thread.
+    pub fn status(&self) -> SiteStatus {
+        SiteStatus {
+            site: self.config.site_name.clone(),
+            role: self.config.role.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            peer: self.config.peer.as_ref().map(|p| PeerStatus {
+                address: format!("{} ({})", p.address, p.server_name),
+                connected: self.peer_connected.load(Ordering::Relaxed),
+            }),
+            protections: self
+                .config
+                .protections
+                .iter()
+                .map(|p| self.protection_status(p))
+                .collect(),
+        }
+    }
+
+    /// Refreshes gauges that depend on the clock, then renders all metrics. Reads the
+    /// store: call it on a blocking thread.
+    pub fn render_metrics(&self) -> String {
+        for p in &self.config.protections {
+            let name = p.name.as_str();
+            let Ok(rec) = self.store.blocking().record(&p.name) else {
+                continue;
+            };
+            self.metrics
+                .epoch
+                .with_label_values(&[name])
+                .set(rec.epoch.0 as i64);
+            if let Some(pt) = rec.point.as_ref().map(|r| r.point) {
+                self.metrics
+                    .rpo_seconds
+                    .with_label_values(&[name])
+                    .set(age_seconds(pt.taken_at_ms));
+                self.metrics
+                    .consistent_gen
+                    .with_label_values(&[name])
+                    .set(pt.gen.0 as i64);
+            }
+        }
+        if let Some(peer) = &self.config.peer {
+            self.metrics
+                .peer_connected
+                .with_label_values(&[&peer.server_name])
+                .set(self.peer_connected.load(Ordering::Relaxed) as i64);
+        }
+        self.metrics.render()
+    }
+}
+
+/// Each volume of `p` with its path and, at the record's point, its size and root.
+pub fn volume_statuses(p: &Protection, rec: &ProtectionRecord) -> Vec<VolumeStatus> {
+    let p = match &rec.point {
+        Some(pt) => p.with_volumes(pt.volumes.keys().map(|v| v.as_str())),
+        None => p.clone(),
+    };
+    p.volumes
+        .iter()
+        .map(|v| {
+            let vr = rec
+                .point
+                .as_ref()
+                .and_then(|r| r.volumes.get(v.name.as_str()));
+            VolumeStatus {
+                name: v.name.to_string(),
+                path: v.path.display().to_string(),
+                size: vr.map(|r| r.size),
+                root: vr.map(|r| r.root.to_string()),
+            }
+        })
+        .collect()
+}
+
+pub fn age_seconds(taken_at_ms: u64) -> f64 {
+    now_ms().saturating_sub(taken_at_ms) as f64 / 1000.0
 }

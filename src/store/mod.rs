@@ -1,99 +1,33 @@
 //! The state store: replication state and hash indexes in one RocksDB, so that what must
 //! change together commits in one write batch. No RocksDB type leaves this module.
+//!
+//! - [`schema`]: every key and value, in one table.
+//! - [`records`]: the records and the pure changes of a protection's record.
+//! - [`transitions`]: each durable step of a cycle or a failover as one synced batch.
+//! - [`face`]: the store as async code sees it; every call runs on a blocking thread.
 
+pub mod face;
+pub mod records;
 pub mod schema;
+pub mod transitions;
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use rocksdb::{
     ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::de::DeserializeOwned;
 
 use crate::engine::index::Segment;
-use crate::ids::{ChunkHash, Epoch, Gen, Point};
+use crate::ids::{Gen, ProtectionName, VolumeName};
+pub use face::StateStore;
+use records::{decode, json};
+pub use records::{
+    CommitRecord, FailoverRecord, FenceRecord, PointRecord, ProtectionRecord, Reconciled,
+    StagedVolume, VolumeRecord,
+};
 use schema::*;
-
-/// Geometry and root of one volume at a point.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct VolumeRecord {
-    pub size: u64,
-    pub chunk_size: u32,
-    pub root: ChunkHash,
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct PointRecord {
-    pub point: Point,
-    pub volumes: BTreeMap<String, VolumeRecord>,
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct FailoverRecord {
-    pub at_ms: u64,
-    pub gen: Option<Gen>,
-    pub snapshot_taken_at_ms: Option<u64>,
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct FenceRecord {
-    pub at_ms: u64,
-    pub message: String,
-}
-
-/// Durable state of one protection at one site.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct ProtectionRecord {
-    pub v: u32,
-    pub epoch: Epoch,
-    /// Primary: the acknowledged base. DR: the consistent point.
-    pub point: Option<PointRecord>,
-    /// Primary: a gen whose index was written but whose acknowledgement has not arrived.
-    pub tentative: Option<PointRecord>,
-    /// DR: set by failover; the site takes no more replication for this protection.
-    pub failed_over: Option<FailoverRecord>,
-    /// Primary: set when the DR site refused us for a newer epoch.
-    pub fenced: Option<FenceRecord>,
-}
-
-impl Default for ProtectionRecord {
-    fn default() -> Self {
-        ProtectionRecord {
-            v: RECORD_VERSION,
-            epoch: Epoch(1),
-            point: None,
-            tentative: None,
-            failed_over: None,
-            fenced: None,
-        }
-    }
-}
-
-/// The DR site's group-commit record: the gen's staged volumes are complete and verified.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct CommitRecord {
-    pub v: u32,
-    pub point: PointRecord,
-    /// Volume name → staging log path.
-    pub logs: BTreeMap<String, String>,
-    /// Volumes whose "log" is a complete new replica file, renamed into place on apply
-    /// (a first full sync onto a replica that did not exist).
-    #[serde(default)]
-    pub fresh: BTreeSet<String>,
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct StagedVolume {
-    pub v: u32,
-    pub cycle: u64,
-    pub log: String,
-    pub record: VolumeRecord,
-    /// `log` is a new replica file, not a staging log.
-    #[serde(default)]
-    pub fresh: bool,
-}
 
 enum Op {
     Put(&'static str, Vec<u8>, Vec<u8>),
@@ -107,85 +41,88 @@ pub struct Batch {
     ops: Vec<Op>,
 }
 
-fn json<T: Serialize>(v: &T) -> Vec<u8> {
-    serde_json::to_vec(v).expect("records serialise")
-}
-
 impl Batch {
-    pub fn put_protection(&mut self, prot: &str, rec: &ProtectionRecord) -> &mut Self {
-        self.ops
-            .push(Op::Put(CF_PROTECTIONS, prot.as_bytes().to_vec(), json(rec)));
+    pub fn put_protection(&mut self, prot: &ProtectionName, rec: &ProtectionRecord) -> &mut Self {
+        self.ops.push(Op::Put(
+            CF_PROTECTIONS,
+            prot.as_str().as_bytes().to_vec(),
+            json(rec),
+        ));
         self
     }
     pub fn put_segment(
         &mut self,
-        prot: &str,
-        vol: &str,
+        prot: &ProtectionName,
+        vol: &VolumeName,
         gen: Gen,
         no: u64,
         seg: &Segment,
     ) -> &mut Self {
         self.ops.push(Op::Put(
             CF_INDEX,
-            index_key(prot, vol, gen, no),
+            index_key(prot.as_str(), vol.as_str(), gen, no),
             seg.encode(),
         ));
         self
     }
-    pub fn delete_index(&mut self, prot: &str, vol: &str, gen: Gen) -> &mut Self {
-        let from = index_prefix(prot, vol, gen);
+    /// Removes an index; `vol` is a str because garbage found by [`Store::index_gens`] may
+    /// carry a name no config would accept.
+    pub fn delete_index(&mut self, prot: &ProtectionName, vol: &str, gen: Gen) -> &mut Self {
+        let from = index_prefix(prot.as_str(), vol, gen);
         let to = prefix_end(&from);
         self.ops.push(Op::DeleteRange(CF_INDEX, from, to));
         self
     }
-    pub fn put_commit(&mut self, prot: &str, rec: &CommitRecord) -> &mut Self {
+    pub fn put_commit(&mut self, prot: &ProtectionName, rec: &CommitRecord) -> &mut Self {
         self.ops.push(Op::Put(
             CF_COMMITS,
-            commit_key(prot, rec.point.point.gen),
+            commit_key(prot.as_str(), rec.point.point.gen),
             json(rec),
         ));
         self
     }
-    pub fn delete_commit(&mut self, prot: &str, gen: Gen) -> &mut Self {
-        self.ops.push(Op::Delete(CF_COMMITS, commit_key(prot, gen)));
+    pub fn delete_commit(&mut self, prot: &ProtectionName, gen: Gen) -> &mut Self {
+        self.ops
+            .push(Op::Delete(CF_COMMITS, commit_key(prot.as_str(), gen)));
         self
     }
-    pub fn put_staged(&mut self, prot: &str, gen: Gen, vol: &str, rec: &StagedVolume) -> &mut Self {
-        self.ops
-            .push(Op::Put(CF_STAGED, staged_key(prot, gen, vol), json(rec)));
+    pub fn put_staged(
+        &mut self,
+        prot: &ProtectionName,
+        gen: Gen,
+        vol: &VolumeName,
+        rec: &StagedVolume,
+    ) -> &mut Self {
+        self.ops.push(Op::Put(
+            CF_STAGED,
+            staged_key(prot.as_str(), gen, vol.as_str()),
+            json(rec),
+        ));
         self
     }
     /// A gen's manifest bundle; bundles older than the last [`MANIFEST_GENS_KEPT`] go.
-    pub fn put_manifests(&mut self, prot: &str, gen: Gen, bundle: Vec<u8>) -> &mut Self {
+    pub fn put_manifests(&mut self, prot: &ProtectionName, gen: Gen, bundle: Vec<u8>) -> &mut Self {
+        let p = prot.as_str();
         if gen.0 > MANIFEST_GENS_KEPT {
             self.ops.push(Op::DeleteRange(
                 CF_MANIFESTS,
-                commit_key(prot, Gen(0)),
-                commit_key(prot, Gen(gen.0 - MANIFEST_GENS_KEPT + 1)),
+                commit_key(p, Gen(0)),
+                commit_key(p, Gen(gen.0 - MANIFEST_GENS_KEPT + 1)),
             ));
         }
         self.ops
-            .push(Op::Put(CF_MANIFESTS, commit_key(prot, gen), bundle));
+            .push(Op::Put(CF_MANIFESTS, commit_key(p, gen), bundle));
         self
     }
-    pub fn delete_staged(&mut self, prot: &str, gen: Gen, vol: &str) -> &mut Self {
+    pub fn delete_staged(&mut self, prot: &ProtectionName, gen: Gen, vol: &str) -> &mut Self {
         self.ops
-            .push(Op::Delete(CF_STAGED, staged_key(prot, gen, vol)));
+            .push(Op::Delete(CF_STAGED, staged_key(prot.as_str(), gen, vol)));
         self
     }
 }
 
 pub struct Store {
     db: DB,
-}
-
-fn decode<T: DeserializeOwned>(what: &str, key: &[u8], v: &[u8]) -> Result<T> {
-    serde_json::from_slice(v).with_context(|| {
-        format!(
-            "decode {what} record {:?} in the state store (written by another lifeboat version?)",
-            String::from_utf8_lossy(key)
-        )
-    })
 }
 
 impl Store {
@@ -241,8 +178,8 @@ impl Store {
     /// everything written before it durable.
     pub fn write_segment(
         &self,
-        prot: &str,
-        vol: &str,
+        prot: &ProtectionName,
+        vol: &VolumeName,
         gen: Gen,
         no: u64,
         seg: &Segment,
@@ -253,20 +190,19 @@ impl Store {
     }
 
     /// The manifest bundle committed with `gen`, if it is kept.
-    pub fn manifests(&self, prot: &str, gen: Gen) -> Result<Option<Vec<u8>>> {
+    pub fn manifests(&self, prot: &ProtectionName, gen: Gen) -> Result<Option<Vec<u8>>> {
         self.db
-            .get_cf(self.cf(CF_MANIFESTS), commit_key(prot, gen))
+            .get_cf(self.cf(CF_MANIFESTS), commit_key(prot.as_str(), gen))
             .context("read manifests from the state store")
     }
 
     /// The gens whose manifest bundles are kept, oldest first.
-    pub fn manifest_gens(&self, prot: &str) -> Result<Vec<Gen>> {
-        let mut prefix = prot.as_bytes().to_vec();
-        prefix.push(0);
+    pub fn manifest_gens(&self, prot: &ProtectionName) -> Result<Vec<Gen>> {
+        let prefix = name_prefix(prot);
         let mut out = Vec::new();
         let iter = self.db.iterator_cf(
             self.cf(CF_MANIFESTS),
-            rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+            IteratorMode::From(&prefix, Direction::Forward),
         );
         for item in iter {
             let (k, _) = item.context("read manifests from the state store")?;
@@ -280,26 +216,32 @@ impl Store {
         Ok(out)
     }
 
-    pub fn protection(&self, prot: &str) -> Result<Option<ProtectionRecord>> {
-        let cf = self.cf(CF_PROTECTIONS);
+    /// The protection's record, if it has one.
+    pub fn protection(&self, prot: &ProtectionName) -> Result<Option<ProtectionRecord>> {
+        let key = prot.as_str().as_bytes();
         match self
             .db
-            .get_cf(cf, prot.as_bytes())
+            .get_cf(self.cf(CF_PROTECTIONS), key)
             .context("read the state store")?
         {
             None => Ok(None),
-            Some(v) => decode("protection", prot.as_bytes(), &v).map(Some),
+            Some(v) => decode("protection", key, &v).map(Some),
         }
+    }
+
+    /// The protection's record, or the record of a protection that never replicated.
+    pub fn record(&self, prot: &ProtectionName) -> Result<ProtectionRecord> {
+        Ok(self.protection(prot)?.unwrap_or_default())
     }
 
     /// The index of (prot, vol, gen) in segment order.
     pub fn index(
         &self,
-        prot: &str,
-        vol: &str,
+        prot: &ProtectionName,
+        vol: &VolumeName,
         gen: Gen,
     ) -> impl Iterator<Item = Result<(u64, Segment)>> + '_ {
-        let prefix = index_prefix(prot, vol, gen);
+        let prefix = index_prefix(prot.as_str(), vol.as_str(), gen);
         let it = self.db.iterator_cf(
             self.cf(CF_INDEX),
             IteratorMode::From(&prefix, Direction::Forward),
@@ -321,10 +263,14 @@ impl Store {
         })
     }
 
+    /// Whether (prot, vol, gen) has any index segment.
+    pub fn has_index(&self, prot: &ProtectionName, vol: &VolumeName, gen: Gen) -> bool {
+        self.index(prot, vol, gen).next().is_some()
+    }
+
     /// Every (volume, gen) that has index segments for `prot`.
-    pub fn index_gens(&self, prot: &str) -> Result<Vec<(String, Gen)>> {
-        let mut prefix = prot.as_bytes().to_vec();
-        prefix.push(0);
+    pub fn index_gens(&self, prot: &ProtectionName) -> Result<Vec<(String, Gen)>> {
+        let prefix = name_prefix(prot);
         let mut out: Vec<(String, Gen)> = Vec::new();
         let mut from = prefix.clone();
         loop {
@@ -337,17 +283,22 @@ impl Store {
             if !k.starts_with(&prefix) {
                 break;
             }
-            let Some((vol, gen, _)) = parse_index_key(prot, &k) else {
+            let Some((vol, gen, _)) = parse_index_key(prot.as_str(), &k) else {
                 break;
             };
-            from = prefix_end(&index_prefix(prot, &vol, gen));
+            from = prefix_end(&index_prefix(prot.as_str(), &vol, gen));
             out.push((vol, gen));
         }
         Ok(out)
     }
 
     /// Adds to `b` the removal of every index of `prot` whose gen is not in `keep`.
-    pub fn drop_index_except(&self, prot: &str, keep: &[Gen], b: &mut Batch) -> Result<()> {
+    pub fn drop_index_except(
+        &self,
+        prot: &ProtectionName,
+        keep: &[Gen],
+        b: &mut Batch,
+    ) -> Result<()> {
         for (vol, gen) in self.index_gens(prot)? {
             if !keep.contains(&gen) {
                 b.delete_index(prot, &vol, gen);
@@ -376,20 +327,18 @@ impl Store {
         Ok(out)
     }
 
-    pub fn commits(&self, prot: &str) -> Result<Vec<CommitRecord>> {
-        let mut p = prot.as_bytes().to_vec();
-        p.push(0);
+    /// Group commits of `prot` not yet applied to the replicas, oldest first.
+    pub fn commits(&self, prot: &ProtectionName) -> Result<Vec<CommitRecord>> {
         Ok(self
-            .scan_prefix(CF_COMMITS, &p, "commit")?
+            .scan_prefix(CF_COMMITS, &name_prefix(prot), "commit")?
             .into_iter()
             .map(|(_, v)| v)
             .collect())
     }
 
     /// Staged volumes of `prot`: (gen, volume, record).
-    pub fn staged(&self, prot: &str) -> Result<Vec<(Gen, String, StagedVolume)>> {
-        let mut p = prot.as_bytes().to_vec();
-        p.push(0);
+    pub fn staged(&self, prot: &ProtectionName) -> Result<Vec<(Gen, String, StagedVolume)>> {
+        let p = name_prefix(prot);
         let plen = p.len();
         Ok(self
             .scan_prefix::<StagedVolume>(CF_STAGED, &p, "staged volume")?
@@ -403,23 +352,38 @@ impl Store {
     }
 }
 
+/// The key prefix of everything a protection has in a column family.
+fn name_prefix(prot: &ProtectionName) -> Vec<u8> {
+    let mut p = prot.as_str().as_bytes().to_vec();
+    p.push(0);
+    p
+}
+
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
-    use crate::ids::CycleId;
+    use crate::ids::{ChunkHash, CycleId, Point};
+
+    fn name(s: &str) -> ProtectionName {
+        ProtectionName::new(s).unwrap()
+    }
 
     #[test]
     fn batches_commit_records_and_indexes_together() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
+        let (p, p2) = (name("p"), name("p2"));
+        let (v, w) = (VolumeName::new("v").unwrap(), VolumeName::new("w").unwrap());
         let mut b = Batch::default();
         let seg = Segment {
             hashes: vec![ChunkHash([1; 32]); 3],
         };
-        b.put_segment("p", "v", Gen(2), 0, &seg)
-            .put_segment("p", "v", Gen(2), 1, &seg);
-        b.put_segment("p", "w", Gen(3), 0, &seg);
-        b.put_segment("p2", "v", Gen(2), 0, &seg);
+        b.put_segment(&p, &v, Gen(2), 0, &seg)
+            .put_segment(&p, &v, Gen(2), 1, &seg);
+        b.put_segment(&p, &w, Gen(3), 0, &seg);
+        b.put_segment(&p2, &v, Gen(2), 0, &seg);
         let rec = ProtectionRecord {
             point: Some(PointRecord {
                 point: Point {
@@ -431,24 +395,21 @@ mod tests {
             }),
             ..Default::default()
         };
-        b.put_protection("p", &rec);
+        b.put_protection(&p, &rec);
         store.write(b, true).unwrap();
-        assert_eq!(store.protection("p").unwrap(), Some(rec));
-        let segs: Vec<_> = store
-            .index("p", "v", Gen(2))
-            .collect::<Result<_>>()
-            .unwrap();
+        assert_eq!(store.protection(&p).unwrap(), Some(rec));
+        let segs: Vec<_> = store.index(&p, &v, Gen(2)).collect::<Result<_>>().unwrap();
         assert_eq!(segs.len(), 2);
         assert_eq!(segs[1], (1, seg.clone()));
         assert_eq!(
-            store.index_gens("p").unwrap(),
+            store.index_gens(&p).unwrap(),
             vec![("v".into(), Gen(2)), ("w".into(), Gen(3))]
         );
         let mut b = Batch::default();
-        b.delete_index("p", "v", Gen(2));
+        b.delete_index(&p, "v", Gen(2));
         store.write(b, false).unwrap();
-        assert_eq!(store.index("p", "v", Gen(2)).count(), 0);
-        assert_eq!(store.index("p2", "v", Gen(2)).count(), 1);
+        assert_eq!(store.index(&p, &v, Gen(2)).count(), 0);
+        assert_eq!(store.index(&p2, &v, Gen(2)).count(), 1);
         drop(store);
         // Reopening finds what was written; a second open of the same dir is refused by name.
         let store = Store::open(dir.path()).unwrap();
@@ -457,6 +418,6 @@ mod tests {
             format!("{err:#}").contains("another lifeboat daemon"),
             "{err:#}"
         );
-        assert_eq!(store.index("p", "w", Gen(3)).count(), 1);
+        assert_eq!(store.index(&p, &w, Gen(3)).count(), 1);
     }
 }

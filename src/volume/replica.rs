@@ -8,9 +8,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::engine::refine;
 use crate::engine::scan::volume_size;
-use crate::ids::ChunkHash;
+use crate::engine::verify;
 use crate::volume::staging::{Record, StagingReader};
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -251,15 +250,13 @@ pub fn apply(log: &Path, replica: &Path) -> Result<ApplyStats> {
                 let mut chunk = read_chunk(&f, off, len).with_context(|| {
                     format!("read chunk {index} of replica {}", replica.display())
                 })?;
-                let place = refine::apply(&mut chunk, &mask, &data)
-                    .map_err(|e| anyhow::anyhow!("patch {index}: {e}"))?;
-                if ChunkHash::of(&chunk) != hash {
-                    bail!(
-                        "{}: patch {index} over replica {} does not match its hash; refusing to apply it",
+                let place = verify::patch(index, &hash, &mut chunk, &mask, &data).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}: {e} (a patch over replica {}); refusing to apply it",
                         log.display(),
                         replica.display()
-                    );
-                }
+                    )
+                })?;
                 for (dst, src) in place {
                     f.write_all_at(&data[src], off + dst.start as u64)
                         .with_context(|| {
@@ -284,6 +281,7 @@ pub fn apply(log: &Path, replica: &Path) -> Result<ApplyStats> {
 mod tests {
     use super::*;
     use crate::engine::chunk::{zero_hash, Geometry};
+    use crate::ids::ChunkHash;
     use crate::volume::staging::StagingWriter;
 
     #[test]

@@ -53,7 +53,7 @@ pub async fn take(
     gen: Gen,
     rules: &crate::rules::run::Rules,
     report: &mut crate::rules::run::FreezeReport,
-) -> Result<GroupSnapshot> {
+) -> Result<GroupSnapshot, crate::rules::run::Barrier> {
     let dir = gen_dir(prot, gen);
     let vols = prot.volumes.clone();
     let mode = prot.snapshot;

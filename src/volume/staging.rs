@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::engine::chunk::{zero_hash, Geometry};
-use crate::engine::refine;
+use crate::engine::chunk::Geometry;
+use crate::engine::{refine, verify};
 use crate::ids::ChunkHash;
 
 const MAGIC: &[u8; 8] = b"LBSTAGE1";
@@ -190,21 +190,14 @@ impl StagingReader {
                 self.input.read_exact(&mut bytes).with_context(|| {
                     format!("truncated chunk {index} in {}", self.path.display())
                 })?;
-                if ChunkHash::of(&bytes) != hash {
-                    bail!(
-                        "{}: chunk {index} does not match its hash; refusing to apply it",
-                        self.path.display()
-                    );
-                }
+                verify::data(index, &hash, len, &bytes).map_err(|e| {
+                    anyhow::anyhow!("{}: {e}; refusing to apply it", self.path.display())
+                })?;
                 Ok(Some(Record::Data { index, hash, bytes }))
             }
             KIND_ZERO => {
-                if zero_hash(len) != hash {
-                    bail!(
-                        "{}: zero record {index} carries a non-zero hash",
-                        self.path.display()
-                    );
-                }
+                verify::zero(index, &hash, len)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", self.path.display()))?;
                 Ok(Some(Record::Zero { index, len }))
             }
             KIND_PATCH => {

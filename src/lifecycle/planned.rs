@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use crate::k8s::kinds::Kind;
 use crate::k8s::labels::Selector;
 use crate::k8s::{api_error, REPLICAS_ANNOTATION, SUSPEND_ANNOTATION};
-use crate::site::Site;
+use crate::site::Shared;
 
 fn workload_kinds() -> Vec<Kind> {
     crate::k8s::kinds::builtin()
@@ -31,7 +31,7 @@ fn selected(v: &Value, sel: Option<&Selector>) -> bool {
 }
 
 /// Scales the protection's workloads to zero and suspends its CronJobs; returns what it did.
-pub async fn quiesce(site: &Site, name: &str) -> Result<Vec<String>> {
+pub async fn quiesce(site: &Shared, name: &str) -> Result<Vec<String>> {
     let kp = site.kube_protection(name)?;
     let client = site.kube(name)?;
     let pp = PatchParams::default();

@@ -1,0 +1,201 @@
+//! The control API's model: every request option and answer, shared by the daemon's HTTP
+//! server, the CLI, the demo and the tests, and the client that speaks it ([`client`]).
+
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::ErrorKind;
+
+pub mod client;
+pub use client::{Client, Unreachable};
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct Phases {
+    pub snapshot: f64,
+    pub freeze: f64,
+    pub transfer: f64,
+    pub commit: f64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct VolumeReport {
+    pub name: String,
+    pub size: u64,
+    pub snapshot_method: String,
+    pub resync: bool,
+    pub chunks_changed: u64,
+    pub bytes_changed: u64,
+    pub chunk_bytes_sent: u64,
+}
+
+/// One finished cycle, as the primary saw it.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct CycleReport {
+    pub gen: u64,
+    pub started_at_ms: u64,
+    pub seconds: f64,
+    pub phases: Phases,
+    pub bytes_scanned: u64,
+    pub bytes_changed: u64,
+    /// Bytes known unchanged because the snapshot shares their extents with the base
+    /// gen's snapshot: neither read nor hashed.
+    pub bytes_shared: u64,
+    /// Bytes of chunk frames (data plus headers) sent.
+    pub chunk_bytes_sent: u64,
+    /// Bytes of hash frames exchanged for a resync.
+    pub hash_bytes_received: u64,
+    /// UDP bytes the connection sent during the cycle.
+    pub wire_bytes: u64,
+    /// Of those, bytes in packets QUIC declared lost (and sent again).
+    pub lost_bytes: u64,
+    pub chunks_sent: u64,
+    pub zero_chunks_sent: u64,
+    pub compressed_chunks: u64,
+    /// Raw bytes of compressed chunks minus what was sent for them.
+    pub compression_saved_bytes: u64,
+    /// Whether changed chunks were refined into 4 KiB block patches this cycle.
+    pub refine: bool,
+    /// Chunks sent as block patches.
+    pub refined_chunks: u64,
+    /// Bytes of those chunks that did not need sending (unchanged blocks).
+    pub refine_saved_bytes: u64,
+    pub volumes: Vec<VolumeReport>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ErrorReport {
+    pub kind: ErrorKind,
+    pub message: String,
+    pub at_ms: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct VolumeStatus {
+    pub name: String,
+    pub path: String,
+    pub size: Option<u64>,
+    pub root: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ProtectionStatus {
+    pub name: String,
+    /// primary, dr, failed-over, or fenced.
+    pub role: String,
+    pub epoch: u64,
+    pub consistent_gen: Option<u64>,
+    pub consistent_taken_at_ms: Option<u64>,
+    pub consistent_age_seconds: Option<f64>,
+    pub rpo_target_seconds: f64,
+    pub activity: String,
+    pub last_cycle: Option<CycleReport>,
+    pub last_error: Option<ErrorReport>,
+    /// Why this site no longer replicates (fenced primary, failed-over DR site).
+    pub stopped_because: Option<String>,
+    /// DR: the last replication attempt this site refused, and why.
+    pub last_refusal: Option<ErrorReport>,
+    pub volumes: Vec<VolumeStatus>,
+    /// Kubernetes mode: what the selection covers (primary) or what was applied (DR).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubeStatus>,
+}
+
+/// Kubernetes mode, per protection.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct KubeStatus {
+    /// The gen the coverage (primary) or the applied manifests (DR) belong to.
+    pub gen: Option<u64>,
+    pub covers: crate::k8s::bundle::Coverage,
+    pub warnings: Vec<String>,
+    /// DR: the last standby apply.
+    pub applied: Option<crate::k8s::apply::ApplyReport>,
+    /// DR: why the last standby apply failed (the data of the gen is committed regardless).
+    pub apply_error: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct PeerStatus {
+    pub address: String,
+    pub connected: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SiteStatus {
+    pub site: String,
+    pub role: String,
+    pub version: String,
+    pub peer: Option<PeerStatus>,
+    pub protections: Vec<ProtectionStatus>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct FailoverReport {
+    pub protection: String,
+    pub epoch: u64,
+    pub recovered_gen: Option<u64>,
+    pub snapshot_taken_at_ms: Option<u64>,
+    pub age_seconds: Option<f64>,
+    pub replicas: Vec<VolumeStatus>,
+    pub already_failed_over: bool,
+    pub seconds: f64,
+    /// Each step and its seconds: the recovery time, broken down.
+    #[serde(default)]
+    pub steps: Vec<Step>,
+    /// Kubernetes mode: the objects applied and the workloads that became ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubeFailover>,
+    /// A dry run: nothing was changed; `steps` is the plan.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Step {
+    pub what: String,
+    pub seconds: f64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct KubeFailover {
+    pub gen: u64,
+    pub applied: Vec<String>,
+    pub scaled: Vec<String>,
+    pub resumed: Vec<String>,
+    pub ready: Vec<crate::k8s::apply::Readiness>,
+}
+
+/// The body of every error answer.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct ApiError {
+    pub error: String,
+    pub kind: Option<ErrorKind>,
+}
+
+/// `POST /v1/protections/{name}/failover` query options.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FailoverOptions {
+    pub dry_run: bool,
+    /// How long to wait for the workloads to report ready replicas.
+    pub ready_timeout_secs: u64,
+}
+
+impl Default for FailoverOptions {
+    fn default() -> Self {
+        FailoverOptions {
+            dry_run: false,
+            ready_timeout_secs: 300,
+        }
+    }
+}
+
+/// A gen's objects for `lifeboat export` (`GET /v1/protections/{name}/manifests`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Exported {
+    pub protection: String,
+    pub gen: u64,
+    pub standby: bool,
+    pub objects: Vec<serde_json::Value>,
+    pub warnings: Vec<String>,
+    /// The gens whose manifests this site keeps.
+    pub kept: Vec<u64>,
+}

@@ -1,0 +1,189 @@
+//! The control API over HTTP: `/metrics`, `/healthz`, `/readyz`, and the JSON status,
+//! sync, failover, manifests and quiesce endpoints that the CLI calls (their types are in
+//! [`crate::api`]). It binds to loopback by default. Each error answers with the status
+//! code of its cause: 404 for an unknown protection or a request for the other role, 409
+//! for a state conflict (fenced, nothing to recover), 502 when the peer or the cluster
+//! failed, 500 for this site's own storage.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::api::{ApiError, FailoverOptions};
+use crate::daemon::scheduler::SyncRequest;
+use crate::lifecycle::{failover, planned, standby};
+use crate::metrics::ErrorKind;
+use crate::site::dr::Dr;
+use crate::site::primary::Primary;
+use crate::site::Shared;
+
+/// The role's context, for the endpoints only one role serves.
+#[derive(Clone)]
+pub enum RoleCtx {
+    Primary {
+        primary: Arc<Primary>,
+        syncs: Arc<HashMap<String, mpsc::Sender<SyncRequest>>>,
+    },
+    Dr(Arc<Dr>),
+}
+
+impl RoleCtx {
+    fn shared(&self) -> &Arc<Shared> {
+        match self {
+            RoleCtx::Primary { primary, .. } => primary.shared(),
+            RoleCtx::Dr(dr) => dr.shared(),
+        }
+    }
+}
+
+fn err(code: StatusCode, error: String, kind: Option<ErrorKind>) -> Response {
+    (code, Json(ApiError { error, kind })).into_response()
+}
+
+/// 404 naming the protection and what this site can do with it.
+fn not_here(shared: &Shared, name: &str, wants: &str) -> Response {
+    let msg = match shared.protection(name) {
+        Ok(_) => format!("{name}: {wants}"),
+        Err(e) => e.to_string(),
+    };
+    err(StatusCode::NOT_FOUND, msg, None)
+}
+
+pub fn router(ctx: RoleCtx) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/v1/status", get(status))
+        .route("/v1/protections/{name}/sync", post(sync))
+        .route("/v1/protections/{name}/failover", post(failover_now))
+        .route("/v1/protections/{name}/manifests", get(manifests))
+        .route("/v1/protections/{name}/quiesce", post(quiesce))
+        .with_state(ctx)
+}
+
+async fn metrics(State(c): State<RoleCtx>) -> Response {
+    let shared = c.shared().clone();
+    match tokio::task::spawn_blocking(move || shared.render_metrics()).await {
+        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
+        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None),
+    }
+}
+
+async fn readyz(State(c): State<RoleCtx>) -> Response {
+    if c.shared().ready.load(Ordering::Relaxed) {
+        "ready\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "recovering\n").into_response()
+    }
+}
+
+async fn status(State(c): State<RoleCtx>) -> Response {
+    let shared = c.shared().clone();
+    match tokio::task::spawn_blocking(move || shared.status()).await {
+        Ok(s) => Json(s).into_response(),
+        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None),
+    }
+}
+
+fn shutting_down() -> Response {
+    err(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the daemon is shutting down".into(),
+        None,
+    )
+}
+
+async fn sync(State(c): State<RoleCtx>, Path(name): Path<String>) -> Response {
+    let tx = match &c {
+        RoleCtx::Primary { syncs, .. } => syncs.get(&name),
+        RoleCtx::Dr(_) => None,
+    };
+    let Some(tx) = tx else {
+        return not_here(
+            c.shared(),
+            &name,
+            "it is replicated from the other site; run sync at the primary",
+        );
+    };
+    let (reply, rx) = oneshot::channel();
+    if tx.send(SyncRequest { reply }).await.is_err() {
+        return shutting_down();
+    }
+    match rx.await {
+        Ok(Ok(report)) => Json(report).into_response(),
+        Ok(Err(e)) => {
+            let code = match e.kind {
+                ErrorKind::Fenced => StatusCode::CONFLICT,
+                ErrorKind::Store | ErrorKind::Io => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            err(code, e.message, Some(e.kind))
+        }
+        Err(_) => shutting_down(),
+    }
+}
+
+async fn failover_now(
+    State(c): State<RoleCtx>,
+    Path(name): Path<String>,
+    Query(opts): Query<FailoverOptions>,
+) -> Response {
+    let RoleCtx::Dr(dr) = &c else {
+        let site = &c.shared().config.site_name;
+        return err(
+            StatusCode::CONFLICT,
+            failover::FailoverError::WrongSite(site.clone()).to_string(),
+            None,
+        );
+    };
+    match failover::failover(dr, &name, &opts).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => {
+            let code = StatusCode::from_u16(e.http_status()).expect("valid status");
+            err(code, e.to_string(), e.metric_label())
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ManifestQuery {
+    gen: Option<u64>,
+    #[serde(default)]
+    standby: bool,
+}
+
+/// A gen's DR-ready manifests (the consistent gen's by default), for `lifeboat export`.
+async fn manifests(
+    State(c): State<RoleCtx>,
+    Path(name): Path<String>,
+    Query(q): Query<ManifestQuery>,
+) -> Response {
+    match standby::export(c.shared(), &name, q.gen, q.standby).await {
+        Ok(m) => Json(m).into_response(),
+        Err(e) => err(StatusCode::NOT_FOUND, format!("{e:#}"), None),
+    }
+}
+
+/// Planned failover, at the primary: scale the protection's workloads to zero.
+async fn quiesce(State(c): State<RoleCtx>, Path(name): Path<String>) -> Response {
+    let RoleCtx::Primary { primary, .. } = &c else {
+        return not_here(c.shared(), &name, "quiesce runs at the primary");
+    };
+    match planned::quiesce(primary, &name).await {
+        Ok(done) => Json(done).into_response(),
+        Err(e) => err(
+            StatusCode::BAD_GATEWAY,
+            format!("{e:#}"),
+            Some(ErrorKind::Kubernetes),
+        ),
+    }
+}

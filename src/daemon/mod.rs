@@ -1,0 +1,214 @@
+//! `lifeboat run`: opens the state store, finishes or discards what a previous run left in
+//! flight, starts the role's tasks ([`scheduler`] at the primary; the receiver and the
+//! standby manifests at the DR site) and the [`control`] API, and on SIGINT or SIGTERM
+//! shuts down in ordered stages, each with a time budget:
+//!
+//! 1. stop taking work: no new peer connection or stream, no new cycle;
+//! 2. cancel the cycles and streams in flight;
+//! 3. drain background work (standby applies, snapshot removal);
+//! 4. close the QUIC endpoint;
+//! 5. stop the control API, last, so status answers until the end.
+//!
+//! Crash safety does not depend on any of it: a kill -9 costs only re-transfer.
+
+pub mod control;
+pub mod scheduler;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, Role};
+use crate::net::{quic, tls};
+use crate::replicate::{receive, recovery};
+use crate::site::dr::Dr;
+use crate::site::peer::PeerLink;
+use crate::site::primary::Primary;
+use crate::site::Shared;
+use crate::store::Store;
+use control::RoleCtx;
+
+/// One shutdown stage: what it waits for and how long it may take.
+struct Stage {
+    name: &'static str,
+    budget: Duration,
+}
+
+const CANCEL: Stage = Stage {
+    name: "cancel cycles and streams",
+    budget: Duration::from_secs(5),
+};
+const DRAIN: Stage = Stage {
+    name: "drain background work",
+    budget: Duration::from_secs(5),
+};
+const CLOSE: Stage = Stage {
+    name: "close the QUIC endpoint",
+    budget: Duration::from_secs(2),
+};
+const CONTROL: Stage = Stage {
+    name: "stop the control API",
+    budget: Duration::from_secs(2),
+};
+
+impl Stage {
+    /// Waits for `done` within the budget; logs how it went.
+    async fn run(&self, done: impl std::future::Future<Output = ()>) {
+        let started = Instant::now();
+        match tokio::time::timeout(self.budget, done).await {
+            Ok(()) => tracing::info!(
+                stage = self.name,
+                ms = started.elapsed().as_millis() as u64,
+                "shutdown stage done"
+            ),
+            Err(_) => tracing::warn!(
+                stage = self.name,
+                budget_ms = self.budget.as_millis() as u64,
+                "shutdown stage exceeded its budget; going on (state is crash-safe)"
+            ),
+        }
+    }
+}
+
+/// The daemon's tokens, one per shutdown stage that cancels something.
+struct Tokens {
+    /// Stage 1: accept nothing new.
+    accept: CancellationToken,
+    /// Stage 2: cycles and streams in flight.
+    cycles: CancellationToken,
+    /// Stage 3: background tasks (the standby applier).
+    background: CancellationToken,
+    /// Stage 5: the control API.
+    control: CancellationToken,
+}
+
+pub async fn run(config: Config) -> Result<()> {
+    let db = config.state_dir.join("db");
+    let store = tokio::task::spawn_blocking(move || Store::open(&db)).await??;
+    let shared = Arc::new(Shared::open(config, store).await?);
+    let tokens = Tokens {
+        accept: CancellationToken::new(),
+        cycles: CancellationToken::new(),
+        background: CancellationToken::new(),
+        control: CancellationToken::new(),
+    };
+    // Cycles and streams, and background work, each drained in their own stage.
+    let work = TaskTracker::new();
+    let background = TaskTracker::new();
+    let (ctx, endpoint) = match shared.config.role {
+        Role::Dr => {
+            let dr = Arc::new(Dr::new(shared.clone()));
+            recovery::recover_dr(&dr)
+                .await
+                .context("recover what the previous run left in flight")?;
+            let addr = shared.config.listen.context("a DR site needs [listen]")?;
+            let ep = quic::server_endpoint(addr, tls::server_config(&shared.config.tls)?)?;
+            tracing::info!(address = %ep.local_addr()?, "listening for the primary (QUIC)");
+            // A gen committed before a restart may not have had its manifests applied.
+            for p in shared
+                .config
+                .protections
+                .iter()
+                .filter(|p| p.kubernetes.is_some())
+            {
+                dr.request_standby(&p.name);
+            }
+            background.spawn(crate::lifecycle::standby::run(
+                dr.clone(),
+                tokens.background.clone(),
+            ));
+            let stops = receive::Stops {
+                accept: tokens.accept.clone(),
+                streams: tokens.cycles.clone(),
+            };
+            work.spawn(receive::serve(dr.clone(), ep.clone(), stops, work.clone()));
+            (RoleCtx::Dr(dr), ep)
+        }
+        Role::Primary => {
+            recovery::recover_primary(&shared)
+                .await
+                .context("recover what the previous run left in flight")?;
+            let peer = shared
+                .config
+                .peer
+                .clone()
+                .context("a primary needs [peer]")?;
+            let ep = quic::client_endpoint(peer.address, tls::client_config(&shared.config.tls)?)?;
+            let link = PeerLink::new(
+                ep.clone(),
+                peer.address,
+                peer.server_name.clone(),
+                peer.max_bandwidth,
+            );
+            let primary = Arc::new(Primary::new(shared.clone(), link, background.clone()));
+            let mut syncs = HashMap::new();
+            let stops = scheduler::Stops {
+                start: tokens.accept.clone(),
+                cycles: tokens.cycles.clone(),
+            };
+            for p in &shared.config.protections {
+                let (tx, rx) = mpsc::channel(16);
+                syncs.insert(p.name.to_string(), tx);
+                work.spawn(scheduler::run(
+                    primary.clone(),
+                    p.clone(),
+                    rx,
+                    stops.clone(),
+                ));
+            }
+            (
+                RoleCtx::Primary {
+                    primary,
+                    syncs: Arc::new(syncs),
+                },
+                ep,
+            )
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(shared.config.control)
+        .await
+        .with_context(|| format!("bind the control API to {}", shared.config.control))?;
+    tracing::info!(address = %listener.local_addr()?, "control API: /metrics /healthz /readyz /v1/status");
+    let app = control::router(ctx);
+    let stop_control = tokens.control.clone();
+    let control_task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop_control.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, "control API stopped");
+        }
+    });
+    shared.ready.store(true, Ordering::Relaxed);
+    tracing::info!(site = %shared.config.site_name, role = %shared.config.role, "ready");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    shared.ready.store(false, Ordering::Relaxed);
+    tokens.accept.cancel();
+    tokens.cycles.cancel();
+    work.close();
+    CANCEL.run(work.wait()).await;
+    tokens.background.cancel();
+    background.close();
+    DRAIN.run(background.wait()).await;
+    endpoint.close(0u32.into(), b"shutdown");
+    CLOSE.run(endpoint.wait_idle()).await;
+    tokens.control.cancel();
+    CONTROL
+        .run(async {
+            let _ = control_task.await;
+        })
+        .await;
+    Ok(())
+}

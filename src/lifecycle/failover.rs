@@ -1,0 +1,237 @@
+//! Failover at the DR site: stop taking replication for the protection, then carry out
+//! the [`super::plan`]: make sure the replicas sit at the consistent point, raise the
+//! epoch so the old primary is refused, and in Kubernetes mode apply that gen's manifests
+//! in the active form (the primary's replica counts, CronJobs resumed) and wait until the
+//! workloads are ready. Each step is timed: together they are the recovery time. A dry
+//! run reads and returns the same plan, and changes nothing.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::plan::{self, FailoverPlan, NothingToRecover, Planned};
+use crate::api::{FailoverOptions, FailoverReport, Step};
+use crate::config::{Protection, Role};
+use crate::ids::now_ms;
+use crate::k8s::bundle::{Bundle, Form};
+use crate::metrics::ErrorKind;
+use crate::replicate::recovery;
+use crate::site::dr::Dr;
+use crate::site::status::{age_seconds, volume_statuses};
+use crate::site::UnknownProtection;
+
+/// Why a failover did not happen or did not finish. Each has its HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum FailoverError {
+    #[error(transparent)]
+    Unknown(#[from] UnknownProtection),
+    #[error("failover runs at the DR site; {0} is the primary site")]
+    WrongSite(String),
+    #[error(transparent)]
+    NothingToRecover(#[from] NothingToRecover),
+    /// The DR cluster refused or did not reach the active form.
+    #[error("{0:#}")]
+    Kubernetes(anyhow::Error),
+    /// This site's state store or replicas.
+    #[error("{0:#}")]
+    Local(anyhow::Error),
+}
+
+impl FailoverError {
+    pub fn http_status(&self) -> u16 {
+        match self {
+            FailoverError::Unknown(_) => 404,
+            FailoverError::WrongSite(_) | FailoverError::NothingToRecover(_) => 409,
+            FailoverError::Kubernetes(_) => 502,
+            FailoverError::Local(_) => 500,
+        }
+    }
+
+    pub fn metric_label(&self) -> Option<ErrorKind> {
+        match self {
+            FailoverError::Kubernetes(_) => Some(ErrorKind::Kubernetes),
+            FailoverError::Local(_) => Some(ErrorKind::Store),
+            _ => None,
+        }
+    }
+}
+
+/// The plan and, in Kubernetes mode, the recovered gen's bundle and objects.
+struct Read {
+    plan: FailoverPlan,
+    manifests: Option<(Bundle, Vec<Value>)>,
+}
+
+/// Reads everything the plan depends on; changes nothing.
+async fn read(dr: &Dr, prot: &Protection) -> Result<Read, FailoverError> {
+    let name = prot.name.clone();
+    let (rec, pending) = dr
+        .store
+        .run(move |s| Ok((s.record(&name)?, s.commits(&name)?)))
+        .await
+        .map_err(FailoverError::Local)?;
+    let newest = pending
+        .last()
+        .map(|c| c.point.point.gen)
+        .or(rec.point_gen());
+    let manifests = match (&prot.kubernetes, newest) {
+        (Some(_), Some(gen)) => Some(
+            crate::lifecycle::standby::objects(dr.shared(), &prot.name, gen, Form::Active)
+                .await
+                .map_err(FailoverError::Local)?,
+        ),
+        _ => None,
+    };
+    let objects = match (&prot.kubernetes, &manifests) {
+        (Some(_), Some((_, objs))) => Some(&objs[..]),
+        (Some(_), None) => Some(&[][..]),
+        (None, _) => None,
+    };
+    let plan = plan::plan(prot.name.as_str(), &rec, &pending, objects)?;
+    Ok(Read { plan, manifests })
+}
+
+pub async fn failover(
+    dr: &Dr,
+    name: &str,
+    opts: &FailoverOptions,
+) -> Result<FailoverReport, FailoverError> {
+    let started = Instant::now();
+    if dr.config.role != Role::Dr {
+        return Err(FailoverError::WrongSite(dr.config.site_name.clone()));
+    }
+    let prot = dr.protection(name)?.clone();
+    if opts.dry_run {
+        let read = read(dr, &prot).await?;
+        let rec = dr
+            .store
+            .record(&prot.name)
+            .await
+            .map_err(FailoverError::Local)?;
+        let steps = read
+            .plan
+            .steps
+            .iter()
+            .map(|s| Step {
+                what: s.describe(),
+                seconds: 0.0,
+            })
+            .collect();
+        return Ok(report(&prot, read.plan, &rec, steps, started, true));
+    }
+    let lock = dr.lock_of(name).expect("a lock per protection");
+    let was_failing = lock.begin_failover();
+    let result = run(dr, &prot, lock, opts, started).await;
+    if result.is_err() && !was_failing {
+        lock.abandon_failover();
+    }
+    result
+}
+
+async fn run(
+    dr: &Dr,
+    prot: &Protection,
+    lock: &crate::site::dr::ProtectionLock,
+    opts: &FailoverOptions,
+    started: Instant,
+) -> Result<FailoverReport, FailoverError> {
+    let locked = lock.lock().await;
+    // Read under the lock: no cycle can commit past the plan's point any more.
+    let Read {
+        mut plan,
+        manifests,
+    } = read(dr, prot).await?;
+    let mut steps = Vec::new();
+    let mut at = Instant::now();
+    let mut done = |what: String, steps: &mut Vec<Step>| {
+        steps.push(Step {
+            what,
+            seconds: at.elapsed().as_secs_f64(),
+        });
+        at = Instant::now();
+    };
+    for step in plan.steps.clone() {
+        match &step {
+            Planned::Confirm { .. } => {
+                recovery::finish_pending(dr, &locked, prot)
+                    .await
+                    .map_err(FailoverError::Local)?;
+                recovery::discard_staging(dr, &locked, prot)
+                    .await
+                    .map_err(FailoverError::Local)?;
+            }
+            Planned::Fence { .. } => {
+                locked
+                    .fail_over(dr, now_ms())
+                    .await
+                    .map_err(FailoverError::Local)?;
+            }
+            Planned::Apply { .. } => {
+                let (b, objs) = manifests.as_ref().expect("planned with manifests");
+                // Standby applies must not race the active form.
+                let _apply = dr.manifests_lock.lock().await;
+                let client = dr
+                    .kube(prot.name.as_str())
+                    .map_err(FailoverError::Kubernetes)?;
+                crate::k8s::apply::apply(client, prot.name.as_str(), b, objs)
+                    .await
+                    .map_err(FailoverError::Kubernetes)?;
+            }
+            Planned::WaitReady => {
+                let (b, objs) = manifests.as_ref().expect("planned with manifests");
+                let client = dr
+                    .kube(prot.name.as_str())
+                    .map_err(FailoverError::Kubernetes)?;
+                let ready = crate::k8s::apply::wait_ready(
+                    client,
+                    b,
+                    objs,
+                    Duration::from_secs(opts.ready_timeout_secs),
+                )
+                .await
+                .map_err(FailoverError::Kubernetes)?;
+                if let Some(k) = plan.kubernetes.as_mut() {
+                    k.ready = ready;
+                }
+            }
+        }
+        done(step.describe(), &mut steps);
+    }
+    drop(locked);
+    let rec = dr
+        .store
+        .record(&prot.name)
+        .await
+        .map_err(FailoverError::Local)?;
+    let r = report(prot, plan, &rec, steps, started, false);
+    dr.metrics
+        .failover_seconds
+        .with_label_values(&[prot.name.as_str()])
+        .set(r.seconds);
+    tracing::warn!(protection = %prot.name, epoch = r.epoch, gen = ?r.recovered_gen, "failed over: this site no longer accepts replication for the protection");
+    Ok(r)
+}
+
+fn report(
+    prot: &Protection,
+    plan: FailoverPlan,
+    rec: &crate::store::ProtectionRecord,
+    steps: Vec<Step>,
+    started: Instant,
+    dry_run: bool,
+) -> FailoverReport {
+    let point = plan.point;
+    FailoverReport {
+        protection: prot.name.to_string(),
+        epoch: plan.epoch.0,
+        recovered_gen: point.map(|p| p.gen.0),
+        snapshot_taken_at_ms: point.map(|p| p.taken_at_ms),
+        age_seconds: point.map(|p| age_seconds(p.taken_at_ms)),
+        replicas: volume_statuses(prot, rec),
+        already_failed_over: plan.already_failed_over,
+        seconds: started.elapsed().as_secs_f64(),
+        steps,
+        kubernetes: plan.kubernetes,
+        dry_run,
+    }
+}

@@ -1,0 +1,141 @@
+//! DR site, Kubernetes mode: keeps the DR cluster's copy of a protection's manifests at the
+//! consistent point, in the standby form (workloads at zero, CronJobs suspended). A task
+//! applies them after each commit (the receiver asks through [`crate::site::dr::Dr`]) and at
+//! start-up. A failed apply leaves the gen committed (its data is safe) and is reported in
+//! `status`; the next commit or restart applies again.
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context, Result};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{Exported, KubeStatus};
+use crate::ids::{Gen, ProtectionName};
+use crate::k8s::apply::{self, ApplyReport};
+use crate::k8s::bundle::{dr_objects, Bundle, Form};
+use crate::metrics::ErrorKind;
+use crate::site::dr::Dr;
+use crate::site::Shared;
+
+/// The bundle committed with `gen`. Reads the store: call it on a blocking thread.
+fn bundle(shared: &Shared, prot: &ProtectionName, gen: Gen) -> Result<Bundle> {
+    let store = shared.store.blocking();
+    let bytes = store.manifests(prot, gen)?.ok_or_else(|| {
+        let kept = store
+            .manifest_gens(prot)
+            .unwrap_or_default()
+            .iter()
+            .map(|g| g.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        anyhow!("no manifest bundle of gen {gen} for protection {prot} (kept: {kept})")
+    })?;
+    Bundle::decode(&bytes).with_context(|| format!("manifest bundle of gen {gen}"))
+}
+
+/// The objects of `gen` in `form`, with PVCs bound to this site's replicas.
+pub async fn objects(
+    shared: &Arc<Shared>,
+    prot: &ProtectionName,
+    gen: Gen,
+    form: Form,
+) -> Result<(Bundle, Vec<serde_json::Value>)> {
+    let kp = shared.kube_protection(prot.as_str())?.clone();
+    let (s, p) = (shared.clone(), prot.clone());
+    let b = tokio::task::spawn_blocking(move || bundle(&s, &p, gen))
+        .await
+        .context("read the manifest bundle")??;
+    let objs = dr_objects(&b, prot.as_str(), form, |ns, pvc| kp.path_of(ns, pvc));
+    Ok((b, objs))
+}
+
+/// The manifests of `gen` (default: the consistent gen) in the active form, or in the
+/// standby form, for `lifeboat export`.
+pub async fn export(
+    shared: &Arc<Shared>,
+    prot: &str,
+    gen: Option<u64>,
+    standby: bool,
+) -> Result<Exported> {
+    let name = shared.protection(prot)?.name.clone();
+    let gen = match gen {
+        Some(g) => Gen(g),
+        None => shared
+            .store
+            .record(&name)
+            .await?
+            .point_gen()
+            .with_context(|| format!("protection {prot} has no consistent point yet"))?,
+    };
+    let form = if standby { Form::Standby } else { Form::Active };
+    let (b, objects) = objects(shared, &name, gen, form).await?;
+    let kept = {
+        let n = name.clone();
+        shared.store.run(move |s| s.manifest_gens(&n)).await?
+    };
+    Ok(Exported {
+        protection: prot.to_string(),
+        gen: gen.0,
+        standby,
+        objects,
+        warnings: b.warnings,
+        kept: kept.iter().map(|g| g.0).collect(),
+    })
+}
+
+/// Applies the standby manifests of each protection asked for, one at a time, until
+/// cancelled.
+pub async fn run(dr: Arc<Dr>, cancel: CancellationToken) {
+    loop {
+        let prot = tokio::select! {
+            _ = cancel.cancelled() => break,
+            p = dr.standby.next() => p,
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = apply_standby(&dr, &prot) => {}
+        }
+    }
+}
+
+/// Applies the consistent gen's manifests in the standby form.
+pub async fn apply_standby(dr: &Dr, prot: &ProtectionName) {
+    let _one = dr.manifests_lock.lock().await;
+    let result: Result<Option<(Gen, ApplyReport, Bundle)>> = async {
+        let rec = dr.store.record(prot).await?;
+        // Nothing committed yet; after failover, failover itself applied the active form.
+        let (Some(point), None) = (&rec.point, &rec.failed_over) else {
+            return Ok(None);
+        };
+        let gen = point.point.gen;
+        let (b, objs) = objects(dr.shared(), prot, gen, Form::Standby).await?;
+        let client = dr.kube(prot.as_str())?;
+        let report = apply::apply(client, prot.as_str(), &b, &objs).await?;
+        Ok(Some((gen, report, b)))
+    }
+    .await;
+    match result {
+        Ok(None) => {}
+        Ok(Some((gen, report, b))) => {
+            tracing::info!(protection = %prot, gen = %gen, applied = report.applied.len(), changed = report.changed.len(), pruned = report.pruned.len(), "standby manifests applied");
+            dr.live.update(prot.as_str(), |l| {
+                l.kubernetes = Some(KubeStatus {
+                    gen: Some(gen.0),
+                    covers: b.coverage,
+                    warnings: b.warnings,
+                    applied: Some(report),
+                    apply_error: None,
+                })
+            });
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            tracing::warn!(protection = %prot, error = %msg, "standby manifests not applied");
+            dr.metrics.error(prot.as_str(), ErrorKind::Kubernetes);
+            dr.live.update(prot.as_str(), |l| {
+                let k = l.kubernetes.get_or_insert_with(KubeStatus::default);
+                k.apply_error = Some(msg);
+            });
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! A cycle stream at the DR site, the shell around [`super::machine`]: admit the primary,
+//! take the protection's lock, finish what a previous cycle committed, answer `Prepared`,
+//! then feed each message to the machine and do what it says. The group commit, its redo
+//! and the acknowledgement happen under the lock; a failed cycle's staging is freed under
+//! it too.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::machine::{self, Action, Receiving, Staged};
+use super::{hashes, stage};
+use crate::engine::chunk::Geometry;
+use crate::ids::{Epoch, Gen, Point, VolumeName};
+use crate::net::wire::{FrameReader, FrameWriter, Msg, Refusal};
+use crate::replicate::error::ReceiveError;
+use crate::replicate::messages::{CycleMsg, CycleStart, VolumeMsg};
+use crate::replicate::recovery;
+use crate::site::dr::{Dr, Locked};
+use crate::store::schema::RECORD_VERSION;
+use crate::store::{ProtectionRecord, StagedVolume};
+use crate::volume::replica;
+
+/// How long a new cycle waits for a superseded one to let go of the protection.
+const LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// The next frame, unless the cycle was superseded, the site is failing over or shutting
+/// down.
+async fn next_frame(
+    r: &mut FrameReader,
+    token: &CancellationToken,
+    what: &'static str,
+) -> Result<Msg, ReceiveError> {
+    tokio::select! {
+        m = r.expect(what) => Ok(m?),
+        _ = token.cancelled() => Err(ReceiveError::link(anyhow::anyhow!(
+            "cycle superseded by a newer attempt, a failover or shutdown"
+        ))),
+    }
+}
+
+pub async fn run(
+    dr: &Arc<Dr>,
+    protection: &str,
+    epoch: Epoch,
+    w: &mut FrameWriter,
+    r: &mut FrameReader,
+    stop: &CancellationToken,
+) -> Result<(), ReceiveError> {
+    let Some(prot) = dr.config.protection(protection).cloned() else {
+        return Err(ReceiveError::refuse(Refusal::UnknownProtection(
+            protection.to_string(),
+        )));
+    };
+    let lock = dr.lock_of(protection).expect("a lock per protection");
+    // Refuse a stale or fenced peer before it can disturb anything in flight.
+    let rec = dr
+        .store
+        .record(&prot.name)
+        .await
+        .map_err(ReceiveError::store)?;
+    machine::admit(&rec, lock.failing_over(), epoch)?;
+    let token = lock.supersede(stop);
+    let locked = lock
+        .lock_within(LOCK_WAIT)
+        .await
+        .ok_or_else(|| ReceiveError::refuse(Refusal::Busy))?;
+    let rec = dr
+        .store
+        .record(&prot.name)
+        .await
+        .map_err(ReceiveError::store)?;
+    machine::admit(&rec, locked.failing_over(), epoch)?;
+    // A gen committed but not yet applied (an apply that failed) is finished first.
+    recovery::finish_pending(dr, &locked, &prot)
+        .await
+        .map_err(ReceiveError::io)?;
+    let rec = locked
+        .raise_epoch(dr, epoch)
+        .await
+        .map_err(ReceiveError::store)?;
+    w.send(&Msg::Prepared {
+        epoch: rec.epoch,
+        point: rec.point.as_ref().map(|p| p.point),
+    })
+    .await?;
+    let msg = tokio::select! {
+        m = r.next() => match m? { Some(m) => m, None => return Ok(()) },
+        _ = token.cancelled() => return Ok(()),
+    };
+    let start = CycleStart::try_from(msg)
+        .map_err(|kind| ReceiveError::protocol(format!("expected Cycle, got {kind}")))?;
+    let mut machine = Receiving::start(&prot, rec.point.clone(), start)?;
+    let span = tracing::info_span!("gen", gen = %machine.point().gen);
+    recovery::discard_staging(dr, &locked, machine.group())
+        .await
+        .map_err(ReceiveError::io)?;
+    let result = receive(dr, &locked, &rec, &mut machine, w, r, &token)
+        .instrument(span)
+        .await;
+    if result.is_err() {
+        // Free the failed gen's staging now (a full disk wants its space back), under the
+        // same lock; a committed gen's logs are kept for its redo.
+        if let Err(e) = recovery::discard_staging(dr, &locked, machine.group()).await {
+            tracing::warn!(error = %format!("{e:#}"), "could not discard the failed gen's staging");
+        }
+    }
+    result
+}
+
+/// From `Cycle` to `Committed`.
+async fn receive(
+    dr: &Arc<Dr>,
+    locked: &Locked<'_>,
+    rec: &ProtectionRecord,
+    machine: &mut Receiving,
+    w: &mut FrameWriter,
+    r: &mut FrameReader,
+    token: &CancellationToken,
+) -> Result<(), ReceiveError> {
+    let point = machine.point();
+    let name = machine.group().name.clone();
+    loop {
+        if locked.failing_over() {
+            return Err(machine::failed_over(rec));
+        }
+        let msg = next_frame(r, token, "Commit").await?;
+        let msg = CycleMsg::try_from(msg).map_err(|kind| machine.unexpected_message(kind))?;
+        match machine.handle(msg)? {
+            Action::ServeHashes {
+                volume,
+                path,
+                chunk_size,
+                known,
+            } => {
+                let gen =
+                    hashes::serve_hashes(dr, &name, &volume, path, chunk_size, known, w).await?;
+                machine.hashes_served(volume, gen);
+            }
+            Action::Receive {
+                volume,
+                replica,
+                geometry,
+                base_gen,
+            } => {
+                let span = tracing::info_span!("volume", volume = %volume);
+                let staged = receive_volume(
+                    dr, locked, point, &volume, replica, geometry, base_gen, r, token,
+                )
+                .instrument(span)
+                .await?;
+                machine.staged(staged);
+            }
+            Action::Next => {}
+            Action::Commit { commit, manifests } => {
+                if locked.failing_over() {
+                    return Err(machine::failed_over(rec));
+                }
+                if token.is_cancelled() {
+                    // A newer attempt took over; only a real failover may tell a primary it
+                    // is fenced.
+                    return Err(ReceiveError::protocol(
+                        "this cycle was superseded by a newer attempt",
+                    ));
+                }
+                let commit = locked
+                    .commit_group(dr, commit, manifests)
+                    .await
+                    .map_err(ReceiveError::store)?;
+                recovery::redo_commit(dr, locked, machine.group(), commit)
+                    .await
+                    .map_err(ReceiveError::io)?;
+                tracing::info!("consistent point advanced");
+                w.send(&Msg::Committed { point }).await?;
+                w.finish();
+                if machine.group().kubernetes.is_some() {
+                    dr.request_standby(&name);
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Receives one volume's chunks into its staging log (or a fresh replica) and records it
+/// as staged.
+#[allow(clippy::too_many_arguments)]
+async fn receive_volume(
+    dr: &Arc<Dr>,
+    locked: &Locked<'_>,
+    point: Point,
+    volume: &VolumeName,
+    replica: PathBuf,
+    geometry: Geometry,
+    base_gen: Gen,
+    r: &mut FrameReader,
+    token: &CancellationToken,
+) -> Result<Staged, ReceiveError> {
+    // No replica and no base: every chunk comes, so build the replica itself beside its
+    // path instead of a log to copy later.
+    let fresh = {
+        let (p, v, path) = (locked.name().clone(), volume.clone(), replica.clone());
+        dr.store
+            .run(move |s| {
+                let exists = std::fs::symlink_metadata(&path).is_ok();
+                Ok(!exists && !s.has_index(&p, &v, base_gen))
+            })
+            .await
+            .map_err(ReceiveError::store)?
+    };
+    let log = if fresh {
+        replica::fresh_path(&replica)
+    } else {
+        recovery::staging_dir(&dr.config, locked.name())
+            .join(format!("{}-{}", point.gen, point.cycle))
+            .join(format!("{volume}.log"))
+    };
+    let target = stage::Target {
+        log: log.clone(),
+        replica,
+        fresh,
+        min_free: dr.config.min_free_space,
+    };
+    let (tx, rx) = mpsc::channel::<VolumeMsg>(32);
+    let (store, p, v) = (
+        dr.store.blocking().clone(),
+        locked.name().clone(),
+        volume.clone(),
+    );
+    let gen = point.gen;
+    let span = tracing::Span::current();
+    let stager = tokio::task::spawn_blocking(move || {
+        let _enter = span.enter();
+        stage::stage(&store, &p, &v, gen, base_gen, geometry, &target, rx)
+    });
+    let reading: Result<(), ReceiveError> = async {
+        loop {
+            // The stager may stop on its own (a chunk failed verification): answer at once
+            // rather than when the peer sends its next frame.
+            let frame = tokio::select! {
+                f = next_frame(r, token, "End") => f?,
+                _ = tx.closed() => return Ok(()),
+            };
+            let msg = VolumeMsg::try_from(frame).map_err(|kind| {
+                ReceiveError::protocol(format!("unexpected {kind} while receiving volume {volume}"))
+            })?;
+            let end = matches!(msg, VolumeMsg::End { .. });
+            if tx.send(msg).await.is_err() || end {
+                return Ok(()); // the stager stopped (its error says why) or the volume is complete
+            }
+        }
+    }
+    .await;
+    drop(tx);
+    let record = stager.await.map_err(ReceiveError::io)?;
+    reading?;
+    let record = record?;
+    let staged = StagedVolume {
+        v: RECORD_VERSION,
+        cycle: point.cycle.0,
+        log: log.clone(),
+        record: record.clone(),
+        fresh,
+    };
+    locked
+        .record_staged(dr, gen, volume.clone(), staged)
+        .await
+        .map_err(ReceiveError::store)?;
+    Ok(Staged { log, record, fresh })
+}

@@ -1,0 +1,301 @@
+//! The DR site's rules for a cycle, as a pure state machine in the manner of quinn-proto's
+//! `Connection`: the shell feeds it each message and does what the returned [`Action`]
+//! says (serve hashes, receive a volume, write the group commit), then reports back. No
+//! I/O, no clock: every rule here is a unit test.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+
+use crate::config::Protection;
+use crate::engine::chunk::{Geometry, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+use crate::ids::{Epoch, Gen, Point, VolumeName};
+use crate::net::wire::Refusal;
+use crate::replicate::error::ReceiveError;
+use crate::replicate::messages::{CycleMsg, CycleStart};
+use crate::store::schema::RECORD_VERSION;
+use crate::store::{CommitRecord, PointRecord, ProtectionRecord, VolumeRecord};
+
+/// Whether a primary at `epoch` may replicate into this protection now. Checked before the
+/// protection's lock is taken (a stale peer must not disturb a cycle in flight) and again
+/// under it.
+pub fn admit(rec: &ProtectionRecord, failing_over: bool, epoch: Epoch) -> Result<(), ReceiveError> {
+    if rec.failed_over.is_some() || failing_over {
+        return Err(failed_over(rec));
+    }
+    if epoch < rec.epoch {
+        return Err(ReceiveError::refuse(Refusal::StaleEpoch {
+            ours: epoch,
+            theirs: rec.epoch,
+        }));
+    }
+    Ok(())
+}
+
+/// The refusal a primary gets once this site failed over (or is failing over).
+pub fn failed_over(rec: &ProtectionRecord) -> ReceiveError {
+    ReceiveError::refuse(Refusal::FailedOver {
+        epoch: rec.epoch,
+        gen: rec.point_gen(),
+    })
+}
+
+pub fn check_chunk_size(cs: u32) -> Result<(), ReceiveError> {
+    if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
+        return Err(ReceiveError::protocol(format!(
+            "chunk size {cs} outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}"
+        )));
+    }
+    Ok(())
+}
+
+/// What the shell does next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send this site's hashes of the replica at `path`: the index of gen `known` when the
+    /// consistent point has one at this chunk size, else a fresh scan of the replica.
+    /// Report back with [`Receiving::hashes_served`].
+    ServeHashes {
+        volume: VolumeName,
+        path: PathBuf,
+        chunk_size: u32,
+        known: Option<Gen>,
+    },
+    /// Receive the volume's chunks until its `End`, against the index of `base_gen`.
+    /// Report back with [`Receiving::staged`].
+    Receive {
+        volume: VolumeName,
+        replica: PathBuf,
+        geometry: Geometry,
+        base_gen: Gen,
+    },
+    /// Nothing to do; read the next message.
+    Next,
+    /// Every volume and the manifests are staged: write the group commit, apply it, and
+    /// acknowledge.
+    Commit {
+        commit: CommitRecord,
+        manifests: Option<Vec<u8>>,
+    },
+}
+
+/// One staged volume, as the shell reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Staged {
+    pub log: PathBuf,
+    pub record: VolumeRecord,
+    pub fresh: bool,
+}
+
+/// A cycle at the DR site between `Cycle` and `Commit`.
+#[derive(Debug)]
+pub struct Receiving {
+    /// The group: the protection with the cycle's volumes (Kubernetes: the PVCs of the
+    /// primary's selection this cycle).
+    group: Protection,
+    point: Point,
+    base: Option<Point>,
+    /// The consistent point.
+    have: Option<PointRecord>,
+    /// Volumes whose hashes were exchanged (a resync), and the index gen they diff against.
+    bases: HashMap<VolumeName, Gen>,
+    /// Between an `Action::Receive` and its report.
+    receiving: Option<VolumeName>,
+    staged: BTreeMap<VolumeName, Staged>,
+    manifests: Option<Vec<u8>>,
+}
+
+impl Receiving {
+    /// The primary's plan arrives after `Prepared`: its base must be this site's consistent
+    /// point (or none, for a resync), and its volumes the protection's group.
+    pub fn start(
+        prot: &Protection,
+        have: Option<PointRecord>,
+        start: CycleStart,
+    ) -> Result<Receiving, ReceiveError> {
+        let have_point = have.as_ref().map(|p| p.point);
+        if start.base.is_some() && start.base != have_point {
+            return Err(ReceiveError::refuse(Refusal::BaseMismatch {
+                sent: start.base,
+                have: have_point,
+            }));
+        }
+        let group = prot.with_volumes(start.volumes.iter().map(|v| v.name.as_str()));
+        let expected: BTreeSet<&str> = group.volumes.iter().map(|v| v.name.as_str()).collect();
+        let sent: BTreeSet<&str> = start.volumes.iter().map(|v| v.name.as_str()).collect();
+        if sent != expected || sent.len() != start.volumes.len() {
+            let names = || expected.iter().copied().collect::<Vec<_>>().join(", ");
+            return Err(match sent.iter().find(|v| !expected.contains(*v)) {
+                Some(v) => ReceiveError::refuse(Refusal::UnknownVolume(v.to_string(), names())),
+                None => ReceiveError::protocol(format!(
+                    "the cycle sends volumes [{}] but this site's group is [{}]",
+                    start
+                        .volumes
+                        .iter()
+                        .map(|v| v.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    names()
+                )),
+            });
+        }
+        Ok(Receiving {
+            group,
+            point: start.point,
+            base: start.base,
+            have,
+            bases: HashMap::new(),
+            receiving: None,
+            staged: BTreeMap::new(),
+            manifests: None,
+        })
+    }
+
+    pub fn group(&self) -> &Protection {
+        &self.group
+    }
+
+    pub fn point(&self) -> Point {
+        self.point
+    }
+
+    fn unexpected(&self, what: &str) -> ReceiveError {
+        ReceiveError::protocol(format!(
+            "unexpected {what} during the cycle of gen {}",
+            self.point.gen
+        ))
+    }
+
+    /// The next message of the cycle.
+    pub fn handle(&mut self, msg: CycleMsg) -> Result<Action, ReceiveError> {
+        if let Some(v) = &self.receiving {
+            return Err(ReceiveError::protocol(format!(
+                "{msg:?} while volume {v} is still being received"
+            )));
+        }
+        match msg {
+            CycleMsg::HashRequest { volume, chunk_size } => {
+                let Some(v) = self.group.volume(&volume) else {
+                    return Err(ReceiveError::protocol(format!(
+                        "hash request for unknown volume {volume:?}"
+                    )));
+                };
+                check_chunk_size(chunk_size)?;
+                let known = self
+                    .have
+                    .as_ref()
+                    .filter(|p| p.volume_at(&volume, chunk_size).is_some())
+                    .map(|p| p.point.gen);
+                Ok(Action::ServeHashes {
+                    volume: v.name.clone(),
+                    path: v.path.clone(),
+                    chunk_size,
+                    known,
+                })
+            }
+            CycleMsg::Begin {
+                volume,
+                size,
+                chunk_size,
+            } => {
+                let v = match self.group.volume(&volume) {
+                    Some(v) if !self.staged.contains_key(volume.as_str()) => v.clone(),
+                    _ => {
+                        return Err(ReceiveError::protocol(format!(
+                            "unexpected Begin for volume {volume:?}"
+                        )))
+                    }
+                };
+                check_chunk_size(chunk_size)?;
+                let base_gen = match self.bases.get(volume.as_str()) {
+                    Some(g) => *g,
+                    None => self
+                        .have
+                        .as_ref()
+                        .filter(|p| self.base == Some(p.point))
+                        .filter(|p| p.volume_at(&volume, chunk_size).is_some())
+                        .map(|p| p.point.gen)
+                        .ok_or_else(|| {
+                            ReceiveError::refuse(Refusal::BaseMismatch {
+                                sent: self.base,
+                                have: self.have.as_ref().map(|p| p.point),
+                            })
+                        })?,
+                };
+                self.receiving = Some(v.name.clone());
+                Ok(Action::Receive {
+                    volume: v.name,
+                    replica: v.path,
+                    geometry: Geometry::new(size, chunk_size),
+                    base_gen,
+                })
+            }
+            CycleMsg::Manifests(bundle) if self.group.kubernetes.is_some() => {
+                crate::k8s::bundle::Bundle::decode(&bundle).map_err(|e| {
+                    ReceiveError::protocol(format!(
+                        "manifest bundle of gen {}: {e:#}",
+                        self.point.gen
+                    ))
+                })?;
+                self.manifests = Some(bundle);
+                Ok(Action::Next)
+            }
+            CycleMsg::Manifests(_) => Err(self.unexpected("Manifests")),
+            CycleMsg::Commit(gen) if gen == self.point.gen => self.commit(),
+            CycleMsg::Commit(_) => Err(self.unexpected("Commit")),
+        }
+    }
+
+    /// A message the cycle does not take at this point (converted from the wire).
+    pub fn unexpected_message(&self, kind: &str) -> ReceiveError {
+        self.unexpected(kind)
+    }
+
+    /// The shell sent the hashes of `volume`; its chunks diff against `gen`'s index.
+    pub fn hashes_served(&mut self, volume: VolumeName, gen: Gen) {
+        self.bases.insert(volume, gen);
+    }
+
+    /// The shell staged the volume it was told to receive.
+    pub fn staged(&mut self, staged: Staged) {
+        if let Some(v) = self.receiving.take() {
+            self.staged.insert(v, staged);
+        }
+    }
+
+    fn commit(&mut self) -> Result<Action, ReceiveError> {
+        let group = self.group.volumes.len();
+        if self.staged.len() != group {
+            return Err(ReceiveError::protocol(format!(
+                "Commit after {} of {group} volumes",
+                self.staged.len()
+            )));
+        }
+        if self.group.kubernetes.is_some() && self.manifests.is_none() {
+            return Err(ReceiveError::protocol(format!(
+                "Commit of gen {} without its manifest bundle (a Kubernetes protection's gen commits its data and manifests together)",
+                self.point.gen
+            )));
+        }
+        let staged = std::mem::take(&mut self.staged);
+        let commit = CommitRecord {
+            v: RECORD_VERSION,
+            point: PointRecord {
+                point: self.point,
+                volumes: staged
+                    .iter()
+                    .map(|(k, s)| (k.clone(), s.record.clone()))
+                    .collect(),
+            },
+            fresh: staged
+                .iter()
+                .filter(|(_, s)| s.fresh)
+                .map(|(k, _)| k.clone())
+                .collect(),
+            logs: staged.into_iter().map(|(k, s)| (k, s.log)).collect(),
+        };
+        Ok(Action::Commit {
+            commit,
+            manifests: self.manifests.take(),
+        })
+    }
+}

@@ -1,0 +1,225 @@
+//! The DR site's half of the protocol. Pure rules: [`machine`] (a cycle, from `Cycle` to
+//! `Commit`) and [`intake`] (one volume's chunks). Shells: this module accepts the
+//! primary's connections and streams and reports how each ended; [`cycle`] drives a cycle
+//! stream; [`stage`] writes verified chunks to staging; [`hashes`] answers hash requests
+//! (resync) and refinement streams.
+
+pub mod cycle;
+pub mod hashes;
+pub mod intake;
+pub mod machine;
+#[cfg(test)]
+mod machine_tests;
+pub mod stage;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::ids::Epoch;
+use crate::metrics::ErrorKind;
+use crate::net::quic::negotiated_lifeboat;
+use crate::net::wire::{FrameReader, FrameWriter, Msg, Refusal, PROTOCOL_VERSION};
+use crate::replicate::error::ReceiveError;
+use crate::replicate::messages::Opening;
+use crate::site::dr::Dr;
+
+/// The receiver's two shutdown signals: stop taking new connections and streams, then
+/// end the streams in flight.
+#[derive(Clone)]
+pub struct Stops {
+    pub accept: CancellationToken,
+    pub streams: CancellationToken,
+}
+
+/// Accepts peer connections until told to stop accepting.
+pub async fn serve(dr: Arc<Dr>, endpoint: quinn::Endpoint, stops: Stops, tracker: TaskTracker) {
+    loop {
+        let incoming = tokio::select! {
+            _ = stops.accept.cancelled() => break,
+            i = endpoint.accept() => match i { Some(i) => i, None => break },
+        };
+        let (dr, stops2, t2) = (dr.clone(), stops.clone(), tracker.clone());
+        tracker.spawn(async move { connection(dr, incoming, stops2, t2).await });
+    }
+}
+
+async fn connection(dr: Arc<Dr>, incoming: quinn::Incoming, stops: Stops, tracker: TaskTracker) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(%remote, error = %e, "refused a peer connection (TLS handshake failed)");
+            dr.metrics.error("", ErrorKind::Tls);
+            return;
+        }
+    };
+    if !negotiated_lifeboat(&conn) {
+        tracing::warn!(%remote, "refused a peer that did not negotiate the lifeboat ALPN");
+        dr.metrics.error("", ErrorKind::Tls);
+        conn.close(1u32.into(), b"lifeboat ALPN required");
+        return;
+    }
+    let peer = tokio::select! {
+        h = hello(&dr, &conn) => match h {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(%remote, error = %format!("{e:#}"), "peer hello failed");
+                conn.close(2u32.into(), b"hello failed");
+                return;
+            }
+        },
+        _ = stops.accept.cancelled() => return,
+    };
+    tracing::info!(%remote, peer = %peer, "primary connected");
+    loop {
+        let (send, recv) = tokio::select! {
+            _ = stops.accept.cancelled() => return,
+            s = conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(e) => { tracing::info!(%remote, reason = %e, "primary disconnected"); return }
+            },
+        };
+        let (dr, peer, token) = (dr.clone(), peer.clone(), stops.streams.clone());
+        tracker.spawn(async move {
+            stream(
+                &dr,
+                &peer,
+                FrameWriter::new(send),
+                FrameReader::new(recv),
+                &token,
+            )
+            .await
+        });
+    }
+}
+
+async fn hello(dr: &Dr, conn: &quinn::Connection) -> anyhow::Result<String> {
+    let (send, recv) = conn.accept_bi().await?;
+    let (mut w, mut r) = (FrameWriter::new(send), FrameReader::new(recv));
+    match r.expect("Hello").await? {
+        Msg::Hello {
+            version,
+            site: peer,
+        } => {
+            w.send(&Msg::HelloAck {
+                version: PROTOCOL_VERSION,
+                site: dr.config.site_name.clone(),
+            })
+            .await?;
+            w.finish();
+            anyhow::ensure!(
+                version == PROTOCOL_VERSION,
+                "peer {peer} speaks protocol version {version}, this site {PROTOCOL_VERSION}"
+            );
+            Ok(peer)
+        }
+        other => Err(anyhow::anyhow!("expected Hello, got {}", other.kind())),
+    }
+}
+
+/// One stream from the primary: a cycle or a refinement stream, by its first message.
+/// However it ends, the primary is told why when it was refused, and the error is
+/// counted and logged here, once.
+async fn stream(
+    dr: &Arc<Dr>,
+    peer: &str,
+    mut w: FrameWriter,
+    mut r: FrameReader,
+    stop: &CancellationToken,
+) {
+    let opening = tokio::select! {
+        m = r.next() => m,
+        _ = stop.cancelled() => return,
+    };
+    let opening = match opening.map(|m| m.map(Opening::try_from)) {
+        Ok(Some(Ok(o))) => o,
+        Ok(None) => return,
+        Ok(Some(Err(kind))) => {
+            let refusal = Refusal::Invalid(format!("expected Prepare, got {kind}"));
+            let _ = w.send(&Msg::Refused(refusal)).await;
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(peer, error = %e, "bad first frame on a stream");
+            return;
+        }
+    };
+    match opening {
+        Opening::Prepare { protection, epoch } => {
+            let span = tracing::info_span!("receive", protection = %protection, %epoch);
+            let result = cycle::run(dr, &protection, epoch, &mut w, &mut r, stop)
+                .instrument(span.clone())
+                .await;
+            let known = dr.config.protection(&protection).is_some();
+            let label = if known { protection.as_str() } else { "" };
+            match result {
+                Ok(()) => {
+                    dr.metrics
+                        .received_bytes
+                        .with_label_values(&[label])
+                        .inc_by(r.bytes);
+                }
+                Err(e) => {
+                    let _enter = span.enter();
+                    ended(dr, label, peer, epoch, &e);
+                    let _ = w.send(&Msg::Refused(e.told())).await;
+                    w.finish();
+                    r.stop();
+                }
+            }
+        }
+        Opening::Refine {
+            protection,
+            volume,
+            size,
+            chunk_size,
+        } => {
+            let result = hashes::serve_block_hashes(
+                dr,
+                &protection,
+                &volume,
+                size,
+                chunk_size,
+                &mut w,
+                &mut r,
+            )
+            .await;
+            if let Err(e) = result {
+                // Like a cycle, a refused refinement stream tells the primary why.
+                if matches!(e, ReceiveError::Refused { .. }) {
+                    let _ = w.send(&Msg::Refused(e.told())).await;
+                }
+                w.finish();
+                r.stop();
+                tracing::warn!(peer, protection, volume, error = %e, "refinement stream failed");
+            }
+        }
+    }
+}
+
+/// Counts and reports how a cycle stream failed.
+fn ended(dr: &Dr, label: &str, peer: &str, epoch: Epoch, e: &ReceiveError) {
+    let kind = e.metric_label();
+    match e {
+        ReceiveError::Refused { refusal, .. } => {
+            tracing::warn!(peer, %refusal, "refused a replication cycle");
+            if label.is_empty() {
+                dr.metrics.error(label, kind);
+            } else {
+                let message = format!("refused replication from {peer} (epoch {epoch}): {refusal}");
+                dr.note_refusal(label, kind, message);
+            }
+        }
+        other => {
+            tracing::warn!(peer, error = %other, "replication cycle failed");
+            if label.is_empty() {
+                dr.metrics.error(label, kind);
+            } else {
+                dr.note_error(label, kind, format!("{other}"));
+            }
+        }
+    }
+}

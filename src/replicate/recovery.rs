@@ -1,0 +1,145 @@
+//! What was in flight, finished or discarded. DR site: a gen with a group-commit record is
+//! applied to the replicas (an idempotent redo) and becomes the consistent point; staged but
+//! uncommitted volumes are discarded. Primary: indexes and snapshots other than the base's
+//! and the tentative gen's are removed. Either way the replicas stay at one consistent
+//! point. Runs at start-up, before each cycle at the DR site, and at failover; the DR
+//! steps take the protection's [`Locked`] as proof that nothing else commits meanwhile.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::config::{Config, Protection, Role};
+use crate::failpoint;
+use crate::ids::ProtectionName;
+use crate::site::dr::{Dr, Locked};
+use crate::site::Shared;
+use crate::store::{CommitRecord, Store};
+use crate::volume::{replica, snapshot};
+
+pub fn staging_dir(config: &Config, prot: &ProtectionName) -> PathBuf {
+    config.staging_dir.join(prot.as_str())
+}
+
+/// Start-up, before the site accepts or sends anything.
+pub async fn recover_dr(dr: &Dr) -> Result<()> {
+    for p in &dr.config.protections {
+        let lock = dr.lock_of(p.name.as_str()).expect("a lock per protection");
+        let locked = lock.lock().await;
+        finish_pending(dr, &locked, p).await?;
+        discard_staging(dr, &locked, p).await?;
+    }
+    Ok(())
+}
+
+/// Start-up at the primary: only the base and the tentative gen keep indexes and snapshots.
+pub async fn recover_primary(shared: &Shared) -> Result<()> {
+    debug_assert_eq!(shared.config.role, Role::Primary);
+    for p in shared.config.protections.clone() {
+        shared
+            .store
+            .run(move |s| {
+                let keep = s.prune_primary(&p.name)?;
+                snapshot::prune(&p, &keep)
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// Applies every committed but unfinished gen of `prot`.
+pub async fn finish_pending(dr: &Dr, locked: &Locked<'_>, prot: &Protection) -> Result<()> {
+    let (config, prot) = (dr.config.clone(), prot.clone());
+    debug_assert_eq!(locked.name(), &prot.name);
+    dr.store
+        .run(move |s| {
+            for commit in s.commits(&prot.name)? {
+                tracing::info!(gen = %commit.point.point.gen, "finishing a committed gen (redo)");
+                redo_blocking(s, &config, &prot, &commit)?;
+            }
+            Ok(())
+        })
+        .await
+}
+
+/// Applies a committed gen to the replicas and makes it the consistent point.
+pub async fn redo_commit(
+    dr: &Dr,
+    _locked: &Locked<'_>,
+    prot: &Protection,
+    commit: CommitRecord,
+) -> Result<()> {
+    let (config, prot) = (dr.config.clone(), prot.clone());
+    dr.store
+        .run(move |s| redo_blocking(s, &config, &prot, &commit))
+        .await
+}
+
+fn redo_blocking(
+    store: &Store,
+    config: &Config,
+    prot: &Protection,
+    commit: &CommitRecord,
+) -> Result<()> {
+    let gen = commit.point.point.gen;
+    let group = prot.with_volumes(commit.logs.keys().map(|v| v.as_str()));
+    for v in &group.volumes {
+        let Some(log) = commit.logs.get(v.name.as_str()) else {
+            continue;
+        };
+        failpoint::hit(&format!("dr-applying:{}", v.name));
+        if commit.fresh.contains(v.name.as_str()) {
+            replica::install(log, &v.path).with_context(|| {
+                format!(
+                    "install gen {gen} as replica {} ({})",
+                    v.name,
+                    v.path.display()
+                )
+            })?;
+            continue;
+        }
+        replica::apply(log, &v.path).with_context(|| {
+            format!(
+                "apply gen {gen} to replica {} ({})",
+                v.name,
+                v.path.display()
+            )
+        })?;
+    }
+    store.finish_redo(&prot.name, commit)?;
+    remove_dir(&staging_dir(config, &prot.name))
+}
+
+/// Drops staged volumes of uncommitted gens, their logs, their fresh replicas and their
+/// partial indexes.
+pub async fn discard_staging(dr: &Dr, _locked: &Locked<'_>, prot: &Protection) -> Result<()> {
+    let (config, prot) = (dr.config.clone(), prot.clone());
+    dr.store
+        .run(move |s| {
+            let staged = s.discard_staged(&prot.name)?;
+            let rec = s.record(&prot.name)?;
+            let known = rec
+                .point
+                .iter()
+                .flat_map(|p| p.volumes.keys().map(|v| v.as_str()))
+                .chain(staged.iter().map(String::as_str));
+            for v in &prot.with_volumes(known).volumes {
+                let fresh = replica::fresh_path(&v.path);
+                match std::fs::remove_file(&fresh) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e).with_context(|| format!("remove {}", fresh.display())),
+                }
+            }
+            remove_dir(&staging_dir(&config, &prot.name))
+        })
+        .await
+}
+
+fn remove_dir(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("remove {}", dir.display())),
+    }
+}

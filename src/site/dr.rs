@@ -1,0 +1,230 @@
+//! The DR site's context: per protection, one lock held by whichever changes its replicas
+//! and record (a cycle's commit, a failover, the start-up redo). [`Locked`] is the proof of
+//! holding it: the durable DR steps are methods of `Locked` or take it as an argument, so
+//! code without the lock cannot commit a gen or fail over (as Garage's
+//! `BlockManagerLocked` does for its blocks).
+
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use tokio::sync::{MutexGuard, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::ids::{Epoch, Gen, ProtectionName, VolumeName};
+use crate::site::Shared;
+use crate::store::{CommitRecord, ProtectionRecord, StagedVolume};
+
+/// Coordination of one protection at the DR site.
+pub struct ProtectionLock {
+    name: ProtectionName,
+    lock: tokio::sync::Mutex<()>,
+    /// Set first by failover, so a cycle in transfer gives up the lock quickly.
+    failing_over: AtomicBool,
+    /// Cancels the cycle in flight: a newer attempt from the primary supersedes it (after
+    /// a kill -9 the old connection would otherwise hold the lock until its idle timeout).
+    current: std::sync::Mutex<Option<CancellationToken>>,
+}
+
+impl ProtectionLock {
+    fn new(name: ProtectionName) -> Self {
+        ProtectionLock {
+            name,
+            lock: tokio::sync::Mutex::new(()),
+            failing_over: AtomicBool::new(false),
+            current: std::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn failing_over(&self) -> bool {
+        self.failing_over.load(Ordering::SeqCst)
+    }
+
+    /// Cancels the cycle in flight (if any) and registers a new one; `parent` is the
+    /// daemon's token for cycles, so shutdown cancels it too.
+    pub fn supersede(&self, parent: &CancellationToken) -> CancellationToken {
+        let token = parent.child_token();
+        if let Some(old) = self
+            .current
+            .lock()
+            .expect("protection lock state")
+            .replace(token.clone())
+        {
+            old.cancel();
+        }
+        token
+    }
+
+    /// Marks the protection as failing over and cancels the cycle in flight; returns
+    /// whether it was already marked (another failover is running or ran).
+    pub fn begin_failover(&self) -> bool {
+        let was = self.failing_over.swap(true, Ordering::SeqCst);
+        if let Some(old) = self.current.lock().expect("protection lock state").take() {
+            old.cancel();
+        }
+        was
+    }
+
+    /// A failover that failed before it raised the epoch lets replication in again.
+    pub fn abandon_failover(&self) {
+        self.failing_over.store(false, Ordering::SeqCst);
+    }
+
+    pub async fn lock(&self) -> Locked<'_> {
+        Locked {
+            name: &self.name,
+            state: self,
+            _guard: self.lock.lock().await,
+        }
+    }
+
+    /// The lock, unless it stays held for `wait`.
+    pub async fn lock_within(&self, wait: Duration) -> Option<Locked<'_>> {
+        tokio::time::timeout(wait, self.lock()).await.ok()
+    }
+}
+
+/// Holding a protection's lock.
+pub struct Locked<'a> {
+    name: &'a ProtectionName,
+    state: &'a ProtectionLock,
+    _guard: MutexGuard<'a, ()>,
+}
+
+impl Locked<'_> {
+    pub fn name(&self) -> &ProtectionName {
+        self.name
+    }
+
+    pub fn failing_over(&self) -> bool {
+        self.state.failing_over()
+    }
+
+    /// A primary of a newer epoch is accepted: the epoch is raised before anything of its
+    /// cycle is staged.
+    pub async fn raise_epoch(&self, shared: &Shared, epoch: Epoch) -> Result<ProtectionRecord> {
+        let p = self.name.clone();
+        shared.store.run(move |s| s.raise_epoch(&p, epoch)).await
+    }
+
+    /// One volume of the gen is staged (unsynced: the group commit syncs it).
+    pub async fn record_staged(
+        &self,
+        shared: &Shared,
+        gen: Gen,
+        vol: VolumeName,
+        staged: StagedVolume,
+    ) -> Result<()> {
+        let p = self.name.clone();
+        shared
+            .store
+            .run(move |s| s.record_staged(&p, gen, &vol, &staged))
+            .await
+    }
+
+    /// The group commit record: from its sync on, the gen must be applied.
+    pub async fn commit_group(
+        &self,
+        shared: &Shared,
+        commit: CommitRecord,
+        manifests: Option<Vec<u8>>,
+    ) -> Result<CommitRecord> {
+        let p = self.name.clone();
+        shared
+            .store
+            .run(move |s| {
+                s.commit_group(&p, &commit, manifests)?;
+                crate::failpoint::hit("dr-committed");
+                Ok(commit)
+            })
+            .await
+    }
+
+    /// Failover's fence: the epoch is raised (once). Returns the record and whether this
+    /// call raised it.
+    pub async fn fail_over(&self, shared: &Shared, at_ms: u64) -> Result<(ProtectionRecord, bool)> {
+        let p = self.name.clone();
+        shared.store.run(move |s| s.fail_over(&p, at_ms)).await
+    }
+}
+
+/// The DR site: the shared state plus the protections' locks.
+pub struct Dr {
+    shared: Arc<Shared>,
+    locks: HashMap<ProtectionName, ProtectionLock>,
+    /// One manifest apply (standby or active) at a time per site.
+    pub manifests_lock: tokio::sync::Mutex<()>,
+    /// Protections whose standby manifests are to be applied; the daemon's standby task
+    /// takes them.
+    pub standby: StandbyQueue,
+}
+
+/// Protections whose standby manifests wait to be applied. A set: a protection that
+/// commits faster than its manifests apply is applied once, for its newest gen, and the
+/// queue never holds more than one entry per protection.
+#[derive(Default)]
+pub struct StandbyQueue {
+    pending: std::sync::Mutex<BTreeSet<ProtectionName>>,
+    notify: Notify,
+}
+
+impl StandbyQueue {
+    pub fn push(&self, prot: &ProtectionName) {
+        self.pending
+            .lock()
+            .expect("standby queue")
+            .insert(prot.clone());
+        self.notify.notify_one();
+    }
+
+    /// The next protection to apply, waiting for one.
+    pub async fn next(&self) -> ProtectionName {
+        loop {
+            if let Some(p) = self.pending.lock().expect("standby queue").pop_first() {
+                return p;
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+impl Deref for Dr {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+impl Dr {
+    pub fn new(shared: Arc<Shared>) -> Dr {
+        let locks = shared
+            .config
+            .protections
+            .iter()
+            .map(|p| (p.name.clone(), ProtectionLock::new(p.name.clone())))
+            .collect();
+        Dr {
+            shared,
+            locks,
+            manifests_lock: tokio::sync::Mutex::new(()),
+            standby: StandbyQueue::default(),
+        }
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The lock of a configured protection.
+    pub fn lock_of(&self, prot: &str) -> Option<&ProtectionLock> {
+        self.locks.get(prot)
+    }
+
+    /// Asks the standby task to apply the consistent gen's manifests of `prot`.
+    pub fn request_standby(&self, prot: &ProtectionName) {
+        self.standby.push(prot);
+    }
+}

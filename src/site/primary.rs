@@ -1,0 +1,37 @@
+//! The primary's context: the shared state plus its link to the DR site.
+
+use std::ops::Deref;
+use std::sync::Arc;
+
+use tokio_util::task::TaskTracker;
+
+use crate::site::peer::PeerLink;
+use crate::site::Shared;
+
+pub struct Primary {
+    shared: Arc<Shared>,
+    pub peer: PeerLink,
+    /// Work off the cycle's path (removing old snapshots), drained at shutdown.
+    pub background: TaskTracker,
+}
+
+impl Deref for Primary {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+impl Primary {
+    pub fn new(shared: Arc<Shared>, peer: PeerLink, background: TaskTracker) -> Primary {
+        Primary {
+            shared,
+            peer,
+            background,
+        }
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}

@@ -1,0 +1,356 @@
+//! The records the state store keeps, and the pure changes a protection's record goes
+//! through (acknowledge, reconcile, fence, fail over). Each change is one function of the
+//! record, so the rules can be read and tested without RocksDB; [`super::transitions`]
+//! makes each one durable in one synced batch.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use super::schema::RECORD_VERSION;
+use crate::ids::{ChunkHash, Epoch, Gen, Point, VolumeName};
+
+/// Geometry and root of one volume at a point.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct VolumeRecord {
+    pub size: u64,
+    pub chunk_size: u32,
+    pub root: ChunkHash,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PointRecord {
+    pub point: Point,
+    pub volumes: BTreeMap<VolumeName, VolumeRecord>,
+}
+
+impl PointRecord {
+    /// The volume's record at this point, if it was recorded at `chunk_size`: only then can
+    /// its index serve as a base.
+    pub fn volume_at(&self, volume: &str, chunk_size: u32) -> Option<&VolumeRecord> {
+        self.volumes
+            .get(volume)
+            .filter(|v| v.chunk_size == chunk_size)
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct FailoverRecord {
+    pub at_ms: u64,
+    pub gen: Option<Gen>,
+    pub snapshot_taken_at_ms: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct FenceRecord {
+    pub at_ms: u64,
+    pub message: String,
+}
+
+/// Durable state of one protection at one site.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ProtectionRecord {
+    pub v: u32,
+    pub epoch: Epoch,
+    /// Primary: the acknowledged base. DR: the consistent point.
+    pub point: Option<PointRecord>,
+    /// Primary: a gen whose index was written but whose acknowledgement has not arrived.
+    pub tentative: Option<PointRecord>,
+    /// DR: set by failover; the site takes no more replication for this protection.
+    pub failed_over: Option<FailoverRecord>,
+    /// Primary: set when the DR site refused us for a newer epoch.
+    pub fenced: Option<FenceRecord>,
+}
+
+impl Default for ProtectionRecord {
+    fn default() -> Self {
+        ProtectionRecord {
+            v: RECORD_VERSION,
+            epoch: Epoch(1),
+            point: None,
+            tentative: None,
+            failed_over: None,
+            fenced: None,
+        }
+    }
+}
+
+/// What [`ProtectionRecord::reconcile`] did with a tentative gen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reconciled {
+    /// No tentative gen.
+    Nothing,
+    /// The DR site committed it (its acknowledgement was lost): it is the base now.
+    Adopted(Gen),
+    /// The DR site does not have it: dropped.
+    Dropped(Gen),
+}
+
+impl ProtectionRecord {
+    /// The gen of the point, if any.
+    pub fn point_gen(&self) -> Option<Gen> {
+        self.point.as_ref().map(|p| p.point.gen)
+    }
+
+    /// The gens whose indexes the primary must keep: the base and the tentative gen.
+    pub fn kept_gens(&self) -> Vec<Gen> {
+        self.point
+            .iter()
+            .chain(self.tentative.iter())
+            .map(|r| r.point.gen)
+            .collect()
+    }
+
+    /// Primary: brings the record in line with what the DR site has committed. A tentative
+    /// gen the DR site committed (with its volumes recorded) becomes the base; any other
+    /// tentative gen is dropped.
+    pub fn reconcile(&mut self, dr_point: Option<Point>) -> Reconciled {
+        match self.tentative.take() {
+            None => Reconciled::Nothing,
+            Some(t) if Some(t.point) == dr_point && !t.volumes.is_empty() => {
+                let gen = t.point.gen;
+                self.point = Some(t);
+                Reconciled::Adopted(gen)
+            }
+            Some(t) => Reconciled::Dropped(t.point.gen),
+        }
+    }
+
+    /// Primary: the DR site acknowledged the tentative gen; it becomes the base.
+    pub fn acknowledge(&mut self) -> Result<Gen> {
+        let Some(t) = self.tentative.take() else {
+            bail!("acknowledged a cycle with no tentative gen");
+        };
+        let gen = t.point.gen;
+        self.point = Some(t);
+        Ok(gen)
+    }
+
+    /// Primary: the DR site refused us for a newer epoch; we stop for good.
+    pub fn fence(&mut self, message: String, at_ms: u64) {
+        self.fenced = Some(FenceRecord { at_ms, message });
+    }
+
+    /// DR: failover raises the epoch (once) and records which point was recovered.
+    /// Returns false when the protection had already failed over.
+    pub fn fail_over(&mut self, at_ms: u64) -> bool {
+        if self.failed_over.is_some() {
+            return false;
+        }
+        self.epoch = Epoch(self.epoch.0 + 1);
+        self.failed_over = Some(FailoverRecord {
+            at_ms,
+            gen: self.point.as_ref().map(|p| p.point.gen),
+            snapshot_taken_at_ms: self.point.as_ref().map(|p| p.point.taken_at_ms),
+        });
+        true
+    }
+}
+
+/// The DR site's group-commit record: the gen's staged volumes are complete and verified.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct CommitRecord {
+    pub v: u32,
+    pub point: PointRecord,
+    /// Volume → staging log path.
+    pub logs: BTreeMap<VolumeName, PathBuf>,
+    /// Volumes whose "log" is a complete new replica file, renamed into place on apply
+    /// (a first full sync onto a replica that did not exist).
+    #[serde(default)]
+    pub fresh: BTreeSet<VolumeName>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct StagedVolume {
+    pub v: u32,
+    pub cycle: u64,
+    pub log: PathBuf,
+    pub record: VolumeRecord,
+    /// `log` is a new replica file, not a staging log.
+    #[serde(default)]
+    pub fresh: bool,
+}
+
+pub(super) fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialise")
+}
+
+/// Decodes a JSON record, refusing one of another format version by name: a downgraded
+/// daemon must not misread what a newer one wrote.
+pub(super) fn decode<T: DeserializeOwned>(what: &str, key: &[u8], v: &[u8]) -> Result<T> {
+    #[derive(Deserialize)]
+    struct Version {
+        v: Option<u32>,
+    }
+    let key = String::from_utf8_lossy(key);
+    let version = serde_json::from_slice::<Version>(v).map(|h| h.v);
+    match version {
+        Ok(Some(RECORD_VERSION)) => {}
+        Ok(Some(other)) => bail!(
+            "{what} record {key:?} in the state store has format version {other}; this lifeboat reads version {RECORD_VERSION} (was the store written by another lifeboat release?)"
+        ),
+        Ok(None) => bail!(
+            "{what} record {key:?} in the state store has no format version; expected version {RECORD_VERSION}"
+        ),
+        Err(e) => bail!("decode {what} record {key:?} in the state store: {e} (the store is damaged)"),
+    }
+    serde_json::from_slice(v).map_err(|e| {
+        anyhow::anyhow!(
+            "decode {what} record {key:?} in the state store: {e} (the store is damaged)"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::CycleId;
+
+    fn point(gen: u64) -> Point {
+        Point {
+            gen: Gen(gen),
+            cycle: CycleId(gen * 10 + 1),
+            taken_at_ms: gen * 1000,
+        }
+    }
+
+    fn record(gen: u64, with_volume: bool) -> PointRecord {
+        let mut volumes = BTreeMap::new();
+        if with_volume {
+            let root = ChunkHash([gen as u8; 32]);
+            volumes.insert(
+                VolumeName::new("v").unwrap(),
+                VolumeRecord {
+                    size: 1,
+                    chunk_size: 65536,
+                    root,
+                },
+            );
+        }
+        PointRecord {
+            point: point(gen),
+            volumes,
+        }
+    }
+
+    #[test]
+    fn reconcile_table() {
+        // (base, tentative, DR site's point) -> (outcome, base after)
+        let rows = [
+            (None, None, None, Reconciled::Nothing, None),
+            (Some(1), None, Some(1), Reconciled::Nothing, Some(1)),
+            // The acknowledgement of gen 2 was lost: the DR site has it.
+            (
+                Some(1),
+                Some((2, true)),
+                Some(2),
+                Reconciled::Adopted(Gen(2)),
+                Some(2),
+            ),
+            // Gen 2 never committed: the base stays.
+            (
+                Some(1),
+                Some((2, true)),
+                Some(1),
+                Reconciled::Dropped(Gen(2)),
+                Some(1),
+            ),
+            // A tentative gen killed before its volumes were recorded is never adopted.
+            (
+                Some(1),
+                Some((2, false)),
+                Some(2),
+                Reconciled::Dropped(Gen(2)),
+                Some(1),
+            ),
+            // A first cycle whose ack was lost.
+            (
+                None,
+                Some((1, true)),
+                Some(1),
+                Reconciled::Adopted(Gen(1)),
+                Some(1),
+            ),
+        ];
+        for (base, tentative, dr, outcome, after) in rows {
+            let mut rec = ProtectionRecord {
+                point: base.map(|g| record(g, true)),
+                tentative: tentative.map(|(g, v)| record(g, v)),
+                ..Default::default()
+            };
+            let got = rec.reconcile(dr.map(point));
+            assert_eq!(got, outcome, "{base:?} {tentative:?} {dr:?}");
+            assert_eq!(
+                rec.point_gen(),
+                after.map(Gen),
+                "{base:?} {tentative:?} {dr:?}"
+            );
+            assert!(rec.tentative.is_none());
+        }
+    }
+
+    #[test]
+    fn acknowledge_makes_the_tentative_gen_the_base_and_needs_one() {
+        let mut rec = ProtectionRecord {
+            point: Some(record(1, true)),
+            tentative: Some(record(2, true)),
+            ..Default::default()
+        };
+        assert_eq!(rec.kept_gens(), vec![Gen(1), Gen(2)]);
+        assert_eq!(rec.acknowledge().unwrap(), Gen(2));
+        assert_eq!(rec.point_gen(), Some(Gen(2)));
+        assert!(rec.acknowledge().is_err());
+    }
+
+    #[test]
+    fn failing_over_raises_the_epoch_once() {
+        let mut rec = ProtectionRecord {
+            point: Some(record(4, true)),
+            ..Default::default()
+        };
+        assert!(rec.fail_over(7));
+        assert_eq!(rec.epoch, Epoch(2));
+        let f = rec.failed_over.clone().unwrap();
+        assert_eq!((f.gen, f.snapshot_taken_at_ms), (Some(Gen(4)), Some(4000)));
+        assert!(!rec.fail_over(8));
+        assert_eq!(rec.epoch, Epoch(2));
+    }
+
+    #[test]
+    fn records_of_another_version_are_refused_by_name() {
+        let rec = ProtectionRecord::default();
+        let ok: ProtectionRecord = decode("protection", b"p", &json(&rec)).unwrap();
+        assert_eq!(ok, rec);
+        let mut newer = serde_json::to_value(&rec).unwrap();
+        newer["v"] = 2.into();
+        let err = decode::<ProtectionRecord>("protection", b"p", newer.to_string().as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("format version 2") && err.contains("\"p\""),
+            "{err}"
+        );
+        let err = decode::<ProtectionRecord>("protection", b"p", b"{\"epoch\":1}")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no format version"), "{err}");
+        let err = decode::<ProtectionRecord>("protection", b"p", b"\x00garbage")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("damaged"), "{err}");
+        // A stored volume name is checked like a configured one.
+        let mut bad = serde_json::to_value(ProtectionRecord {
+            point: Some(record(1, true)),
+            ..Default::default()
+        })
+        .unwrap();
+        let vols = bad["point"]["volumes"].as_object_mut().unwrap();
+        let v = vols.remove("v").unwrap();
+        vols.insert("../x".into(), v);
+        assert!(
+            decode::<ProtectionRecord>("protection", b"p", bad.to_string().as_bytes()).is_err()
+        );
+    }
+}
