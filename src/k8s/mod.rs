@@ -5,6 +5,7 @@
 
 pub mod apply;
 pub mod bundle;
+pub mod closure;
 pub mod collect;
 pub mod kinds;
 pub mod labels;

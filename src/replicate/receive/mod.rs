@@ -7,6 +7,8 @@
 pub mod cycle;
 pub mod hashes;
 pub mod intake;
+#[cfg(test)]
+mod intake_tests;
 pub mod machine;
 #[cfg(test)]
 mod machine_tests;
