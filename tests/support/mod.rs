@@ -165,10 +165,14 @@ impl SiteProc {
     }
 
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            c.wait().unwrap();
-        }
+        self.terminate();
+    }
+
+    /// SIGTERM, and how the daemon exited.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        Some(c.wait().unwrap())
     }
 
     pub fn status(&self) -> SiteStatus {
@@ -222,6 +226,8 @@ pub struct PairOptions {
     pub dr_site: &'static str,
     /// Extra lines for the primary's `[[protection]]` table.
     pub primary_protection: &'static str,
+    /// Extra lines for the primary's `[peer]` table.
+    pub primary_peer: &'static str,
     /// Appended to the primary's config (after its protection): `[protection.kubernetes]`
     /// and `[kubernetes]` tables.
     pub primary_tail: String,
@@ -238,6 +244,7 @@ impl Default for PairOptions {
             relay: false,
             dr_site: "",
             primary_protection: "",
+            primary_peer: "",
             primary_tail: String::new(),
             dr_tail: String::new(),
         }
@@ -279,7 +286,7 @@ impl Pair {
             format!("\n[[protection]]\nname = \"{PROT}\"\ninterval = \"1h\"\nsync_on_start = false\nchunk_size = \"{}\"\n{extra}\n{vols}", opts.chunk_size)
         };
         let primary_cfg = d.join("primary.toml");
-        fs::write(&primary_cfg, format!("[site]\nname = \"primary\"\nrole = \"primary\"\nstate_dir = \"pstate\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/primary.pem\"\nkey = \"certs/primary.key\"\n[peer]\naddress = \"127.0.0.1:{peer_port}\"\nserver_name = \"dr\"\n[control]\naddress = \"127.0.0.1:{pctl}\"\n{}", prot(opts.primary_protection, &pvols) + &opts.primary_tail)).unwrap();
+        fs::write(&primary_cfg, format!("[site]\nname = \"primary\"\nrole = \"primary\"\nstate_dir = \"pstate\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/primary.pem\"\nkey = \"certs/primary.key\"\n[peer]\naddress = \"127.0.0.1:{peer_port}\"\nserver_name = \"dr\"\n{}\n[control]\naddress = \"127.0.0.1:{pctl}\"\n{}", opts.primary_peer, prot(opts.primary_protection, &pvols) + &opts.primary_tail)).unwrap();
         let dr_cfg = d.join("dr.toml");
         fs::write(&dr_cfg, format!("[site]\nname = \"dr\"\nrole = \"dr\"\nstate_dir = \"dstate\"\n{}\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/dr.pem\"\nkey = \"certs/dr.key\"\n[listen]\naddress = \"127.0.0.1:{quic}\"\n[control]\naddress = \"127.0.0.1:{dctl}\"\n{}", opts.dr_site, prot("", &dvols) + &opts.dr_tail)).unwrap();
         let site = |name: &'static str, config: PathBuf, port: u16, state: &str| SiteProc {
