@@ -8,20 +8,24 @@
 //! Modules, in data-flow order:
 //! - [`config`]: the TOML config, validated with every problem reported at once.
 //! - [`ids`]: typed identifiers (chunk hashes, gens, epochs, names, points).
+//! - [`rules`]: pre and post rules (local commands, Stork Rules, Velero hook annotations)
+//!   run with a barrier around each group snapshot.
 //! - [`volume`]: group snapshots with pre/post hooks, staging logs, writing replicas.
 //! - [`engine`]: chunk geometry, the scanner that hashes on all cores (skipping extents the
 //!   base snapshot shares), the ordered diff against packed index segments, compression
 //!   and 4 KiB block refinement.
+//! - [`k8s`]: Kubernetes mode: collecting a protection's objects, cleaning and mapping them
+//!   into the bundle that travels with each gen, and applying it at the DR site.
 //! - [`store`]: the RocksDB state store and its schema.
 //! - [`net`]: the wire protocol, TLS material, QUIC endpoints and the bandwidth cap.
 //! - [`site`]: the daemon: scheduler, sender, receiver, recovery, failover, control API.
 //! - [`metrics`]: every Prometheus metric.
-//! - [`cli`]: the command line; [`demo`]: the two-site demonstration.
+//! - [`cli`]: the command line, the control API client, and the two-site demonstration
+//!   (`lifeboat demo`).
 //! - [`failpoint`]: stop points for kill -9 tests.
 
 pub mod cli;
 pub mod config;
-pub mod demo;
 pub mod engine;
 pub mod failpoint;
 pub mod ids;
