@@ -28,14 +28,13 @@
 //! - [`daemon`]: `lifeboat run`: start-up, the scheduler, the control API, ordered shutdown.
 //! - [`api`]: the control API's types and client, shared by the daemon, CLI and tests.
 //! - [`metrics`]: every Prometheus metric.
-//! - [`cli`]: the command line; [`demo`]: the two-site demonstration.
+//! - [`cli`]: the command line and the two-site demonstration (`lifeboat demo`).
 //! - [`failpoint`]: stop points for kill -9 tests.
 
 pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemon;
-pub mod demo;
 pub mod engine;
 pub mod failpoint;
 pub mod ids;

@@ -17,7 +17,6 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
-use crate::config::KubeSettings;
 use labels::Selector;
 use transform::Modifiers;
 
@@ -33,6 +32,15 @@ pub const SUSPEND_ANNOTATION: &str = "lifeboat.dev/suspend";
 pub const STANDBY_NODE_LABEL: &str = "lifeboat.dev/standby-never-scheduled";
 /// The field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "lifeboat";
+
+/// How the daemon reaches its cluster (the validated `[kubernetes]` table): a kubeconfig
+/// file (and context), or, without one, the in-cluster service account (or `$KUBECONFIG`,
+/// as kubectl infers it).
+#[derive(Debug, Clone, Default)]
+pub struct KubeSettings {
+    pub kubeconfig: Option<PathBuf>,
+    pub context: Option<String>,
+}
 
 /// A protection's selection in its cluster (`[protection.kubernetes]`).
 #[derive(Debug, Clone)]

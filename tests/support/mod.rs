@@ -20,7 +20,7 @@ pub mod relay;
 pub const PROT: &str = "p";
 
 pub fn b3(path: &Path) -> String {
-    lifeboat::demo::file_blake3(path).unwrap_or_else(|e| panic!("hash {}: {e:#}", path.display()))
+    lifeboat::volume::file_blake3(path).unwrap_or_else(|e| panic!("hash {}: {e:#}", path.display()))
 }
 
 pub fn free_tcp() -> u16 {

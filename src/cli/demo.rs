@@ -5,7 +5,7 @@
 //! equals the primary's snapshot of the recovered gen. Exits non-zero if a check fails.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::net::{TcpListener, UdpSocket};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -17,8 +17,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use rand::{Rng, RngCore, SeedableRng};
 
+use super::render::{human_bytes, render_cycle, render_failover};
+use crate::api::Client;
 use crate::api::{CycleReport, FailoverReport, SiteStatus};
-use crate::cli::{human_bytes, render_cycle, Client};
+use crate::volume::file_blake3;
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
@@ -38,21 +40,6 @@ pub struct DemoArgs {
 
 fn parse_size(s: &str) -> Result<u64, String> {
     crate::config::parse_size(s)
-}
-
-/// blake3 of a whole file, as hex.
-pub fn file_blake3(path: &Path) -> Result<String> {
-    let mut h = blake3::Hasher::new();
-    let mut f = File::open(path).with_context(|| format!("open {}", path.display()))?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().to_hex().to_string())
 }
 
 fn free_tcp_port() -> Result<u16> {
@@ -346,7 +333,7 @@ fn demo(args: &DemoArgs, dir: &Path, started: Instant) -> Result<bool> {
 
     println!("5. failover at the DR site");
     let fo: FailoverReport = drc.post("/v1/protections/demo-db/failover")?;
-    print!("{}", crate::cli::render_failover(&fo));
+    print!("{}", render_failover(&fo));
 
     println!("6. checks");
     let mut ok = true;

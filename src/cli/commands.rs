@@ -1,0 +1,131 @@
+//! The commands that are more than one control API call: failover through the daemon or,
+//! when it is down, directly on the state store; planned failover's first half at the
+//! primary; export; and the helpers they share.
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+
+use super::{Output, Target};
+use crate::api::{
+    Client, CycleReport, Exported, FailoverOptions, FailoverReport, Step, Unreachable,
+};
+use crate::config::{self, ConfigError};
+
+/// A client of the site named by `--control`, or by the `[control]` address of `--config`.
+pub(super) fn client(target: &Target) -> Result<Client> {
+    let addr = match (&target.control, &target.config) {
+        (Some(a), _) => a.clone(),
+        (None, Some(c)) => load_config(c)?.control.to_string(),
+        (None, None) => bail!("say which site: --config FILE or --control HOST:PORT"),
+    };
+    Ok(Client::at(&addr))
+}
+
+/// Prints a report as JSON or as text.
+pub(super) fn show<T: serde::Serialize>(
+    output: Output,
+    value: &T,
+    text: impl Fn(&T) -> String,
+) -> Result<ExitCode> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Output::Text => print!("{}", text(value)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) fn load_config(path: &std::path::Path) -> Result<config::Config> {
+    config::load(path).map_err(|e: ConfigError| anyhow::anyhow!("{e}"))
+}
+
+/// Failover through the daemon, or directly on the state store when the daemon is down
+/// (the usual case in a real disaster is that the DR daemon is fine, but not always).
+pub(super) fn failover(
+    target: &Target,
+    protection: &str,
+    opts: &FailoverOptions,
+) -> Result<FailoverReport> {
+    let client = client(target)?;
+    let path = format!(
+        "/v1/protections/{protection}/failover?dry_run={}&ready_timeout_secs={}",
+        opts.dry_run, opts.ready_timeout_secs
+    );
+    match client.post::<FailoverReport>(&path) {
+        Ok(r) => Ok(r),
+        Err(e) if e.downcast_ref::<Unreachable>().is_some() && target.config.is_some() => {
+            eprintln!("{e}; failing over directly on the state store");
+            offline(target, |shared| async move {
+                let dr = crate::site::dr::Dr::new(shared);
+                Ok(crate::lifecycle::failover::failover(&dr, protection, opts).await?)
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Planned failover's first half, at the primary: scale the workloads down, then a final
+/// cycle, so the DR site's consistent point has everything written before.
+pub(super) fn planned_steps(primary: &str, protection: &str) -> Result<Vec<Step>> {
+    let client = Client::at(primary);
+    let t = std::time::Instant::now();
+    let done: Vec<String> = client
+        .post(&format!("/v1/protections/{protection}/quiesce"))
+        .context("planned failover: scale down the primary's workloads (drop --planned if the primary is lost)")?;
+    let mut steps = vec![Step {
+        what: format!("scale down the primary's workloads ({})", done.join(", ")),
+        seconds: t.elapsed().as_secs_f64(),
+    }];
+    let t = std::time::Instant::now();
+    let r: CycleReport = client
+        .post(&format!("/v1/protections/{protection}/sync"))
+        .context("planned failover: the final cycle")?;
+    steps.push(Step {
+        what: format!("final cycle: gen {} committed at the DR site", r.gen),
+        seconds: t.elapsed().as_secs_f64(),
+    });
+    Ok(steps)
+}
+
+/// Runs `f` on a site's state opened from the config file, for when the daemon is down.
+fn offline<T, F, Fut>(target: &Target, f: F) -> Result<T>
+where
+    F: FnOnce(std::sync::Arc<crate::site::Shared>) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let path = target
+        .config
+        .as_ref()
+        .context("--config is needed to work without the daemon")?;
+    let cfg = load_config(path)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let db = cfg.state_dir.join("db");
+        let store = tokio::task::spawn_blocking(move || crate::store::Store::open(&db)).await??;
+        let shared = std::sync::Arc::new(crate::site::Shared::open(cfg, store).await?);
+        f(shared).await
+    })
+}
+
+pub(super) fn export(
+    target: &Target,
+    protection: &str,
+    gen: Option<u64>,
+    standby: bool,
+) -> Result<Exported> {
+    let client = client(target)?;
+    let mut path = format!("/v1/protections/{protection}/manifests?standby={standby}");
+    if let Some(g) = gen {
+        path.push_str(&format!("&gen={g}"));
+    }
+    match client.get(&path) {
+        Ok(r) => Ok(r),
+        Err(e) if e.downcast_ref::<Unreachable>().is_some() && target.config.is_some() => {
+            eprintln!("{e}; reading the state store directly");
+            offline(target, |shared| async move {
+                crate::lifecycle::standby::export(&shared, protection, gen, standby).await
+            })
+        }
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,255 @@
+//! The command line: clap definitions and the dispatch of each command.
+//!
+//! Files:
+//! - `mod.rs`: the clap definitions ([`Cli`], [`Command`], ...), [`init_tracing`], [`run`].
+//! - `commands.rs`: what the commands do beyond one API call: failover (through the daemon
+//!   or, with it down, on the state store), planned failover's first half, export.
+//! - `render.rs`: the text form of status, cycle and failover reports.
+//! - `demo.rs`: `lifeboat demo`, two sites on this machine.
+
+mod commands;
+pub mod demo;
+mod render;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub use crate::api::Client;
+use commands::{client, export, failover, load_config, planned_steps, show};
+pub use render::{human_bytes, render_cycle, render_failover, render_status};
+
+use crate::api::{CycleReport, FailoverOptions, SiteStatus};
+use crate::config;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lifeboat",
+    version,
+    about = "Continuous disaster recovery between two sites",
+    long_about = "Continuous disaster recovery between two sites.\n\n\
+        A daemon runs at each site. The primary snapshots each protected group of volumes, \
+        diffs it against the last replicated gen in blake3-hashed chunks and streams only \
+        the changes over QUIC with mutual TLS; the DR site commits the whole group at once, \
+        so its replicas always sit at one consistent point.\n\n\
+        New here? Run `lifeboat demo` to watch two sites on this machine replicate and fail over.",
+    after_help = "Typical set-up:\n  lifeboat certs --out certs --site primary --site dr\n  lifeboat check-config config/dr.toml && lifeboat run --config config/dr.toml\n  lifeboat run --config config/primary.toml\n  lifeboat status --config config/primary.toml\n  lifeboat failover --config config/dr.toml --protection NAME"
+)]
+pub struct Cli {
+    /// Log filter (RUST_LOG syntax), e.g. `info` or `lifeboat=debug`.
+    #[arg(long, global = true, default_value = "info", env = "LIFEBOAT_LOG")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Target {
+    /// The site's config file (its [control] address is used).
+    #[arg(short, long)]
+    pub config: Option<PathBuf>,
+    /// The control API address (host:port), instead of --config.
+    #[arg(long)]
+    pub control: Option<String>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a site's daemon (primary or DR, as the config says).
+    Run {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Show each protection: role, consistent gen and its age, last cycle, errors, peer.
+    Status {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Run a replication cycle now (at the primary) and wait for its result.
+    Sync {
+        #[command(flatten)]
+        target: Target,
+        #[arg(short, long)]
+        protection: String,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Fail over a protection at the DR site: fence the old primary (raise the epoch) and
+    /// leave the replicas at the consistent point. Kubernetes protections: apply that gen's
+    /// manifests with the primary's replica counts, resume CronJobs, and wait until the
+    /// workloads are ready. Prints each step and its time. Works with the daemon stopped.
+    Failover {
+        #[command(flatten)]
+        target: Target,
+        #[arg(short, long)]
+        protection: String,
+        /// Print the plan (epoch, gen, objects, scaling) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// How long to wait for workloads to report ready replicas.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        ready_timeout: Duration,
+        /// The primary is reachable: scale its workloads down and run a final cycle first,
+        /// so nothing written before is lost. Needs --primary.
+        #[arg(long, requires = "primary")]
+        planned: bool,
+        /// The primary daemon's control address (HOST:PORT), for --planned.
+        #[arg(long)]
+        primary: Option<String>,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Write a gen's DR-ready manifests (Kubernetes protections) as YAML files, one per
+    /// object, numbered in apply order: for review, or to commit to a GitOps repository.
+    Export {
+        #[command(flatten)]
+        target: Target,
+        #[arg(short, long)]
+        protection: String,
+        /// The gen (default: the consistent gen). The DR site keeps the last 16 gens.
+        #[arg(long)]
+        gen: Option<u64>,
+        /// The standby form (workloads at zero, CronJobs suspended) instead of the form
+        /// failover applies.
+        #[arg(long)]
+        standby: bool,
+        /// Directory to write into (created if missing).
+        dir: PathBuf,
+    },
+    /// Create a pair CA and a certificate for each site (keys are written with mode 0600).
+    Certs {
+        /// Directory to write ca.pem, ca.key, SITE.pem and SITE.key into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Site names; each becomes a certificate's DNS name (the peer's server_name).
+        #[arg(long = "site", default_values_t = ["primary".to_string(), "dr".to_string()])]
+        sites: Vec<String>,
+        /// Extra DNS names or IP addresses for every site certificate.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
+    /// Check a config file and report every problem at once, each with its key.
+    CheckConfig { config: PathBuf },
+    /// Two sites on this machine: initial sync, incremental cycles under a writer,
+    /// failover, and a blake3 proof that the recovered replica equals its snapshot.
+    Demo(demo::DemoArgs),
+}
+
+pub fn init_tracing(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Run { config } => {
+            let cfg = load_config(&config)?;
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(crate::daemon::run(cfg))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig { config } => match config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} site {:?}, {} protection(s))",
+                    config.display(),
+                    c.role,
+                    c.site_name,
+                    c.protections.len()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                Ok(ExitCode::from(2))
+            }
+        },
+        Command::Certs { out, sites, sans } => {
+            let g = crate::net::tls::generate(&out, &sites, &sans)?;
+            println!(
+                "pair CA: {} (keep {} offline)",
+                g.ca_cert.display(),
+                g.ca_key.display()
+            );
+            for (site, f) in g.sites {
+                println!(
+                    "site {site}: cert {} key {}",
+                    f.cert.display(),
+                    f.key.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { target, output } => {
+            let s: SiteStatus = client(&target)?.get("/v1/status")?;
+            show(output, &s, render_status)
+        }
+        Command::Sync {
+            target,
+            protection,
+            output,
+        } => {
+            let r: CycleReport =
+                client(&target)?.post(&format!("/v1/protections/{protection}/sync"))?;
+            show(output, &r, |r| render_cycle(r) + "\n")
+        }
+        Command::Failover {
+            target,
+            protection,
+            dry_run,
+            ready_timeout,
+            planned,
+            primary,
+            output,
+        } => {
+            let opts = FailoverOptions {
+                dry_run,
+                ready_timeout_secs: ready_timeout.as_secs().max(1),
+            };
+            let mut before = Vec::new();
+            if let (true, Some(addr), false) = (planned, &primary, dry_run) {
+                before = planned_steps(addr, &protection)?;
+            }
+            let mut r = failover(&target, &protection, &opts)?;
+            r.steps.splice(0..0, before);
+            show(output, &r, render_failover)
+        }
+        Command::Export {
+            target,
+            protection,
+            gen,
+            standby,
+            dir,
+        } => {
+            let e = export(&target, &protection, gen, standby)?;
+            let files = crate::k8s::bundle::export(&e.objects, &dir)?;
+            println!(
+                "wrote {} objects of gen {} ({} form) to {}",
+                files.len(),
+                e.gen,
+                if e.standby { "standby" } else { "failover" },
+                dir.display()
+            );
+            for w in &e.warnings {
+                println!("warning: {w}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo(args) => demo::run(args),
+    }
+}

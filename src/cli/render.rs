@@ -1,0 +1,177 @@
+//! The text form of the reports: status, a cycle, a failover.
+
+use crate::api::{CycleReport, FailoverReport, KubeStatus, SiteStatus};
+
+pub fn human_bytes(n: u64) -> String {
+    bytesize::ByteSize(n).display().iec().to_string()
+}
+
+pub fn render_cycle(r: &CycleReport) -> String {
+    let resync: Vec<_> = r
+        .volumes
+        .iter()
+        .filter(|v| v.resync)
+        .map(|v| v.name.as_str())
+        .collect();
+    format!(
+        "gen {} in {:.2}s: scanned {}, changed {}, sent {} in {} chunks ({} zero markers), {} on the wire{}",
+        r.gen,
+        r.seconds,
+        human_bytes(r.bytes_scanned),
+        human_bytes(r.bytes_changed),
+        human_bytes(r.chunk_bytes_sent),
+        r.chunks_sent,
+        r.zero_chunks_sent,
+        human_bytes(r.wire_bytes),
+        if resync.is_empty() { String::new() } else { format!("; resynced by hash exchange: {}", resync.join(", ")) }
+    )
+}
+
+pub fn render_status(s: &SiteStatus) -> String {
+    let mut out = format!("site {} ({}), lifeboat {}\n", s.site, s.role, s.version);
+    if let Some(p) = &s.peer {
+        out += &format!(
+            "peer {}: {}\n",
+            p.address,
+            if p.connected {
+                "connected"
+            } else {
+                "not connected"
+            }
+        );
+    }
+    for p in &s.protections {
+        out += &format!("\nprotection {}: {} at epoch {}\n", p.name, p.role, p.epoch);
+        match (p.consistent_gen, p.consistent_age_seconds) {
+            (Some(g), Some(age)) => {
+                out += &format!(
+                    "  consistent gen {g}, snapshot taken {age:.1}s ago (RPO target {}s)\n",
+                    p.rpo_target_seconds
+                )
+            }
+            _ => out += "  no consistent gen yet\n",
+        }
+        out += &format!("  activity: {}\n", p.activity);
+        if let Some(c) = &p.last_cycle {
+            out += &format!("  last cycle: {}\n", render_cycle(c));
+        }
+        if let Some(e) = &p.last_error {
+            out += &format!("  last error ({}): {}\n", e.kind.as_str(), e.message);
+        }
+        if let Some(why) = &p.stopped_because {
+            out += &format!("  replication stopped: {why}\n");
+        }
+        if let Some(r) = &p.last_refusal {
+            out += &format!("  last refusal: {}\n", r.message);
+        }
+        if let Some(k) = &p.kubernetes {
+            out += &render_kube(k);
+        }
+        for v in &p.volumes {
+            out += &format!(
+                "  volume {} at {}{}\n",
+                v.name,
+                v.path,
+                v.size
+                    .map(|s| format!(", {}", human_bytes(s)))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    out
+}
+
+pub fn render_failover(r: &FailoverReport) -> String {
+    if r.dry_run {
+        let mut out = format!(
+            "dry run: failover of protection {} would (nothing was changed):\n",
+            r.protection
+        );
+        for (i, s) in r.steps.iter().enumerate() {
+            out += &format!("  {}. {}\n", i + 1, s.what);
+        }
+        match r.recovered_gen {
+            Some(g) => out += &format!("recovering gen {g}\n"),
+            None => out += "no gen was ever replicated: there is nothing to recover\n",
+        }
+        return out;
+    }
+    let mut out = if r.already_failed_over {
+        format!(
+            "protection {} was already failed over (epoch {})\n",
+            r.protection, r.epoch
+        )
+    } else {
+        format!(
+            "failed over protection {} in {:.3}s; epoch is now {}\n",
+            r.protection, r.seconds, r.epoch
+        )
+    };
+    match (r.recovered_gen, r.age_seconds) {
+        (Some(g), Some(a)) => out += &format!("recovered gen {g}, a snapshot taken {a:.1}s ago\n"),
+        _ => out += "no gen was ever replicated: the replicas hold no recovered data\n",
+    }
+    for v in &r.replicas {
+        out += &format!("  replica {}: {}\n", v.name, v.path);
+    }
+    if !r.steps.is_empty() {
+        out += "steps (the recovery time):\n";
+        for s in &r.steps {
+            out += &format!("  {:>8.3}s  {}\n", s.seconds, s.what);
+        }
+    }
+    if let Some(k) = &r.kubernetes {
+        for s in &k.scaled {
+            out += &format!("  scaled {s}\n");
+        }
+        for s in &k.resumed {
+            out += &format!("  resumed {s}\n");
+        }
+        for w in &k.ready {
+            out += &format!(
+                "  ready: {} ({} replicas) after {:.3}s\n",
+                w.workload, w.replicas, w.seconds
+            );
+        }
+    }
+    out
+}
+
+fn render_kube(k: &KubeStatus) -> String {
+    let mut out = String::new();
+    let c = &k.covers;
+    if !c.namespaces.is_empty() {
+        out += &format!(
+            "  kubernetes{}: namespaces {}; {} pods, {} PVCs, {} objects\n",
+            k.gen.map(|g| format!(" (gen {g})")).unwrap_or_default(),
+            c.namespaces.join(", "),
+            c.pods.len(),
+            c.pvcs.len(),
+            c.objects.len()
+        );
+    }
+    for p in &c.pods {
+        out += &format!("    pod {p}\n");
+    }
+    for p in &c.pvcs {
+        out += &format!("    pvc {p}\n");
+    }
+    for o in &c.objects {
+        out += &format!("    {o}\n");
+    }
+    if let Some(a) = &k.applied {
+        out += &format!(
+            "  standby manifests applied: {} objects, {} changed, {} pruned\n",
+            a.applied.len(),
+            a.changed.len(),
+            a.pruned.len()
+        );
+    }
+    if let Some(e) = &k.apply_error {
+        out += &format!("  standby manifests NOT applied: {e}\n");
+    }
+    for w in &k.warnings {
+        out += &format!("  warning: {w}\n");
+    }
+    out
+}

@@ -1,0 +1,131 @@
+//! Validation of the Kubernetes tables: `[kubernetes]` (how this site's daemon reaches its
+//! cluster) and each protection's `[protection.kubernetes]` selection.
+
+use std::path::Path;
+
+use super::raw::{RawKubeProtection, RawKubernetes};
+use super::validate::Validator;
+use super::Role;
+use crate::k8s::{KubeProtection, KubeSettings};
+
+impl Validator {
+    /// `[kubernetes]`, or the defaults (in-cluster service account or `$KUBECONFIG`) when
+    /// it is missing but some protection is a Kubernetes protection.
+    pub(super) fn kube_settings(
+        &mut self,
+        raw: Option<&RawKubernetes>,
+        any_kube_protection: bool,
+    ) -> Option<KubeSettings> {
+        match (raw, any_kube_protection) {
+            (Some(k), _) => Some(KubeSettings {
+                kubeconfig: k
+                    .kubeconfig
+                    .as_deref()
+                    .map(|s| self.path("kubernetes.kubeconfig", s)),
+                context: k.context.clone(),
+            }),
+            (None, true) => Some(KubeSettings::default()),
+            (None, false) => None,
+        }
+    }
+
+    pub(super) fn kube_protection(
+        &mut self,
+        key: &str,
+        k: RawKubeProtection,
+        role: Role,
+    ) -> KubeProtection {
+        use crate::k8s::labels::Selector;
+        let dns_label = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !s.starts_with('-')
+                && !s.ends_with('-')
+        };
+        if role == Role::Primary && k.namespaces.is_empty() {
+            self.problem(
+                format!("{key}.namespaces"),
+                "is empty; expected the namespace(s) to protect, e.g. [\"prod\"]",
+            );
+        }
+        for (i, ns) in k.namespaces.iter().enumerate() {
+            if !dns_label(ns) {
+                self.problem(
+                    format!("{key}.namespaces[{i}]"),
+                    format!("{ns:?} is not a namespace name (lowercase letters, digits and '-', at most 63)"),
+                );
+            }
+        }
+        for (from, to) in &k.namespace_map {
+            if !dns_label(to) {
+                self.problem(
+                    format!("{key}.namespace_map.{from}"),
+                    format!("{to:?} is not a namespace name (lowercase letters, digits and '-', at most 63)"),
+                );
+            }
+        }
+        let selector = k
+            .selector
+            .as_deref()
+            .and_then(|s| match Selector::parse(s) {
+                Ok(sel) => Some(sel),
+                Err(e) => {
+                    self.problem(format!("{key}.selector"), e);
+                    None
+                }
+            });
+        let resource_modifiers = k.resource_modifiers.as_deref().and_then(|s| {
+            let path = self.path(&format!("{key}.resource_modifiers"), s);
+            match crate::k8s::transform::Modifiers::load(&path) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    self.problem(format!("{key}.resource_modifiers"), format!("{e:#}"));
+                    None
+                }
+            }
+        });
+        let volume_path = match k.volume_path.as_deref() {
+            Some(t) if t.contains("{pvc}") => Some(t.to_string()),
+            Some(t) => {
+                self.problem(
+                    format!("{key}.volume_path"),
+                    format!("{t:?} does not contain {{pvc}}; expected a template such as \"/srv/volumes/{{namespace}}/{{pvc}}.img\""),
+                );
+                None
+            }
+            None => {
+                self.problem(
+                    format!("{key}.volume_path"),
+                    "is missing; expected where a PVC's bytes are (primary) or its replica goes (DR), e.g. \"/srv/volumes/{namespace}/{pvc}.img\"",
+                );
+                None
+            }
+        };
+        let volume_path = volume_path.map(|t| {
+            if Path::new(&t).is_absolute() {
+                t
+            } else {
+                self.base.join(t).display().to_string()
+            }
+        });
+        KubeProtection {
+            namespaces: k.namespaces,
+            selector,
+            include_kinds: k.include_kinds,
+            exclude_kinds: k.exclude_kinds,
+            custom_resources: k.custom_resources,
+            exclude_label: k
+                .exclude_label
+                .unwrap_or_else(|| crate::k8s::EXCLUDE_LABEL.to_string()),
+            namespace_map: k.namespace_map,
+            storage_class_map: k.storage_class_map,
+            resource_modifiers,
+            volume_path: volume_path.unwrap_or_default(),
+            pre_rule: k.pre_rule,
+            post_rule: k.post_rule,
+            velero_hooks: k.velero_hooks.unwrap_or(true),
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! The config exactly as read from TOML: serde structs that reject unknown keys and wrong
+//! types (the parser names the key). [`super::validate`] turns them into the validated
+//! types of [`super`].
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    pub(super) site: RawSite,
+    pub(super) tls: RawTls,
+    pub(super) peer: Option<RawPeer>,
+    pub(super) listen: Option<RawListen>,
+    pub(super) control: Option<RawControl>,
+    pub(super) kubernetes: Option<RawKubernetes>,
+    #[serde(default, rename = "protection")]
+    pub(super) protections: Vec<RawProtection>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSite {
+    pub(super) name: String,
+    pub(super) role: String,
+    pub(super) state_dir: String,
+    pub(super) staging_dir: Option<String>,
+    pub(super) min_free_space: Option<String>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub(super) ca: String,
+    pub(super) cert: String,
+    pub(super) key: String,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPeer {
+    pub(super) address: String,
+    pub(super) server_name: String,
+    pub(super) max_bandwidth: Option<String>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawListen {
+    pub(super) address: String,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawControl {
+    pub(super) address: String,
+}
+
+/// `[kubernetes]`: how this site's daemon reaches its own cluster.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawKubernetes {
+    pub(super) kubeconfig: Option<String>,
+    pub(super) context: Option<String>,
+}
+
+/// `[protection.kubernetes]`: what a protection selects in the cluster.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawKubeProtection {
+    #[serde(default)]
+    pub(super) namespaces: Vec<String>,
+    pub(super) selector: Option<String>,
+    #[serde(default)]
+    pub(super) include_kinds: Vec<String>,
+    #[serde(default)]
+    pub(super) exclude_kinds: Vec<String>,
+    #[serde(default)]
+    pub(super) custom_resources: Vec<String>,
+    pub(super) exclude_label: Option<String>,
+    #[serde(default)]
+    pub(super) namespace_map: BTreeMap<String, String>,
+    #[serde(default)]
+    pub(super) storage_class_map: BTreeMap<String, String>,
+    pub(super) resource_modifiers: Option<String>,
+    pub(super) volume_path: Option<String>,
+    /// A Stork Rule object in the (first) protected namespace, run before the snapshot.
+    pub(super) pre_rule: Option<String>,
+    pub(super) post_rule: Option<String>,
+    /// Run Velero's backup hook annotations of the selected pods (default true).
+    pub(super) velero_hooks: Option<bool>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawProtection {
+    pub(super) name: String,
+    pub(super) interval: Option<String>,
+    pub(super) rpo_target: Option<String>,
+    pub(super) chunk_size: Option<String>,
+    pub(super) snapshot: Option<String>,
+    pub(super) snapshot_dir: Option<String>,
+    #[serde(default)]
+    pub(super) pre: Vec<String>,
+    #[serde(default)]
+    pub(super) post: Vec<String>,
+    pub(super) hook_timeout: Option<String>,
+    pub(super) pre_rule: Option<String>,
+    pub(super) post_rule: Option<String>,
+    pub(super) sync_on_start: Option<bool>,
+    pub(super) compression: Option<String>,
+    pub(super) refine: Option<String>,
+    pub(super) kubernetes: Option<RawKubeProtection>,
+    #[serde(default, rename = "volume")]
+    pub(super) volumes: Vec<RawVolume>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawVolume {
+    pub(super) name: String,
+    pub(super) path: String,
+}
