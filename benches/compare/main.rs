@@ -5,6 +5,9 @@
 //!
 //!   cargo bench --bench compare -- --quick|--full [--runs N] [--json FILE] [--no-xfs]
 //!
+//! `LIFEBOAT_BENCH_BIN=path/to/lifeboat` runs another build's daemons instead of this one's
+//! (the baselines and rsync stay the same), to compare two versions side by side.
+//!
 //! Needs rsync, b3sum and zstd (`apt-get install rsync b3sum zstd`). As root with xfsprogs,
 //! the primary's side (image and snapshots) lives on XFS on a loop device, where snapshots
 //! are reflinks as in a production setup; `--no-xfs` keeps everything in the temp dir
@@ -18,8 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use lifeboat::api::Client;
 use lifeboat::api::CycleReport;
-use lifeboat::cli::Client;
 use rand::{Rng, RngCore, SeedableRng};
 use serde::Serialize;
 
@@ -43,6 +46,14 @@ struct Row {
     rss_primary_mib: f64,
     rss_dr_mib: f64,
     note: String,
+}
+
+/// The daemon under test: this build's, or `LIFEBOAT_BENCH_BIN` (another build, to compare
+/// two versions on the same machine in the same hour).
+fn lifeboat_bin() -> PathBuf {
+    std::env::var_os("LIFEBOAT_BENCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_lifeboat")))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -159,7 +170,7 @@ fn start_pair(dir: &Path, image: &Path, replica: &Path, extra: &str) -> Pair {
     fs::write(dir.join("p.toml"), format!("[site]\nname = \"primary\"\nrole = \"primary\"\nstate_dir = \"pstate\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/primary.pem\"\nkey = \"certs/primary.key\"\n[peer]\naddress = \"127.0.0.1:{quic}\"\nserver_name = \"dr\"\n[control]\naddress = \"127.0.0.1:{pctl}\"\n{}", prot(image, &format!("snapshot_dir = \"{}\"", image.parent().unwrap().join("snaps").display())))).unwrap();
     fs::write(dir.join("d.toml"), format!("[site]\nname = \"dr\"\nrole = \"dr\"\nstate_dir = \"dstate\"\nmin_free_space = \"0\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/dr.pem\"\nkey = \"certs/dr.key\"\n[listen]\naddress = \"127.0.0.1:{quic}\"\n[control]\naddress = \"127.0.0.1:{dctl}\"\n{}", prot(replica, ""))).unwrap();
     let spawn = |cfg: &str, ctl: u16| {
-        let child = Command::new(env!("CARGO_BIN_EXE_lifeboat"))
+        let child = Command::new(lifeboat_bin())
             .args(["run", "--config"])
             .arg(dir.join(cfg))
             .env("LIFEBOAT_LOG", "warn")
