@@ -594,7 +594,7 @@ fn failover_scales_up_with_the_manifests_of_the_recovered_gen_and_a_dry_run_chan
     let ctl = s.pair.primary.control.clone();
     std::thread::spawn(move || {
         let _ =
-            lifeboat::cli::Client::at(&ctl).post::<Value>(&format!("/v1/protections/{PROT}/sync"));
+            lifeboat::api::Client::at(&ctl).post::<Value>(&format!("/v1/protections/{PROT}/sync"));
     });
     s.pair.primary.wait_failpoint();
     s.pair.primary.kill9();

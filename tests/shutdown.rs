@@ -49,7 +49,7 @@ fn pair_mid_transfer() -> (
     pair.change_all(400, 7);
     let ctl = pair.primary.control.clone();
     let sync = std::thread::spawn(move || {
-        lifeboat::cli::Client::at(&ctl)
+        lifeboat::api::Client::at(&ctl)
             .post::<serde_json::Value>(&format!("/v1/protections/{PROT}/sync"))
             .map(|_| ())
             .map_err(|e| format!("{e:#}"))

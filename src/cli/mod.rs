@@ -18,7 +18,6 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-pub use crate::api::Client;
 use commands::{client, export, failover, load_config, planned_steps, show};
 pub use render::{human_bytes, render_cycle, render_failover, render_status};
 

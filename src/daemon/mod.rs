@@ -3,8 +3,8 @@
 //! standby manifests at the DR site) and the [`control`] API, and on SIGINT or SIGTERM
 //! shuts down in ordered stages, each with a time budget:
 //!
-//! 1. stop taking work: no new peer connection or stream, no new cycle;
-//! 2. cancel the cycles and streams in flight;
+//! 1. stop taking work: no new peer connection or stream, no new cycle (immediate);
+//! 2. cancel the cycles and streams in flight (a cycle stream frees its staging);
 //! 3. drain background work (standby applies, snapshot removal);
 //! 4. close the QUIC endpoint;
 //! 5. stop the control API, last, so status answers until the end.
@@ -82,7 +82,7 @@ struct Tokens {
     accept: CancellationToken,
     /// Stage 2: cycles and streams in flight.
     cycles: CancellationToken,
-    /// Stage 3: background tasks (the standby applier).
+    /// Stage 3: background tasks take no new work (an apply in progress finishes).
     background: CancellationToken,
     /// Stage 5: the control API.
     control: CancellationToken,
@@ -193,7 +193,7 @@ pub async fn run(config: Config) -> Result<()> {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    tracing::info!("shutting down");
+    tracing::info!("shutting down: no new peer, stream or cycle");
     shared.ready.store(false, Ordering::Relaxed);
     tokens.accept.cancel();
     tokens.cycles.cancel();

@@ -66,9 +66,10 @@ pub async fn run(
         next: first,
         failures: 0,
     };
-    // A protection fenced before this start is fenced still.
+    // A protection fenced before this start is fenced still, and shows it.
     if let Ok(rec) = primary.store.record(&prot.name).await {
         if let Some(f) = rec.fenced {
+            primary.note_error(&name, ErrorKind::Fenced, f.message.clone());
             state = State::Fenced(ErrorReport {
                 kind: ErrorKind::Fenced,
                 message: f.message,
@@ -85,6 +86,7 @@ pub async fn run(
                 };
                 match req {
                     Some(r) => {
+                        primary.metrics.error(&name, ErrorKind::Fenced);
                         let _ = r.reply.send(Err(fence.clone()));
                         continue;
                     }

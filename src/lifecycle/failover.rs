@@ -32,7 +32,7 @@ pub enum FailoverError {
     /// The DR cluster refused or did not reach the active form.
     #[error("{0:#}")]
     Kubernetes(anyhow::Error),
-    /// This site's state store or replicas.
+    /// This site's state store, replicas or kept manifests.
     #[error("{0:#}")]
     Local(anyhow::Error),
 }
@@ -50,24 +50,25 @@ impl FailoverError {
     pub fn metric_label(&self) -> Option<ErrorKind> {
         match self {
             FailoverError::Kubernetes(_) => Some(ErrorKind::Kubernetes),
-            FailoverError::Local(_) => Some(ErrorKind::Store),
+            FailoverError::Local(_) => Some(ErrorKind::Io),
             _ => None,
         }
     }
 }
 
-/// The plan and, in Kubernetes mode, the recovered gen's bundle and objects.
-struct Read {
+/// The plan and, in Kubernetes mode, the recovered gen's bundle and objects and the client
+/// to apply them with.
+struct Read<'a> {
     plan: FailoverPlan,
-    manifests: Option<(Bundle, Vec<Value>)>,
+    manifests: Option<(Bundle, Vec<Value>, &'a kube::Client)>,
 }
 
-/// Reads everything the plan depends on; changes nothing.
-async fn read(dr: &Dr, prot: &Protection) -> Result<Read, FailoverError> {
-    let name = prot.name.clone();
+/// Reads everything the plan depends on and checks what it needs, so a failover that
+/// cannot finish fails before it changes anything.
+async fn read<'a>(dr: &'a Dr, prot: &Protection) -> Result<Read<'a>, FailoverError> {
     let (rec, pending) = dr
         .store
-        .run(move |s| Ok((s.record(&name)?, s.commits(&name)?)))
+        .step(&prot.name, |s, p| Ok((s.record(p)?, s.commits(p)?)))
         .await
         .map_err(FailoverError::Local)?;
     let newest = pending
@@ -75,18 +76,22 @@ async fn read(dr: &Dr, prot: &Protection) -> Result<Read, FailoverError> {
         .map(|c| c.point.point.gen)
         .or(rec.point_gen());
     let manifests = match (&prot.kubernetes, newest) {
-        (Some(_), Some(gen)) => Some(
-            crate::lifecycle::standby::objects(dr.shared(), &prot.name, gen, Form::Active)
-                .await
-                .map_err(FailoverError::Local)?,
-        ),
+        (Some(_), Some(gen)) => {
+            let client = dr
+                .kube(prot.name.as_str())
+                .map_err(FailoverError::Kubernetes)?;
+            let (b, objs) =
+                crate::lifecycle::standby::objects(dr.shared(), &prot.name, gen, Form::Active)
+                    .await
+                    .map_err(FailoverError::Local)?;
+            Some((b, objs, client))
+        }
         _ => None,
     };
-    let objects = match (&prot.kubernetes, &manifests) {
-        (Some(_), Some((_, objs))) => Some(&objs[..]),
-        (Some(_), None) => Some(&[][..]),
-        (None, _) => None,
-    };
+    let objects = prot
+        .kubernetes
+        .as_ref()
+        .map(|_| manifests.as_ref().map_or(&[][..], |(_, o, _)| &o[..]));
     let plan = plan::plan(prot.name.as_str(), &rec, &pending, objects)?;
     Ok(Read { plan, manifests })
 }
@@ -101,40 +106,54 @@ pub async fn failover(
         return Err(FailoverError::WrongSite(dr.config.site_name.clone()));
     }
     let prot = dr.protection(name)?.clone();
-    if opts.dry_run {
-        let read = read(dr, &prot).await?;
-        let rec = dr
-            .store
-            .record(&prot.name)
-            .await
-            .map_err(FailoverError::Local)?;
-        let steps = read
-            .plan
-            .steps
-            .iter()
-            .map(|s| Step {
-                what: s.describe(),
-                seconds: 0.0,
-            })
-            .collect();
-        return Ok(report(&prot, read.plan, &rec, steps, started, true));
-    }
-    let lock = dr.lock_of(name).expect("a lock per protection");
-    let was_failing = lock.begin_failover();
-    let result = run(dr, &prot, lock, opts, started).await;
-    if result.is_err() && !was_failing {
-        lock.abandon_failover();
+    let result = if opts.dry_run {
+        dry_run(dr, &prot, started).await
+    } else {
+        run(dr, &prot, opts, started).await
+    };
+    if let Err(e) = &result {
+        if let Some(kind) = e.metric_label() {
+            dr.metrics.error(name, kind);
+        }
     }
     result
+}
+
+async fn dry_run(
+    dr: &Dr,
+    prot: &Protection,
+    started: Instant,
+) -> Result<FailoverReport, FailoverError> {
+    let read = read(dr, prot).await?;
+    let rec = dr
+        .store
+        .record(&prot.name)
+        .await
+        .map_err(FailoverError::Local)?;
+    let steps = read
+        .plan
+        .steps
+        .iter()
+        .map(|s| Step {
+            what: s.describe(),
+            seconds: 0.0,
+        })
+        .collect();
+    Ok(report(prot, read.plan, &rec, steps, started, true))
 }
 
 async fn run(
     dr: &Dr,
     prot: &Protection,
-    lock: &crate::site::dr::ProtectionLock,
     opts: &FailoverOptions,
     started: Instant,
 ) -> Result<FailoverReport, FailoverError> {
+    let lock = dr
+        .lock_of(prot.name.as_str())
+        .expect("a lock per protection");
+    let mut failing = lock.begin_failover();
+    // The first step's time includes waiting for a cycle in flight to let go.
+    let mut at = Instant::now();
     let locked = lock.lock().await;
     // Read under the lock: no cycle can commit past the plan's point any more.
     let Read {
@@ -142,15 +161,8 @@ async fn run(
         manifests,
     } = read(dr, prot).await?;
     let mut steps = Vec::new();
-    let mut at = Instant::now();
-    let mut done = |what: String, steps: &mut Vec<Step>| {
-        steps.push(Step {
-            what,
-            seconds: at.elapsed().as_secs_f64(),
-        });
-        at = Instant::now();
-    };
     for step in plan.steps.clone() {
+        let mut what = step.describe();
         match &step {
             Planned::Confirm { .. } => {
                 recovery::finish_pending(dr, &locked, prot)
@@ -165,23 +177,18 @@ async fn run(
                     .fail_over(dr, now_ms())
                     .await
                     .map_err(FailoverError::Local)?;
+                failing.kept();
             }
             Planned::Apply { .. } => {
-                let (b, objs) = manifests.as_ref().expect("planned with manifests");
+                let (b, objs, client) = manifests.as_ref().expect("planned with manifests");
                 // Standby applies must not race the active form.
                 let _apply = dr.manifests_lock.lock().await;
-                let client = dr
-                    .kube(prot.name.as_str())
-                    .map_err(FailoverError::Kubernetes)?;
                 crate::k8s::apply::apply(client, prot.name.as_str(), b, objs)
                     .await
                     .map_err(FailoverError::Kubernetes)?;
             }
             Planned::WaitReady => {
-                let (b, objs) = manifests.as_ref().expect("planned with manifests");
-                let client = dr
-                    .kube(prot.name.as_str())
-                    .map_err(FailoverError::Kubernetes)?;
+                let (b, objs, client) = manifests.as_ref().expect("planned with manifests");
                 let ready = crate::k8s::apply::wait_ready(
                     client,
                     b,
@@ -190,12 +197,17 @@ async fn run(
                 )
                 .await
                 .map_err(FailoverError::Kubernetes)?;
+                what = format!("{what}: {} workloads ready", ready.len());
                 if let Some(k) = plan.kubernetes.as_mut() {
                     k.ready = ready;
                 }
             }
         }
-        done(step.describe(), &mut steps);
+        steps.push(Step {
+            what,
+            seconds: at.elapsed().as_secs_f64(),
+        });
+        at = Instant::now();
     }
     drop(locked);
     let rec = dr

@@ -69,10 +69,7 @@ pub async fn export(
     };
     let form = if standby { Form::Standby } else { Form::Active };
     let (b, objects) = objects(shared, &name, gen, form).await?;
-    let kept = {
-        let n = name.clone();
-        shared.store.run(move |s| s.manifest_gens(&n)).await?
-    };
+    let kept = shared.store.step(&name, |s, p| s.manifest_gens(p)).await?;
     Ok(Exported {
         protection: prot.to_string(),
         gen: gen.0,
@@ -84,17 +81,15 @@ pub async fn export(
 }
 
 /// Applies the standby manifests of each protection asked for, one at a time, until
-/// cancelled.
-pub async fn run(dr: Arc<Dr>, cancel: CancellationToken) {
+/// `stop`: an apply in progress then finishes (shutdown drains it within its budget),
+/// and no new one starts.
+pub async fn run(dr: Arc<Dr>, stop: CancellationToken) {
     loop {
         let prot = tokio::select! {
-            _ = cancel.cancelled() => break,
+            _ = stop.cancelled() => break,
             p = dr.standby.next() => p,
         };
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = apply_standby(&dr, &prot) => {}
-        }
+        apply_standby(&dr, &prot).await;
     }
 }
 

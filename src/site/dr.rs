@@ -58,24 +58,23 @@ impl ProtectionLock {
         token
     }
 
-    /// Marks the protection as failing over and cancels the cycle in flight; returns
-    /// whether it was already marked (another failover is running or ran).
-    pub fn begin_failover(&self) -> bool {
+    /// Marks the protection as failing over and cancels the cycle in flight. The mark
+    /// stays only once the returned flag is [`Failing::kept`] (the fence is durable):
+    /// a failover that errs, or whose caller goes away, before that lets replication in
+    /// again.
+    pub fn begin_failover(&self) -> Failing<'_> {
         let was = self.failing_over.swap(true, Ordering::SeqCst);
         if let Some(old) = self.current.lock().expect("protection lock state").take() {
             old.cancel();
         }
-        was
-    }
-
-    /// A failover that failed before it raised the epoch lets replication in again.
-    pub fn abandon_failover(&self) {
-        self.failing_over.store(false, Ordering::SeqCst);
+        Failing {
+            lock: self,
+            keep: was,
+        }
     }
 
     pub async fn lock(&self) -> Locked<'_> {
         Locked {
-            name: &self.name,
             state: self,
             _guard: self.lock.lock().await,
         }
@@ -87,16 +86,37 @@ impl ProtectionLock {
     }
 }
 
+/// A failover in progress: see [`ProtectionLock::begin_failover`].
+pub struct Failing<'a> {
+    lock: &'a ProtectionLock,
+    /// Leave the mark set when dropped: the fence is durable, or another failover set it.
+    keep: bool,
+}
+
+impl Failing<'_> {
+    /// The fence is durable: the mark stays.
+    pub fn kept(&mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for Failing<'_> {
+    fn drop(&mut self) {
+        if !self.keep {
+            self.lock.failing_over.store(false, Ordering::SeqCst);
+        }
+    }
+}
+
 /// Holding a protection's lock.
 pub struct Locked<'a> {
-    name: &'a ProtectionName,
     state: &'a ProtectionLock,
     _guard: MutexGuard<'a, ()>,
 }
 
 impl Locked<'_> {
     pub fn name(&self) -> &ProtectionName {
-        self.name
+        &self.state.name
     }
 
     pub fn failing_over(&self) -> bool {
@@ -106,8 +126,10 @@ impl Locked<'_> {
     /// A primary of a newer epoch is accepted: the epoch is raised before anything of its
     /// cycle is staged.
     pub async fn raise_epoch(&self, shared: &Shared, epoch: Epoch) -> Result<ProtectionRecord> {
-        let p = self.name.clone();
-        shared.store.run(move |s| s.raise_epoch(&p, epoch)).await
+        shared
+            .store
+            .step(self.name(), move |s, p| s.raise_epoch(p, epoch))
+            .await
     }
 
     /// One volume of the gen is staged (unsynced: the group commit syncs it).
@@ -118,10 +140,11 @@ impl Locked<'_> {
         vol: VolumeName,
         staged: StagedVolume,
     ) -> Result<()> {
-        let p = self.name.clone();
         shared
             .store
-            .run(move |s| s.record_staged(&p, gen, &vol, &staged))
+            .step(self.name(), move |s, p| {
+                s.record_staged(p, gen, &vol, &staged)
+            })
             .await
     }
 
@@ -132,11 +155,10 @@ impl Locked<'_> {
         commit: CommitRecord,
         manifests: Option<Vec<u8>>,
     ) -> Result<CommitRecord> {
-        let p = self.name.clone();
         shared
             .store
-            .run(move |s| {
-                s.commit_group(&p, &commit, manifests)?;
+            .step(self.name(), move |s, p| {
+                s.commit_group(p, &commit, manifests)?;
                 crate::failpoint::hit("dr-committed");
                 Ok(commit)
             })
@@ -146,8 +168,10 @@ impl Locked<'_> {
     /// Failover's fence: the epoch is raised (once). Returns the record and whether this
     /// call raised it.
     pub async fn fail_over(&self, shared: &Shared, at_ms: u64) -> Result<(ProtectionRecord, bool)> {
-        let p = self.name.clone();
-        shared.store.run(move |s| s.fail_over(&p, at_ms)).await
+        shared
+            .store
+            .step(self.name(), move |s, p| s.fail_over(p, at_ms))
+            .await
     }
 }
 

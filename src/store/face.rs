@@ -35,10 +35,20 @@ impl StateStore {
             .context("state store task")?
     }
 
+    /// Runs a step of protection `prot` on a blocking thread: the shape of every durable
+    /// transition.
+    pub async fn step<T, F>(&self, prot: &ProtectionName, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store, &ProtectionName) -> Result<T> + Send + 'static,
+    {
+        let prot = prot.clone();
+        self.run(move |s| f(s, &prot)).await
+    }
+
     /// The protection's record (or a new protection's).
     pub async fn record(&self, prot: &ProtectionName) -> Result<ProtectionRecord> {
-        let prot = prot.clone();
-        self.run(move |s| s.record(&prot)).await
+        self.step(prot, |s, p| s.record(p)).await
     }
 
     /// The store, for code that is on a blocking thread already.

@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::config::{Protection, SnapshotMode};
 use crate::engine::chunk::is_zero;
 use crate::engine::scan::volume_size;
-use crate::ids::{now_ms, Gen};
+use crate::ids::{now_ms, Gen, VolumeName};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -25,7 +25,7 @@ pub enum Method {
 
 #[derive(Debug, Clone)]
 pub struct VolumeSnapshot {
-    pub name: String,
+    pub name: VolumeName,
     pub path: PathBuf,
     pub size: u64,
     pub method: Method,
@@ -73,7 +73,7 @@ pub async fn take(
                             format!("snapshot volume {} ({})", v.name, v.path.display())
                         })?;
                     Ok(VolumeSnapshot {
-                        name: v.name.to_string(),
+                        name: v.name.clone(),
                         path: dest,
                         size,
                         method,

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use lifeboat::api::Client;
 use lifeboat::api::{CycleReport, SiteStatus};
-use lifeboat::cli::Client;
 use rand::{Rng, RngCore, SeedableRng};
 
 pub mod kubeapi;

@@ -37,10 +37,14 @@ async fn next_frame(
 ) -> Result<Msg, ReceiveError> {
     tokio::select! {
         m = r.expect(what) => Ok(m?),
-        _ = token.cancelled() => Err(ReceiveError::link(anyhow::anyhow!(
-            "cycle superseded by a newer attempt, a failover or shutdown"
-        ))),
+        _ = token.cancelled() => Err(superseded()),
     }
+}
+
+fn superseded() -> ReceiveError {
+    ReceiveError::link(anyhow::anyhow!(
+        "cycle superseded by a newer attempt, a failover or shutdown"
+    ))
 }
 
 pub async fn run(
@@ -65,10 +69,10 @@ pub async fn run(
         .map_err(ReceiveError::store)?;
     machine::admit(&rec, lock.failing_over(), epoch)?;
     let token = lock.supersede(stop);
-    let locked = lock
-        .lock_within(LOCK_WAIT)
-        .await
-        .ok_or_else(|| ReceiveError::refuse(Refusal::Busy))?;
+    let locked = tokio::select! {
+        l = lock.lock_within(LOCK_WAIT) => l.ok_or_else(|| ReceiveError::refuse(Refusal::Busy))?,
+        _ = token.cancelled() => return Err(superseded()),
+    };
     let rec = dr
         .store
         .record(&prot.name)
@@ -129,7 +133,7 @@ async fn receive(
             return Err(machine::failed_over(rec));
         }
         let msg = next_frame(r, token, "Commit").await?;
-        let msg = CycleMsg::try_from(msg).map_err(|kind| machine.unexpected_message(kind))?;
+        let msg = CycleMsg::try_from(msg).map_err(|kind| machine.unexpected(kind))?;
         match machine.handle(msg)? {
             Action::ServeHashes {
                 volume,

@@ -158,7 +158,8 @@ impl Receiving {
         self.point
     }
 
-    fn unexpected(&self, what: &str) -> ReceiveError {
+    /// A message the cycle does not take at this point.
+    pub fn unexpected(&self, what: &str) -> ReceiveError {
         ReceiveError::protocol(format!(
             "unexpected {what} during the cycle of gen {}",
             self.point.gen
@@ -168,8 +169,10 @@ impl Receiving {
     /// The next message of the cycle.
     pub fn handle(&mut self, msg: CycleMsg) -> Result<Action, ReceiveError> {
         if let Some(v) = &self.receiving {
+            // The shell reports each volume before the next message; one that does not
+            // has broken the protocol on the primary's behalf.
             return Err(ReceiveError::protocol(format!(
-                "{msg:?} while volume {v} is still being received"
+                "a message arrived while volume {v} is still being received"
             )));
         }
         match msg {
@@ -243,11 +246,6 @@ impl Receiving {
             CycleMsg::Commit(gen) if gen == self.point.gen => self.commit(),
             CycleMsg::Commit(_) => Err(self.unexpected("Commit")),
         }
-    }
-
-    /// A message the cycle does not take at this point (converted from the wire).
-    pub fn unexpected_message(&self, kind: &str) -> ReceiveError {
-        self.unexpected(kind)
     }
 
     /// The shell sent the hashes of `volume`; its chunks diff against `gen`'s index.

@@ -28,6 +28,9 @@ use crate::replicate::error::ReceiveError;
 use crate::replicate::messages::Opening;
 use crate::site::dr::Dr;
 
+/// How long a cycle may take to end by itself once shutdown cancelled it.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The receiver's two shutdown signals: stop taking new connections and streams, then
 /// end the streams in flight.
 #[derive(Clone)]
@@ -78,7 +81,10 @@ async fn connection(dr: Arc<Dr>, incoming: quinn::Incoming, stops: Stops, tracke
     tracing::info!(%remote, peer = %peer, "primary connected");
     loop {
         let (send, recv) = tokio::select! {
-            _ = stops.accept.cancelled() => return,
+            _ = stops.accept.cancelled() => {
+                conn.close(0u32.into(), b"shutting down");
+                return;
+            }
             s = conn.accept_bi() => match s {
                 Ok(s) => s,
                 Err(e) => { tracing::info!(%remote, reason = %e, "primary disconnected"); return }
@@ -152,9 +158,17 @@ async fn stream(
     match opening {
         Opening::Prepare { protection, epoch } => {
             let span = tracing::info_span!("receive", protection = %protection, %epoch);
-            let result = cycle::run(dr, &protection, epoch, &mut w, &mut r, stop)
-                .instrument(span.clone())
-                .await;
+            // At shutdown a cycle ends at its next frame and frees its staging; one busy in
+            // a blocking step (a replica scan, a redo) is dropped after a grace period, as
+            // a kill would (the redo finishes at the next start).
+            let grace = async {
+                stop.cancelled().await;
+                tokio::time::sleep(STOP_GRACE).await;
+            };
+            let result = tokio::select! {
+                r = cycle::run(dr, &protection, epoch, &mut w, &mut r, stop).instrument(span.clone()) => r,
+                _ = grace => Err(ReceiveError::link(anyhow::anyhow!("shutting down"))),
+            };
             let known = dr.config.protection(&protection).is_some();
             let label = if known { protection.as_str() } else { "" };
             match result {
@@ -165,8 +179,7 @@ async fn stream(
                         .inc_by(r.bytes);
                 }
                 Err(e) => {
-                    let _enter = span.enter();
-                    ended(dr, label, peer, epoch, &e);
+                    span.in_scope(|| ended(dr, label, peer, epoch, &e));
                     let _ = w.send(&Msg::Refused(e.told())).await;
                     w.finish();
                     r.stop();
@@ -179,16 +192,10 @@ async fn stream(
             size,
             chunk_size,
         } => {
-            let result = hashes::serve_block_hashes(
-                dr,
-                &protection,
-                &volume,
-                size,
-                chunk_size,
-                &mut w,
-                &mut r,
-            )
-            .await;
+            let result = tokio::select! {
+                r = hashes::serve_block_hashes(dr, &protection, &volume, size, chunk_size, &mut w, &mut r) => r,
+                _ = stop.cancelled() => Err(ReceiveError::link(anyhow::anyhow!("shutting down"))),
+            };
             if let Err(e) = result {
                 // Like a cycle, a refused refinement stream tells the primary why.
                 if matches!(e, ReceiveError::Refused { .. }) {
@@ -202,26 +209,22 @@ async fn stream(
     }
 }
 
-/// Counts and reports how a cycle stream failed.
+/// Counts and reports how a cycle stream failed; `label` is empty for a protection this
+/// site does not have (counted, but no status to show it in).
 fn ended(dr: &Dr, label: &str, peer: &str, epoch: Epoch, e: &ReceiveError) {
     let kind = e.metric_label();
     match e {
         ReceiveError::Refused { refusal, .. } => {
             tracing::warn!(peer, %refusal, "refused a replication cycle");
-            if label.is_empty() {
-                dr.metrics.error(label, kind);
-            } else {
-                let message = format!("refused replication from {peer} (epoch {epoch}): {refusal}");
-                dr.note_refusal(label, kind, message);
-            }
         }
-        other => {
-            tracing::warn!(peer, error = %other, "replication cycle failed");
-            if label.is_empty() {
-                dr.metrics.error(label, kind);
-            } else {
-                dr.note_error(label, kind, format!("{other}"));
-            }
-        }
+        other => tracing::warn!(peer, error = %other, "replication cycle failed"),
+    }
+    if label.is_empty() {
+        dr.metrics.error(label, kind);
+    } else if let ReceiveError::Refused { refusal, .. } = e {
+        let message = format!("refused replication from {peer} (epoch {epoch}): {refusal}");
+        dr.note_refusal(label, kind, message);
+    } else {
+        dr.note_error(label, kind, e.to_string());
     }
 }

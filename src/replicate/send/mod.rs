@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use crate::api::CycleReport;
 use crate::config::Protection;
-use crate::ids::{now_ms, CycleId, Point, ProtectionName, VolumeName};
+use crate::ids::{now_ms, CycleId, Point, ProtectionName};
 use crate::net::wire::{FrameReader, FrameWriter, Msg, Refusal, VolumeMeta};
 use crate::replicate::error::CycleError;
 use crate::replicate::messages::{CommitAnswer, PrepareAnswer};
@@ -28,11 +28,16 @@ use plan::Prepared;
 /// Persists the fence after the DR site refused us for a newer epoch, and ends the cycle.
 async fn fence(primary: &Primary, prot: &ProtectionName, refusal: &Refusal) -> CycleError {
     let message = plan::fence_message(refusal);
-    let (p, m) = (prot.clone(), message.clone());
-    if let Err(e) = primary.store.run(move |s| s.fence(&p, m, now_ms())).await {
+    let m = message.clone();
+    // The scheduler logs the fence once, as the cycle's error; a fence that could not be
+    // persisted is found again by the next cycle's `Prepare`.
+    if let Err(e) = primary
+        .store
+        .step(prot, move |s, p| s.fence(p, m, now_ms()))
+        .await
+    {
         tracing::error!(error = %format!("{e:#}"), "could not persist the fence");
     }
-    tracing::error!(%refusal, "DR site refused this primary; replication of this protection stops");
     CycleError::Fenced(message)
 }
 
@@ -92,14 +97,11 @@ async fn cycle(primary: &Primary, prot: &Protection) -> Result<CycleReport, Cycl
         Prepared::Fence(r) => return Err(fence(primary, name, &r).await),
         Prepared::Refused(r) => return Err(plan::refused("the cycle", r)),
     };
-    let (rec, reconciled) = {
-        let p = name.clone();
-        primary
-            .store
-            .run(move |s| s.reconcile(&p, dr_point))
-            .await
-            .map_err(CycleError::store)?
-    };
+    let (rec, reconciled) = primary
+        .store
+        .step(name, move |s, p| s.reconcile(p, dr_point))
+        .await
+        .map_err(CycleError::store)?;
     if let crate::store::Reconciled::Adopted(g) = reconciled {
         tracing::info!(gen = %g, "DR site committed a gen whose acknowledgement was lost; using it as the base");
     }
@@ -142,20 +144,17 @@ async fn cycle(primary: &Primary, prot: &Protection) -> Result<CycleReport, Cycl
         cycle: CycleId::random(),
         taken_at_ms: snap.taken_at_ms,
     };
-    {
-        let p = name.clone();
-        primary
-            .store
-            .run(move |s| s.begin_tentative(&p, point))
-            .await
-            .map_err(CycleError::store)?;
-    }
+    primary
+        .store
+        .step(name, move |s, p| s.begin_tentative(p, point))
+        .await
+        .map_err(CycleError::store)?;
 
     let metas = snap
         .volumes
         .iter()
         .map(|v| VolumeMeta {
-            name: v.name.clone(),
+            name: v.name.to_string(),
             size: v.size,
             chunk_size: prot.chunk_size,
         })
@@ -191,8 +190,6 @@ async fn cycle(primary: &Primary, prot: &Protection) -> Result<CycleReport, Cycl
                 snap.volumes.len()
             ),
         );
-        let vname =
-            VolumeName::new(&v.name).map_err(|e| CycleError::Snapshot(anyhow::anyhow!(e)))?;
         let span = tracing::info_span!("volume", volume = %v.name);
         let (vrec, vrep) = volume::send_volume(
             primary,
@@ -207,18 +204,15 @@ async fn cycle(primary: &Primary, prot: &Protection) -> Result<CycleReport, Cycl
         )
         .instrument(span)
         .await?;
-        volumes.insert(vname, vrec);
+        volumes.insert(v.name.clone(), vrec);
         report.volumes.push(vrep);
     }
     let transfer_seconds = transfer_started.elapsed().as_secs_f64();
-    {
-        let p = name.clone();
-        primary
-            .store
-            .run(move |s| s.record_volumes(&p, point, volumes))
-            .await
-            .map_err(CycleError::store)?;
-    }
+    primary
+        .store
+        .step(name, move |s, p| s.record_volumes(p, point, volumes))
+        .await
+        .map_err(CycleError::store)?;
 
     primary.live.activity(
         name.as_str(),
@@ -253,14 +247,11 @@ async fn cycle(primary: &Primary, prot: &Protection) -> Result<CycleReport, Cycl
         }
     }
     w.finish();
-    {
-        let p = name.clone();
-        primary
-            .store
-            .run(move |s| s.acknowledge(&p))
-            .await
-            .map_err(CycleError::store)?;
-    }
+    primary
+        .store
+        .step(name, |s, p| s.acknowledge(p))
+        .await
+        .map_err(CycleError::store)?;
     // Only the gens older than this one, listed now: the next cycle's snapshot is safe.
     let old = snapshot::stale(prot, &[gen]);
     primary.background.spawn_blocking(move || {

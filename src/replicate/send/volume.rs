@@ -60,13 +60,11 @@ async fn fetch_peer_hashes(
     w: &mut FrameWriter,
     r: &mut FrameReader,
 ) -> Result<u64, CycleError> {
-    {
-        let (p, v) = (prot.clone(), volume.clone());
-        store
-            .run(move |s| s.clear_scratch(&p, &v))
-            .await
-            .map_err(CycleError::store)?;
-    }
+    let v = volume.clone();
+    store
+        .step(prot, move |s, p| s.clear_scratch(p, &v))
+        .await
+        .map_err(CycleError::store)?;
     w.send(&Msg::HashRequest {
         volume: volume.to_string(),
         chunk_size,
@@ -127,22 +125,21 @@ pub async fn send_volume(
     report: &mut CycleReport,
 ) -> Result<(VolumeRecord, VolumeReport), CycleError> {
     let v = &snap.volumes[i];
-    let vname = VolumeName::new(&v.name).map_err(|e| CycleError::Snapshot(anyhow::anyhow!(e)))?;
     let gen = snap.gen;
     let geometry = Geometry::new(v.size, prot.chunk_size);
-    let local_base = plan::volume_base(base, &v.name, prot.chunk_size);
+    let local_base = plan::volume_base(base, v.name.as_str(), prot.chunk_size);
     let resync = local_base.is_none();
     let base_gen = match local_base {
         Some(g) => g,
         None => {
             report.hash_bytes_received +=
-                fetch_peer_hashes(&primary.store, &prot.name, &vname, prot.chunk_size, w, r)
+                fetch_peer_hashes(&primary.store, &prot.name, &v.name, prot.chunk_size, w, r)
                     .await?;
             SCRATCH
         }
     };
     w.send(&Msg::Begin {
-        volume: v.name.clone(),
+        volume: v.name.to_string(),
         size: v.size,
         chunk_size: prot.chunk_size,
     })
@@ -153,7 +150,7 @@ pub async fn send_volume(
     let (path, name, vol, fp) = (
         v.path.clone(),
         prot.name.clone(),
-        vname.clone(),
+        v.name.clone(),
         format!("primary-sending:{}", v.name),
     );
     let progress = Arc::new(AtomicU64::new(0));
@@ -162,7 +159,7 @@ pub async fn send_volume(
     // The base gen's snapshot, kept until this gen is acknowledged: where it shares extents
     // with the new one (reflink snapshots), nothing changed.
     let base_snapshot = local_base
-        .map(|g| snapshot::gen_dir(prot, g).join(&v.name))
+        .map(|g| snapshot::gen_dir(prot, g).join(v.name.as_str()))
         .filter(|p| p.exists());
     let shown = (progress.clone(), v.size);
     primary
@@ -214,7 +211,7 @@ pub async fn send_volume(
         let mut rw = FrameWriter::new(send).with_limit(side.limit.clone());
         rw.send(&Msg::RefineOpen {
             protection: prot.name.to_string(),
-            volume: v.name.clone(),
+            volume: v.name.to_string(),
             size: v.size,
             chunk_size: prot.chunk_size,
         })
@@ -294,7 +291,7 @@ pub async fn send_volume(
         .map_err(CycleError::Io)?;
     if let Err(e) = w
         .send(&Msg::End {
-            volume: v.name.clone(),
+            volume: v.name.to_string(),
             chunk_count: geometry.chunk_count(),
             root,
         })
@@ -337,7 +334,7 @@ pub async fn send_volume(
             root,
         },
         VolumeReport {
-            name: v.name.clone(),
+            name: v.name.to_string(),
             size: v.size,
             snapshot_method: method_name(v.method),
             resync,
