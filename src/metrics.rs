@@ -21,6 +21,8 @@ pub enum ErrorKind {
     Store,
     Verify,
     Kubernetes,
+    /// A DR replica changed outside lifeboat.
+    Replica,
 }
 
 impl ErrorKind {
@@ -37,6 +39,7 @@ impl ErrorKind {
             ErrorKind::Store => "store",
             ErrorKind::Verify => "verify",
             ErrorKind::Kubernetes => "kubernetes",
+            ErrorKind::Replica => "replica",
         }
     }
 }
@@ -62,6 +65,7 @@ pub struct Metrics {
     pub peer_connected: IntGaugeVec,
     pub failover_seconds: GaugeVec,
     pub hook_failures: IntCounterVec,
+    pub replica_check_failures: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -94,6 +98,7 @@ impl Metrics {
             peer_connected: reg(&r, IntGaugeVec::new(Opts::new("lifeboat_peer_connected", "1 while the QUIC connection to the peer is up"), &["peer"]).unwrap()),
             failover_seconds: reg(&r, GaugeVec::new(Opts::new("lifeboat_failover_duration_seconds", "Duration of the last failover"), p).unwrap()),
             hook_failures: reg(&r, IntCounterVec::new(Opts::new("lifeboat_hook_failures_total", "Rule actions (pre, background, post) that failed or timed out"), p).unwrap()),
+            replica_check_failures: reg(&r, IntCounterVec::new(Opts::new("lifeboat_replica_check_failures_total", "DR replicas found changed outside lifeboat (deleted, truncated, replaced, written) before a cycle"), p).unwrap()),
             registry: r,
         }
     }

@@ -9,7 +9,7 @@ mod support;
 use lifeboat::ids::{now_ms, ChunkHash, CycleId, Epoch, Point};
 use lifeboat::net::tls::{client_config, TlsFiles};
 use lifeboat::net::wire::{
-    FrameReader, FrameWriter, Msg, Payload, Refusal, VolumeMeta, PROTOCOL_VERSION,
+    FrameReader, FrameWriter, Msg, Payload, Refusal, SiteRole, VolumeMeta, PROTOCOL_VERSION,
 };
 use lifeboat::net::{quic, wire};
 use serde_bytes::ByteBuf;
@@ -36,6 +36,7 @@ impl Liar {
         w.send(&Msg::Hello {
             version: PROTOCOL_VERSION,
             site: "liar".into(),
+            role: SiteRole::Primary,
         })
         .await
         .unwrap();

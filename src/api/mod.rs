@@ -93,6 +93,10 @@ pub struct ProtectionStatus {
     pub stopped_because: Option<String>,
     /// DR: the last replication attempt this site refused, and why.
     pub last_refusal: Option<ErrorReport>,
+    /// DR: replicas found changed outside lifeboat, waiting for their repair by the next
+    /// cycle, each with what was found.
+    #[serde(default)]
+    pub degraded: Vec<String>,
     pub volumes: Vec<VolumeStatus>,
     /// Kubernetes mode: what the selection covers (primary) or what was applied (DR).
     #[serde(default, skip_serializing_if = "Option::is_none")]

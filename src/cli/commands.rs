@@ -64,6 +64,29 @@ pub(super) fn failover(
     }
 }
 
+/// Re-protect through the daemon, or on the state store when it is down.
+pub(super) fn reprotect(target: &Target, protection: &str) -> Result<Vec<String>> {
+    let client = client(target)?;
+    match client.post::<Vec<String>>(&format!("/v1/protections/{protection}/reprotect")) {
+        Ok(r) => Ok(r),
+        Err(e) if e.downcast_ref::<Unreachable>().is_some() && target.config.is_some() => {
+            eprintln!("{e}; working directly on the state store");
+            offline(target, |shared| async move {
+                match shared.config.role {
+                    config::Role::Dr => {
+                        let dr = crate::site::dr::Dr::new(shared);
+                        crate::lifecycle::reprotect::dr(&dr, protection).await
+                    }
+                    config::Role::Primary => {
+                        crate::lifecycle::reprotect::primary(&shared, protection).await
+                    }
+                }
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Planned failover's first half, at the primary: scale the workloads down, then a final
 /// cycle, so the DR site's consistent point has everything written before.
 pub(super) fn planned_steps(primary: &str, protection: &str) -> Result<Vec<Step>> {

@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use commands::{client, export, failover, load_config, planned_steps, show};
+use commands::{client, export, failover, load_config, planned_steps, reprotect, show};
 pub use render::{human_bytes, render_cycle, render_failover, render_status};
 
 use crate::api::{CycleReport, FailoverOptions, SiteStatus};
@@ -108,6 +108,16 @@ pub enum Command {
         primary: Option<String>,
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
+    },
+    /// After a failover, protect in the original direction again: run it at the DR site
+    /// (removes the fences beside the replicas, takes replication again) and at the old
+    /// primary (lifts its fence). The DR site's writes since the failover are NOT kept:
+    /// its replicas are resynced from the primary. Works with the daemon stopped.
+    Reprotect {
+        #[command(flatten)]
+        target: Target,
+        #[arg(short, long)]
+        protection: String,
     },
     /// Write a gen's DR-ready manifests (Kubernetes protections) as YAML files, one per
     /// object, numbered in apply order: for review, or to commit to a GitOps repository.
@@ -227,6 +237,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let mut r = failover(&target, &protection, &opts)?;
             r.steps.splice(0..0, before);
             show(output, &r, render_failover)
+        }
+        Command::Reprotect { target, protection } => {
+            for line in reprotect(&target, &protection)? {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Export {
             target,

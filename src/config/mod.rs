@@ -72,6 +72,9 @@ pub struct Config {
     pub tls: TlsFiles,
     pub peer: Option<Peer>,
     pub listen: Option<SocketAddr>,
+    /// DR: the primary site's name; a peer whose certificate is not for it is refused.
+    /// Unset: any site of the pair but this one.
+    pub listen_peer: Option<String>,
     pub control: SocketAddr,
     /// Set when any protection is a Kubernetes protection.
     pub kubernetes: Option<KubeSettings>,

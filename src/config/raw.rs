@@ -49,6 +49,8 @@ pub(super) struct RawPeer {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawListen {
     pub(super) address: String,
+    /// The primary site's name: only a certificate for it may replicate here.
+    pub(super) peer: Option<String>,
 }
 
 #[derive(Deserialize, Debug)]

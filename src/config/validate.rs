@@ -175,6 +175,15 @@ impl Validator {
             (None, Role::Dr) => Some(SocketAddr::from(([0, 0, 0, 0], 7420))),
             (None, Role::Primary) => None,
         };
+        let listen_peer = raw.listen.as_ref().and_then(|l| l.peer.clone());
+        if let Some(p) = &listen_peer {
+            if p == &raw.site.name {
+                self.problem(
+                    "listen.peer",
+                    format!("{p:?} is this site's own name; expected the primary site's name"),
+                );
+            }
+        }
         let control = match &raw.control {
             Some(c) => self.addr("control.address", &c.address),
             None => SocketAddr::from(([127, 0, 0, 1], 7421)),
@@ -211,6 +220,7 @@ impl Validator {
             tls,
             peer,
             listen,
+            listen_peer,
             control,
             kubernetes,
             protections,

@@ -6,7 +6,6 @@
 //! failed, 500 for this site's own storage.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
@@ -19,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::api::{ApiError, FailoverOptions};
 use crate::daemon::scheduler::SyncRequest;
-use crate::lifecycle::{failover, planned, standby};
+use crate::lifecycle::{failover, planned, reprotect, standby};
 use crate::metrics::ErrorKind;
 use crate::site::dr::Dr;
 use crate::site::primary::Primary;
@@ -67,6 +66,7 @@ pub fn router(ctx: RoleCtx) -> Router {
         .route("/v1/protections/{name}/failover", post(failover_now))
         .route("/v1/protections/{name}/manifests", get(manifests))
         .route("/v1/protections/{name}/quiesce", post(quiesce))
+        .route("/v1/protections/{name}/reprotect", post(reprotect_now))
         .with_state(ctx)
 }
 
@@ -79,10 +79,11 @@ async fn metrics(State(c): State<RoleCtx>) -> Response {
 }
 
 async fn readyz(State(c): State<RoleCtx>) -> Response {
-    if c.shared().ready.load(Ordering::Relaxed) {
-        "ready\n".into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "recovering\n").into_response()
+    let shared = c.shared().clone();
+    match tokio::task::spawn_blocking(move || shared.not_ready()).await {
+        Ok(None) => "ready\n".into_response(),
+        Ok(Some(why)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
+        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None),
     }
 }
 
@@ -170,6 +171,25 @@ async fn manifests(
     match standby::export(c.shared(), &name, q.gen, q.standby).await {
         Ok(m) => Json(m).into_response(),
         Err(e) => err(StatusCode::NOT_FOUND, format!("{e:#}"), None),
+    }
+}
+
+/// Re-protect after a failover, at either site.
+async fn reprotect_now(State(c): State<RoleCtx>, Path(name): Path<String>) -> Response {
+    if let Err(e) = c.shared().protection(&name) {
+        return err(StatusCode::NOT_FOUND, e.to_string(), None);
+    }
+    let done = match &c {
+        RoleCtx::Dr(dr) => reprotect::dr(dr, &name).await,
+        RoleCtx::Primary { primary, .. } => reprotect::primary(primary, &name).await,
+    };
+    match done {
+        Ok(done) => Json(done).into_response(),
+        Err(e) => err(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{e:#}"),
+            Some(ErrorKind::Store),
+        ),
     }
 }
 

@@ -147,6 +147,10 @@ pub async fn run(config: Config) -> Result<()> {
                 peer.max_bandwidth,
             );
             let primary = Arc::new(Primary::new(shared.clone(), link, background.clone()));
+            {
+                let (p, stop) = (primary.clone(), tokens.accept.clone());
+                work.spawn(async move { p.peer.watch(&p, stop).await });
+            }
             let mut syncs = HashMap::new();
             let stops = scheduler::Stops {
                 start: tokens.accept.clone(),

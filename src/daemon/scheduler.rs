@@ -37,6 +37,14 @@ enum State {
     Fenced(ErrorReport),
 }
 
+async fn still_fenced(primary: &Primary, prot: &Protection) -> bool {
+    primary
+        .store
+        .record(&prot.name)
+        .await
+        .map_or(true, |r| r.fenced.is_some())
+}
+
 fn backoff(failures: u32, interval: Duration) -> Duration {
     let exp = Duration::from_secs(1u64 << failures.min(6));
     exp.min(interval).min(Duration::from_secs(60))
@@ -66,6 +74,8 @@ pub async fn run(
         next: first,
         failures: 0,
     };
+    // A request that found the fence lifted, answered by the next cycle.
+    let mut deferred: Option<SyncRequest> = None;
     // A protection fenced before this start is fenced still, and shows it.
     if let Ok(rec) = primary.store.record(&prot.name).await {
         if let Some(f) = rec.fenced {
@@ -85,6 +95,16 @@ pub async fn run(
                     r = requests.recv() => r,
                 };
                 match req {
+                    // Re-protected since: replicate again, starting with this request.
+                    Some(r) if !still_fenced(&primary, &prot).await => {
+                        tracing::info!(protection = %name, "the fence was lifted; replicating again");
+                        state = State::Running {
+                            next: Instant::now(),
+                            failures: 0,
+                        };
+                        let _ = deferred.insert(r);
+                        continue;
+                    }
                     Some(r) => {
                         primary.metrics.error(&name, ErrorKind::Fenced);
                         let _ = r.reply.send(Err(fence.clone()));
@@ -95,7 +115,7 @@ pub async fn run(
             }
             State::Running { next, failures } => (*next, *failures),
         };
-        let mut pending = Vec::new();
+        let mut pending: Vec<SyncRequest> = deferred.take().into_iter().collect();
         tokio::select! {
             _ = stops.start.cancelled() => break,
             _ = tokio::time::sleep_until(next) => {}

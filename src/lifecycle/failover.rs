@@ -15,10 +15,13 @@ use crate::config::{Protection, Role};
 use crate::ids::now_ms;
 use crate::k8s::bundle::{Bundle, Form};
 use crate::metrics::ErrorKind;
+use crate::replicate::receive::check;
 use crate::replicate::recovery;
 use crate::site::dr::Dr;
 use crate::site::status::{age_seconds, volume_statuses};
 use crate::site::UnknownProtection;
+use crate::store::ProtectionRecord;
+use crate::volume::fence::{self, Fence};
 
 /// Why a failover did not happen or did not finish. Each has its HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -173,11 +176,14 @@ async fn run(
                     .map_err(FailoverError::Local)?;
             }
             Planned::Fence { .. } => {
-                locked
+                let (rec, _) = locked
                     .fail_over(dr, now_ms())
                     .await
                     .map_err(FailoverError::Local)?;
                 failing.kept();
+                write_fences(prot, &rec)
+                    .await
+                    .map_err(FailoverError::Local)?;
             }
             Planned::Apply { .. } => {
                 let (b, objs, client) = manifests.as_ref().expect("planned with manifests");
@@ -224,10 +230,28 @@ async fn run(
     Ok(r)
 }
 
+/// The fence beside every replica, where losing the state store does not lose it.
+async fn write_fences(prot: &Protection, rec: &ProtectionRecord) -> anyhow::Result<()> {
+    let group = check::group(prot, rec);
+    let f = Fence {
+        protection: prot.name.to_string(),
+        epoch: rec.epoch,
+        gen: rec.point_gen(),
+        at_ms: rec.failed_over.as_ref().map_or_else(now_ms, |f| f.at_ms),
+    };
+    tokio::task::spawn_blocking(move || {
+        for v in &group.volumes {
+            fence::write(&v.path, &f)?;
+        }
+        Ok(())
+    })
+    .await?
+}
+
 fn report(
     prot: &Protection,
     plan: FailoverPlan,
-    rec: &crate::store::ProtectionRecord,
+    rec: &ProtectionRecord,
     steps: Vec<Step>,
     started: Instant,
     dry_run: bool,

@@ -177,6 +177,7 @@ mod tests {
             point: pr(gen),
             logs: BTreeMap::new(),
             fresh: Default::default(),
+            repaired: Default::default(),
         }
     }
 

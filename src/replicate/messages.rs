@@ -156,7 +156,11 @@ impl TryFrom<Msg> for VolumeMsg {
 /// The DR site's answer to `Prepare`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PrepareAnswer {
-    Prepared { epoch: Epoch, point: Option<Point> },
+    Prepared {
+        epoch: Epoch,
+        point: Option<Point>,
+        repair: Vec<String>,
+    },
     Refused(Refusal),
 }
 
@@ -164,7 +168,15 @@ impl TryFrom<Msg> for PrepareAnswer {
     type Error = Unexpected;
     fn try_from(m: Msg) -> Result<Self, Unexpected> {
         match m {
-            Msg::Prepared { epoch, point } => Ok(PrepareAnswer::Prepared { epoch, point }),
+            Msg::Prepared {
+                epoch,
+                point,
+                repair,
+            } => Ok(PrepareAnswer::Prepared {
+                epoch,
+                point,
+                repair,
+            }),
             Msg::Refused(r) => Ok(PrepareAnswer::Refused(r)),
             other => Err(other.kind()),
         }

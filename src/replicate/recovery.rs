@@ -9,9 +9,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+use std::collections::BTreeMap;
+
 use crate::config::{Config, Protection, Role};
+use crate::engine::chunk::{Geometry, RootHasher};
+use crate::engine::scan::{scan_file, ScanOptions};
 use crate::failpoint;
-use crate::ids::ProtectionName;
+use crate::ids::{ChunkHash, ProtectionName};
+use crate::replicate::receive::check;
 use crate::site::dr::{Dr, Locked};
 use crate::site::Shared;
 use crate::store::{CommitRecord, Store};
@@ -47,7 +52,10 @@ pub async fn recover_primary(shared: &Shared) -> Result<()> {
     Ok(())
 }
 
-/// Applies every committed but unfinished gen of `prot`.
+/// Applies every committed but unfinished gen of `prot`. A gen that cannot be finished
+/// (a staging log lost with a crash of its file system, and replicas that do not hold the
+/// gen) is not retried forever: its volumes are marked for repair and the next cycle
+/// resyncs them by hash exchange.
 pub async fn finish_pending(dr: &Dr, locked: &Locked<'_>, prot: &Protection) -> Result<()> {
     let (config, prot) = (dr.config.clone(), prot.clone());
     debug_assert_eq!(locked.name(), &prot.name);
@@ -75,6 +83,23 @@ pub async fn redo_commit(
         .await
 }
 
+/// The root of the file at `path` read as a volume of `geometry`.
+fn replica_root(path: &Path, geometry: Geometry) -> Result<ChunkHash> {
+    let mut root = RootHasher::new(geometry);
+    scan_file(
+        path,
+        geometry,
+        |_| Ok(None),
+        |s| {
+            root.push(&s.hash);
+            Ok(())
+        },
+        &Default::default(),
+        ScanOptions::default(),
+    )?;
+    Ok(root.finish())
+}
+
 fn redo_blocking(
     store: &Store,
     config: &Config,
@@ -83,6 +108,7 @@ fn redo_blocking(
 ) -> Result<()> {
     let gen = commit.point.point.gen;
     let group = prot.with_volumes(commit.logs.keys().map(|v| v.as_str()));
+    let mut stamps = BTreeMap::new();
     for v in &group.volumes {
         let Some(log) = commit.logs.get(v.name.as_str()) else {
             continue;
@@ -96,17 +122,37 @@ fn redo_blocking(
                     v.path.display()
                 )
             })?;
-            continue;
+        } else if !log.exists() {
+            // The staging log is gone though its commit is durable (a lost write-back of
+            // the staging file system): the replica may hold the gen already.
+            let want = &commit.point.volumes[v.name.as_str()];
+            let geometry = Geometry::new(want.size, want.chunk_size);
+            let holds = replica_root(&v.path, geometry).is_ok_and(|r| r == want.root);
+            if !holds {
+                let why = format!(
+                    "gen {gen} could not be finished: the staging log of volume {} ({}) is gone and its replica does not hold the gen",
+                    v.name,
+                    log.display()
+                );
+                tracing::error!(volume = %v.name, log = %log.display(), "{why}; the gen's volumes are resynced by hash exchange on the next cycle");
+                store.abandon_commit(&prot.name, commit, &why)?;
+                return remove_dir(&staging_dir(config, &prot.name));
+            }
+            tracing::warn!(volume = %v.name, "staging log gone, but the replica holds the gen already");
+        } else {
+            replica::apply(log, &v.path).with_context(|| {
+                format!(
+                    "apply gen {gen} to replica {} ({})",
+                    v.name,
+                    v.path.display()
+                )
+            })?;
         }
-        replica::apply(log, &v.path).with_context(|| {
-            format!(
-                "apply gen {gen} to replica {} ({})",
-                v.name,
-                v.path.display()
-            )
-        })?;
+        if let Some(stamp) = check::stamp_of(&v.path)? {
+            stamps.insert(v.name.clone(), stamp);
+        }
     }
-    store.finish_redo(&prot.name, commit)?;
+    store.finish_redo(&prot.name, commit, stamps)?;
     remove_dir(&staging_dir(config, &prot.name))
 }
 

@@ -4,7 +4,7 @@
 //! code without the lock cannot commit a gen or fail over (as Garage's
 //! `BlockManagerLocked` does for its blocks).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::ids::{Epoch, Gen, ProtectionName, VolumeName};
 use crate::site::Shared;
 use crate::store::{CommitRecord, ProtectionRecord, StagedVolume};
+use crate::volume::fence::Fence;
 
 /// Coordination of one protection at the DR site.
 pub struct ProtectionLock {
@@ -71,6 +72,12 @@ impl ProtectionLock {
             lock: self,
             keep: was,
         }
+    }
+
+    /// Re-protect: replication is taken again (the holder of the lock cleared the
+    /// failover record).
+    pub fn end_failover(&self, _locked: &Locked<'_>) {
+        self.failing_over.store(false, Ordering::SeqCst);
     }
 
     pub async fn lock(&self) -> Locked<'_> {
@@ -162,6 +169,26 @@ impl Locked<'_> {
                 crate::failpoint::hit("dr-committed");
                 Ok(commit)
             })
+            .await
+    }
+
+    /// A fence found beside the replicas: the protection is failed over again in the store.
+    pub async fn restore_fence(&self, shared: &Shared, fence: Fence) -> Result<ProtectionRecord> {
+        shared
+            .store
+            .step(self.name(), move |s, p| s.restore_fence(p, &fence))
+            .await
+    }
+
+    /// Replicas found changed outside lifeboat: the next cycle repairs them.
+    pub async fn mark_repair(
+        &self,
+        shared: &Shared,
+        found: BTreeMap<VolumeName, String>,
+    ) -> Result<ProtectionRecord> {
+        shared
+            .store
+            .step(self.name(), move |s, p| s.mark_repair(p, found))
             .await
     }
 

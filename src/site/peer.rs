@@ -8,12 +8,16 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::REFINE_AUTO_BELOW;
 use crate::net::limit::RateLimit;
 use crate::net::quic;
-use crate::net::wire::{FrameReader, FrameWriter, Msg, PROTOCOL_VERSION};
+use crate::net::wire::{FrameReader, FrameWriter, Msg, SiteRole, WireError, PROTOCOL_VERSION};
 use crate::site::Shared;
+
+/// How soon the link watcher tries again after the DR site went away.
+const RETRY: Duration = Duration::from_secs(3);
 
 pub struct PeerLink {
     endpoint: quinn::Endpoint,
@@ -82,11 +86,21 @@ impl PeerLink {
         w.send(&Msg::Hello {
             version: PROTOCOL_VERSION,
             site: site.config.site_name.clone(),
+            role: SiteRole::Primary,
         })
         .await
         .with_context(what)?;
-        match r.expect("HelloAck").await.with_context(what)? {
-            Msg::HelloAck { version, site: peer } if version == PROTOCOL_VERSION => {
+        let ack = r.expect("HelloAck").await.map_err(|e| closed(&conn, e));
+        match ack.with_context(what)? {
+            Msg::HelloAck {
+                role: SiteRole::Primary,
+                site: peer,
+                ..
+            } => bail!(
+                "{}: site {peer} says it is a primary too: one of the two sites is configured with the wrong role",
+                what()
+            ),
+            Msg::HelloAck { version, site: peer, .. } if version == PROTOCOL_VERSION => {
                 tracing::info!(peer = %peer, address = %self.address, "connected to DR site");
             }
             Msg::HelloAck { version, .. } => bail!(
@@ -102,10 +116,66 @@ impl PeerLink {
         Ok(conn)
     }
 
+    /// Keeps the link up between cycles, and `peer_connected` true to it: a DR site that
+    /// dies shows as disconnected once its keep-alives stop (the idle timeout), without
+    /// waiting for a cycle, and one that comes back is reconnected within [`RETRY`].
+    pub async fn watch(&self, site: &Shared, stop: CancellationToken) {
+        loop {
+            let conn = tokio::select! {
+                _ = stop.cancelled() => return,
+                c = self.connection(site) => c,
+            };
+            match conn {
+                Ok(c) => tokio::select! {
+                    _ = stop.cancelled() => return,
+                    reason = c.closed() => {
+                        site.peer_connected.store(false, Ordering::Relaxed);
+                        tracing::info!(%reason, "the connection to the DR site is down");
+                    }
+                },
+                Err(e) => tracing::debug!(error = %format!("{e:#}"), "DR site not reachable"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(RETRY) => {}
+            }
+        }
+    }
+
     /// Drops the connection after an error so the next cycle reconnects.
     pub async fn reset(&self) {
         if let Some(c) = self.conn.lock().await.take() {
             c.close(0u32.into(), b"reset");
         }
+    }
+}
+
+/// A stream error, with the connection's close reason when the peer closed it: a TLS
+/// alert (an expired or unknown certificate) arrives that way after the handshake looked
+/// done to this side.
+fn closed(conn: &quinn::Connection, e: WireError) -> anyhow::Error {
+    match conn.close_reason() {
+        Some(reason) => anyhow::anyhow!(
+            "{e}: the DR site closed the connection: {reason}{}",
+            tls_alert(&reason)
+        ),
+        None => e.into(),
+    }
+}
+
+/// What a TLS alert in a QUIC close says about this site's certificate.
+fn tls_alert(reason: &quinn::ConnectionError) -> &'static str {
+    let code = match reason {
+        quinn::ConnectionError::ConnectionClosed(c) => u64::from(c.error_code),
+        quinn::ConnectionError::TransportError(t) => u64::from(t.code),
+        _ => return "",
+    };
+    // QUIC carries a TLS alert as crypto error 0x100 + alert.
+    match code.checked_sub(0x100) {
+        Some(45) => " (the DR site says this site's certificate has expired: renew it with `lifeboat certs`)",
+        Some(44) => " (the DR site says this site's certificate was revoked)",
+        Some(42) | Some(46) => " (the DR site did not accept this site's certificate)",
+        Some(48) => " (the DR site does not know this site's CA: both sites need the pair's ca.pem)",
+        _ => "",
     }
 }

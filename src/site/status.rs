@@ -111,6 +111,7 @@ impl Shared {
             last_error: live.last_error,
             stopped_because,
             last_refusal: live.last_refusal,
+            degraded: rec.repair.values().cloned().collect(),
             volumes,
             kubernetes,
         }
@@ -133,6 +134,35 @@ impl Shared {
                 .map(|p| self.protection_status(p))
                 .collect(),
         }
+    }
+
+    /// Why this site is not ready to serve its role, if it is not: still recovering, a
+    /// fenced protection (this old primary replicates nothing), or a degraded one (a DR
+    /// replica under repair). Reads the store: call it on a blocking thread.
+    pub fn not_ready(&self) -> Option<String> {
+        if !self.ready.load(Ordering::Relaxed) {
+            return Some("recovering".into());
+        }
+        let mut why = Vec::new();
+        for p in &self.config.protections {
+            match self.store.blocking().record(&p.name) {
+                Ok(rec) => {
+                    if let Some(f) = &rec.fenced {
+                        why.push(format!("protection {} is fenced: {}", p.name, f.message));
+                    }
+                    if !rec.repair.is_empty() {
+                        let what: Vec<&str> = rec.repair.values().map(String::as_str).collect();
+                        why.push(format!(
+                            "protection {} is degraded: {}",
+                            p.name,
+                            what.join("; ")
+                        ));
+                    }
+                }
+                Err(e) => why.push(format!("protection {}: {e:#}", p.name)),
+            }
+        }
+        (!why.is_empty()).then(|| format!("not ready: {}", why.join("; ")))
     }
 
     /// Refreshes gauges that depend on the clock, then renders all metrics. Reads the

@@ -141,11 +141,17 @@ impl Store {
             o.set_max_write_buffer_number(2);
             ColumnFamilyDescriptor::new(*n, o)
         });
-        let db = DB::open_cf_descriptors(&opts, dir, cfs).with_context(|| {
-            format!(
-                "open state store {} (is another lifeboat daemon using this state_dir?)",
-                dir.display()
-            )
+        let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| {
+            // The hint that fits the error, and only that one.
+            let text = e.to_string();
+            let hint = if text.contains("lock") || text.contains("LOCK") {
+                " (is another lifeboat daemon using this state_dir?)"
+            } else if e.kind() == rocksdb::ErrorKind::Corruption {
+                " (the store is damaged: restore it from a backup, or move it away and let the DR site resync by hash exchange)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("open state store {}: {text}{hint}", dir.display())
         })?;
         Ok(Store { db })
     }

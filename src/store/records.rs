@@ -11,6 +11,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::schema::RECORD_VERSION;
 use crate::ids::{ChunkHash, Epoch, Gen, Point, VolumeName};
+use crate::volume::stamp::Stamp;
 
 /// Geometry and root of one volume at a point.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -62,6 +63,16 @@ pub struct ProtectionRecord {
     pub failed_over: Option<FailoverRecord>,
     /// Primary: set when the DR site refused us for a newer epoch.
     pub fenced: Option<FenceRecord>,
+    /// DR: each replica as lifeboat last wrote it, checked before every cycle.
+    #[serde(default)]
+    pub replicas: BTreeMap<VolumeName, Stamp>,
+    /// DR: replicas found changed outside lifeboat (or left behind by a gen that could not
+    /// be finished), with what was found; the next cycle resyncs them by hash exchange.
+    #[serde(default)]
+    pub repair: BTreeMap<VolumeName, String>,
+    /// Primary: re-protected after a fence; the DR site's newer epoch is adopted once.
+    #[serde(default)]
+    pub reprotect: bool,
 }
 
 impl Default for ProtectionRecord {
@@ -73,6 +84,9 @@ impl Default for ProtectionRecord {
             tentative: None,
             failed_over: None,
             fenced: None,
+            replicas: BTreeMap::new(),
+            repair: BTreeMap::new(),
+            reprotect: false,
         }
     }
 }
@@ -133,6 +147,45 @@ impl ProtectionRecord {
         self.fenced = Some(FenceRecord { at_ms, message });
     }
 
+    /// DR: a committed gen is applied: it is the consistent point, its replicas look as
+    /// `stamps` say, and the volumes it resynced are repaired.
+    pub fn finish_gen(&mut self, commit: &CommitRecord, stamps: BTreeMap<VolumeName, Stamp>) {
+        self.point = Some(commit.point.clone());
+        self.replicas = stamps;
+        for v in &commit.repaired {
+            self.repair.remove(v);
+        }
+    }
+
+    /// DR: a fence found beside the replicas (the state store was lost or restored):
+    /// the protection is failed over at the fence's epoch at least.
+    pub fn restore_fence(&mut self, epoch: Epoch, gen: Option<Gen>, at_ms: u64) {
+        self.epoch = self.epoch.max(epoch);
+        if self.failed_over.is_none() {
+            self.failed_over = Some(FailoverRecord {
+                at_ms,
+                gen,
+                snapshot_taken_at_ms: None,
+            });
+        }
+    }
+
+    /// Re-protect after a failover, in the original direction. DR: replication is taken
+    /// again (at the raised epoch). Primary: the fence is lifted and the DR site's newer
+    /// epoch will be adopted once, instead of fencing again.
+    pub fn reprotect(&mut self) {
+        self.failed_over = None;
+        if self.fenced.take().is_some() {
+            self.reprotect = true;
+        }
+    }
+
+    /// Primary: after a re-protect, the DR site's epoch becomes ours.
+    pub fn adopt_epoch(&mut self, epoch: Epoch) {
+        self.epoch = self.epoch.max(epoch);
+        self.reprotect = false;
+    }
+
     /// DR: failover raises the epoch (once) and records which point was recovered.
     /// Returns false when the protection had already failed over.
     pub fn fail_over(&mut self, at_ms: u64) -> bool {
@@ -160,6 +213,9 @@ pub struct CommitRecord {
     /// (a first full sync onto a replica that did not exist).
     #[serde(default)]
     pub fresh: BTreeSet<VolumeName>,
+    /// Volumes under repair that this gen resynced by hash exchange.
+    #[serde(default)]
+    pub repaired: BTreeSet<VolumeName>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -316,6 +372,25 @@ mod tests {
         assert_eq!((f.gen, f.snapshot_taken_at_ms), (Some(Gen(4)), Some(4000)));
         assert!(!rec.fail_over(8));
         assert_eq!(rec.epoch, Epoch(2));
+    }
+
+    #[test]
+    fn a_fence_found_beside_the_data_fails_the_protection_over_and_reprotect_lifts_it() {
+        let mut dr = ProtectionRecord::default();
+        dr.restore_fence(Epoch(3), Some(Gen(5)), 9);
+        assert_eq!(dr.epoch, Epoch(3));
+        assert_eq!(dr.failed_over.as_ref().and_then(|f| f.gen), Some(Gen(5)));
+        // An older fence never lowers the epoch.
+        dr.restore_fence(Epoch(2), None, 10);
+        assert_eq!(dr.epoch, Epoch(3));
+        dr.reprotect();
+        assert!(dr.failed_over.is_none() && !dr.reprotect);
+        let mut primary = ProtectionRecord::default();
+        primary.fence("fenced: epoch 3".into(), 1);
+        primary.reprotect();
+        assert!(primary.fenced.is_none() && primary.reprotect);
+        primary.adopt_epoch(Epoch(3));
+        assert_eq!((primary.epoch, primary.reprotect), (Epoch(3), false));
     }
 
     #[test]

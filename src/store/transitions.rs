@@ -16,6 +16,8 @@ use super::{
 };
 use crate::ids::{Epoch, Gen, Point, ProtectionName, VolumeName};
 use crate::store::schema::SCRATCH;
+use crate::volume::fence::Fence;
+use crate::volume::stamp::Stamp;
 
 impl Store {
     fn put_record(
@@ -171,15 +173,17 @@ impl Store {
         self.write(b, true)
     }
 
-    /// The redo of a group commit is applied and fsynced: the gen is the consistent point.
+    /// The redo of a group commit is applied and fsynced: the gen is the consistent point,
+    /// and its replicas look as `stamps` say.
     pub fn finish_redo(
         &self,
         prot: &ProtectionName,
         commit: &CommitRecord,
+        stamps: BTreeMap<VolumeName, Stamp>,
     ) -> Result<ProtectionRecord> {
         let gen = commit.point.point.gen;
         let mut rec = self.record(prot)?;
-        rec.point = Some(commit.point.clone());
+        rec.finish_gen(commit, stamps);
         let mut b = Batch::default();
         self.drop_index_except(prot, &[gen], &mut b)?;
         b.delete_commit(prot, gen);
@@ -207,6 +211,62 @@ impl Store {
         )?;
         self.write(b, true)?;
         Ok(staged.into_iter().map(|(_, v, _)| v).collect())
+    }
+
+    /// A committed gen cannot be finished (its staging log is gone and its replicas do not
+    /// hold it): the commit is dropped, the point stays, and every volume of the gen is
+    /// resynced by hash exchange on the next cycle.
+    pub fn abandon_commit(
+        &self,
+        prot: &ProtectionName,
+        commit: &CommitRecord,
+        why: &str,
+    ) -> Result<ProtectionRecord> {
+        let mut rec = self.record(prot)?;
+        for v in commit.logs.keys() {
+            rec.repair.insert(v.clone(), why.to_string());
+        }
+        let mut b = Batch::default();
+        b.delete_commit(prot, commit.point.point.gen);
+        self.put_record(prot, &rec, b)?;
+        Ok(rec)
+    }
+
+    /// Replicas found changed outside lifeboat: the next cycle repairs them.
+    pub fn mark_repair(
+        &self,
+        prot: &ProtectionName,
+        found: BTreeMap<VolumeName, String>,
+    ) -> Result<ProtectionRecord> {
+        let mut rec = self.record(prot)?;
+        rec.repair.extend(found);
+        self.put_record(prot, &rec, Batch::default())?;
+        Ok(rec)
+    }
+
+    /// A fence found beside the replicas: the protection is failed over (the store had
+    /// lost it).
+    pub fn restore_fence(&self, prot: &ProtectionName, fence: &Fence) -> Result<ProtectionRecord> {
+        let mut rec = self.record(prot)?;
+        rec.restore_fence(fence.epoch, fence.gen, fence.at_ms);
+        self.put_record(prot, &rec, Batch::default())?;
+        Ok(rec)
+    }
+
+    /// Re-protect in the original direction (see [`ProtectionRecord::reprotect`]).
+    pub fn reprotect(&self, prot: &ProtectionName) -> Result<ProtectionRecord> {
+        let mut rec = self.record(prot)?;
+        rec.reprotect();
+        self.put_record(prot, &rec, Batch::default())?;
+        Ok(rec)
+    }
+
+    /// Primary, re-protected: the DR site's epoch becomes ours.
+    pub fn adopt_epoch(&self, prot: &ProtectionName, epoch: Epoch) -> Result<ProtectionRecord> {
+        let mut rec = self.record(prot)?;
+        rec.adopt_epoch(epoch);
+        self.put_record(prot, &rec, Batch::default())?;
+        Ok(rec)
     }
 
     /// Failover: the epoch is raised (once) and the recovered point recorded, so the old
@@ -307,6 +367,7 @@ mod tests {
             },
             logs: BTreeMap::from([(v.clone(), "/s/v.log".into())]),
             fresh: Default::default(),
+            repaired: Default::default(),
         };
         store
             .commit_group(&p, &commit, Some(b"bundle".to_vec()))
@@ -317,7 +378,7 @@ mod tests {
         );
         let err = store.discard_staged(&p).unwrap_err().to_string();
         assert!(err.contains("not applied yet"), "{err}");
-        let rec = store.finish_redo(&p, &commit).unwrap();
+        let rec = store.finish_redo(&p, &commit, BTreeMap::new()).unwrap();
         assert_eq!(rec.point_gen(), Some(Gen(1)));
         assert!(store.commits(&p).unwrap().is_empty());
         assert_eq!(

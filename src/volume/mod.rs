@@ -8,9 +8,11 @@
 //! [`file_blake3`] hashes a whole volume file (the demo's and the tests' proof that a
 //! replica equals its snapshot).
 
+pub mod fence;
 pub mod replica;
 pub mod snapshot;
 pub mod staging;
+pub mod stamp;
 
 use std::io::Read;
 use std::path::Path;

@@ -23,21 +23,35 @@ pub struct ApplyStats {
 /// Reserves the blocks a staged chunk will need in the replica, without changing its
 /// content (KEEP_SIZE allocation), so a full replica disk fails the cycle before its group
 /// commit instead of during apply. Block devices and file systems without fallocate need
-/// no reservation.
+/// no reservation. fallocate moves the file's mtime, which the DR site's replica check
+/// reads as a write from outside, so each reservation puts the mtime back.
 pub struct Reserver {
     file: Option<File>,
+    mtime: libc::timespec,
 }
 
 impl Reserver {
     pub fn open(path: &Path) -> Result<Reserver> {
+        use std::os::unix::fs::MetadataExt;
         let f = open_replica(path)?;
-        let file = f.metadata()?.is_file().then_some(f);
-        Ok(Reserver { file })
+        let m = f.metadata()?;
+        let mtime = libc::timespec {
+            tv_sec: m.mtime(),
+            tv_nsec: m.mtime_nsec(),
+        };
+        let file = m.is_file().then_some(f);
+        Ok(Reserver { file, mtime })
     }
 
     /// Reserves nothing.
     pub fn none() -> Reserver {
-        Reserver { file: None }
+        Reserver {
+            file: None,
+            mtime: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+        }
     }
 
     pub fn reserve(&mut self, off: u64, len: u32) -> Result<()> {
@@ -51,6 +65,17 @@ impl Reserver {
             )
         };
         if rc == 0 {
+            let times = [
+                libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_OMIT,
+                },
+                self.mtime,
+            ];
+            if unsafe { libc::futimens(f.as_raw_fd(), times.as_ptr()) } != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .context("restore the replica's mtime after reserving space");
+            }
             return Ok(());
         }
         let e = std::io::Error::last_os_error();

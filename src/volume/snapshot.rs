@@ -139,7 +139,7 @@ fn reflink(src: &File, dest: &File) -> std::io::Result<()> {
 
 /// Snapshots one volume to `dest`; returns its size and the method used.
 pub fn snapshot_volume(src: &Path, dest: &Path, mode: SnapshotMode) -> Result<(u64, Method)> {
-    let s = File::open(src).with_context(|| format!("open {}", src.display()))?;
+    let s = open_volume(src)?;
     let size = volume_size(&s).with_context(|| format!("size of {}", src.display()))?;
     let d = OpenOptions::new()
         .write(true)
@@ -164,6 +164,30 @@ pub fn snapshot_volume(src: &Path, dest: &Path, mode: SnapshotMode) -> Result<(u
     }
     sparse_copy(&s, &d, size)?;
     Ok((size, Method::Copy))
+}
+
+/// Opens a volume for reading: a regular file or a block device. Opened without blocking,
+/// so a FIFO (or anything else) in its place fails at once, by name, instead of hanging
+/// the cycle; a symlink to `/dev/null` is a character device and is refused too.
+pub fn open_volume(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))?;
+    let ft = f
+        .metadata()
+        .with_context(|| format!("stat {}", path.display()))?
+        .file_type();
+    if !(ft.is_file() || std::os::unix::fs::FileTypeExt::is_block_device(&ft)) {
+        bail!(
+            "{} is {}; a volume is a regular file or a block device",
+            path.display(),
+            crate::volume::stamp::kind_name(&ft)
+        );
+    }
+    Ok(f)
 }
 
 /// Copies `size` bytes, leaving holes where the source reads as zeros.

@@ -124,9 +124,10 @@ impl SiteProc {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("{} exited with {st}:\n{}", self.name, self.log_text());
             }
+            // Started: ready, or up but not ready for a reason it names (fenced, degraded).
             if client
                 .get_text("/readyz")
-                .map(|t| t.starts_with("ready"))
+                .map(|t| t.starts_with("ready") || t.starts_with("not ready:"))
                 .unwrap_or(false)
             {
                 return;

@@ -13,9 +13,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::machine::{self, Action, Receiving, Staged};
-use super::{hashes, stage};
+use super::{check, hashes, stage};
+use crate::config::Protection;
 use crate::engine::chunk::Geometry;
 use crate::ids::{Epoch, Gen, Point, VolumeName};
+use crate::metrics::ErrorKind;
 use crate::net::wire::{FrameReader, FrameWriter, Msg, Refusal};
 use crate::replicate::error::ReceiveError;
 use crate::replicate::messages::{CycleMsg, CycleStart, VolumeMsg};
@@ -83,6 +85,12 @@ pub async fn run(
     recovery::finish_pending(dr, &locked, &prot)
         .await
         .map_err(ReceiveError::io)?;
+    let rec = dr
+        .store
+        .record(&prot.name)
+        .await
+        .map_err(ReceiveError::store)?;
+    checks(dr, &locked, &prot, &rec).await?;
     let rec = locked
         .raise_epoch(dr, epoch)
         .await
@@ -90,6 +98,7 @@ pub async fn run(
     w.send(&Msg::Prepared {
         epoch: rec.epoch,
         point: rec.point.as_ref().map(|p| p.point),
+        repair: rec.repair.keys().map(|v| v.to_string()).collect(),
     })
     .await?;
     let msg = tokio::select! {
@@ -98,7 +107,8 @@ pub async fn run(
     };
     let start = CycleStart::try_from(msg)
         .map_err(|kind| ReceiveError::protocol(format!("expected Cycle, got {kind}")))?;
-    let mut machine = Receiving::start(&prot, rec.point.clone(), start)?;
+    let repair = rec.repair.keys().cloned().collect();
+    let mut machine = Receiving::start(&prot, rec.point.clone(), repair, start)?;
     let span = tracing::info_span!("gen", gen = %machine.point().gen);
     recovery::discard_staging(dr, &locked, machine.group())
         .await
@@ -114,6 +124,48 @@ pub async fn run(
         }
     }
     result
+}
+
+/// Before anything of the cycle is taken: a fence beside the replicas (the store forgot a
+/// failover) refuses it as failed over; replicas changed outside lifeboat fail it, named,
+/// and are marked for repair by the next cycle.
+async fn checks(
+    dr: &Dr,
+    locked: &Locked<'_>,
+    prot: &Protection,
+    rec: &ProtectionRecord,
+) -> Result<(), ReceiveError> {
+    let group = check::group(prot, rec);
+    let r = rec.clone();
+    let (fence, damaged) = tokio::task::spawn_blocking(move || {
+        anyhow::Ok((check::fences(&group)?, check::damaged(&group, &r)))
+    })
+    .await
+    .map_err(ReceiveError::io)?
+    .map_err(ReceiveError::io)?;
+    if let Some(f) = fence {
+        let rec = locked
+            .restore_fence(dr, f)
+            .await
+            .map_err(ReceiveError::store)?;
+        return Err(machine::failed_over(&rec));
+    }
+    if !damaged.is_empty() {
+        dr.metrics
+            .replica_check_failures
+            .with_label_values(&[prot.name.as_str()])
+            .inc_by(damaged.len() as u64);
+        let what = damaged.values().cloned().collect::<Vec<_>>().join("; ");
+        locked
+            .mark_repair(dr, damaged)
+            .await
+            .map_err(ReceiveError::store)?;
+        return Err(ReceiveError::Refused {
+            refusal: Refusal::ReplicaDamaged(what),
+            kind: ErrorKind::Replica,
+        });
+    }
+    Ok(())
 }
 
 /// From `Cycle` to `Committed`.

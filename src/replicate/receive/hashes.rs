@@ -82,6 +82,7 @@ fn hash_replica(
     chunk_size: u32,
 ) -> anyhow::Result<()> {
     store.clear_scratch(prot, vol)?;
+    displace_non_replica(path)?;
     let Ok(f) = std::fs::File::open(path) else {
         return Ok(()); // no replica yet: nothing to compare, every chunk is sent
     };
@@ -110,6 +111,26 @@ fn hash_replica(
     tracing::info!(
         chunks = geometry.chunk_count(),
         "hashed the replica for a resync"
+    );
+    Ok(())
+}
+
+/// Moves whatever sits at a replica's path that cannot be a replica (a directory, a FIFO)
+/// aside, renamed, never deleted, so the resync can rebuild the replica and nothing that
+/// was there is lost.
+fn displace_non_replica(path: &Path) -> anyhow::Result<()> {
+    let Ok(crate::volume::stamp::Observed::Other(what)) = crate::volume::stamp::observe(path)
+    else {
+        return Ok(());
+    };
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".lifeboat-displaced-{}", crate::ids::now_ms()));
+    std::fs::rename(path, &aside)
+        .with_context(|| format!("move {what} at replica path {} aside", path.display()))?;
+    tracing::warn!(
+        path = %path.display(),
+        moved_to = %std::path::Path::new(&aside).display(),
+        "{what} was at the replica's path; moved aside, the replica is rebuilt"
     );
     Ok(())
 }

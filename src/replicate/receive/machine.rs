@@ -96,6 +96,9 @@ pub struct Receiving {
     base: Option<Point>,
     /// The consistent point.
     have: Option<PointRecord>,
+    /// Volumes whose replicas are under repair: their index is not to be trusted, so they
+    /// resync against a scan of the replica.
+    repair: BTreeSet<VolumeName>,
     /// Volumes whose hashes were exchanged (a resync), and the index gen they diff against.
     bases: HashMap<VolumeName, Gen>,
     /// Between an `Action::Receive` and its report.
@@ -110,6 +113,7 @@ impl Receiving {
     pub fn start(
         prot: &Protection,
         have: Option<PointRecord>,
+        repair: BTreeSet<VolumeName>,
         start: CycleStart,
     ) -> Result<Receiving, ReceiveError> {
         let have_point = have.as_ref().map(|p| p.point);
@@ -143,6 +147,7 @@ impl Receiving {
             point: start.point,
             base: start.base,
             have,
+            repair,
             bases: HashMap::new(),
             receiving: None,
             staged: BTreeMap::new(),
@@ -187,6 +192,7 @@ impl Receiving {
                     .have
                     .as_ref()
                     .filter(|p| p.volume_at(&volume, chunk_size).is_some())
+                    .filter(|_| !self.repair.contains(volume.as_str()))
                     .map(|p| p.point.gen);
                 Ok(Action::ServeHashes {
                     volume: v.name.clone(),
@@ -211,6 +217,11 @@ impl Receiving {
                 check_chunk_size(chunk_size)?;
                 let base_gen = match self.bases.get(volume.as_str()) {
                     Some(g) => *g,
+                    None if self.repair.contains(volume.as_str()) => {
+                        return Err(ReceiveError::protocol(format!(
+                            "volume {volume} is under repair at this site: its hashes must be exchanged before Begin"
+                        )))
+                    }
                     None => self
                         .have
                         .as_ref()
@@ -290,6 +301,12 @@ impl Receiving {
                 .map(|(k, _)| k.clone())
                 .collect(),
             logs: staged.into_iter().map(|(k, s)| (k, s.log)).collect(),
+            repaired: self
+                .repair
+                .iter()
+                .filter(|v| self.bases.contains_key(*v))
+                .cloned()
+                .collect(),
         };
         Ok(Action::Commit {
             commit,

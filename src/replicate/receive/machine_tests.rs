@@ -92,6 +92,7 @@ fn start(prot: &Protection, names: &[&str]) -> Result<Receiving, ReceiveError> {
     Receiving::start(
         prot,
         have(&["a", "b", "c"]),
+        Default::default(),
         CycleStart {
             point: point(4),
             base: Some(point(3)),
@@ -172,6 +173,7 @@ fn a_base_that_is_not_the_consistent_point_is_refused() {
     let err = Receiving::start(
         &local(),
         have(&["a", "b", "c"]),
+        Default::default(),
         CycleStart {
             point: point(6),
             base: Some(point(5)),
@@ -260,6 +262,7 @@ fn a_kubernetes_gen_without_manifests_is_refused() {
     let mut m = Receiving::start(
         &prot,
         None,
+        Default::default(),
         CycleStart {
             point: point(1),
             base: None,
@@ -312,6 +315,7 @@ fn begin_without_a_base_or_hashes_is_a_base_mismatch() {
     let mut m = Receiving::start(
         &local(),
         have(&["a", "b", "c"]),
+        Default::default(),
         CycleStart {
             point: point(4),
             base: None,
@@ -400,4 +404,47 @@ fn admission_refuses_an_older_epoch_and_a_failed_over_site() {
         admit(&failed, false, Epoch(9)).unwrap_err().told(),
         Refusal::FailedOver { .. }
     ));
+}
+
+#[test]
+fn a_volume_under_repair_resyncs_against_its_replica_and_is_repaired_by_the_commit() {
+    let repair = std::collections::BTreeSet::from([VolumeName::new("b").unwrap()]);
+    let mut m = Receiving::start(
+        &local(),
+        have(&["a", "b", "c"]),
+        repair,
+        CycleStart {
+            point: point(4),
+            base: Some(point(3)),
+            volumes: metas(&["a", "b", "c"]),
+        },
+    )
+    .unwrap();
+    // Its chunks may not be diffed against an index that no longer describes it.
+    let msg = protocol_message(m.handle(begin("b")).unwrap_err());
+    assert!(msg.contains("volume b is under repair"), "{msg}");
+    let ask = CycleMsg::HashRequest {
+        volume: "b".into(),
+        chunk_size: CS,
+    };
+    assert!(
+        matches!(
+            m.handle(ask).unwrap(),
+            Action::ServeHashes { known: None, .. }
+        ),
+        "the replica is scanned, not its index served"
+    );
+    m.hashes_served(VolumeName::new("b").unwrap(), crate::store::schema::SCRATCH);
+    stage_all(&mut m, &["a", "b", "c"]);
+    let Action::Commit { commit, .. } = m.handle(CycleMsg::Commit(Gen(4))).unwrap() else {
+        panic!("no commit")
+    };
+    assert_eq!(
+        commit
+            .repaired
+            .iter()
+            .map(|v| v.as_str())
+            .collect::<Vec<_>>(),
+        ["b"]
+    );
 }

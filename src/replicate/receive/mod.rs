@@ -4,6 +4,7 @@
 //! stream; [`stage`] writes verified chunks to staging; [`hashes`] answers hash requests
 //! (resync) and refinement streams.
 
+pub mod check;
 pub mod cycle;
 pub mod hashes;
 pub mod intake;
@@ -22,8 +23,9 @@ use tracing::Instrument;
 
 use crate::ids::Epoch;
 use crate::metrics::ErrorKind;
+use crate::net::identity;
 use crate::net::quic::negotiated_lifeboat;
-use crate::net::wire::{FrameReader, FrameWriter, Msg, Refusal, PROTOCOL_VERSION};
+use crate::net::wire::{FrameReader, FrameWriter, Msg, Refusal, SiteRole, PROTOCOL_VERSION};
 use crate::replicate::error::ReceiveError;
 use crate::replicate::messages::Opening;
 use crate::site::dr::Dr;
@@ -71,8 +73,12 @@ async fn connection(dr: Arc<Dr>, incoming: quinn::Incoming, stops: Stops, tracke
         h = hello(&dr, &conn) => match h {
             Ok(p) => p,
             Err(e) => {
-                tracing::warn!(%remote, error = %format!("{e:#}"), "peer hello failed");
-                conn.close(2u32.into(), b"hello failed");
+                let why = format!("{e:#}");
+                tracing::warn!(%remote, error = %why, "peer hello failed");
+                // The reason travels in the close too: the refusal frame may not make it
+                // out before the connection goes.
+                let reason: String = why.chars().take(900).collect();
+                conn.close(2u32.into(), reason.as_bytes());
                 return;
             }
         },
@@ -107,25 +113,55 @@ async fn connection(dr: Arc<Dr>, incoming: quinn::Incoming, stops: Stops, tracke
 async fn hello(dr: &Dr, conn: &quinn::Connection) -> anyhow::Result<String> {
     let (send, recv) = conn.accept_bi().await?;
     let (mut w, mut r) = (FrameWriter::new(send), FrameReader::new(recv));
-    match r.expect("Hello").await? {
-        Msg::Hello {
-            version,
-            site: peer,
-        } => {
-            w.send(&Msg::HelloAck {
-                version: PROTOCOL_VERSION,
-                site: dr.config.site_name.clone(),
-            })
-            .await?;
-            w.finish();
-            anyhow::ensure!(
-                version == PROTOCOL_VERSION,
-                "peer {peer} speaks protocol version {version}, this site {PROTOCOL_VERSION}"
-            );
-            Ok(peer)
-        }
-        other => Err(anyhow::anyhow!("expected Hello, got {}", other.kind())),
+    let Msg::Hello {
+        version,
+        site: peer,
+        role,
+    } = r.expect("Hello").await?
+    else {
+        anyhow::bail!("expected Hello");
+    };
+    if let Err(why) = check_peer(dr, conn, &peer, role) {
+        let _ = w.send(&Msg::Refused(Refusal::WrongPeer(why.clone()))).await;
+        w.finish();
+        anyhow::bail!(why);
     }
+    w.send(&Msg::HelloAck {
+        version: PROTOCOL_VERSION,
+        site: dr.config.site_name.clone(),
+        role: SiteRole::Dr,
+    })
+    .await?;
+    w.finish();
+    anyhow::ensure!(
+        version == PROTOCOL_VERSION,
+        "peer {peer} speaks protocol version {version}, this site {PROTOCOL_VERSION}"
+    );
+    Ok(peer)
+}
+
+/// Whether the connecting site may replicate here: it says it is a primary, and its
+/// certificate is not this site's own and is the configured primary's.
+fn check_peer(dr: &Dr, conn: &quinn::Connection, peer: &str, role: SiteRole) -> Result<(), String> {
+    let ours = &dr.config.site_name;
+    if role != SiteRole::Primary {
+        return Err(format!(
+            "site {peer} says it is a {role} site, as this site ({ours}) is: one of the two is configured with the wrong role"
+        ));
+    }
+    if identity::peer_is(conn, ours) {
+        return Err(format!(
+            "site {peer} presented the certificate of site {ours}, this DR site's own: only the primary's certificate may replicate here"
+        ));
+    }
+    if let Some(expected) = &dr.config.listen_peer {
+        if !identity::peer_is(conn, expected) {
+            return Err(format!(
+                "site {peer} presented a certificate that is not for site {expected} ([listen] peer); only {expected} may replicate here"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// One stream from the primary: a cycle or a refinement stream, by its first message.

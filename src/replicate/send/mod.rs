@@ -82,20 +82,32 @@ async fn cycle(primary: &Primary, prot: &Protection) -> Result<CycleReport, Cycl
         .map_err(CycleError::link)?;
     let wire_start = conn.stats().udp_tx.bytes;
     let lost_start = conn.stats().path.lost_bytes;
-    let (send, recv) = conn.open_bi().await.map_err(CycleError::link)?;
-    let mut w = FrameWriter::new(send).with_limit(primary.peer.limit.clone());
-    let mut r = FrameReader::new(recv);
-    w.send(&Msg::Prepare {
-        protection: name.to_string(),
-        epoch: rec.epoch,
-    })
-    .await?;
-    let answer = PrepareAnswer::try_from(r.expect("Prepared").await?)
-        .map_err(|got| CycleError::unexpected(got, "Prepared"))?;
-    let dr_point = match plan::prepared(rec.epoch, answer) {
-        Prepared::Go(point) => point,
-        Prepared::Fence(r) => return Err(fence(primary, name, &r).await),
-        Prepared::Refused(r) => return Err(plan::refused("the cycle", r)),
+    let mut rec = rec;
+    let (mut w, mut r, dr_point, repair) = loop {
+        let (send, recv) = conn.open_bi().await.map_err(CycleError::link)?;
+        let mut w = FrameWriter::new(send).with_limit(primary.peer.limit.clone());
+        let mut r = FrameReader::new(recv);
+        w.send(&Msg::Prepare {
+            protection: name.to_string(),
+            epoch: rec.epoch,
+        })
+        .await?;
+        let answer = PrepareAnswer::try_from(r.expect("Prepared").await?)
+            .map_err(|got| CycleError::unexpected(got, "Prepared"))?;
+        match plan::prepared(&rec, answer) {
+            Prepared::Go { point, repair } => break (w, r, point, repair),
+            // Re-protected: take the DR site's epoch once, and prepare again with it.
+            Prepared::Adopt(epoch) => {
+                rec = primary
+                    .store
+                    .step(name, move |s, p| s.adopt_epoch(p, epoch))
+                    .await
+                    .map_err(CycleError::store)?;
+                tracing::warn!(%epoch, "re-protected: replicating again at the DR site's epoch");
+            }
+            Prepared::Fence(r) => return Err(fence(primary, name, &r).await),
+            Prepared::Refused(r) => return Err(plan::refused("the cycle", r)),
+        }
     };
     let (rec, reconciled) = primary
         .store
@@ -139,6 +151,9 @@ async fn cycle(primary: &Primary, prot: &Protection) -> Result<CycleReport, Cycl
         Barrier::Body(e) => CycleError::Snapshot(e),
     })?;
     let snapshot_seconds = snap_started.elapsed().as_secs_f64();
+    if let Some(msg) = plan::emptied(prot, &snap, plan.base.as_ref().or(rec.point.as_ref())) {
+        return Err(CycleError::Snapshot(anyhow::anyhow!(msg)));
+    }
     let point = Point {
         gen,
         cycle: CycleId::random(),
@@ -197,6 +212,7 @@ async fn cycle(primary: &Primary, prot: &Protection) -> Result<CycleReport, Cycl
             &snap,
             i,
             plan.base.as_ref(),
+            &repair,
             &side,
             &mut w,
             &mut r,

@@ -119,6 +119,7 @@ pub async fn send_volume(
     snap: &GroupSnapshot,
     i: usize,
     base: Option<&PointRecord>,
+    repair: &[String],
     side: &Side<'_>,
     w: &mut FrameWriter,
     r: &mut FrameReader,
@@ -127,7 +128,7 @@ pub async fn send_volume(
     let v = &snap.volumes[i];
     let gen = snap.gen;
     let geometry = Geometry::new(v.size, prot.chunk_size);
-    let local_base = plan::volume_base(base, v.name.as_str(), prot.chunk_size);
+    let local_base = plan::volume_base(base, v.name.as_str(), prot.chunk_size, repair);
     let resync = local_base.is_none();
     let base_gen = match local_base {
         Some(g) => g,
