@@ -11,9 +11,11 @@
 //! - `validate.rs`: the validator that turns them into the types here, and the duration and
 //!   size parsers.
 //! - `kubernetes.rs`: validation of `[kubernetes]` and `[protection.kubernetes]`.
+//! - `paths.rs`: paths resolved (`..`, symlinks) and refused where two keys name one place.
 //! - `tests.rs`: unit tests.
 
 mod kubernetes;
+mod paths;
 mod raw;
 #[cfg(test)]
 mod tests;
@@ -220,6 +222,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let mut v = Validator {
         base,
         problems: Vec::new(),
+        uses: Vec::new(),
     };
     let cfg = v.config(raw, path);
     if v.problems.is_empty() {
