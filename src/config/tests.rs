@@ -102,3 +102,25 @@ fn a_replica_reached_through_a_symlink_is_the_same_file() {
         "{err}"
     );
 }
+
+#[test]
+fn a_key_open_to_others_is_a_problem_for_run_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dr_config(dir.path(), &[("a", "replicas/r.img")]);
+    let key = dir.path().join("dr.key");
+    std::fs::write(&key, "not a key").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let err = load_for_run(&file).unwrap_err();
+    assert_eq!(err.keys(), ["tls.key"], "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("{} has mode 0640", key.display())),
+        "{msg}"
+    );
+    assert!(msg.contains("expected 0600 or stricter"), "{msg}");
+    // Commands that only read the config's values still work.
+    load(&file).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    load_for_run(&file).unwrap();
+}

@@ -20,6 +20,9 @@ pub(super) struct Validator {
     pub(super) problems: Vec<Problem>,
     /// Paths noted for the same-place check ([`super::paths`]).
     pub(super) uses: Vec<PathUse>,
+    /// Also check what files say about themselves (a private key's mode): for `run` and
+    /// `check-config`, not for commands that only read the config's values.
+    pub(super) check_files: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -146,6 +149,11 @@ impl Validator {
             cert: self.path("tls.cert", &raw.tls.cert),
             key: self.path("tls.key", &raw.tls.key),
         };
+        if self.check_files {
+            if let Some(loose) = crate::net::tls::loose_key(&tls.key) {
+                self.problem("tls.key", loose);
+            }
+        }
         let peer = match (&raw.peer, role) {
             (Some(p), _) => {
                 let address = self.addr("peer.address", &p.address);

@@ -9,9 +9,11 @@
 //! 4. close the QUIC endpoint;
 //! 5. stop the control API, last, so status answers until the end.
 //!
-//! Crash safety does not depend on any of it: a kill -9 costs only re-transfer.
+//! Crash safety does not depend on any of it: a kill -9 costs only re-transfer. [`dirs`]
+//! makes the daemon's directories private first.
 
 pub mod control;
+pub mod dirs;
 pub mod scheduler;
 
 use std::collections::HashMap;
@@ -89,6 +91,7 @@ struct Tokens {
 }
 
 pub async fn run(config: Config) -> Result<()> {
+    dirs::prepare(&config)?;
     let db = config.state_dir.join("db");
     let store = tokio::task::spawn_blocking(move || Store::open(&db)).await??;
     let shared = Arc::new(Shared::open(config, store).await?);

@@ -2,11 +2,11 @@
 //! the daemons load them into rustls configs that demand mutual TLS and the lifeboat ALPN.
 //!
 //! Any certificate signed by the pair CA is a member of the pair. Key files are written with
-//! mode 0600 and never logged.
+//! mode 0600, refused when open to group or others, and never logged.
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -109,6 +109,20 @@ pub fn generate(out: &Path, sites: &[String], extra_sans: &[String]) -> Result<G
     })
 }
 
+/// Why `key` must not be used as a private key file: its mode lets group or others at it.
+/// `None` when the mode is private, or when the file cannot be looked at (reading it
+/// reports that, naming the file).
+pub fn loose_key(key: &Path) -> Option<String> {
+    let mode = fs::metadata(key).ok()?.permissions().mode() & 0o7777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "{} has mode {mode:04o}, open to group or others; expected 0600 or stricter (chmod 600 {})",
+            key.display(),
+            key.display()
+        )
+    })
+}
+
 struct Loaded {
     roots: Arc<rustls::RootCertStore>,
     chain: Vec<CertificateDer<'static>>,
@@ -116,6 +130,9 @@ struct Loaded {
 }
 
 fn load(files: &TlsFiles) -> Result<Loaded> {
+    if let Some(why) = loose_key(&files.key) {
+        bail!("private key {why}");
+    }
     let mut roots = rustls::RootCertStore::empty();
     let cas = CertificateDer::pem_file_iter(&files.ca)
         .with_context(|| format!("read CA certificate {}", files.ca.display()))?
@@ -194,6 +211,20 @@ mod tests {
         // A second run refuses to overwrite.
         let err = generate(dir.path(), &["primary".into()], &[]).unwrap_err();
         assert!(format!("{err:#}").contains("never overwrites"), "{err:#}");
+    }
+
+    #[test]
+    fn a_key_open_to_group_or_others_is_refused_by_both_configs() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let g = generate(dir.path(), &["dr".into()], &[]).unwrap();
+        let files = &g.sites[0].1;
+        fs::set_permissions(&files.key, fs::Permissions::from_mode(0o640)).unwrap();
+        let want = format!("private key {} has mode 0640", files.key.display());
+        let err = format!("{:#}", server_config(files).unwrap_err());
+        assert!(err.contains(&want), "{err}");
+        let err = format!("{:#}", client_config(files).unwrap_err());
+        assert!(err.contains(&want), "{err}");
     }
 
     #[test]
