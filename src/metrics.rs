@@ -62,6 +62,9 @@ pub struct Metrics {
     pub peer_connected: IntGaugeVec,
     pub failover_seconds: GaugeVec,
     pub hook_failures: IntCounterVec,
+    /// notAfter of this site's certificate (`certificate="site"`) and its CA (`"ca"`).
+    pub certificate_expiry: IntGaugeVec,
+    pub tls_reloads: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -94,6 +97,8 @@ impl Metrics {
             peer_connected: reg(&r, IntGaugeVec::new(Opts::new("lifeboat_peer_connected", "1 while the QUIC connection to the peer is up"), &["peer"]).unwrap()),
             failover_seconds: reg(&r, GaugeVec::new(Opts::new("lifeboat_failover_duration_seconds", "Duration of the last failover"), p).unwrap()),
             hook_failures: reg(&r, IntCounterVec::new(Opts::new("lifeboat_hook_failures_total", "Rule actions (pre, background, post) that failed or timed out"), p).unwrap()),
+            certificate_expiry: reg(&r, IntGaugeVec::new(Opts::new("lifeboat_certificate_expiry_timestamp_seconds", "notAfter of the TLS certificate in use, as Unix seconds"), &["certificate"]).unwrap()),
+            tls_reloads: reg(&r, IntCounterVec::new(Opts::new("lifeboat_tls_reloads_total", "TLS material reloads (SIGHUP) by result; a failed one keeps the material in use"), &["result"]).unwrap()),
             registry: r,
         }
     }
