@@ -66,6 +66,9 @@ pub struct Metrics {
     pub failover_seconds: GaugeVec,
     pub hook_failures: IntCounterVec,
     pub replica_check_failures: IntCounterVec,
+    /// notAfter of this site's certificate (`certificate="site"`) and its CA (`"ca"`).
+    pub certificate_expiry: IntGaugeVec,
+    pub tls_reloads: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -99,6 +102,8 @@ impl Metrics {
             failover_seconds: reg(&r, GaugeVec::new(Opts::new("lifeboat_failover_duration_seconds", "Duration of the last failover"), p).unwrap()),
             hook_failures: reg(&r, IntCounterVec::new(Opts::new("lifeboat_hook_failures_total", "Rule actions (pre, background, post) that failed or timed out"), p).unwrap()),
             replica_check_failures: reg(&r, IntCounterVec::new(Opts::new("lifeboat_replica_check_failures_total", "DR replicas found changed outside lifeboat (deleted, truncated, replaced, written) before a cycle"), p).unwrap()),
+            certificate_expiry: reg(&r, IntGaugeVec::new(Opts::new("lifeboat_certificate_expiry_timestamp_seconds", "notAfter of the TLS certificate in use, as Unix seconds"), &["certificate"]).unwrap()),
+            tls_reloads: reg(&r, IntCounterVec::new(Opts::new("lifeboat_tls_reloads_total", "TLS material reloads (SIGHUP) by result; a failed one keeps the material in use"), &["result"]).unwrap()),
             registry: r,
         }
     }

@@ -81,6 +81,14 @@ fn every_malformed_config_gets_an_error_naming_its_key() {
         ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]\nnamespace_map = { prod = \"DR!\" }\nvolume_path = \"/v/{pvc}\"", "protection[0].kubernetes.namespace_map.prod"),
         ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]\nresource_modifiers = \"/nonexistent.yaml\"\nvolume_path = \"/v/{pvc}\"", "protection[0].kubernetes.resource_modifiers"),
         ("interval = \"30s\"", "interval = \"30s\"\npre = [\"sync\"]\n[protection.kubernetes]\nnamespaces = [\"prod\"]\nvolume_path = \"/v/{pvc}\"", "protection[0].pre"),
+        // One place named twice (see same_place_errors_name_both_keys for the other key).
+        ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[[protection]]\nname = \"pg2\"\n[[protection.volume]]\nname = \"data\"\npath = \"/srv/x/../data.img\"", "protection[1].volume[0].path"),
+        ("state_dir = \"state\"", "state_dir = \"state\"\nstaging_dir = \"./state\"", "site.staging_dir"),
+        ("interval = \"30s\"", "interval = \"30s\"\nsnapshot_dir = \"state/x/../staging\"", "protection[0].snapshot_dir"),
+        ("path = \"/srv/data.img\"", "path = \"state/.\"", "protection[0].volume[0].path"),
+        ("path = \"/srv/data.img\"", "path = \"state/db/data.img\"", "protection[0].volume[0].path"),
+        ("state_dir = \"state\"", "state_dir = \"/srv/data.img/state\"", "protection[0].volume[0].path"),
+        ("[[protection]]\nname = \"pg\"", "[[protection]]\nname = \"pg2\"\nsnapshot_dir = \"/srv/snaps\"\n[[protection.volume]]\nname = \"data\"\npath = \"/srv/other.img\"\n[[protection]]\nname = \"pg\"\nsnapshot_dir = \"/srv/snaps/pg2\"", "protection[1].snapshot_dir"),
     ];
     for (from, to, key) in table {
         assert!(
@@ -101,6 +109,42 @@ fn every_malformed_config_gets_an_error_naming_its_key() {
             }
         }
     }
+}
+
+/// Each same-place problem names the other key too, and what the two paths are.
+#[test]
+fn same_place_errors_name_both_keys() {
+    // (change to BASE, key of the problem, the other key, a word of the relation)
+    let table: &[(&str, &str, &str, &str, &str)] = &[
+        ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[[protection]]\nname = \"pg2\"\n[[protection.volume]]\nname = \"data\"\npath = \"/srv/x/../data.img\"", "protection[1].volume[0].path", "protection[0].volume[0].path \"/srv/data.img\"", "\"/srv/x/../data.img\" is the same file as"),
+        ("state_dir = \"state\"", "state_dir = \"state\"\nstaging_dir = \"./state\"", "site.staging_dir", "site.state_dir \"state\"", "is the same directory as"),
+        ("interval = \"30s\"", "interval = \"30s\"\nsnapshot_dir = \"state/x/../staging\"", "protection[0].snapshot_dir", "site.staging_dir (default ", "is the same directory as"),
+        ("path = \"/srv/data.img\"", "path = \"state/.\"", "protection[0].volume[0].path", "site.state_dir \"state\"", "is the same path as"),
+        ("path = \"/srv/data.img\"", "path = \"state/db/data.img\"", "protection[0].volume[0].path", "site.state_dir \"state\"", "would be inside the state store"),
+        ("state_dir = \"state\"", "state_dir = \"/srv/data.img/state\"", "protection[0].volume[0].path", "site.state_dir \"/srv/data.img/state\"", "would be around the state store /srv/data.img/state/db"),
+        ("[[protection]]\nname = \"pg\"", "[[protection]]\nname = \"pg2\"\nsnapshot_dir = \"/srv/snaps\"\n[[protection.volume]]\nname = \"data\"\npath = \"/srv/other.img\"\n[[protection]]\nname = \"pg\"\nsnapshot_dir = \"/srv/snaps/pg2\"", "protection[1].snapshot_dir", "protection[0].snapshot_dir \"/srv/snaps\"", "would be inside the snapshots of protection \"pg2\""),
+    ];
+    for (from, to, key, other, relation) in table {
+        let text = BASE.replacen(from, to, 1);
+        let err = parse(&text, Path::new("bad.toml")).unwrap_err();
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("{key}: {err}")
+        };
+        let p = problems
+            .iter()
+            .find(|p| p.key == *key)
+            .unwrap_or_else(|| panic!("{key}: not named in {err}"));
+        assert!(p.message.contains(other), "{key}: {}", p.message);
+        assert!(p.message.contains(relation), "{key}: {}", p.message);
+        assert_eq!(problems.len(), 1, "{key}: one problem, once: {err}");
+    }
+    // A snapshot_dir shared by protections is fine: each has its own subdirectory.
+    let shared = BASE.replacen(
+        "path = \"/srv/data.img\"",
+        "path = \"/srv/data.img\"\n[[protection]]\nname = \"pg2\"\n[[protection.volume]]\nname = \"data\"\npath = \"/srv/other.img\"",
+        1,
+    );
+    parse(&shared, Path::new("bad.toml")).unwrap();
 }
 
 #[test]

@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use commands::{client, export, failover, load_config, planned_steps, reprotect, show};
+use commands::{client, export, failover, planned_steps, reprotect, show};
 pub use render::{human_bytes, render_cycle, render_failover, render_status};
 
 use crate::api::{CycleReport, FailoverOptions, SiteStatus};
@@ -167,12 +167,14 @@ pub fn init_tracing(cli: &Cli) {
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run { config } => {
-            let cfg = load_config(&config)?;
+            // With the files' checks (a private key's mode), so `run` refuses what
+            // `check-config` reports.
+            let cfg = config::load_for_run(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(crate::daemon::run(cfg))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::CheckConfig { config } => match config::load(&config) {
+        Command::CheckConfig { config } => match config::load_for_run(&config) {
             Ok(c) => {
                 println!(
                     "{}: ok ({} site {:?}, {} protection(s))",

@@ -11,9 +11,11 @@
 //! - `validate.rs`: the validator that turns them into the types here, and the duration and
 //!   size parsers.
 //! - `kubernetes.rs`: validation of `[kubernetes]` and `[protection.kubernetes]`.
+//! - `paths.rs`: paths resolved (`..`, symlinks) and refused where two keys name one place.
 //! - `tests.rs`: unit tests.
 
 mod kubernetes;
+mod paths;
 mod raw;
 #[cfg(test)]
 mod tests;
@@ -202,16 +204,32 @@ impl ConfigError {
     }
 }
 
+/// Reads and validates the config at `path`: what commands that only use its values need
+/// (`status`, `failover`), so a disaster is not the moment to learn of a key's mode.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_with(path, false)
+}
+
+/// [`load`], and also the files the daemon will use: the private key must not be open to
+/// group or others. For `run` and `check-config`.
+pub fn load_for_run(path: &Path) -> Result<Config, ConfigError> {
+    load_with(path, true)
+}
+
+fn load_with(path: &Path, check_files: bool) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    parse(&text, path)
+    parse_with(&text, path, check_files)
 }
 
 /// Parses and validates `text` as if read from `path`.
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    parse_with(text, path, false)
+}
+
+fn parse_with(text: &str, path: &Path, check_files: bool) -> Result<Config, ConfigError> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),
         message: e.to_string(),
@@ -223,6 +241,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let mut v = Validator {
         base,
         problems: Vec::new(),
+        uses: Vec::new(),
+        check_files,
     };
     let cfg = v.config(raw, path);
     if v.problems.is_empty() {

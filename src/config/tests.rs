@@ -50,3 +50,77 @@ fn all_problems_are_reported_at_once() {
     );
     assert!(keys.contains(&"site.role".to_string()), "{keys:?}");
 }
+
+/// A DR config in a temporary directory, with `volumes` as (protection, path) pairs.
+fn dr_config(dir: &Path, volumes: &[(&str, &str)]) -> PathBuf {
+    let mut text = String::from(
+        "[site]\nname = \"dr\"\nrole = \"dr\"\nstate_dir = \"state\"\n[tls]\nca = \"ca.pem\"\ncert = \"dr.pem\"\nkey = \"dr.key\"\n",
+    );
+    for (prot, path) in volumes {
+        text += &format!("[[protection]]\nname = \"{prot}\"\n[[protection.volume]]\nname = \"v\"\npath = \"{path}\"\n");
+    }
+    let file = dir.join("dr.toml");
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+#[test]
+fn a_replica_named_twice_is_refused_naming_both_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dr_config(
+        dir.path(),
+        &[("a", "replicas/r.img"), ("b", "replicas/../replicas/r.img")],
+    );
+    let err = load(&file).unwrap_err();
+    assert_eq!(err.keys(), ["protection[1].volume[0].path"], "{err}");
+    assert!(
+        err.to_string().contains(
+            "protection[1].volume[0].path: \"replicas/../replicas/r.img\" is the same file as protection[0].volume[0].path \"replicas/r.img\""
+        ),
+        "{err}"
+    );
+    // Different files are fine.
+    let file = dr_config(
+        dir.path(),
+        &[("a", "replicas/r.img"), ("b", "replicas/s.img")],
+    );
+    load(&file).unwrap();
+}
+
+#[test]
+fn a_replica_reached_through_a_symlink_is_the_same_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("replicas")).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("replicas"), dir.path().join("link")).unwrap();
+    let file = dr_config(dir.path(), &[("a", "replicas/r.img"), ("b", "link/r.img")]);
+    let err = load(&file).unwrap_err();
+    assert_eq!(err.keys(), ["protection[1].volume[0].path"], "{err}");
+    let real = paths::resolve(&dir.path().join("replicas/r.img"));
+    assert!(
+        err.to_string()
+            .contains(&format!("(both are {})", real.display())),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_key_open_to_others_is_a_problem_for_run_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dr_config(dir.path(), &[("a", "replicas/r.img")]);
+    let key = dir.path().join("dr.key");
+    std::fs::write(&key, "not a key").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let err = load_for_run(&file).unwrap_err();
+    assert_eq!(err.keys(), ["tls.key"], "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("{} has mode 0640", key.display())),
+        "{msg}"
+    );
+    assert!(msg.contains("expected 0600 or stricter"), "{msg}");
+    // Commands that only read the config's values still work.
+    load(&file).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    load_for_run(&file).unwrap();
+}

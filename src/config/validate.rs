@@ -7,6 +7,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::paths::{PathUse, Use};
 use super::raw::{RawConfig, RawProtection};
 use super::{Config, Peer, Problem, Protection, Refine, Role, SnapshotMode, Volume};
 use crate::engine::chunk::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
@@ -17,6 +18,11 @@ pub(super) struct Validator {
     /// The config file's directory: relative paths are resolved against it.
     pub(super) base: PathBuf,
     pub(super) problems: Vec<Problem>,
+    /// Paths noted for the same-place check ([`super::paths`]).
+    pub(super) uses: Vec<PathUse>,
+    /// Also check what files say about themselves (a private key's mode): for `run` and
+    /// `check-config`, not for commands that only read the config's values.
+    pub(super) check_files: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -112,10 +118,24 @@ impl Validator {
             self.problem("site.name", e);
         }
         let state_dir = self.path("site.state_dir", &raw.site.state_dir);
+        self.path_use(
+            Use::StateDir,
+            "site.state_dir".into(),
+            Some(&raw.site.state_dir),
+            &state_dir,
+            None,
+        );
         let staging_dir = match &raw.site.staging_dir {
             Some(s) => self.path("site.staging_dir", s),
             None => state_dir.join("staging"),
         };
+        self.path_use(
+            Use::StagingDir,
+            "site.staging_dir".into(),
+            raw.site.staging_dir.as_deref(),
+            &staging_dir,
+            None,
+        );
         let min_free_space = match raw.site.min_free_space.as_deref().map(parse_size) {
             None => 256 << 20,
             Some(Ok(n)) => n,
@@ -129,6 +149,11 @@ impl Validator {
             cert: self.path("tls.cert", &raw.tls.cert),
             key: self.path("tls.key", &raw.tls.key),
         };
+        if self.check_files {
+            if let Some(loose) = crate::net::tls::loose_key(&tls.key) {
+                self.problem("tls.key", loose);
+            }
+        }
         let peer = match (&raw.peer, role) {
             (Some(p), _) => {
                 let address = self.addr("peer.address", &p.address);
@@ -189,6 +214,7 @@ impl Validator {
             None => SocketAddr::from(([127, 0, 0, 1], 7421)),
         };
         let mut names = HashSet::new();
+        let all_names: Vec<String> = raw.protections.iter().map(|p| p.name.clone()).collect();
         let mut protections = Vec::new();
         for (i, p) in raw.protections.into_iter().enumerate() {
             let key = format!("protection[{i}]");
@@ -200,6 +226,7 @@ impl Validator {
             }
             protections.push(self.protection(&key, p, &state_dir, role));
         }
+        self.check_path_uses(&all_names);
         let kubernetes = self.kube_settings(
             raw.kubernetes.as_ref(),
             protections.iter().any(|p| p.kubernetes.is_some()),
@@ -305,6 +332,13 @@ impl Validator {
             Some(s) => self.path(&format!("{key}.snapshot_dir"), s),
             None => state_dir.join("snapshots"),
         };
+        self.path_use(
+            Use::SnapshotDir,
+            format!("{key}.snapshot_dir"),
+            p.snapshot_dir.as_deref(),
+            &snapshot_dir,
+            Some(&p.name),
+        );
         for (field, cmds) in [("pre", &p.pre), ("post", &p.post)] {
             for (j, c) in cmds.iter().enumerate() {
                 if c.trim().is_empty() {
@@ -316,7 +350,6 @@ impl Validator {
             }
         }
         let mut vol_names = HashSet::new();
-        let mut vol_paths = HashSet::new();
         let mut volumes = Vec::new();
         for (j, v) in p.volumes.iter().enumerate() {
             let vkey = format!("{key}.volume[{j}]");
@@ -337,15 +370,13 @@ impl Validator {
                 );
             }
             let path = self.path(&format!("{vkey}.path"), &v.path);
-            if !vol_paths.insert(path.clone()) {
-                self.problem(
-                    format!("{vkey}.path"),
-                    format!(
-                        "{} is used by an earlier volume of this protection",
-                        path.display()
-                    ),
-                );
-            }
+            self.path_use(
+                Use::Volume,
+                format!("{vkey}.path"),
+                Some(&v.path),
+                &path,
+                Some(&p.name),
+            );
             volumes.push(Volume { name: vname, path });
         }
         let kubernetes = p

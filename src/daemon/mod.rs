@@ -9,10 +9,14 @@
 //! 4. close the QUIC endpoint;
 //! 5. stop the control API, last, so status answers until the end.
 //!
-//! Crash safety does not depend on any of it: a kill -9 costs only re-transfer.
+//! Crash safety does not depend on any of it: a kill -9 costs only re-transfer. SIGHUP
+//! reloads the TLS material ([`tls_reload`]); [`dirs`] makes the daemon's directories
+//! private first.
 
 pub mod control;
+pub mod dirs;
 pub mod scheduler;
+pub mod tls_reload;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -89,6 +93,7 @@ struct Tokens {
 }
 
 pub async fn run(config: Config) -> Result<()> {
+    dirs::prepare(&config)?;
     let db = config.state_dir.join("db");
     let store = tokio::task::spawn_blocking(move || Store::open(&db)).await??;
     let shared = Arc::new(Shared::open(config, store).await?);
@@ -101,7 +106,7 @@ pub async fn run(config: Config) -> Result<()> {
     // Cycles and streams, and background work, each drained in their own stage.
     let work = TaskTracker::new();
     let background = TaskTracker::new();
-    let (ctx, endpoint) = match shared.config.role {
+    let (ctx, endpoint, tls_side) = match shared.config.role {
         Role::Dr => {
             let dr = Arc::new(Dr::new(shared.clone()));
             recovery::recover_dr(&dr)
@@ -128,7 +133,7 @@ pub async fn run(config: Config) -> Result<()> {
                 streams: tokens.cycles.clone(),
             };
             work.spawn(receive::serve(dr.clone(), ep.clone(), stops, work.clone()));
-            (RoleCtx::Dr(dr), ep)
+            (RoleCtx::Dr(dr), ep.clone(), tls_reload::Side::Server(ep))
         }
         Role::Primary => {
             recovery::recover_primary(&shared)
@@ -139,9 +144,12 @@ pub async fn run(config: Config) -> Result<()> {
                 .peer
                 .clone()
                 .context("a primary needs [peer]")?;
-            let ep = quic::client_endpoint(peer.address, tls::client_config(&shared.config.tls)?)?;
+            let tls = tls::client_config(&shared.config.tls)?;
+            let client = quic::ClientSlot::new(quic::client_config(tls.clone())?);
+            let ep = quic::client_endpoint(peer.address, tls)?;
             let link = PeerLink::new(
                 ep.clone(),
+                client.clone(),
                 peer.address,
                 peer.server_name.clone(),
                 peer.max_bandwidth,
@@ -172,9 +180,16 @@ pub async fn run(config: Config) -> Result<()> {
                     syncs: Arc::new(syncs),
                 },
                 ep,
+                tls_reload::Side::Client(client),
             )
         }
     };
+    tls_reload::start(
+        shared.clone(),
+        tls_side,
+        tokens.background.clone(),
+        &background,
+    )?;
     let listener = tokio::net::TcpListener::bind(shared.config.control)
         .await
         .with_context(|| format!("bind the control API to {}", shared.config.control))?;

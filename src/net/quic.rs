@@ -1,8 +1,10 @@
 //! QUIC endpoints for the pair: the DR site listens, the primary connects. Mutual TLS comes
-//! from [`crate::net::tls`]; this module only tunes transport and checks ALPN.
+//! from [`crate::net::tls`]; this module only tunes transport and checks ALPN. The configs
+//! can be replaced while the endpoint runs (a TLS reload): the server's through
+//! [`Endpoint::set_server_config`], the client's through a [`ClientSlot`].
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -51,10 +53,46 @@ fn tune_socket(socket: &std::net::UdpSocket) {
     }
 }
 
-pub fn server_endpoint(addr: SocketAddr, tls: rustls::ServerConfig) -> Result<Endpoint> {
+/// The DR site's QUIC config over `tls`.
+pub fn server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConfig> {
     let crypto = QuicServerConfig::try_from(tls).context("QUIC server TLS config")?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport());
+    Ok(cfg)
+}
+
+/// The primary's QUIC config over `tls`.
+pub fn client_config(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig> {
+    let crypto = QuicClientConfig::try_from(tls).context("QUIC client TLS config")?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(transport());
+    Ok(cfg)
+}
+
+/// The client config new connections use, replaceable while they run. Its generation
+/// grows with each replacement, so a link can tell that its connection was made with
+/// material that has since been reloaded.
+#[derive(Clone)]
+pub struct ClientSlot(Arc<RwLock<(u64, quinn::ClientConfig)>>);
+
+impl ClientSlot {
+    pub fn new(cfg: quinn::ClientConfig) -> Self {
+        ClientSlot(Arc::new(RwLock::new((0, cfg))))
+    }
+
+    /// The generation and the config for a new connection.
+    pub fn current(&self) -> (u64, quinn::ClientConfig) {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn replace(&self, cfg: quinn::ClientConfig) {
+        let mut slot = self.0.write().unwrap_or_else(|e| e.into_inner());
+        *slot = (slot.0 + 1, cfg);
+    }
+}
+
+pub fn server_endpoint(addr: SocketAddr, tls: rustls::ServerConfig) -> Result<Endpoint> {
+    let cfg = server_config(tls)?;
     let socket = std::net::UdpSocket::bind(addr)
         .with_context(|| format!("listen for peers on UDP {addr}"))?;
     tune_socket(&socket);
@@ -68,9 +106,7 @@ pub fn server_endpoint(addr: SocketAddr, tls: rustls::ServerConfig) -> Result<En
 }
 
 pub fn client_endpoint(peer: SocketAddr, tls: rustls::ClientConfig) -> Result<Endpoint> {
-    let crypto = QuicClientConfig::try_from(tls).context("QUIC client TLS config")?;
-    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(transport());
+    let cfg = client_config(tls)?;
     let bind: SocketAddr = if peer.is_ipv6() {
         "[::]:0".parse().expect("literal")
     } else {

@@ -2,11 +2,12 @@
 //! the daemons load them into rustls configs that demand mutual TLS and the lifeboat ALPN.
 //!
 //! Any certificate signed by the pair CA is a member of the pair. Key files are written with
-//! mode 0600 and never logged.
+//! mode 0600, refused when open to group or others, and never logged. [`expiry`] reads the
+//! certificates' notAfter for the expiry metric.
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -109,6 +110,68 @@ pub fn generate(out: &Path, sites: &[String], extra_sans: &[String]) -> Result<G
     })
 }
 
+/// Why `key` must not be used as a private key file: its mode lets group or others at it.
+/// `None` when the mode is private, or when the file cannot be looked at (reading it
+/// reports that, naming the file).
+pub fn loose_key(key: &Path) -> Option<String> {
+    let mode = fs::metadata(key).ok()?.permissions().mode() & 0o7777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "{} has mode {mode:04o}, open to group or others; expected 0600 or stricter (chmod 600 {})",
+            key.display(),
+            key.display()
+        )
+    })
+}
+
+/// The PEM certificates in `path`, at least one.
+fn certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("read {what} {}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parse {what} {}", path.display()))?;
+    if certs.is_empty() {
+        bail!("{} holds no PEM certificate", path.display());
+    }
+    Ok(certs)
+}
+
+/// When a site's TLS material stops working, as Unix seconds of notAfter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expiry {
+    /// This site's certificate: the first in its file.
+    pub site: i64,
+    /// The CA certificate that issued it (by subject), else the CA file's first.
+    pub ca: i64,
+}
+
+/// Reads both notAfter dates from the files. x509-parser, because rustls and webpki check
+/// validity during a handshake but do not expose the dates.
+pub fn expiry(files: &TlsFiles) -> Result<Expiry> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let site = certs(&files.cert, "certificate")?;
+    let cas = certs(&files.ca, "CA certificate")?;
+    let parse = |der: &CertificateDer<'static>, path: &Path| -> Result<(Vec<u8>, Vec<u8>, i64)> {
+        let (_, c) = X509Certificate::from_der(der.as_ref())
+            .map_err(|e| anyhow::anyhow!("parse X.509 certificate in {}: {e}", path.display()))?;
+        Ok((
+            c.subject().as_raw().to_vec(),
+            c.issuer().as_raw().to_vec(),
+            c.validity().not_after.timestamp(),
+        ))
+    };
+    let (_, issuer, site_not_after) = parse(&site[0], &files.cert)?;
+    let cas = cas
+        .iter()
+        .map(|c| parse(c, &files.ca))
+        .collect::<Result<Vec<_>>>()?;
+    let ca = cas.iter().find(|(subject, _, _)| *subject == issuer);
+    Ok(Expiry {
+        site: site_not_after,
+        ca: ca.unwrap_or(&cas[0]).2,
+    })
+}
+
 struct Loaded {
     roots: Arc<rustls::RootCertStore>,
     chain: Vec<CertificateDer<'static>>,
@@ -116,26 +179,16 @@ struct Loaded {
 }
 
 fn load(files: &TlsFiles) -> Result<Loaded> {
-    let mut roots = rustls::RootCertStore::empty();
-    let cas = CertificateDer::pem_file_iter(&files.ca)
-        .with_context(|| format!("read CA certificate {}", files.ca.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("parse CA certificate {}", files.ca.display()))?;
-    if cas.is_empty() {
-        bail!("{} holds no PEM certificate", files.ca.display());
+    if let Some(why) = loose_key(&files.key) {
+        bail!("private key {why}");
     }
-    for ca in cas {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in certs(&files.ca, "CA certificate")? {
         roots
             .add(ca)
             .with_context(|| format!("use {} as a trust anchor", files.ca.display()))?;
     }
-    let chain = CertificateDer::pem_file_iter(&files.cert)
-        .with_context(|| format!("read certificate {}", files.cert.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("parse certificate {}", files.cert.display()))?;
-    if chain.is_empty() {
-        bail!("{} holds no PEM certificate", files.cert.display());
-    }
+    let chain = certs(&files.cert, "certificate")?;
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .with_context(|| format!("read private key {}", files.key.display()))?;
     Ok(Loaded {
@@ -194,6 +247,20 @@ mod tests {
         // A second run refuses to overwrite.
         let err = generate(dir.path(), &["primary".into()], &[]).unwrap_err();
         assert!(format!("{err:#}").contains("never overwrites"), "{err:#}");
+    }
+
+    #[test]
+    fn a_key_open_to_group_or_others_is_refused_by_both_configs() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let g = generate(dir.path(), &["dr".into()], &[]).unwrap();
+        let files = &g.sites[0].1;
+        fs::set_permissions(&files.key, fs::Permissions::from_mode(0o640)).unwrap();
+        let want = format!("private key {} has mode 0640", files.key.display());
+        let err = format!("{:#}", server_config(files).unwrap_err());
+        assert!(err.contains(&want), "{err}");
+        let err = format!("{:#}", client_config(files).unwrap_err());
+        assert!(err.contains(&want), "{err}");
     }
 
     #[test]

@@ -1,5 +1,9 @@
 //! The primary's link to its DR site: one QUIC connection, made on demand, checked for the
-//! lifeboat ALPN and a compatible protocol version before any cycle uses it.
+//! lifeboat ALPN and a compatible protocol version before any cycle uses it. After a TLS
+//! reload the next caller gets a new connection made with the new material; cycles still on
+//! the old one finish there, and it closes when the last of them lets go. If the DR site
+//! refuses the new material, cycles fail rather than stay on the old connection, which
+//! would hide a broken rotation until that connection drops.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -23,7 +27,10 @@ pub struct PeerLink {
     endpoint: quinn::Endpoint,
     address: SocketAddr,
     server_name: String,
-    conn: Mutex<Option<quinn::Connection>>,
+    /// The client config for new connections (replaced by a TLS reload).
+    client: quic::ClientSlot,
+    /// The connection and the client config generation it was made with.
+    conn: Mutex<Option<(quinn::Connection, u64)>>,
     /// The pair's bandwidth cap, shared by every cycle's streams.
     pub limit: Option<Arc<RateLimit>>,
 }
@@ -31,6 +38,7 @@ pub struct PeerLink {
 impl PeerLink {
     pub fn new(
         endpoint: quinn::Endpoint,
+        client: quic::ClientSlot,
         address: SocketAddr,
         server_name: String,
         max_bandwidth: Option<u64>,
@@ -39,6 +47,7 @@ impl PeerLink {
             endpoint,
             address,
             server_name,
+            client,
             conn: Mutex::new(None),
             limit: max_bandwidth.map(|b| Arc::new(RateLimit::new(b))),
         }
@@ -57,8 +66,9 @@ impl PeerLink {
     /// The live connection, connecting (and saying hello) if there is none.
     pub async fn connection(&self, site: &Shared) -> Result<quinn::Connection> {
         let mut guard = self.conn.lock().await;
-        if let Some(c) = guard.as_ref() {
-            if c.close_reason().is_none() {
+        let (generation, client) = self.client.current();
+        if let Some((c, made_with)) = guard.as_ref() {
+            if c.close_reason().is_none() && *made_with == generation {
                 return Ok(c.clone());
             }
         }
@@ -66,7 +76,7 @@ impl PeerLink {
         let what = || format!("connect to DR site {} ({})", self.address, self.server_name);
         let connecting = self
             .endpoint
-            .connect(self.address, &self.server_name)
+            .connect_with(client, self.address, &self.server_name)
             .with_context(what)?;
         let conn = tokio::time::timeout(Duration::from_secs(15), connecting)
             .await
@@ -112,7 +122,7 @@ impl PeerLink {
         }
         w.finish();
         site.peer_connected.store(true, Ordering::Relaxed);
-        *guard = Some(conn.clone());
+        *guard = Some((conn.clone(), generation));
         Ok(conn)
     }
 
@@ -144,7 +154,7 @@ impl PeerLink {
 
     /// Drops the connection after an error so the next cycle reconnects.
     pub async fn reset(&self) {
-        if let Some(c) = self.conn.lock().await.take() {
+        if let Some((c, _)) = self.conn.lock().await.take() {
             c.close(0u32.into(), b"reset");
         }
     }

@@ -19,6 +19,17 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
+/// Creates `dir` and any missing parents with mode 0700: what lifeboat keeps there
+/// (snapshots, staging logs) is a copy of the protected data. Existing directories are left
+/// as they are.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 /// blake3 of a whole file, as hex.
 pub fn file_blake3(path: &Path) -> Result<String> {
     let mut h = blake3::Hasher::new();

@@ -64,7 +64,7 @@ pub async fn take(
                 fs::remove_dir_all(&dir)
                     .with_context(|| format!("clear stale {}", dir.display()))?;
             }
-            fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+            super::create_private_dir(&dir).with_context(|| format!("create {}", dir.display()))?;
             vols.iter()
                 .map(|v| {
                     let dest = dir.join(v.name.as_str());

@@ -53,7 +53,7 @@ pub struct StagingWriter {
 impl StagingWriter {
     pub fn create(path: &Path, geometry: Geometry) -> Result<Self> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+            super::create_private_dir(dir).with_context(|| format!("create {}", dir.display()))?;
         }
         let f = OpenOptions::new()
             .write(true)

@@ -176,6 +176,12 @@ impl SiteProc {
         Some(c.wait().unwrap())
     }
 
+    /// Sends `sig` (e.g. `libc::SIGHUP`) to the running daemon.
+    pub fn signal(&self, sig: i32) {
+        let c = self.child.as_ref().expect("the daemon is running");
+        assert_eq!(unsafe { libc::kill(c.id() as i32, sig) }, 0, "kill {sig}");
+    }
+
     pub fn status(&self) -> SiteStatus {
         self.client().get("/v1/status").unwrap()
     }

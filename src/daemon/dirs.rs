@@ -1,0 +1,53 @@
+//! The daemon's own directories, made private before anything is written to them: the
+//! state store, snapshots and staging logs hold copies of the protected data.
+//!
+//! - `state_dir` is lifeboat's alone: created with mode 0700, and an existing one open to
+//!   group or others is tightened to 0700 (with a warning naming the old mode). Tightening
+//!   rather than refusing, because nothing but lifeboat has business there and an upgrade
+//!   should not stop a site over it.
+//! - `staging_dir` and each `snapshot_dir` may be an operator's mount point or a directory
+//!   on the volumes' file system (for reflink), shared with others: created with mode 0700
+//!   when missing, left as they are when they exist. What lifeboat creates inside them
+//!   (per protection and gen) is 0700 ([`crate::volume::create_private_dir`]).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+use crate::config::{Config, Role};
+use crate::volume::create_private_dir;
+
+pub fn prepare(config: &Config) -> Result<()> {
+    let state = &config.state_dir;
+    match std::fs::metadata(state) {
+        Ok(m) if !m.is_dir() => bail!("state_dir {} is not a directory", state.display()),
+        Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+            let old = m.permissions().mode() & 0o7777;
+            std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o700)).with_context(
+                || format!("make state_dir {} private (mode 0700)", state.display()),
+            )?;
+            tracing::warn!(
+                state_dir = %state.display(),
+                old_mode = %format!("{old:04o}"),
+                "state_dir was open to group or others; set it to 0700"
+            );
+        }
+        Ok(_) => {}
+        Err(_) => create(state, "state_dir")?,
+    }
+    // Each role makes only the directories it writes.
+    match config.role {
+        Role::Dr => create(&config.staging_dir, "staging_dir")?,
+        Role::Primary => {
+            for p in &config.protections {
+                create(&p.snapshot_dir, "snapshot_dir")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn create(dir: &Path, key: &str) -> Result<()> {
+    create_private_dir(dir).with_context(|| format!("create {key} {}", dir.display()))
+}
