@@ -71,6 +71,13 @@ fn every_malformed_config_gets_an_error_naming_its_key() {
         ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[[protection.volume]]\nname = \"wal\"\npath = \"/srv/data.img\"", "protection[0].volume[1].path"),
         ("[[protection.volume]]\nname = \"data\"\npath = \"/srv/data.img\"\n", "", "protection[0].volume"),
         ("[peer]", "[control]\naddress = \"localhost:notaport\"\n[peer]", "control.address"),
+        // The control API: open only on loopback; callers well formed.
+        ("[peer]", "[control]\naddress = \"0.0.0.0:7421\"\n[peer]", "control.address"),
+        ("[peer]", "[control]\naddress = \"10.1.2.3:7421\"\n[peer]", "control.address"),
+        ("[peer]", "[control]\naddress = \"0.0.0.0:7421\"\n[[control.client]]\nname = \"oncall\"\nlevel = \"root\"\ntoken_file = \"t\"\n[peer]", "control.client[0].level"),
+        ("[peer]", "[control]\naddress = \"127.0.0.1:7421\"\n[[control.client]]\nname = \"\"\nlevel = \"read\"\ntoken_file = \"t\"\n[peer]", "control.client[0].name"),
+        ("[peer]", "[control]\naddress = \"127.0.0.1:7421\"\n[[control.client]]\nname = \"a\"\nlevel = \"read\"\ntoken_file = \"t\"\n[[control.client]]\nname = \"a\"\nlevel = \"admin\"\ntoken_file = \"u\"\n[peer]", "control.client[1].name"),
+        ("[peer]", "[control]\naddress = \"127.0.0.1:7421\"\n[[control.client]]\nname = \"a\"\nlevel = \"read\"\ntoken_file = \"\"\n[peer]", "control.client[0].token_file"),
         ("interval = \"30s\"", "interval = \"30s\"\npre_rule = \"/nonexistent/rule.yaml\"", "protection[0].pre_rule"),
         // Kubernetes mode (the volume list may then be empty).
         ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]", "protection[0].kubernetes.volume_path"),

@@ -1,7 +1,8 @@
 //! Every manifest in `deploy/kubernetes/` parses into the Kubernetes types it claims to
 //! be (unknown fields are errors), and the pieces agree with each other: the Deployment's
 //! probes and ports are the daemon's, its ConfigMap holds a config lifeboat accepts, the
-//! Services select the Deployment's pods.
+//! Services select the Deployment's pods, the control API's token files are mounted and
+//! the NetworkPolicy admits only the daemon's two ports.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,7 +11,9 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Namespace, PersistentVolumeClaim, Secret, Service, ServiceAccount,
 };
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::Value;
 
 /// Deserialises into the Kubernetes type and fails on any field the type does not have
@@ -52,6 +55,7 @@ fn every_deploy_manifest_parses_into_its_kubernetes_type() {
     let mut deployment = None;
     let mut services = Vec::new();
     let mut config = None;
+    let mut policy = None;
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -79,6 +83,7 @@ fn every_deploy_manifest_parses_into_its_kubernetes_type() {
                 "Deployment" => deployment = Some(typed::<Deployment>(&doc, &file)),
                 "PersistentVolumeClaim" => drop(typed::<PersistentVolumeClaim>(&doc, &file)),
                 "Service" => services.push(typed::<Service>(&doc, &file)),
+                "NetworkPolicy" => policy = Some(typed::<NetworkPolicy>(&doc, &file)),
                 other => panic!("{file}: unexpected kind {other}"),
             }
             *kinds.entry(kind).or_default() += 1;
@@ -92,6 +97,7 @@ fn every_deploy_manifest_parses_into_its_kubernetes_type() {
         "Secret",
         "Deployment",
         "Service",
+        "NetworkPolicy",
     ] {
         assert!(kinds.contains_key(k), "deploy/ has no {k}: {kinds:?}");
     }
@@ -134,6 +140,46 @@ fn every_deploy_manifest_parses_into_its_kubernetes_type() {
         .unwrap_or_else(|e| panic!("deploy ConfigMap: {e}"));
     assert_eq!(cfg.control.port(), 7421);
     assert!(cfg.protections[0].kubernetes.is_some());
+    // Off loopback, so every caller has a token, mounted where the config says.
+    assert!(!cfg.control.ip().is_loopback() && !cfg.control_clients.is_empty());
+    let mounts: Vec<String> = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.mount_path.clone())
+        .collect();
+    for client in &cfg.control_clients {
+        let dir = client
+            .token_file
+            .parent()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        assert!(mounts.contains(&dir), "{} is not mounted: {mounts:?}", dir);
+    }
+
+    // The NetworkPolicy selects the daemon and admits exactly its two ports.
+    let np = policy.unwrap().spec.unwrap();
+    let sel = np.pod_selector.unwrap().match_labels.unwrap();
+    assert!(sel.iter().all(|(k, v)| pod_labels.get(k) == Some(v)));
+    let mut admitted: Vec<(String, String)> = np
+        .ingress
+        .iter()
+        .flatten()
+        .flat_map(|r| r.ports.iter().flatten())
+        .map(|p| {
+            let port = match p.port.as_ref().unwrap() {
+                IntOrString::Int(n) => n.to_string(),
+                IntOrString::String(s) => s.clone(),
+            };
+            (port, p.protocol.clone().unwrap_or_default())
+        })
+        .collect();
+    admitted.sort();
+    assert_eq!(
+        admitted,
+        [("7420".into(), "UDP".into()), ("7421".into(), "TCP".into())]
+    );
 }
 
 #[test]

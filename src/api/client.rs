@@ -15,6 +15,8 @@ pub struct Unreachable(pub String, pub String);
 pub struct Client {
     base: String,
     agent: ureq::Agent,
+    /// `Bearer TOKEN`, when the daemon asks for one.
+    authorization: Option<String>,
 }
 
 impl Client {
@@ -27,6 +29,20 @@ impl Client {
         Client {
             base: format!("http://{addr}"),
             agent,
+            authorization: None,
+        }
+    }
+
+    /// Sends `token` as a bearer token with every request.
+    pub fn with_token(mut self, token: Option<String>) -> Client {
+        self.authorization = token.map(|t| format!("Bearer {t}"));
+        self
+    }
+
+    fn auth<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.authorization {
+            Some(a) => req.header("Authorization", a),
+            None => req,
         }
     }
 
@@ -52,22 +68,18 @@ impl Client {
     }
 
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        self.decode(path, self.agent.get(&format!("{}{path}", self.base)).call())
+        let req = self.auth(self.agent.get(&format!("{}{path}", self.base)));
+        self.decode(path, req.call())
     }
 
     pub fn post<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        self.decode(
-            path,
-            self.agent
-                .post(&format!("{}{path}", self.base))
-                .send_empty(),
-        )
+        let req = self.auth(self.agent.post(&format!("{}{path}", self.base)));
+        self.decode(path, req.send_empty())
     }
 
     pub fn get_text(&self, path: &str) -> Result<String> {
         let mut resp = self
-            .agent
-            .get(&format!("{}{path}", self.base))
+            .auth(self.agent.get(&format!("{}{path}", self.base)))
             .call()
             .map_err(|e| Unreachable(self.base.clone(), e.to_string()))?;
         Ok(resp.body_mut().read_to_string()?)

@@ -8,6 +8,40 @@ use crate::metrics::ErrorKind;
 pub mod client;
 pub use client::{Client, Unreachable};
 
+/// What a control API caller may do; each level includes the ones before it.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    /// `/metrics`, `/readyz` with its reason, `status`, manifests without Secret data.
+    Read,
+    /// `sync`.
+    Operate,
+    /// `failover`, `quiesce`, `reprotect`, manifests with Secret data.
+    Admin,
+}
+
+impl Level {
+    pub const ALL: [Level; 3] = [Level::Read, Level::Operate, Level::Admin];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Read => "read",
+            Level::Operate => "operate",
+            Level::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Level> {
+        Level::ALL.into_iter().find(|l| l.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for Level {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
 pub struct Phases {
     pub snapshot: f64,

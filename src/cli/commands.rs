@@ -13,13 +13,25 @@ use crate::api::{
 use crate::config::{self, ConfigError};
 
 /// A client of the site named by `--control`, or by the `[control]` address of `--config`.
+/// The token is `--token-file`'s, else (with `--config`) the config's most powerful
+/// client's when this user can read it.
 pub(super) fn client(target: &Target) -> Result<Client> {
-    let addr = match (&target.control, &target.config) {
+    let cfg = target.config.as_deref().map(load_config).transpose()?;
+    let addr = match (&target.control, &cfg) {
         (Some(a), _) => a.clone(),
-        (None, Some(c)) => load_config(c)?.control.to_string(),
+        (None, Some(c)) => c.control.to_string(),
         (None, None) => bail!("say which site: --config FILE or --control HOST:PORT"),
     };
-    Ok(Client::at(&addr))
+    let token = match (&target.token_file, &cfg) {
+        (Some(f), _) => Some(token(f)?),
+        (None, Some(c)) => c.cli_token_file().and_then(|f| config::read_token(f).ok()),
+        (None, None) => None,
+    };
+    Ok(Client::at(&addr).with_token(token))
+}
+
+fn token(file: &std::path::Path) -> Result<String> {
+    config::read_token(file).map_err(|e| anyhow::anyhow!("--token-file: {e}"))
 }
 
 /// Prints a report as JSON or as text.
@@ -89,8 +101,12 @@ pub(super) fn reprotect(target: &Target, protection: &str) -> Result<Vec<String>
 
 /// Planned failover's first half, at the primary: scale the workloads down, then a final
 /// cycle, so the DR site's consistent point has everything written before.
-pub(super) fn planned_steps(primary: &str, protection: &str) -> Result<Vec<Step>> {
-    let client = Client::at(primary);
+pub(super) fn planned_steps(
+    primary: &str,
+    token_file: Option<&std::path::Path>,
+    protection: &str,
+) -> Result<Vec<Step>> {
+    let client = Client::at(primary).with_token(token_file.map(token).transpose()?);
     let t = std::time::Instant::now();
     let done: Vec<String> = client
         .post(&format!("/v1/protections/{protection}/quiesce"))
@@ -135,9 +151,11 @@ pub(super) fn export(
     protection: &str,
     gen: Option<u64>,
     standby: bool,
+    secrets: bool,
 ) -> Result<Exported> {
     let client = client(target)?;
-    let mut path = format!("/v1/protections/{protection}/manifests?standby={standby}");
+    let mut path =
+        format!("/v1/protections/{protection}/manifests?standby={standby}&secrets={secrets}");
     if let Some(g) = gen {
         path.push_str(&format!("&gen={g}"));
     }
@@ -146,7 +164,7 @@ pub(super) fn export(
         Err(e) if e.downcast_ref::<Unreachable>().is_some() && target.config.is_some() => {
             eprintln!("{e}; reading the state store directly");
             offline(target, |shared| async move {
-                crate::lifecycle::standby::export(&shared, protection, gen, standby).await
+                crate::lifecycle::standby::export(&shared, protection, gen, standby, secrets).await
             })
         }
         Err(e) => Err(e),

@@ -53,6 +53,10 @@ pub struct Target {
     /// The control API address (host:port), instead of --config.
     #[arg(long)]
     pub control: Option<String>,
+    /// A file holding the bearer token to send (see [[control.client]]). Default with
+    /// --config: the token file of the config's most powerful client, if readable.
+    #[arg(long, env = "LIFEBOAT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +110,10 @@ pub enum Command {
         /// The primary daemon's control address (HOST:PORT), for --planned.
         #[arg(long)]
         primary: Option<String>,
+        /// A file holding the bearer token for the primary's control API (an admin
+        /// caller there), for --planned.
+        #[arg(long, requires = "primary")]
+        primary_token_file: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -133,6 +141,10 @@ pub enum Command {
         /// failover applies.
         #[arg(long)]
         standby: bool,
+        /// Leave Secret data out (each Secret is annotated lifeboat.io/redacted), for a
+        /// caller below admin or a bundle that must not hold Secrets.
+        #[arg(long)]
+        no_secrets: bool,
         /// Directory to write into (created if missing).
         dir: PathBuf,
     },
@@ -158,8 +170,11 @@ pub enum Command {
 pub fn init_tracing(cli: &Cli) {
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only on a terminal: a log file or journald gets plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -226,6 +241,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             ready_timeout,
             planned,
             primary,
+            primary_token_file,
             output,
         } => {
             let opts = FailoverOptions {
@@ -234,7 +250,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             };
             let mut before = Vec::new();
             if let (true, Some(addr), false) = (planned, &primary, dry_run) {
-                before = planned_steps(addr, &protection)?;
+                before = planned_steps(addr, primary_token_file.as_deref(), &protection)?;
             }
             let mut r = failover(&target, &protection, &opts)?;
             r.steps.splice(0..0, before);
@@ -251,9 +267,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             protection,
             gen,
             standby,
+            no_secrets,
             dir,
         } => {
-            let e = export(&target, &protection, gen, standby)?;
+            let e = export(&target, &protection, gen, standby, !no_secrets)?;
             let files = crate::k8s::bundle::export(&e.objects, &dir)?;
             println!(
                 "wrote {} objects of gen {} ({} form) to {}",

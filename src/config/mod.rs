@@ -10,10 +10,12 @@
 //! - `raw.rs`: the serde structs exactly as read from TOML.
 //! - `validate.rs`: the validator that turns them into the types here, and the duration and
 //!   size parsers.
+//! - `control.rs`: validation of `[control]`: its address and callers.
 //! - `kubernetes.rs`: validation of `[kubernetes]` and `[protection.kubernetes]`.
 //! - `paths.rs`: paths resolved (`..`, symlinks) and refused where two keys name one place.
 //! - `tests.rs`: unit tests.
 
+mod control;
 mod kubernetes;
 mod paths;
 mod raw;
@@ -29,6 +31,7 @@ use std::time::Duration;
 use crate::ids::{ProtectionName, VolumeName};
 pub use crate::k8s::KubeSettings;
 use crate::net::tls::TlsFiles;
+pub use control::{read_token, MIN_TOKEN_LEN};
 use raw::RawConfig;
 pub use validate::parse_size;
 use validate::Validator;
@@ -78,9 +81,33 @@ pub struct Config {
     /// Unset: any site of the pair but this one.
     pub listen_peer: Option<String>,
     pub control: SocketAddr,
+    /// Who may call the control API, each with a bearer token in a file. Empty: the API
+    /// is open, which validation allows on loopback addresses only.
+    pub control_clients: Vec<ControlClient>,
     /// Set when any protection is a Kubernetes protection.
     pub kubernetes: Option<KubeSettings>,
     pub protections: Vec<Protection>,
+}
+
+/// One caller of the control API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlClient {
+    /// Who it is, in the daemon's log of state-changing calls.
+    pub name: String,
+    pub level: crate::api::Level,
+    /// A file holding its bearer token (surrounding white space ignored).
+    pub token_file: PathBuf,
+}
+
+impl Config {
+    /// The token file of the most powerful client this config names, for the CLI run
+    /// with `--config` at the site itself.
+    pub fn cli_token_file(&self) -> Option<&Path> {
+        self.control_clients
+            .iter()
+            .max_by_key(|c| c.level)
+            .map(|c| c.token_file.as_path())
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -57,6 +57,17 @@ pub(super) struct RawListen {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawControl {
     pub(super) address: String,
+    #[serde(default, rename = "client")]
+    pub(super) clients: Vec<RawClient>,
+}
+
+/// `[[control.client]]`: one caller of the control API and what it may do.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawClient {
+    pub(super) name: String,
+    pub(super) level: String,
+    pub(super) token_file: String,
 }
 
 /// `[kubernetes]`: how this site's daemon reaches its own cluster.

@@ -209,10 +209,7 @@ impl Validator {
                 );
             }
         }
-        let control = match &raw.control {
-            Some(c) => self.addr("control.address", &c.address),
-            None => SocketAddr::from(([127, 0, 0, 1], 7421)),
-        };
+        let (control, control_clients) = self.control(raw.control.as_ref());
         let mut names = HashSet::new();
         let all_names: Vec<String> = raw.protections.iter().map(|p| p.name.clone()).collect();
         let mut protections = Vec::new();
@@ -249,6 +246,7 @@ impl Validator {
             listen,
             listen_peer,
             control,
+            control_clients,
             kubernetes,
             protections,
         }

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -16,7 +16,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::api::{ApiError, FailoverOptions};
+use crate::api::{ApiError, FailoverOptions, Level};
+use crate::daemon::auth::{self, Caller, Callers};
 use crate::daemon::scheduler::SyncRequest;
 use crate::lifecycle::{failover, planned, reprotect, standby};
 use crate::metrics::ErrorKind;
@@ -56,7 +57,8 @@ fn not_here(shared: &Shared, name: &str, wants: &str) -> Response {
     err(StatusCode::NOT_FOUND, msg, None)
 }
 
-pub fn router(ctx: RoleCtx) -> Router {
+/// The routes, behind [`auth::guard`] with `callers`.
+pub fn router(ctx: RoleCtx, callers: Arc<Callers>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -67,6 +69,7 @@ pub fn router(ctx: RoleCtx) -> Router {
         .route("/v1/protections/{name}/manifests", get(manifests))
         .route("/v1/protections/{name}/quiesce", post(quiesce))
         .route("/v1/protections/{name}/reprotect", post(reprotect_now))
+        .layer(axum::middleware::from_fn_with_state(callers, auth::guard))
         .with_state(ctx)
 }
 
@@ -78,11 +81,16 @@ async fn metrics(State(c): State<RoleCtx>) -> Response {
     }
 }
 
-async fn readyz(State(c): State<RoleCtx>) -> Response {
+/// Ready or not for anyone (the kubelet's probe); why not only for a `read` caller.
+async fn readyz(State(c): State<RoleCtx>, caller: Option<Extension<Caller>>) -> Response {
     let shared = c.shared().clone();
+    let told = caller.is_some_and(|Extension(c)| c.level >= Level::Read);
     match tokio::task::spawn_blocking(move || shared.not_ready()).await {
         Ok(None) => "ready\n".into_response(),
-        Ok(Some(why)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
+        Ok(Some(why)) if told => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response()
+        }
+        Ok(Some(_)) => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response(),
         Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None),
     }
 }
@@ -160,6 +168,9 @@ struct ManifestQuery {
     gen: Option<u64>,
     #[serde(default)]
     standby: bool,
+    /// Secret data too (admin callers); without it Secrets come without `data`.
+    #[serde(default)]
+    secrets: bool,
 }
 
 /// A gen's DR-ready manifests (the consistent gen's by default), for `lifeboat export`.
@@ -168,7 +179,7 @@ async fn manifests(
     Path(name): Path<String>,
     Query(q): Query<ManifestQuery>,
 ) -> Response {
-    match standby::export(c.shared(), &name, q.gen, q.standby).await {
+    match standby::export(c.shared(), &name, q.gen, q.standby, q.secrets).await {
         Ok(m) => Json(m).into_response(),
         Err(e) => err(StatusCode::NOT_FOUND, format!("{e:#}"), None),
     }

@@ -11,8 +11,9 @@
 //!
 //! Crash safety does not depend on any of it: a kill -9 costs only re-transfer. SIGHUP
 //! reloads the TLS material ([`tls_reload`]); [`dirs`] makes the daemon's directories
-//! private first.
+//! private first; [`auth`] says who may call the control API.
 
+pub mod auth;
 pub mod control;
 pub mod dirs;
 pub mod scheduler;
@@ -94,6 +95,7 @@ struct Tokens {
 
 pub async fn run(config: Config) -> Result<()> {
     dirs::prepare(&config)?;
+    let callers = Arc::new(auth::Callers::load(&config.control_clients)?);
     let db = config.state_dir.join("db");
     let store = tokio::task::spawn_blocking(move || Store::open(&db)).await??;
     let shared = Arc::new(Shared::open(config, store).await?);
@@ -193,8 +195,12 @@ pub async fn run(config: Config) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(shared.config.control)
         .await
         .with_context(|| format!("bind the control API to {}", shared.config.control))?;
-    tracing::info!(address = %listener.local_addr()?, "control API: /metrics /healthz /readyz /v1/status");
-    let app = control::router(ctx);
+    tracing::info!(
+        address = %listener.local_addr()?,
+        auth = if callers.is_open() { "off (loopback)" } else { "bearer tokens" },
+        "control API: /metrics /healthz /readyz /v1/status"
+    );
+    let app = control::router(ctx, callers);
     let stop_control = tokens.control.clone();
     let control_task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)

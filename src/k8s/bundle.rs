@@ -96,6 +96,23 @@ pub fn describe(v: &Value) -> String {
 }
 
 /// Apply order, then namespace and name: stable across cycles.
+/// Marks a Secret whose data an export left out.
+pub const REDACTED_ANNOTATION: &str = "lifeboat.io/redacted";
+
+/// Takes the data out of every Secret, for callers allowed to see manifests but not
+/// Secrets; each one left out is annotated so nobody applies it by mistake as is.
+pub fn redact_secrets(objects: &mut [Value]) {
+    for o in objects.iter_mut().filter(|o| o["kind"] == "Secret") {
+        let Some(map) = o.as_object_mut() else {
+            continue;
+        };
+        map.remove("data");
+        map.remove("stringData");
+        o["metadata"]["annotations"][REDACTED_ANNOTATION] =
+            json!("data left out: export with --secrets as an admin caller");
+    }
+}
+
 pub fn sort(objects: &mut [Value]) {
     objects.sort_by_key(|v| {
         (

@@ -56,6 +56,7 @@ pub async fn export(
     prot: &str,
     gen: Option<u64>,
     standby: bool,
+    secrets: bool,
 ) -> Result<Exported> {
     let name = shared.protection(prot)?.name.clone();
     let gen = match gen {
@@ -68,7 +69,10 @@ pub async fn export(
             .with_context(|| format!("protection {prot} has no consistent point yet"))?,
     };
     let form = if standby { Form::Standby } else { Form::Active };
-    let (b, objects) = objects(shared, &name, gen, form).await?;
+    let (b, mut objects) = objects(shared, &name, gen, form).await?;
+    if !secrets {
+        crate::k8s::bundle::redact_secrets(&mut objects);
+    }
     let kept = shared.store.step(&name, |s, p| s.manifest_gens(p)).await?;
     Ok(Exported {
         protection: prot.to_string(),

@@ -85,11 +85,13 @@ pub struct SiteProc {
     child: Option<Child>,
     pub failpoint: Option<String>,
     pub marker: PathBuf,
+    /// The bearer token [`SiteProc::client`] sends, for sites with `[[control.client]]`.
+    pub token: Option<String>,
 }
 
 impl SiteProc {
     pub fn client(&self) -> Client {
-        Client::at(&self.control)
+        Client::at(&self.control).with_token(self.token.clone())
     }
 
     pub fn start(&mut self) {
@@ -305,6 +307,7 @@ impl Pair {
             child: None,
             failpoint: None,
             marker: d.join(format!("{name}.failpoint")),
+            token: None,
         };
         let chunk_size = lifeboat::config::parse_size(opts.chunk_size).unwrap();
         let mut pair = Pair {
