@@ -56,9 +56,11 @@ fn every_deploy_manifest_parses_into_its_kubernetes_type() {
     let mut services = Vec::new();
     let mut config = None;
     let mut policy = None;
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
+    let mut files: Vec<_> = ["base", "primary", "dr"]
+        .iter()
+        .flat_map(|sub| std::fs::read_dir(dir.join(sub)).unwrap())
         .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     files.sort();
     assert!(!files.is_empty());
