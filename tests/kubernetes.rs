@@ -1195,3 +1195,227 @@ fn rules_a_background_lock_in_one_pod_is_held_across_the_snapshot() {
     let failures = support::metric(&m, "lifeboat_hook_failures_total{protection=\"p\"}");
     assert_eq!(failures.unwrap_or(0.0), 0.0, "{m}");
 }
+
+/// Polls the DR site's status until `gen`'s standby apply is done, failures included.
+fn applied_with_failures(s: &Sites, gen: u64) -> lifeboat::api::KubeStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let k = s.pair.dr.status().protections[0]
+            .kubernetes
+            .clone()
+            .unwrap_or_default();
+        if k.gen == Some(gen) && k.applied.is_some() {
+            return k;
+        }
+        assert!(Instant::now() < deadline, "gen {gen} never applied: {k:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Replaces an object at the primary as a user must when the server refuses the change
+/// in place (`kubectl delete --cascade=orphan` and create again).
+fn replace_at_primary(
+    s: &Sites,
+    group: &str,
+    plural: &str,
+    name: &str,
+    change: impl Fn(&mut Value),
+) {
+    let mut v = s.primary_api.get(group, plural, "prod", name).unwrap();
+    change(&mut v);
+    let m = v["metadata"].as_object_mut().unwrap();
+    for k in [
+        "resourceVersion",
+        "uid",
+        "creationTimestamp",
+        "managedFields",
+        "generation",
+    ] {
+        m.remove(k);
+    }
+    s.primary_api.delete(group, plural, "prod", name);
+    s.primary_api
+        .create_yaml(&serde_json::to_string(&v).unwrap());
+}
+
+#[test]
+fn immutable_changes_recreate_only_their_object_and_one_refused_object_fails_alone() {
+    // A custom resource the DR cluster does not serve: its objects cannot be applied there.
+    let selection = format!("{NAMESPACE}\ncustom_resources = [\"widgets.example.com\"]");
+    let s = sites(&selection, "");
+    s.primary_api
+        .add_type("example.com", "v1", "Widget", "widgets", true);
+    s.primary_api.create_yaml(
+        r#"
+apiVersion: example.com/v1
+kind: Widget
+metadata: {name: w1, namespace: prod}
+spec: {size: 3}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: frozen, namespace: prod}
+immutable: true
+data: {version: "1"}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: cassandra-seeds-v2, namespace: prod}
+rules: [{apiGroups: [""], resources: [endpoints, pods], verbs: [get, list]}]
+"#,
+    );
+    let gen1 = s.pair.sync().gen;
+    let k = applied_with_failures(&s, gen1);
+    let first = k.applied.unwrap();
+    assert!(
+        first.failed.iter().any(|f| f.object == "Widget prod/w1"),
+        "{:?}",
+        first.failed
+    );
+    assert!(first
+        .applied
+        .contains(&"StatefulSet prod/cassandra".to_string()));
+    let claim_uid = s.dr_get("", "persistentvolumeclaims", "prod", "data-cassandra-0")["metadata"]
+        ["uid"]
+        .clone();
+    let sts_uid = s.dr_get("apps", "statefulsets", "prod", "cassandra")["metadata"]["uid"].clone();
+
+    // Four changes a server refuses in place, made at the primary the way users make them.
+    replace_at_primary(&s, "apps", "statefulsets", "cassandra", |v| {
+        v["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] =
+            "20Gi".into();
+    });
+    replace_at_primary(&s, "apps", "deployments", "mysql-b", |v| {
+        v["spec"]["selector"]["matchLabels"]["tier"] = "db".into();
+        v["spec"]["template"]["metadata"]["labels"]["tier"] = "db".into();
+    });
+    replace_at_primary(
+        &s,
+        "rbac.authorization.k8s.io",
+        "rolebindings",
+        "cassandra-seeds",
+        |v| {
+            v["roleRef"]["name"] = "cassandra-seeds-v2".into();
+        },
+    );
+    replace_at_primary(&s, "", "configmaps", "frozen", |v| {
+        v["data"]["version"] = "2".into();
+    });
+    s.primary_api.merge_patch(
+        "",
+        "configmaps",
+        "prod",
+        "mysql-cnf",
+        serde_json::json!({"data": {"my.cnf": "[mysqld]\nmax_connections=900\n"}}),
+    );
+    let gen2 = s.pair.sync().gen;
+    let k = applied_with_failures(&s, gen2);
+    let r = k.applied.clone().unwrap();
+    let mut recreated = r.recreated.clone();
+    recreated.sort();
+    assert_eq!(
+        recreated,
+        [
+            "ConfigMap prod/frozen",
+            "Deployment prod/mysql-b",
+            "RoleBinding prod/cassandra-seeds",
+            "StatefulSet prod/cassandra"
+        ]
+    );
+    // Only the widget (its object, and listing its kind for pruning) failed; status says so.
+    assert!(
+        r.failed.iter().all(|f| f.object.contains("idget")),
+        "{:?}",
+        r.failed
+    );
+    assert!(r.failed.iter().any(|f| f.object == "Widget prod/w1"));
+    assert!(
+        k.apply_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("Widget prod/w1"),
+        "{k:?}"
+    );
+    let sts = s.dr_get("apps", "statefulsets", "prod", "cassandra");
+    assert_eq!(
+        sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"],
+        "20Gi"
+    );
+    assert_ne!(sts["metadata"]["uid"], sts_uid, "recreated");
+    assert_eq!(sts["spec"]["replicas"], 0, "still in the standby form");
+    assert_eq!(
+        s.dr_get("apps", "deployments", "prod", "mysql-b")["spec"]["selector"]["matchLabels"]
+            ["tier"],
+        "db"
+    );
+    assert_eq!(
+        s.dr_get(
+            "rbac.authorization.k8s.io",
+            "rolebindings",
+            "prod",
+            "cassandra-seeds"
+        )["roleRef"]["name"],
+        "cassandra-seeds-v2"
+    );
+    assert_eq!(
+        s.dr_get("", "configmaps", "prod", "frozen")["data"]["version"],
+        "2"
+    );
+    assert_eq!(
+        s.dr_get("", "configmaps", "prod", "mysql-cnf")["data"]["my.cnf"],
+        "[mysqld]\nmax_connections=900\n",
+        "the other objects are applied"
+    );
+    // The claims holding the data were not touched.
+    assert_eq!(
+        s.dr_get("", "persistentvolumeclaims", "prod", "data-cassandra-0")["metadata"]["uid"],
+        claim_uid
+    );
+    // Workloads went by orphaning delete (pods, had there been any, stay for the new one).
+    let deletes: Vec<String> = s
+        .dr_api
+        .requests()
+        .iter()
+        .filter(|q| q.method == "DELETE" && q.path.contains("/statefulsets/"))
+        .map(|q| q.path.clone() + "?" + &q.query)
+        .collect();
+    assert_eq!(deletes.len(), 1, "{deletes:?}");
+
+    // Failover with the widget still refused: every workload scales up, the widget is
+    // named, and the CLI exits non-zero.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
+        .args([
+            "failover",
+            "--protection",
+            PROT,
+            "--ready-timeout",
+            "20s",
+            "--config",
+        ])
+        .arg(&s.pair.dr.config)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("NOT COMPLETE") && text.contains("not applied: Widget prod/w1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ready: StatefulSet prod/cassandra (3 replicas)"),
+        "{text}"
+    );
+    for (plural, name, replicas) in [
+        ("statefulsets", "cassandra", 3),
+        ("deployments", "mysql-a", 1),
+        ("deployments", "mysql-b", 1),
+    ] {
+        assert_eq!(
+            s.dr_get("apps", plural, "prod", name)["spec"]["replicas"],
+            replicas,
+            "{name}: {text}"
+        );
+    }
+    assert_eq!(s.pair.dr.status().protections[0].role, "failed-over");
+}

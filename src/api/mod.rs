@@ -184,6 +184,11 @@ pub struct FailoverReport {
     /// A dry run: nothing was changed; `steps` is the plan.
     #[serde(default)]
     pub dry_run: bool,
+    /// What did not work: objects the server refused, workloads not ready in time. The
+    /// failover itself (the fence, the replicas) is done; these need an operator. The CLI
+    /// exits non-zero when there are any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -199,6 +204,9 @@ pub struct KubeFailover {
     pub scaled: Vec<String>,
     pub resumed: Vec<String>,
     pub ready: Vec<crate::k8s::apply::Readiness>,
+    /// Objects recreated because their change touched an immutable field.
+    #[serde(default)]
+    pub recreated: Vec<String>,
 }
 
 /// The body of every error answer.

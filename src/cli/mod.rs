@@ -254,7 +254,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
             let mut r = failover(&target, &protection, &opts)?;
             r.steps.splice(0..0, before);
-            show(output, &r, render_failover)
+            show(output, &r, render_failover)?;
+            // Failed over, but not everything is running: a script must not read success.
+            Ok(if r.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Reprotect { target, protection } => {
             for line in reprotect(&target, &protection)? {

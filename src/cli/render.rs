@@ -133,6 +133,18 @@ pub fn render_failover(r: &FailoverReport) -> String {
                 w.workload, w.replicas, w.seconds
             );
         }
+        for o in &k.recreated {
+            out += &format!("  recreated (an immutable field changed): {o}\n");
+        }
+    }
+    if !r.problems.is_empty() {
+        out += &format!(
+            "NOT COMPLETE: {} problem(s); the fence and the replicas are done, these need you:\n",
+            r.problems.len()
+        );
+        for p in &r.problems {
+            out += &format!("  {p}\n");
+        }
     }
     out
 }

@@ -22,6 +22,38 @@ pub struct ApplyReport {
     pub changed: Vec<String>,
     /// Objects deleted because the gen no longer has them.
     pub pruned: Vec<String>,
+    /// Objects deleted and created again because the change touched a field the server
+    /// does not let change (a claim template, a selector, a roleRef, immutable data).
+    #[serde(default)]
+    pub recreated: Vec<String>,
+    /// What the server refused, each with its reason. Every other object was applied.
+    #[serde(default)]
+    pub failed: Vec<Failed>,
+}
+
+/// One object (or list, or prune) the server refused.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Failed {
+    pub object: String,
+    pub error: String,
+}
+
+impl ApplyReport {
+    /// One line naming every failure, for a status field or a log.
+    pub fn failures(&self) -> Option<String> {
+        (!self.failed.is_empty()).then(|| {
+            let each: Vec<String> = self
+                .failed
+                .iter()
+                .map(|f| format!("{}: {}", f.object, f.error))
+                .collect();
+            format!(
+                "{} of the objects failed: {}",
+                self.failed.len(),
+                each.join("; ")
+            )
+        })
+    }
 }
 
 fn kind_of(bundle: &Bundle, v: &Value) -> Result<Kind> {
@@ -51,8 +83,10 @@ fn api_for(client: &kube::Client, kind: &Kind, ns: Option<&str>) -> Api<DynamicO
 }
 
 /// Applies `objects` in order (they come from [`super::bundle::dr_objects`]), then deletes
-/// objects labelled with the protection that the gen no longer has. A change is a patch:
-/// nothing is deleted and recreated to apply it.
+/// objects labelled with the protection that the gen no longer has. A change is a patch;
+/// a change the server refuses as immutable recreates that one object (see [`recreate`]).
+/// One object the server refuses never stops the others: it is reported in
+/// [`ApplyReport::failed`] and the rest are applied.
 pub async fn apply(
     client: &kube::Client,
     protection: &str,
@@ -73,6 +107,7 @@ pub async fn apply(
     }
     scope.push((kinds::persistent_volumes(), None, true));
     scope.push((kinds::namespaces(), None, false));
+    let mut report = ApplyReport::default();
     // (apiVersion, kind, namespace, name) -> (resourceVersion, its kind if prunable)
     type Key = (String, String, String, String);
     let mut before: BTreeMap<Key, (Option<String>, Option<Kind>)> = BTreeMap::new();
@@ -82,7 +117,18 @@ pub async fn apply(
             Ok(l) => l,
             // A namespace not created yet holds nothing of ours.
             Err(kube::Error::Api(s)) if s.code == 404 => continue,
-            Err(e) => return Err(api_error(e, format!("list {}", kind.group_resource()))),
+            // Without the list nothing of this kind is pruned; the objects still apply.
+            Err(e) => {
+                let what = format!("list {}", kind.group_resource());
+                report.failed.push(Failed {
+                    error: format!("{:#}", api_error(e, what.clone())),
+                    object: match ns {
+                        Some(ns) => format!("{what} in {ns}"),
+                        None => what,
+                    },
+                });
+                continue;
+            }
         };
         for o in list.items {
             let key = (
@@ -96,46 +142,192 @@ pub async fn apply(
         }
     }
 
-    let mut report = ApplyReport::default();
-    let pp = PatchParams::apply(FIELD_MANAGER).force();
     for v in objects {
-        let kind = kind_of(bundle, v)?;
+        let what = describe(v);
+        let kind = match kind_of(bundle, v) {
+            Ok(k) => k,
+            Err(e) => {
+                report.failed.push(Failed {
+                    object: what,
+                    error: format!("{e:#}"),
+                });
+                continue;
+            }
+        };
         let name = v["metadata"]["name"].as_str().unwrap_or_default();
         let ns = v["metadata"]["namespace"].as_str();
-        let after = api_for(client, &kind, ns)
-            .patch(name, &pp, &Patch::Apply(v))
-            .await
-            .map_err(|e| api_error(e, format!("apply {}", describe(v))))?
-            .metadata
-            .resource_version;
         let key = (
             kind.api_version(),
             kind.kind.clone(),
             ns.unwrap_or("").to_string(),
             name.to_string(),
         );
-        let what = describe(v);
-        if before.remove(&key).and_then(|(rv, _)| rv) != after {
-            report.changed.push(what.clone());
+        let was = before.remove(&key).and_then(|(rv, _)| rv);
+        match apply_one(client, &kind, v).await {
+            Ok((after, recreated)) => {
+                if recreated {
+                    tracing::info!(object = %what, "recreated: the change touched an immutable field");
+                    report.recreated.push(what.clone());
+                }
+                if was != after {
+                    report.changed.push(what.clone());
+                }
+                report.applied.push(what);
+            }
+            Err(error) => {
+                tracing::warn!(object = %what, %error, "not applied");
+                report.failed.push(Failed {
+                    object: what,
+                    error,
+                });
+            }
         }
-        report.applied.push(what);
     }
     // Prune: what lifeboat applied before that this gen no longer has.
     for ((_, kind_name, ns, name), (_, prune_as)) in before {
         let Some(kind) = prune_as else { continue };
         let api = api_for(client, &kind, Some(ns.as_str()).filter(|n| !n.is_empty()));
-        match api.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => continue,
-            Err(e) => return Err(api_error(e, format!("prune {kind_name} {ns}/{name}"))),
-        }
-        report.pruned.push(if ns.is_empty() {
+        let what = if ns.is_empty() {
             format!("{kind_name} {name}")
         } else {
             format!("{kind_name} {ns}/{name}")
-        });
+        };
+        match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => report.pruned.push(what),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => report.failed.push(Failed {
+                error: format!("{:#}", api_error(e, format!("prune {what}"))),
+                object: what,
+            }),
+        }
     }
     Ok(report)
+}
+
+/// Server-side apply of one object: its new resourceVersion, and whether it had to be
+/// recreated.
+async fn apply_one(
+    client: &kube::Client,
+    kind: &Kind,
+    v: &Value,
+) -> std::result::Result<(Option<String>, bool), String> {
+    let name = v["metadata"]["name"].as_str().unwrap_or_default();
+    let api = api_for(client, kind, v["metadata"]["namespace"].as_str());
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    match api.patch(name, &pp, &Patch::Apply(v)).await {
+        Ok(o) => Ok((o.metadata.resource_version, false)),
+        Err(kube::Error::Api(s)) if is_immutable(&s) => {
+            if !recreatable(kind) {
+                return Err(format!(
+                    "{}; a {} holds data or other objects, so lifeboat does not recreate it: change it by hand at this site, or revert the change at the primary",
+                    s.message, kind.kind
+                ));
+            }
+            recreate(&api, kind, name, v, &pp)
+                .await
+                .map(|rv| (rv, true))
+        }
+        Err(e) => Err(format!(
+            "{:#}",
+            api_error(e, format!("apply {}", describe(v)))
+        )),
+    }
+}
+
+/// The server's answer to a change of a field it does not let change once set.
+pub fn is_immutable(s: &kube::core::Status) -> bool {
+    s.code == 422
+        && [
+            "field is immutable",
+            "Forbidden: updates to statefulset spec",
+            "cannot change roleRef",
+            "is immutable after creation",
+        ]
+        .iter()
+        .any(|m| s.message.contains(m))
+}
+
+/// Kinds whose recreation loses nothing: not the claims and volumes that hold the data,
+/// not a namespace (its deletion takes everything in it).
+fn recreatable(kind: &Kind) -> bool {
+    !(kind.group.is_empty()
+        && matches!(
+            kind.kind.as_str(),
+            "PersistentVolumeClaim" | "PersistentVolume" | "Namespace"
+        ))
+}
+
+/// The documented safe path for an immutable change: delete the one object and apply it
+/// again. Workloads are deleted with `propagationPolicy: Orphan`, so pods running (after a
+/// failover) stay and the new controller adopts them; claims are never deleted. If the new
+/// object cannot be created, the old one is put back as it was.
+async fn recreate(
+    api: &Api<DynamicObject>,
+    kind: &Kind,
+    name: &str,
+    v: &Value,
+    pp: &PatchParams,
+) -> std::result::Result<Option<String>, String> {
+    let old = api
+        .get_opt(name)
+        .await
+        .map_err(|e| format!("read it before recreating: {e}"))?;
+    let workload = kind.group == "apps" || (kind.group == "batch" && kind.kind == "CronJob");
+    let dp = if workload {
+        DeleteParams::orphan()
+    } else {
+        DeleteParams::background()
+    };
+    match api.delete(name, &dp).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => return Err(format!("delete it to recreate it: {e}")),
+    }
+    // Deletion with orphaning finishes after the garbage collector's pass.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while matches!(api.get_opt(name).await, Ok(Some(_))) {
+        if Instant::now() > deadline {
+            return Err("recreate: the old object was not gone after 30s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    match api.patch(name, pp, &Patch::Apply(v)).await {
+        Ok(o) => Ok(o.metadata.resource_version),
+        Err(e) => {
+            let restored = match old {
+                Some(o) => {
+                    let back = restorable(o);
+                    match api.patch(name, pp, &Patch::Apply(&back)).await {
+                        Ok(_) => "the previous object was put back".to_string(),
+                        Err(e2) => format!("putting the previous object back failed too: {e2}"),
+                    }
+                }
+                None => "there was no previous object".into(),
+            };
+            Err(format!("recreate with the new spec: {e}; {restored}"))
+        }
+    }
+}
+
+/// An object as read, made fit to apply again: without what the server owns.
+fn restorable(o: DynamicObject) -> Value {
+    let mut v = serde_json::to_value(o).unwrap_or_default();
+    if let Some(m) = v["metadata"].as_object_mut() {
+        for k in [
+            "resourceVersion",
+            "uid",
+            "creationTimestamp",
+            "managedFields",
+            "generation",
+            "deletionTimestamp",
+        ] {
+            m.remove(k);
+        }
+    }
+    if let Some(m) = v.as_object_mut() {
+        m.remove("status");
+    }
+    v
 }
 
 /// Whether a workload reports all its replicas ready.
@@ -163,15 +355,16 @@ pub struct Readiness {
     pub seconds: f64,
 }
 
-/// Waits (by watch) until every workload in `objects` is ready, at most `timeout` in all.
+/// Waits (by watch) until every workload in `objects` is ready, at most `timeout` in all:
+/// the workloads that became ready, and a line for each one that did not.
 pub async fn wait_ready(
     client: &kube::Client,
     bundle: &Bundle,
     objects: &[Value],
     timeout: Duration,
-) -> Result<Vec<Readiness>> {
+) -> Result<(Vec<Readiness>, Vec<String>)> {
     let started = Instant::now();
-    let mut out = Vec::new();
+    let (mut ready, mut not_ready) = (Vec::new(), Vec::new());
     let workloads: Vec<&Value> = objects
         .iter()
         .filter(|v| {
@@ -190,47 +383,45 @@ pub async fn wait_ready(
             .to_string();
         let api = api_for(client, &kind, v["metadata"]["namespace"].as_str());
         let kind_name = kind.kind.clone();
-        let cond = move |o: Option<&DynamicObject>| {
-            o.is_some_and(|o| {
-                let mut j = serde_json::to_value(o).unwrap_or_default();
-                j["kind"] = Value::String(kind_name.clone());
-                is_ready(&j)
-            })
+        let as_json = move |o: &DynamicObject| {
+            let mut j = serde_json::to_value(o).unwrap_or_default();
+            j["kind"] = Value::String(kind_name.clone());
+            j
         };
+        let check = as_json.clone();
+        let cond = move |o: Option<&DynamicObject>| o.is_some_and(|o| is_ready(&check(o)));
         let left = timeout.saturating_sub(started.elapsed());
         let waited = tokio::time::timeout(
             left,
             kube::runtime::wait::await_condition(api.clone(), &name, cond),
         )
         .await;
+        let done = Readiness {
+            workload: describe(v),
+            replicas: v["spec"]["replicas"].as_i64().unwrap_or(1),
+            seconds: started.elapsed().as_secs_f64(),
+        };
         match waited {
-            Ok(Ok(_)) => out.push(Readiness {
-                workload: describe(v),
-                replicas: v["spec"]["replicas"].as_i64().unwrap_or(1),
-                seconds: started.elapsed().as_secs_f64(),
-            }),
-            Ok(Err(e)) => return Err(anyhow!("watch {}: {e}", describe(v))),
+            Ok(Ok(_)) => ready.push(done),
+            Ok(Err(e)) => not_ready.push(format!("watch {}: {e}", describe(v))),
             Err(_) => {
-                let now = api.get_opt(&name).await.ok().flatten();
-                let status = now
-                    .map(|o| serde_json::to_value(o).unwrap_or_default())
-                    .map(|j| {
-                        format!(
-                            "{} of {} ready",
-                            j["status"]["readyReplicas"].as_i64().unwrap_or(0),
-                            j["spec"]["replicas"].as_i64().unwrap_or(1)
-                        )
-                    })
-                    .unwrap_or_else(|| "not found".into());
-                return Err(anyhow!(
-                    "{} is not ready after {:?} ({status}); the manifests are applied, check the workload's events",
-                    describe(v),
-                    timeout
-                ));
+                // Out of time: one last look, so a workload that is ready by now counts.
+                let now = api.get_opt(&name).await.ok().flatten().map(|o| as_json(&o));
+                match now {
+                    Some(j) if is_ready(&j) => ready.push(done),
+                    Some(j) => not_ready.push(format!(
+                        "{} is not ready after {:?} ({} of {} ready); check the workload's events",
+                        describe(v),
+                        timeout,
+                        j["status"]["readyReplicas"].as_i64().unwrap_or(0),
+                        j["spec"]["replicas"].as_i64().unwrap_or(1)
+                    )),
+                    None => not_ready.push(format!("{} is not found", describe(v))),
+                }
             }
         }
     }
-    Ok(out)
+    Ok((ready, not_ready))
 }
 
 #[cfg(test)]

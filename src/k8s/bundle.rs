@@ -200,8 +200,21 @@ pub fn persistent_volume(protection: &str, pvc: &Value, path: &Path) -> Value {
     pv
 }
 
+/// The PV's name: readable (`lifeboat-PROTECTION-NAMESPACE-PVC`, made a valid DNS-1123
+/// subdomain) and unique, by a hash of the three parts: joined with `-` alone, `a-b`+`c`
+/// and `a`+`b-c` would be one name.
 pub fn pv_name(protection: &str, ns: &str, pvc: &str) -> String {
-    format!("lifeboat-{protection}-{ns}-{pvc}")
+    let hash = blake3::hash(format!("{protection}\0{ns}\0{pvc}").as_bytes()).to_hex();
+    let mut readable: String = format!("lifeboat-{protection}-{ns}-{pvc}")
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '-' | '.') => c,
+            _ => '-',
+        })
+        .collect();
+    readable.truncate(253 - 1 - 10);
+    let readable = readable.trim_end_matches(['-', '.']);
+    format!("{readable}-{}", &hash[..10])
 }
 
 /// The objects to apply at the DR site, in apply order, each labelled with the protection.
@@ -267,6 +280,26 @@ pub fn export(objects: &[Value], dir: &Path) -> Result<Vec<std::path::PathBuf>> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pv_names_are_valid_and_never_collide() {
+        let a = pv_name("db", "a-b", "c");
+        let b = pv_name("db", "a", "b-c");
+        assert_ne!(a, b);
+        assert!(a.starts_with("lifeboat-db-a-b-c-"), "{a}");
+        let long = pv_name("Prot_1", "ns", &"x".repeat(300));
+        assert!(long.len() <= 253, "{}", long.len());
+        let valid = |s: &str| {
+            s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+                && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+        };
+        assert!(
+            valid(&long) && valid(&a) && valid(&pv_name("P", "n", "data.0")),
+            "{long}"
+        );
+    }
 
     fn bundle() -> Bundle {
         let mut objects = vec![

@@ -164,6 +164,9 @@ async fn run(
         manifests,
     } = read(dr, prot).await?;
     let mut steps = Vec::new();
+    let mut problems = Vec::new();
+    // Objects the server refused: their workloads are not waited for.
+    let mut refused = std::collections::BTreeSet::new();
     for step in plan.steps.clone() {
         let mut what = step.describe();
         match &step {
@@ -189,21 +192,44 @@ async fn run(
                 let (b, objs, client) = manifests.as_ref().expect("planned with manifests");
                 // Standby applies must not race the active form.
                 let _apply = dr.manifests_lock.lock().await;
-                crate::k8s::apply::apply(client, prot.name.as_str(), b, objs)
+                let r = crate::k8s::apply::apply(client, prot.name.as_str(), b, objs)
                     .await
                     .map_err(FailoverError::Kubernetes)?;
+                if !r.failed.is_empty() || !r.recreated.is_empty() {
+                    what = format!(
+                        "{what} ({} failed, {} recreated)",
+                        r.failed.len(),
+                        r.recreated.len()
+                    );
+                }
+                for f in r.failed {
+                    problems.push(format!("not applied: {}: {}", f.object, f.error));
+                    refused.insert(f.object);
+                }
+                if let Some(k) = plan.kubernetes.as_mut() {
+                    k.recreated = r.recreated;
+                }
             }
             Planned::WaitReady => {
                 let (b, objs, client) = manifests.as_ref().expect("planned with manifests");
-                let ready = crate::k8s::apply::wait_ready(
+                let applied: Vec<_> = objs
+                    .iter()
+                    .filter(|o| !refused.contains(&crate::k8s::bundle::describe(o)))
+                    .cloned()
+                    .collect();
+                let (ready, not_ready) = crate::k8s::apply::wait_ready(
                     client,
                     b,
-                    objs,
+                    &applied,
                     Duration::from_secs(opts.ready_timeout_secs),
                 )
                 .await
                 .map_err(FailoverError::Kubernetes)?;
                 what = format!("{what}: {} workloads ready", ready.len());
+                if !not_ready.is_empty() {
+                    what = format!("{what}, {} not ready", not_ready.len());
+                }
+                problems.extend(not_ready);
                 if let Some(k) = plan.kubernetes.as_mut() {
                     k.ready = ready;
                 }
@@ -221,7 +247,11 @@ async fn run(
         .record(&prot.name)
         .await
         .map_err(FailoverError::Local)?;
-    let r = report(prot, plan, &rec, steps, started, false);
+    let mut r = report(prot, plan, &rec, steps, started, false);
+    for p in &problems {
+        tracing::error!(protection = %prot.name, "failover: {p}");
+    }
+    r.problems = problems;
     dr.metrics
         .failover_seconds
         .with_label_values(&[prot.name.as_str()])
@@ -269,5 +299,6 @@ fn report(
         steps,
         kubernetes: plan.kubernetes,
         dry_run,
+        problems: Vec::new(),
     }
 }

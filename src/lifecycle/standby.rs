@@ -116,14 +116,19 @@ pub async fn apply_standby(dr: &Dr, prot: &ProtectionName) {
     match result {
         Ok(None) => {}
         Ok(Some((gen, report, b))) => {
-            tracing::info!(protection = %prot, gen = %gen, applied = report.applied.len(), changed = report.changed.len(), pruned = report.pruned.len(), "standby manifests applied");
+            tracing::info!(protection = %prot, gen = %gen, applied = report.applied.len(), changed = report.changed.len(), recreated = report.recreated.len(), pruned = report.pruned.len(), failed = report.failed.len(), "standby manifests applied");
+            let failures = report.failures();
+            if let Some(f) = &failures {
+                tracing::warn!(protection = %prot, gen = %gen, "standby manifests: {f}");
+                dr.metrics.error(prot.as_str(), ErrorKind::Kubernetes);
+            }
             dr.live.update(prot.as_str(), |l| {
                 l.kubernetes = Some(KubeStatus {
                     gen: Some(gen.0),
                     covers: b.coverage,
                     warnings: b.warnings,
                     applied: Some(report),
-                    apply_error: None,
+                    apply_error: failures,
                 })
             });
         }

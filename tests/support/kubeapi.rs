@@ -7,13 +7,15 @@
 //! applies are removed; bodies with managedFields, a stale resourceVersion, a missing
 //! fieldManager or a kind that does not match the URL are rejected as a real server
 //! rejects them), JSON merge and JSON patches, the scale subresource, watch (replayed from
-//! a resourceVersion, then live), namespaces that must exist, RBAC denials set by the
-//! test (403), and pods/exec over websocket (channel protocol v4/v5) answered by a handler
+//! a resourceVersion, then live), namespaces that must exist, the object rules of
+//! [`super::apirules`] (names, labels, immutable fields, duplicate list-map keys in an
+//! apply), RBAC denials set by the test (403), and pods/exec over websocket (channel protocol v4/v5) answered by a handler
 //! the test installs, with every call recorded.
 //!
 //! What it does not model: field ownership between several managers (one manager's last
 //! applied config is tracked; lists are replaced whole, not merged by key), admission,
-//! defaulting and validation of specs, garbage collection, and controllers. A stand-in for
+//! defaulting and validation of spec values, garbage collection (a delete is immediate,
+//! whatever its propagation policy), and controllers. A stand-in for
 //! the workload controllers sets `status` of Deployments, StatefulSets, ReplicaSets and
 //! DaemonSets to "all ready" on every write when `controllers_ready` is on, so failover's
 //! wait sees what a healthy cluster would report.
@@ -36,6 +38,8 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use lifeboat::k8s::labels::Selector;
+
+use super::apirules;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResType {
@@ -684,6 +688,9 @@ async fn handle(
             let manager = q(&qm, "fieldManager")
                 .unwrap_or("kubectl-create")
                 .to_string();
+            if let Err(r) = apirules::admit(&t.group, &t.kind, None, &v) {
+                return status(r.0, r.1, r.2);
+            }
             let out = st.store(&t, key, v, None, &manager, "Update");
             created(&out)
         }
@@ -712,6 +719,9 @@ async fn handle(
                 nv["spec"]["replicas"] = v["spec"]["replicas"].clone();
                 let out = st.store(&t, key, nv, Some(&old), &manager, "Update");
                 return ok(&scale_of(&t, &out));
+            }
+            if let Err(r) = apirules::admit(&t.group, &t.kind, Some(&old), &v) {
+                return status(r.0, r.1, r.2);
             }
             let out = st.store(&t, key, v, Some(&old), &manager, "Update");
             ok(&out)
@@ -785,6 +795,9 @@ async fn handle(
                             t.plural, t.group));
                     }
                 }
+                if let Err(r) = apirules::apply_body(&applied) {
+                    return status(r.0, r.1, r.2);
+                }
                 let mut applied = applied;
                 if let Some(o) = applied.as_object_mut() {
                     o.remove("status");
@@ -804,6 +817,9 @@ async fn handle(
                     }
                     None => applied.clone(),
                 };
+                if let Err(r) = apirules::admit(&t.group, &t.kind, old.as_ref(), &merged) {
+                    return status(r.0, r.1, r.2);
+                }
                 st.applied
                     .entry(key.clone())
                     .or_default()
@@ -852,6 +868,9 @@ async fn handle(
             let manager = q(&qm, "fieldManager")
                 .unwrap_or("kubectl-patch")
                 .to_string();
+            if let Err(r) = apirules::admit(&t.group, &t.kind, Some(&old), &nv) {
+                return status(r.0, r.1, r.2);
+            }
             let out = st.store(&t, key, nv, Some(&old), &manager, "Update");
             if sub.as_deref() == Some("scale") {
                 return ok(&scale_of(&t, &out));

@@ -14,6 +14,7 @@ use lifeboat::api::Client;
 use lifeboat::api::{CycleReport, SiteStatus};
 use rand::{Rng, RngCore, SeedableRng};
 
+pub mod apirules;
 pub mod kubeapi;
 pub mod relay;
 
