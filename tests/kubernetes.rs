@@ -961,7 +961,12 @@ fn rules_the_seed_cassandra_rule_flushes_every_cassandra_pod_before_the_snapshot
         "{execs:?}"
     );
     assert_eq!(pods(&post), pods(&pre));
-    assert_eq!(pre[0].command, vec!["/bin/sh", "-c", "nodetool flush"]);
+    // In the pod's default container, wrapped to print its PID (to kill it after a timeout).
+    assert_eq!(
+        pre[0].command,
+        vec!["/bin/sh", "-c", "echo lifeboat-pid $$; nodetool flush"]
+    );
+    assert_eq!(pre[0].container.as_deref(), Some("cassandra"));
     assert!(
         execs.iter().all(|c| c.pod.starts_with("cassandra-")),
         "no MySQL pod: {execs:?}"
@@ -1034,7 +1039,9 @@ fn rules_velero_hook_annotations_run_in_their_containers_in_order_and_timeouts_k
         "pre.hook.backup.velero.io/container": "mysql",
         "pre.hook.backup.velero.io/command": "[\"/bin/sh\", \"-c\", \"mysql -e 'FLUSH TABLES WITH READ LOCK'\"]",
         "post.hook.backup.velero.io/container": "sidecar",
-        "post.hook.backup.velero.io/command": "[\"/bin/echo\", \"unlocked\"]"}}}));
+        "post.hook.backup.velero.io/command": "[\"/bin/echo\", \"unlocked\"]"}},
+        "spec": {"containers": [{"name": "mysql", "image": "mysql:8.4"}, {"name": "sidecar", "image": "busybox"}]},
+        "status": {"phase": "Running", "containerStatuses": [{"name": "mysql", "ready": true}, {"name": "sidecar", "ready": true}]}}));
     let dir = s.pair.dir.path().to_path_buf();
     s.primary_api.set_exec_handler(move |c: &ExecCall| {
         let cmd = c.command.join(" ");
@@ -1418,4 +1425,170 @@ rules: [{apiGroups: [""], resources: [endpoints, pods], verbs: [get, list]}]
         );
     }
     assert_eq!(s.pair.dr.status().protections[0].role, "failed-over");
+}
+
+/// Restarts the primary with `rule` (a Stork Rule's YAML) as its pre rule.
+fn with_pre_rule(s: &mut Sites, rule: &str) {
+    let path = s.pair.dir.path().join("exec-rule.yaml");
+    std::fs::write(&path, rule).unwrap();
+    s.pair.primary.stop();
+    let cfg = std::fs::read_to_string(&s.pair.primary.config).unwrap();
+    if !cfg.contains("exec-rule.yaml") {
+        let cfg = cfg.replace(
+            "sync_on_start = false",
+            "sync_on_start = false\npre_rule = \"exec-rule.yaml\"",
+        );
+        std::fs::write(&s.pair.primary.config, cfg).unwrap();
+    }
+    s.pair.primary.start();
+}
+
+#[test]
+fn exec_goes_to_the_default_container_and_skips_pods_that_are_not_running() {
+    let mut s = sites(NAMESPACE, "");
+    with_pre_rule(
+        &mut s,
+        "apiVersion: stork.libopenstorage.org/v1alpha1\nkind: Rule\nmetadata: {name: flush}\nrules:\n- podSelector: {app: cassandra}\n  actions:\n  - {type: command, value: nodetool flush, onError: Continue}\n",
+    );
+    // cassandra-0 has a sidecar listed first, with the annotation naming the app's
+    // container; cassandra-1 has two containers and no annotation; cassandra-2 is Pending.
+    let two = |first: &str, second: &str| serde_json::json!([{"name": first, "image": "x"}, {"name": second, "image": "y"}]);
+    let statuses = |a: &str, b: &str| serde_json::json!([{"name": a, "ready": true}, {"name": b, "ready": true}]);
+    s.primary_api.merge_patch(
+        "",
+        "pods",
+        "prod",
+        "cassandra-0",
+        serde_json::json!({
+        "metadata": {"annotations": {"kubectl.kubernetes.io/default-container": "cassandra"}},
+        "spec": {"containers": two("istio-proxy", "cassandra")},
+        "status": {"phase": "Running", "containerStatuses": statuses("istio-proxy", "cassandra")}}),
+    );
+    s.primary_api.merge_patch(
+        "",
+        "pods",
+        "prod",
+        "cassandra-1",
+        serde_json::json!({
+        "spec": {"containers": two("cassandra", "exporter")},
+        "status": {"phase": "Running", "containerStatuses": statuses("cassandra", "exporter")}}),
+    );
+    s.primary_api.merge_patch("", "pods", "prod", "cassandra-2", serde_json::json!({
+        "status": {"phase": "Pending", "containerStatuses": [{"name": "cassandra", "ready": false}]}}));
+    s.primary_api.set_exec_handler(|_| ExecResult::default());
+
+    // onError: Continue: the cycle goes on, the Pending pod is named in its status.
+    let report = s.pair.sync();
+    assert_eq!(report.rule_failures.len(), 1, "{:?}", report.rule_failures);
+    assert!(
+        report.rule_failures[0].contains("pod prod/cassandra-2")
+            && report.rule_failures[0].contains("did not run: the pod is Pending, not Running"),
+        "{:?}",
+        report.rule_failures
+    );
+    let execs = s.primary_api.execs();
+    let got: BTreeSet<(String, Option<String>)> = execs
+        .iter()
+        .map(|c| (c.pod.clone(), c.container.clone()))
+        .collect();
+    let want: BTreeSet<(String, Option<String>)> = [
+        ("cassandra-0".to_string(), Some("cassandra".to_string())),
+        ("cassandra-1".to_string(), Some("cassandra".to_string())),
+    ]
+    .into();
+    assert_eq!(
+        got, want,
+        "never the Pending pod, always a container: {execs:?}"
+    );
+    let m = s.pair.primary.metrics();
+    assert_eq!(
+        support::metric(&m, "lifeboat_hook_failures_total{protection=\"p\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    let log = s.pair.primary.log_text();
+    assert!(
+        log.contains("cassandra-2") && log.contains("the pod is Pending, not Running; not exec'd"),
+        "{log}"
+    );
+
+    // onError: Fail: the same pod fails the cycle by name, and no snapshot is taken.
+    with_pre_rule(
+        &mut s,
+        "apiVersion: stork.libopenstorage.org/v1alpha1\nkind: Rule\nmetadata: {name: flush}\nrules:\n- podSelector: {app: cassandra}\n  actions:\n  - {type: command, value: nodetool flush}\n",
+    );
+    let err = s.pair.try_sync().unwrap_err();
+    assert!(
+        err.contains("pod prod/cassandra-2") && err.contains("did not run: the pod is Pending"),
+        "{err}"
+    );
+}
+
+/// Whether process `pid` still runs (a zombie has ended).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_timed_out_exec_is_killed_in_the_container_and_a_lock_works_over_exec_v4() {
+    let mut s = sites(NAMESPACE, "");
+    s.primary_api.exec_v4_only();
+    s.primary_api.set_exec_handler(|_| ExecResult {
+        run_locally: true,
+        ..Default::default()
+    });
+    let dir = s.pair.dir.path().to_path_buf();
+    let pidfile = dir.join("sleeper.pid");
+
+    // A command that outlives its timeout: its process (and its child) end with it.
+    with_pre_rule(
+        &mut s,
+        &format!(
+            "apiVersion: stork.libopenstorage.org/v1alpha1\nkind: Rule\nmetadata: {{name: slow}}\nrules:\n- podSelector: {{app: mysql}}\n  actions:\n  - {{type: command, runInSinglePod: true, timeout: 1s, value: 'sleep 300 & echo $! > {}; wait'}}\n",
+            pidfile.display()
+        ),
+    );
+    let err = s.pair.try_sync().unwrap_err();
+    assert!(err.contains("outlived its timeout"), "{err}");
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while running(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "sleep {pid} still runs after the timeout"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A background lock over v4, which cannot close stdin: held across the snapshot, then
+    // ended by the line lifeboat sends, not by its timeout.
+    let state = dir.join("lock.state");
+    with_pre_rule(
+        &mut s,
+        &format!(
+            "apiVersion: stork.libopenstorage.org/v1alpha1\nkind: Rule\nmetadata: {{name: lock}}\nrules:\n- podSelector: {{app: mysql}}\n  actions:\n  - {{type: command, background: true, runInSinglePod: true, timeout: 20s, value: 'echo locked > {f}; ${{WAIT_CMD}}; echo released > {f}'}}\n",
+            f = state.display()
+        ),
+    );
+    let r = s.pair.sync();
+    assert!(r.gen >= 1);
+    assert_eq!(std::fs::read_to_string(&state).unwrap().trim(), "released");
+    let m = s.pair.primary.metrics();
+    assert_eq!(
+        support::metric(&m, "lifeboat_hook_failures_total{protection=\"p\"}").unwrap_or(0.0),
+        0.0,
+        "the lock ended by its line, not by its timeout: {m}"
+    );
 }

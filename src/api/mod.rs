@@ -92,6 +92,9 @@ pub struct CycleReport {
     pub refined_chunks: u64,
     /// Bytes of those chunks that did not need sending (unchanged blocks).
     pub refine_saved_bytes: u64,
+    /// Rule actions that failed with `onError: Continue` (the cycle went on), each named.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rule_failures: Vec<String>,
     pub volumes: Vec<VolumeReport>,
 }
 

@@ -24,7 +24,11 @@ pub fn render_cycle(r: &CycleReport) -> String {
         r.zero_chunks_sent,
         human_bytes(r.wire_bytes),
         if resync.is_empty() { String::new() } else { format!("; resynced by hash exchange: {}", resync.join(", ")) }
-    )
+    ) + &r
+        .rule_failures
+        .iter()
+        .map(|f| format!("\n  rule failed, the cycle went on (onError: Continue): {f}"))
+        .collect::<String>()
 }
 
 pub fn render_status(s: &SiteStatus) -> String {

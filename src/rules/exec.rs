@@ -1,7 +1,14 @@
 //! Running one action in one place: a local process (`sh -c`), or a container through the
 //! pods/exec API. Foreground actions run to completion within their timeout (and are killed
 //! after it); background actions run until they announce that they hold their lock
-//! (`${WAIT_CMD}`), and are ended after the snapshot by closing their stdin.
+//! (`${WAIT_CMD}`), and are ended after the snapshot by a line on their stdin (which exec
+//! protocol v4 can send as well as v5; v4 cannot close stdin).
+//!
+//! Dropping an exec connection does not end the command in the container (the kubelet
+//! lets it run), so a shell command in a pod first prints its shell's PID; after a timeout
+//! a second exec kills that process and its descendants (found through `/proc`). An action
+//! given as an argv (Velero's hooks) runs as is, without the wrapper: it cannot be killed
+//! that way, and its timeout only ends lifeboat's wait.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -64,6 +71,14 @@ impl Outcome {
         }
     }
 
+    /// An action that could not run in `target`, and why.
+    pub fn not_run(rule: &str, target: &Target, a: &Action, why: &str) -> Outcome {
+        Outcome {
+            stderr: why.to_string(),
+            ..Outcome::new(rule, target, a)
+        }
+    }
+
     pub fn ok(&self) -> bool {
         self.exit_code == Some(0) && !self.timed_out
     }
@@ -72,6 +87,8 @@ impl Outcome {
         let what = format!("rule {}: `{}` in {}", self.rule, self.command, self.target);
         if self.timed_out {
             format!("{what} outlived its timeout and was killed")
+        } else if self.exit_code.is_none() && !self.stderr.is_empty() {
+            format!("{what} did not run: {}", self.stderr.trim())
         } else {
             format!(
                 "{what} exited with {} (stderr: {:?})",
@@ -90,16 +107,30 @@ pub enum Executor {
     Kube(kube::Client),
 }
 
-fn argv(a: &Action) -> Vec<String> {
+/// What a wrapped command in a pod prints first: `lifeboat-pid PID`.
+const PID_MARKER: &str = "lifeboat-pid";
+
+/// Kills process `{pid}` and every descendant, children first.
+const KILL_TREE: &str = r#"t() { for c in $(grep -l "^PPid:[[:space:]]*$1\$" /proc/[0-9]*/status 2>/dev/null | cut -d/ -f3); do t "$c"; done; kill -KILL "$1" 2>/dev/null; }; t {pid}"#;
+
+/// The process to start; in a pod, a shell command is wrapped to print its PID first.
+fn argv(a: &Action, in_pod: bool) -> Vec<String> {
     match &a.argv {
         Some(v) => v.clone(),
-        None => vec![
-            "/bin/sh".into(),
-            "-c".into(),
-            a.command.replace("${WAIT_CMD}", WAIT_CMD),
-        ],
+        None => {
+            let cmd = a.command.replace("${WAIT_CMD}", WAIT_CMD);
+            let cmd = if in_pod {
+                format!("echo {PID_MARKER} $$; {cmd}")
+            } else {
+                cmd
+            };
+            vec!["/bin/sh".into(), "-c".into(), cmd]
+        }
     }
 }
+
+/// The PID a wrapped command printed, once it has.
+type Pid = std::sync::Arc<std::sync::OnceLock<u32>>;
 
 /// An action's process, whichever way it runs.
 struct Proc {
@@ -138,8 +169,9 @@ fn exit_code_of(
 }
 
 impl Executor {
-    async fn spawn(&self, target: &Target, a: &Action) -> Result<Proc> {
-        let args = argv(a);
+    /// Starts the action; in a pod, a wrapped command's PID is put in `pid`.
+    async fn spawn(&self, target: &Target, a: &Action, pid: &Pid) -> Result<Proc> {
+        let args = argv(a, matches!(target, Target::Pod { .. }));
         match (self, target) {
             (Executor::Local, _) => {
                 let mut child = tokio::process::Command::new(&args[0])
@@ -181,9 +213,29 @@ impl Executor {
                     crate::k8s::api_error(e, format!("exec in pod {namespace}/{name}"))
                 })?;
                 let status = p.take_status();
+                let mut stdout: Option<Box<dyn AsyncRead + Send + Unpin>> =
+                    p.stdout().map(|s| Box::new(s) as _);
+                if a.argv.is_none() {
+                    if let Some(out) = stdout.take() {
+                        let mut r = BufReader::new(out);
+                        let mut first = String::new();
+                        r.read_line(&mut first).await?;
+                        match first.trim().strip_prefix(PID_MARKER).map(str::trim) {
+                            Some(n) if n.parse::<u32>().is_ok() => {
+                                let _ = pid.set(n.parse().expect("checked"));
+                                stdout = Some(Box::new(r));
+                            }
+                            // Not the wrapper's line: the command's own output, kept.
+                            _ => {
+                                let kept = std::io::Cursor::new(first.into_bytes());
+                                stdout = Some(Box::new(kept.chain(r)));
+                            }
+                        }
+                    }
+                }
                 Ok(Proc {
                     stdin: p.stdin().map(|s| Box::new(s) as _),
-                    stdout: p.stdout().map(|s| Box::new(s) as _),
+                    stdout,
                     stderr: p.stderr().map(|s| Box::new(s) as _),
                     wait: Box::pin(async move {
                         let code = match status {
@@ -206,18 +258,60 @@ impl Executor {
     pub async fn run(&self, rule: &str, target: &Target, a: &Action) -> Outcome {
         let started = Instant::now();
         let mut out = Outcome::new(rule, target, a);
-        let work = async { Ok::<_, anyhow::Error>(self.spawn(target, a).await?.finish().await) };
+        let pid = Pid::default();
+        let work =
+            async { Ok::<_, anyhow::Error>(self.spawn(target, a, &pid).await?.finish().await) };
         match tokio::time::timeout(a.timeout, work).await {
             Ok(Ok((code, err))) => {
                 out.exit_code = code;
                 out.stderr = err;
             }
             Ok(Err(e)) => out.stderr = format!("{e:#}"),
-            // Dropping the work kills a local child (kill_on_drop) or closes the exec stream.
-            Err(_) => out.timed_out = true,
+            // Dropping the work kills a local child (kill_on_drop) or closes the exec
+            // stream, which leaves the command running in the container: kill it there.
+            Err(_) => {
+                out.timed_out = true;
+                out.stderr = self.kill(target, &pid).await;
+            }
         }
         out.seconds = started.elapsed().as_secs_f64();
         out
+    }
+
+    /// Ends a timed-out command in its container; what happened, for the outcome.
+    async fn kill(&self, target: &Target, pid: &Pid) -> String {
+        let Target::Pod { .. } = target else {
+            return String::new();
+        };
+        let Some(pid) = pid.get() else {
+            return "it had not started (no PID seen); nothing to kill".into();
+        };
+        let a = Action {
+            command: KILL_TREE.replace("{pid}", &pid.to_string()),
+            argv: None,
+            background: false,
+            single_pod: false,
+            timeout: Duration::from_secs(10),
+            on_error: super::OnError::Continue,
+        };
+        let killer = ["/bin/sh".to_string(), "-c".to_string(), a.command.clone()];
+        let a = Action {
+            argv: Some(killer.to_vec()),
+            ..a
+        };
+        let done = tokio::time::timeout(a.timeout, async {
+            self.spawn(target, &a, &Pid::default())
+                .await?
+                .finish()
+                .await;
+            Ok::<_, anyhow::Error>(())
+        })
+        .await;
+        match done {
+            Ok(Ok(())) => format!("killed process {pid} and its children in the container"),
+            Ok(Err(e)) => format!("could not kill process {pid} in the container: {e:#}"),
+            Err(_) => format!("could not kill process {pid} in the container: the kill timed out"),
+        }
     }
 
     /// Starts a background action and waits (within its timeout) until it holds its lock.
@@ -225,8 +319,9 @@ impl Executor {
         let started = Instant::now();
         let mut out = Outcome::new(rule, target, a);
         let waits = a.command.contains("${WAIT_CMD}");
+        let pid = Pid::default();
         let spawned = tokio::time::timeout(a.timeout, async {
-            let mut p = self.spawn(target, a).await?;
+            let mut p = self.spawn(target, a, &pid).await?;
             if waits {
                 let mut lines = BufReader::new(p.stdout.take().expect("stdout piped")).lines();
                 loop {
@@ -247,6 +342,7 @@ impl Executor {
                 outcome: out,
                 started,
                 timeout: a.timeout,
+                kill: (self.clone(), target.clone(), pid),
             }),
             Ok(Err(e)) => {
                 out.stderr = format!("{e:#}");
@@ -255,6 +351,7 @@ impl Executor {
             }
             Err(_) => {
                 out.timed_out = true;
+                out.stderr = self.kill(target, &pid).await;
                 out.seconds = started.elapsed().as_secs_f64();
                 Err(out)
             }
@@ -276,15 +373,20 @@ pub struct Holding {
     outcome: Outcome,
     started: Instant,
     timeout: Duration,
+    /// Where it runs, to kill it there if it does not end.
+    kill: (Executor, Target, Pid),
 }
 
 impl Holding {
-    /// Ends the action: closes its stdin (its `${WAIT_CMD}` returns) and waits for it, killing
-    /// it if it does not exit within its timeout.
+    /// Ends the action: a line on its stdin (its `${WAIT_CMD}` returns), then stdin closed,
+    /// and waits for it, killing it if it does not exit within its timeout.
     pub async fn end(mut self) -> Outcome {
-        // Shut down, not just drop: an exec stream's stdin half only reports EOF (and so
-        // sends the v5 close frame) when shut down.
+        // The line is what v4 can send; the shutdown (not just a drop: an exec stream's
+        // stdin half only sends the v5 close frame when shut down) is for commands that
+        // read to the end.
         if let Some(mut stdin) = self.proc.stdin.take() {
+            let _ = stdin.write_all(b"done\n").await;
+            let _ = stdin.flush().await;
             let _ = stdin.shutdown().await;
         }
         match tokio::time::timeout(self.timeout, self.proc.finish()).await {
@@ -292,7 +394,11 @@ impl Holding {
                 self.outcome.exit_code = code;
                 self.outcome.stderr = err;
             }
-            Err(_) => self.outcome.timed_out = true,
+            Err(_) => {
+                self.outcome.timed_out = true;
+                let (executor, target, pid) = &self.kill;
+                self.outcome.stderr = executor.kill(target, pid).await;
+            }
         }
         self.outcome.seconds = self.started.elapsed().as_secs_f64();
         self.outcome

@@ -47,28 +47,38 @@ impl Rules {
         self.pre.is_empty() && self.post.is_empty()
     }
 
-    /// Where an item's actions run.
-    fn targets(&self, item: &RuleItem) -> Vec<Target> {
+    /// Where an item's actions run, and the matching pods that cannot run them now (not
+    /// Running, or the container not ready), each with why.
+    fn targets(&self, item: &RuleItem) -> (Vec<Target>, Vec<(Target, String)>) {
         if let Executor::Local = self.executor {
-            return vec![Target::Local];
+            return (vec![Target::Local], Vec::new());
         }
-        self.pods
-            .iter()
-            .filter(|p| {
-                let ns = p["metadata"]["namespace"].as_str().unwrap_or("");
-                let name = p["metadata"]["name"].as_str().unwrap_or("");
-                match (&item.pod, &item.selector) {
-                    (Some((pns, pname)), _) => pns == ns && pname == name,
-                    (None, Some(sel)) => sel.matches(&label_map(p.pointer("/metadata/labels"))),
-                    (None, None) => true,
-                }
-            })
-            .map(|p| Target::Pod {
+        let (mut ready, mut not) = (Vec::new(), Vec::new());
+        for p in self.matching(item) {
+            let container = item.container.clone().or_else(|| default_container(p));
+            let t = Target::Pod {
                 namespace: p["metadata"]["namespace"].as_str().unwrap_or("").into(),
                 name: p["metadata"]["name"].as_str().unwrap_or("").into(),
-                container: item.container.clone(),
-            })
-            .collect()
+                container: container.clone(),
+            };
+            match not_runnable(p, container.as_deref()) {
+                None => ready.push(t),
+                Some(why) => not.push((t, why)),
+            }
+        }
+        (ready, not)
+    }
+
+    fn matching<'a>(&'a self, item: &'a RuleItem) -> impl Iterator<Item = &'a Value> + 'a {
+        self.pods.iter().filter(|p| {
+            let ns = p["metadata"]["namespace"].as_str().unwrap_or("");
+            let name = p["metadata"]["name"].as_str().unwrap_or("");
+            match (&item.pod, &item.selector) {
+                (Some((pns, pname)), _) => pns == ns && pname == name,
+                (None, Some(sel)) => sel.matches(&label_map(p.pointer("/metadata/labels"))),
+                (None, None) => true,
+            }
+        })
     }
 
     /// Runs `rules` in order; each action runs in all its targets at once. Background
@@ -81,7 +91,7 @@ impl Rules {
     ) -> bool {
         for rule in rules {
             for item in &rule.items {
-                let targets = self.targets(item);
+                let (targets, unrunnable) = self.targets(item);
                 for action in &item.actions {
                     let here: Vec<&Target> = if action.single_pod {
                         targets.iter().take(1).collect()
@@ -89,6 +99,16 @@ impl Rules {
                         targets.iter().collect()
                     };
                     let mut failed = false;
+                    // A pod that cannot run it now is a failed action, handled by onError;
+                    // a single-pod action needs only one pod that can.
+                    if !action.single_pod || targets.is_empty() {
+                        for (t, why) in &unrunnable {
+                            let o = Outcome::not_run(&rule.name, t, action, why);
+                            report.outcomes.push(o.clone());
+                            report.failures.push(o);
+                            failed |= action.on_error == OnError::Fail;
+                        }
+                    }
                     if action.background {
                         let starts = here
                             .iter()
@@ -166,6 +186,35 @@ impl Rules {
         }
         Ok(value)
     }
+}
+
+/// The container an exec goes to when the rule names none: the pod's
+/// `kubectl.kubernetes.io/default-container`, else its first container (what kubectl and
+/// Velero do; a real server refuses an exec without one when a pod has several).
+pub fn default_container(pod: &Value) -> Option<String> {
+    pod.pointer("/metadata/annotations/kubectl.kubernetes.io~1default-container")
+        .and_then(Value::as_str)
+        .or_else(|| {
+            pod.pointer("/spec/containers/0/name")
+                .and_then(Value::as_str)
+        })
+        .map(String::from)
+}
+
+/// Why a pod cannot run an exec in `container` now, or None when it can.
+pub fn not_runnable(pod: &Value, container: Option<&str>) -> Option<String> {
+    let phase = pod["status"]["phase"].as_str().unwrap_or("Unknown");
+    if phase != "Running" {
+        return Some(format!("the pod is {phase}, not Running; not exec'd"));
+    }
+    let c = container?;
+    let ready = pod["status"]["containerStatuses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["name"] == c)
+        .is_some_and(|s| s["ready"] == true);
+    (!ready).then(|| format!("container {c} is not ready; not exec'd"))
 }
 
 #[cfg(test)]

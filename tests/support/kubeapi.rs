@@ -170,6 +170,9 @@ pub struct ExecResult {
     /// Called when the stdin of a `wait_for_stdin` command closes (what the command does
     /// after its wait, e.g. release a lock).
     pub on_stdin_closed: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// Run the command as a real process instead ([`super::kubeexec`]); the fields above
+    /// are then unused.
+    pub run_locally: bool,
 }
 
 impl std::fmt::Debug for ExecResult {
@@ -209,6 +212,8 @@ pub struct ApiState {
     pub execs: Vec<ExecCall>,
     pub controllers_ready: bool,
     exec_handler: Option<ExecHandler>,
+    /// Offer exec protocol v4 only, as servers before about 1.30 do (no stdin close).
+    pub exec_v4_only: bool,
 }
 
 #[derive(Clone)]
@@ -343,8 +348,19 @@ impl ApiState {
         let _ = self.events.send(e);
     }
 
-    /// The controllers' stand-in: workloads report every replica ready.
+    /// The controllers' and kubelet's stand-in: workloads report every replica ready, and
+    /// a pod created without a status is Running with every container ready.
     fn settle(&self, t: &ResType, v: &mut Value) {
+        if self.controllers_ready && t.group.is_empty() && t.kind == "Pod" && v["status"].is_null()
+        {
+            let ready: Vec<Value> = v["spec"]["containers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| json!({"name": c["name"], "ready": true, "started": true}))
+                .collect();
+            v["status"] = json!({"phase": "Running", "containerStatuses": ready});
+        }
         if !self.controllers_ready || t.group != "apps" {
             return;
         }
@@ -990,10 +1006,22 @@ async fn exec(
         if !pod_exists {
             return status(404, "NotFound", format!("pods \"{pod}\" not found"));
         }
+        let p = &st.objects[&(String::new(), "pods".into(), ns.clone(), pod.clone())];
+        if let Err(why) = exec_allowed(p, call.container.as_deref()) {
+            return status(400, "BadRequest", why);
+        }
         call
     };
-    let handler = api.lock().unwrap().exec_handler.clone();
-    ws.protocols(["v5.channel.k8s.io", "v4.channel.k8s.io"])
+    let (handler, v4_only) = {
+        let st = api.lock().unwrap();
+        (st.exec_handler.clone(), st.exec_v4_only)
+    };
+    let protocols: &[&'static str] = if v4_only {
+        &["v4.channel.k8s.io"]
+    } else {
+        &["v5.channel.k8s.io", "v4.channel.k8s.io"]
+    };
+    ws.protocols(protocols.iter().copied())
         .on_upgrade(move |socket| run_exec(socket, call, handler))
 }
 
@@ -1006,6 +1034,38 @@ fn api_note(call: &ExecCall, what: &str) {
     );
 }
 
+/// A real server's checks before an exec: a Running pod, and a container named when the
+/// pod has several, one the pod has.
+fn exec_allowed(pod: &Value, container: Option<&str>) -> Result<(), String> {
+    let name = pod["metadata"]["name"].as_str().unwrap_or("");
+    let names: Vec<&str> = pod["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    let c = match container {
+        Some(c) if names.contains(&c) => c,
+        Some(c) => return Err(format!("container {c} is not valid for pod {name}")),
+        None if names.len() > 1 => {
+            return Err(format!(
+                "a container name must be specified for pod {name}, choose one of: [{}]",
+                names.join(" ")
+            ))
+        }
+        None => names.first().copied().unwrap_or(""),
+    };
+    match pod["status"]["phase"].as_str() {
+        Some("Running") | None => Ok(()),
+        Some(done @ ("Succeeded" | "Failed")) => Err(format!(
+            "cannot exec into a container in a completed pod; current phase is {done}"
+        )),
+        Some(_) => Err(format!(
+            "unable to upgrade connection: container not found (\"{c}\")"
+        )),
+    }
+}
+
 async fn run_exec(mut socket: WebSocket, call: ExecCall, handler: Option<ExecHandler>) {
     let r = match handler {
         Some(h) => h(&call),
@@ -1015,6 +1075,9 @@ async fn run_exec(mut socket: WebSocket, call: ExecCall, handler: Option<ExecHan
             ..Default::default()
         },
     };
+    if r.run_locally {
+        return super::kubeexec::run_local(socket, call.command.clone()).await;
+    }
     if !r.delay.is_zero() {
         tokio::time::sleep(r.delay).await;
     }
@@ -1027,10 +1090,12 @@ async fn run_exec(mut socket: WebSocket, call: ExecCall, handler: Option<ExecHan
         let _ = socket.send(frame(1, r.stdout.as_bytes())).await;
     }
     if r.wait_for_stdin {
-        // v5 closes stdin with [255, 0]; a closed socket ends the wait too.
+        // Like `read -r`: a line on stdin (v4 and v5) ends the wait, as does v5's close
+        // of stdin ([255, 0]); a closed socket ends the wait too.
         while let Some(Ok(m)) = socket.recv().await {
             match m {
                 Message::Binary(b) if b.first() == Some(&255) => break,
+                Message::Binary(b) if b.first() == Some(&0) && b.contains(&b'\n') => break,
                 Message::Close(_) => return,
                 _ => {}
             }
@@ -1074,6 +1139,7 @@ impl KubeApi {
             execs: Vec::new(),
             controllers_ready: true,
             exec_handler: None,
+            exec_v4_only: false,
         }));
         let rt = Arc::new(
             tokio::runtime::Builder::new_multi_thread()
@@ -1127,6 +1193,11 @@ impl KubeApi {
 
     pub fn allow_all(&self) {
         self.state.lock().unwrap().deny.clear();
+    }
+
+    /// Offer exec protocol v4 only.
+    pub fn exec_v4_only(&self) {
+        self.state.lock().unwrap().exec_v4_only = true;
     }
 
     pub fn set_exec_handler(&self, h: impl Fn(&ExecCall) -> ExecResult + Send + Sync + 'static) {

@@ -16,6 +16,7 @@ use rand::{Rng, RngCore, SeedableRng};
 
 pub mod apirules;
 pub mod kubeapi;
+pub mod kubeexec;
 pub mod relay;
 
 pub const PROT: &str = "p";

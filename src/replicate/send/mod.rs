@@ -145,7 +145,11 @@ async fn cycle(primary: &Primary, prot: &Protection) -> Result<CycleReport, Cycl
             .hook_failures
             .with_label_values(&[name.as_str()])
             .inc_by(freeze.failures.len() as u64);
+        for f in &freeze.failures {
+            tracing::warn!(protection = %name, gen = %gen, "rule failed: {}", f.describe());
+        }
     }
+    let rule_failures: Vec<String> = freeze.failures.iter().map(|f| f.describe()).collect();
     let snap = snap.map_err(|e| match e {
         Barrier::Hook(m) => CycleError::Hook(anyhow::anyhow!(m)),
         Barrier::Body(e) => CycleError::Snapshot(e),
@@ -187,6 +191,7 @@ async fn cycle(primary: &Primary, prot: &Protection) -> Result<CycleReport, Cycl
         gen: gen.0,
         started_at_ms: now_ms(),
         refine,
+        rule_failures,
         ..Default::default()
     };
     let side = volume::Side {
