@@ -25,7 +25,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
-use lifeboat::config::Role as SiteRole;
+use lifeboat::config::{Config, Role as SiteRole};
 use serde_json::Value;
 
 fn repo() -> &'static Path {
@@ -290,7 +290,7 @@ fn admitted(np: &Value) -> Vec<(u64, String)> {
 }
 
 /// Everything one overlay must hold together.
-fn check_site(site: &str, role: SiteRole, dir: &Path, objects: &[Value]) {
+fn check_site(site: &str, role: SiteRole, dir: &Path, objects: &[Value]) -> Config {
     let at = format!("deploy/kubernetes/{site}");
     let kinds = parse_all(objects, &at);
 
@@ -323,6 +323,8 @@ fn check_site(site: &str, role: SiteRole, dir: &Path, objects: &[Value]) {
     let cfg =
         lifeboat::config::parse(&resolvable, &config_path).unwrap_or_else(|e| panic!("{at}: {e}"));
     assert_eq!(cfg.role, role, "{at}: the config's role");
+    // The name certs --kubernetes put in the overlay's certificate.
+    assert_eq!(cfg.site_name, site, "{at}: the site's name");
     assert!(
         cfg.protections.iter().all(|p| p.kubernetes.is_some()),
         "{at}: Kubernetes mode"
@@ -552,15 +554,17 @@ fn check_site(site: &str, role: SiteRole, dir: &Path, objects: &[Value]) {
             }
         }
     }
+    cfg
 }
 
 #[test]
 fn both_overlays_render_and_every_object_parses_and_fits_the_config() {
     let t = tree(true, true);
+    let mut configs = Vec::new();
     for (site, role) in [("primary", SiteRole::Primary), ("dr", SiteRole::Dr)] {
         let dir = t.path().join("kubernetes").join(site);
         let objects = render(&dir).unwrap_or_else(|e| panic!("{site}: {e}"));
-        check_site(site, role, &dir, &objects);
+        configs.push(check_site(site, role, &dir, &objects));
         // The TLS Secret holds exactly the files certs --kubernetes wrote.
         let tls = objects
             .iter()
@@ -584,6 +588,18 @@ fn both_overlays_render_and_every_object_parses_and_fits_the_config() {
             std::fs::read_to_string(t.path().join("certs").join(format!("{site}.pem"))).unwrap();
         assert_eq!(cert, ours, "{site}: its own certificate");
     }
+
+    // The two configs are one pair: the primary dials the DR site's listener by its name,
+    // the DR site admits the primary's, and both hold the same protections.
+    let (p, d) = (&configs[0], &configs[1]);
+    let peer = p.peer.as_ref().expect("the primary's [peer]");
+    assert!(p.listen.is_none(), "the primary listens");
+    assert_eq!(peer.server_name, d.site_name);
+    assert_eq!(d.listen_peer.as_deref(), Some(p.site_name.as_str()));
+    assert_eq!(Some(peer.address.port()), d.listen.map(|l| l.port()));
+    let names =
+        |c: &Config| -> Vec<String> { c.protections.iter().map(|p| p.name.to_string()).collect() };
+    assert_eq!(names(p), names(d), "the sites' protections");
 }
 
 #[test]
