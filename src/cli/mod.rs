@@ -159,6 +159,11 @@ pub enum Command {
         /// Extra DNS names or IP addresses for every site certificate.
         #[arg(long = "san")]
         sans: Vec<String>,
+        /// Also copy each site's files into its Kustomize overlay, DIR/SITE/tls/ (ca.pem,
+        /// site.pem, site.key), where the overlay's secretGenerator reads them; DIR is
+        /// deploy/kubernetes. The CA key stays in --out.
+        #[arg(long, value_name = "DIR")]
+        kubernetes: Option<PathBuf>,
     },
     /// Check a config file and report every problem at once, each with its key.
     CheckConfig { config: PathBuf },
@@ -205,19 +210,33 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::from(2))
             }
         },
-        Command::Certs { out, sites, sans } => {
+        Command::Certs {
+            out,
+            sites,
+            sans,
+            kubernetes,
+        } => {
+            if let Some(dir) = &kubernetes {
+                crate::net::tls::check_overlays(dir, &sites)?;
+            }
             let g = crate::net::tls::generate(&out, &sites, &sans)?;
             println!(
                 "pair CA: {} (keep {} offline)",
                 g.ca_cert.display(),
                 g.ca_key.display()
             );
-            for (site, f) in g.sites {
+            for (site, f) in &g.sites {
                 println!(
                     "site {site}: cert {} key {}",
                     f.cert.display(),
                     f.key.display()
                 );
+            }
+            if let Some(dir) = &kubernetes {
+                for (site, tls) in crate::net::tls::write_overlays(&g, dir)? {
+                    println!("site {site}: overlay files in {}", tls.display());
+                }
+                println!("{}", render::OVERLAY_TLS_GENERATOR);
             }
             Ok(ExitCode::SUCCESS)
         }

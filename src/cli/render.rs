@@ -1,6 +1,20 @@
-//! The text form of the reports: status, a cycle, a failover.
+//! The text form of the reports: status, a cycle, a failover; the Kustomize snippet of
+//! `lifeboat certs --kubernetes`.
 
 use crate::api::{CycleReport, FailoverReport, KubeStatus, SiteStatus};
+
+/// What each overlay's kustomization.yaml holds to make the TLS Secret from the files
+/// `certs --kubernetes` wrote (deploy/kubernetes/primary and dr have it already).
+pub const OVERLAY_TLS_GENERATOR: &str = "\
+Each overlay's kustomization.yaml makes the Secret from them (deploy/kubernetes has it):
+  secretGenerator:
+    - name: lifeboat-tls
+      namespace: lifeboat
+      type: Opaque
+      files: [ca.pem=tls/ca.pem, site.pem=tls/site.pem, site.key=tls/site.key]
+  generatorOptions:
+    disableNameSuffixHash: true
+Then: kubectl apply -k DIR/SITE (with its tokens/ files made too, see the README).";
 
 pub fn human_bytes(n: u64) -> String {
     bytesize::ByteSize(n).display().iec().to_string()

@@ -110,6 +110,50 @@ pub fn generate(out: &Path, sites: &[String], extra_sans: &[String]) -> Result<G
     })
 }
 
+/// The files each Kustomize overlay's `lifeboat-tls` secretGenerator reads, in its `tls/`.
+pub const OVERLAY_TLS_FILES: [&str; 3] = ["ca.pem", "site.pem", "site.key"];
+
+/// Refuses, before anything is generated, a `--kubernetes` directory without an overlay
+/// (a `kustomization.yaml`) for every site.
+pub fn check_overlays(dir: &Path, sites: &[String]) -> Result<()> {
+    for site in sites {
+        let k = dir.join(site).join("kustomization.yaml");
+        if !k.is_file() {
+            bail!(
+                "{} does not exist: --kubernetes names the directory holding one Kustomize overlay per site (deploy/kubernetes, with primary/ and dr/)",
+                k.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Copies the CA certificate and each site's certificate and key into that site's overlay,
+/// `dir/SITE/tls/` (a 0700 directory; the key 0600), under the names of
+/// [`OVERLAY_TLS_FILES`]. The CA key stays where [`generate`] wrote it. Existing files are
+/// never overwritten. Returns each site's directory.
+pub fn write_overlays(g: &Generated, dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut written = Vec::new();
+    for (site, files) in &g.sites {
+        let tls = dir.join(site).join("tls");
+        fs::create_dir_all(&tls).with_context(|| format!("create {}", tls.display()))?;
+        fs::set_permissions(&tls, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("chmod 0700 {}", tls.display()))?;
+        let [ca, cert, key] = OVERLAY_TLS_FILES;
+        for (from, name, secret) in [
+            (&g.ca_cert, ca, false),
+            (&files.cert, cert, false),
+            (&files.key, key, true),
+        ] {
+            let text =
+                fs::read_to_string(from).with_context(|| format!("read {}", from.display()))?;
+            write_file(&tls.join(name), &text, secret)?;
+        }
+        written.push((site.clone(), tls));
+    }
+    Ok(written)
+}
+
 /// Why `key` must not be used as a private key file: its mode lets group or others at it.
 /// `None` when the mode is private, or when the file cannot be looked at (reading it
 /// reports that, naming the file).
