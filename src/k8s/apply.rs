@@ -61,9 +61,9 @@ pub async fn apply(
 ) -> Result<ApplyReport> {
     // What lifeboat applied before: one labelled list per kind and namespace gives both the
     // resourceVersions to tell changed objects from unchanged ones and the prune candidates.
-    // Scope: the bundle's kinds in its namespaces, the PVs lifeboat made, and namespaces
-    // (listed for their versions only: a namespace holds more than lifeboat put there, so
-    // it is never pruned).
+    // Scope: the bundle's kinds in its namespaces, the PVs lifeboat made, and the bundle's
+    // namespaces (a get of each, for its version only: never pruned, and authorized in that
+    // namespace, so the DR role needs no cluster-wide namespace list).
     let lp = ListParams::default().labels(&format!("{PROTECTION_LABEL}={protection}"));
     let mut scope: Vec<(Kind, Option<String>, bool)> = Vec::new();
     for k in bundle.kinds.iter().map(Kind::from) {
@@ -72,10 +72,23 @@ pub async fn apply(
         }
     }
     scope.push((kinds::persistent_volumes(), None, true));
-    scope.push((kinds::namespaces(), None, false));
     // (apiVersion, kind, namespace, name) -> (resourceVersion, its kind if prunable)
     type Key = (String, String, String, String);
     let mut before: BTreeMap<Key, (Option<String>, Option<Kind>)> = BTreeMap::new();
+    let ns_kind = kinds::namespaces();
+    for ns in &bundle.namespaces {
+        let got = api_for(client, &ns_kind, None).get_opt(ns).await;
+        let o = got.map_err(|e| api_error(e, format!("get namespace {ns}")))?;
+        if let Some(o) = o {
+            let key = (
+                ns_kind.api_version(),
+                ns_kind.kind.clone(),
+                String::new(),
+                ns.clone(),
+            );
+            before.insert(key, (o.metadata.resource_version, None));
+        }
+    }
     for (kind, ns, prunable) in &scope {
         let api = api_for(client, kind, ns.as_deref());
         let list = match api.list(&lp).await {

@@ -125,10 +125,18 @@ pub async fn connect(settings: &KubeSettings) -> Result<kube::Client> {
 /// missing namespaces), what to check.
 pub fn api_error(e: kube::Error, doing: impl std::fmt::Display) -> anyhow::Error {
     match &e {
-        kube::Error::Api(s) if s.code == 403 => anyhow::anyhow!(
-            "{doing}: the API server denied it (403 Forbidden: {}); grant the daemon's service account this permission (see deploy/rbac.yaml)",
-            s.message
-        ),
+        kube::Error::Api(s) if s.code == 403 => {
+            // A creating server-side apply's own check names neither verb nor namespace.
+            let create = if s.message.ends_with("is forbidden: ") {
+                " (the `create` check of a server-side apply that creates the object)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!(
+                "{doing}: the API server denied it (403 Forbidden: {}){create}; grant the daemon's service account this permission (see deploy/kubernetes/primary/rbac.yaml or deploy/kubernetes/dr/rbac.yaml; a server-side apply that creates an object needs `create`)",
+                s.message
+            )
+        }
         kube::Error::Api(s) => anyhow::anyhow!("{doing}: {} {} ({})", s.code, s.reason, s.message),
         _ => anyhow::Error::new(e).context(doing.to_string()),
     }
