@@ -1,7 +1,10 @@
 //! Kubernetes mode end to end: two real daemons, each talking through the real `kube` client
 //! over real HTTP to its own test API server (tests/support/kubeapi.rs). The primary's
 //! server holds a `prod` namespace with Cassandra (a 3-replica StatefulSet with claim
-//! templates) and two MySQL Deployments; the DR site's server starts empty.
+//! templates) and two MySQL Deployments; the DR site's server starts with only what its
+//! administrator applied: the shipped RBAC (deploy/kubernetes/dr/rbac.yaml, which
+//! pre-creates the DR namespaces). Both servers authorize every request of the daemons
+//! against the shipped RBAC of their site (tests/support/rbac.rs).
 
 mod support;
 
@@ -45,6 +48,17 @@ kind: RoleBinding
 metadata: {name: cassandra-seeds, namespace: prod}
 subjects: [{kind: ServiceAccount, name: cassandra, namespace: prod}]
 roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: cassandra-seeds}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: mysql-view, namespace: prod}
+subjects: [{kind: ServiceAccount, name: mysql, namespace: prod}]
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: view}
+---
+apiVersion: example.com/v1
+kind: Widget
+metadata: {name: shelf, namespace: prod}
+spec: {size: 3}
 ---
 apiVersion: v1
 kind: ConfigMap
@@ -214,9 +228,48 @@ struct Sites {
     _kdir: tempfile::TempDir,
 }
 
+const PRIMARY_RBAC: &str = include_str!("../deploy/kubernetes/primary/rbac.yaml");
+const DR_RBAC: &str = include_str!("../deploy/kubernetes/dr/rbac.yaml");
+
+/// A site's shipped RBAC, as its file says to apply it: the per-namespace objects (written
+/// for the example namespace `prod`) once per namespace in `namespaces`, and the rule the
+/// file documents for the declared custom resource (the fixtures' `widgets.example.com`)
+/// added to its ClusterRole with the verbs `verbs`.
+fn shipped_rbac(file: &str, namespaces: &[&str], role: &str, verbs: &[&str]) -> Vec<Value> {
+    let docs: Vec<Value> = serde_saphyr::from_multiple(file).unwrap();
+    let mut out = Vec::new();
+    for mut d in docs.into_iter().filter(|d| !d.is_null()) {
+        let per_ns = d["metadata"]["namespace"] == "prod"
+            || (d["kind"] == "Namespace" && d["metadata"]["name"] == "prod");
+        if d["kind"] == "ClusterRole" && d["metadata"]["name"] == role {
+            d["rules"].as_array_mut().unwrap().push(serde_json::json!(
+                {"apiGroups": ["example.com"], "resources": ["widgets"], "verbs": verbs}));
+        }
+        if !per_ns {
+            out.push(d);
+            continue;
+        }
+        for ns in namespaces {
+            let mut c = d.clone();
+            if c["kind"] == "Namespace" {
+                c["metadata"]["name"] = (*ns).into();
+            } else {
+                c["metadata"]["namespace"] = (*ns).into();
+            }
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Both API servers, the fixtures at the primary with a volume file per PVC, and a pair
 /// whose protection has `selection` (lines of `[protection.kubernetes]`).
 fn sites(selection: &str, dr_selection: &str) -> Sites {
+    sites_in(selection, dr_selection, &["prod"])
+}
+
+/// As [`sites`], with the DR site's RBAC made for `dr_namespaces`.
+fn sites_in(selection: &str, dr_selection: &str, dr_namespaces: &[&str]) -> Sites {
     let kdir = tempfile::tempdir().unwrap();
     let primary_api = KubeApi::start(kdir.path(), "primary");
     let dr_api = KubeApi::start(kdir.path(), "dr");
@@ -230,6 +283,16 @@ fn sites(selection: &str, dr_selection: &str) -> Sites {
         "rules",
         true,
     );
+    for api in [&primary_api, &dr_api] {
+        api.add_type("example.com", "v1", "Widget", "widgets", true);
+    }
+    for v in shipped_rbac(PRIMARY_RBAC, &["prod"], "lifeboat-primary", &["list"]) {
+        primary_api.seed(v);
+    }
+    let dr_verbs = ["list", "create", "patch", "delete"];
+    for v in shipped_rbac(DR_RBAC, dr_namespaces, "lifeboat-dr", &dr_verbs) {
+        dr_api.seed(v);
+    }
     primary_api.create_yaml(&all);
     let pair = Pair::new(PairOptions {
         volumes: vec![],
@@ -294,9 +357,18 @@ impl Sites {
         }
     }
 
-    fn dr_names(&self, ns: &str) -> BTreeSet<String> {
+    /// What lifeboat put in a DR namespace: everything but the site's own RBAC objects
+    /// (labelled `lifeboat.dev/exclude`, applied by the administrator).
+    fn dr_mirrored(&self, ns: &str) -> Vec<Value> {
         self.dr_api
             .in_namespace(ns)
+            .into_iter()
+            .filter(|o| o["metadata"]["labels"]["lifeboat.dev/exclude"] != "true")
+            .collect()
+    }
+
+    fn dr_names(&self, ns: &str) -> BTreeSet<String> {
+        self.dr_mirrored(ns)
             .iter()
             .map(|o| {
                 format!(
@@ -342,6 +414,7 @@ fn protecting_a_namespace_mirrors_every_object_scaled_to_zero_with_the_data() {
         "ServiceAccount/mysql",
         "Role/cassandra-seeds",
         "RoleBinding/cassandra-seeds",
+        "RoleBinding/mysql-view",
         "ConfigMap/cassandra-env",
         "ConfigMap/mysql-cnf",
         "Secret/mysql-root",
@@ -385,7 +458,7 @@ fn protecting_a_namespace_mirrors_every_object_scaled_to_zero_with_the_data() {
     );
 
     // Nothing cluster-specific crossed over.
-    for o in s.dr_api.in_namespace("prod") {
+    for o in s.dr_mirrored("prod") {
         let what = format!("{} {}", o["kind"], o["metadata"]["name"]);
         let primary = s
             .primary_api
@@ -689,9 +762,10 @@ fn failover_scales_up_with_the_manifests_of_the_recovered_gen_and_a_dry_run_chan
 
 #[test]
 fn namespace_mapping_moves_every_object_and_rewrites_references() {
-    let s = sites(
+    let s = sites_in(
         "namespaces = [\"prod\"]\nnamespace_map = { prod = \"prod-dr\" }",
         "",
+        &["prod-dr"],
     );
     s.sync_and_apply();
     assert!(
@@ -700,7 +774,7 @@ fn namespace_mapping_moves_every_object_and_rewrites_references() {
     );
     assert!(s.dr_api.get("", "namespaces", "", "prod-dr").is_some());
     assert!(s.dr_api.get("", "namespaces", "", "prod").is_none());
-    assert_eq!(s.dr_names("prod-dr").len(), 19);
+    assert_eq!(s.dr_names("prod-dr").len(), 20);
     let rb = s.dr_get(
         "rbac.authorization.k8s.io",
         "rolebindings",
@@ -1195,3 +1269,4 @@ fn rules_a_background_lock_in_one_pod_is_held_across_the_snapshot() {
     let failures = support::metric(&m, "lifeboat_hook_failures_total{protection=\"p\"}");
     assert_eq!(failures.unwrap_or(0.0), 0.0, "{m}");
 }
+

@@ -15,6 +15,7 @@ use lifeboat::api::{CycleReport, SiteStatus};
 use rand::{Rng, RngCore, SeedableRng};
 
 pub mod kubeapi;
+pub mod rbac;
 pub mod relay;
 
 pub const PROT: &str = "p";
