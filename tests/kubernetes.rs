@@ -1270,3 +1270,192 @@ fn rules_a_background_lock_in_one_pod_is_held_across_the_snapshot() {
     assert_eq!(failures.unwrap_or(0.0), 0.0, "{m}");
 }
 
+// ---- RBAC (issue 11): the shipped roles are exactly what the calls need ----
+
+/// Every rule of the shipped lifeboat roles at a site (and the documented custom-resource
+/// rule) is needed: the site's recorded decisions of a run, re-authorized without that
+/// rule, deny some request. Returns the failures, each naming the rule.
+fn unneeded_rules(site: &str, api: &KubeApi) -> Vec<String> {
+    let policy = api.policy();
+    let checks = api.checks();
+    let sa = |c: &&support::rbac::Check| c.user.name == "system:serviceaccount:lifeboat:lifeboat";
+    let denied: Vec<String> = checks
+        .iter()
+        .filter(sa)
+        .filter(|c| !c.allowed)
+        .map(|c| c.attrs.to_string())
+        .collect();
+    assert!(
+        denied.is_empty(),
+        "{site}: the shipped RBAC denied {denied:?}"
+    );
+    let mut out = Vec::new();
+    for (id, rule) in policy.rule_ids() {
+        if !id.2.starts_with("lifeboat") {
+            continue;
+        }
+        let without = policy.without(&id);
+        let first = checks.iter().filter(sa).find(|c| !c.allowed_by(&without));
+        match first {
+            Some(c) => {
+                // The 403 a real server gives names the verb, the resource and the scope.
+                let msg = support::rbac::forbidden_message(&c.user, &c.attrs);
+                let res = if c.attrs.sub.is_empty() {
+                    c.attrs.resource.clone()
+                } else {
+                    format!("{}/{}", c.attrs.resource, c.attrs.sub)
+                };
+                let scope = if c.attrs.namespace.is_empty() {
+                    "at the cluster scope".to_string()
+                } else {
+                    format!("in the namespace \"{}\"", c.attrs.namespace)
+                };
+                assert!(
+                    msg.contains(&format!("cannot {} resource \"{res}\"", c.attrs.verb))
+                        && msg.contains(&scope),
+                    "{msg}"
+                );
+                eprintln!(
+                    "{site}: without {} {}[{}] {rule:?}: {msg}",
+                    id.0, id.2, id.3
+                );
+            }
+            None => out.push(format!(
+                "{site}: {} {} rule {} {rule:?} is never needed by the run",
+                id.0, id.2, id.3
+            )),
+        }
+    }
+    out
+}
+
+#[test]
+fn every_shipped_rbac_rule_is_needed_by_some_call_of_a_sync_an_update_a_rule_and_failover() {
+    let s = rule_sites(
+        "custom_resources = [\"widgets.example.com\"]\npre_rule = \"cassandra-presnap-rule\"\npost_rule = \"cassandra-postsnap-rule\"",
+    );
+    cassandra_handler(&s, "");
+    // Initial sync with manifests (every object created at the DR site).
+    s.sync_and_apply();
+    assert!(s
+        .dr_api
+        .get("example.com", "widgets", "prod", "shelf")
+        .is_some());
+    // An update and a prune.
+    s.primary_api.merge_patch(
+        "",
+        "configmaps",
+        "prod",
+        "mysql-cnf",
+        serde_json::json!({"data": {"my.cnf": "changed"}}),
+    );
+    s.primary_api.delete("", "services", "prod", "mysql-b");
+    s.sync_and_apply();
+    // A planned failover: the primary quiesces, the DR site applies and waits for ready.
+    // The DR site's controllers lag, so the wait watches until they catch up.
+    s.dr_api.state.lock().unwrap().controllers_ready = false;
+    let dr_api = s.dr_api.clone();
+    let catch_up = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !dr_api
+            .requests()
+            .iter()
+            .any(|r| r.query.contains("watch=true"))
+        {
+            assert!(Instant::now() < deadline, "failover never watched");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        dr_api.controllers_catch_up();
+    });
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
+        .args(["failover", "--protection", PROT, "--planned"])
+        .args(["--ready-timeout", "30s", "--primary"])
+        .arg(&s.pair.primary.control)
+        .arg("--config")
+        .arg(&s.pair.dr.config)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    catch_up.join().unwrap();
+    assert_eq!(
+        s.dr_get("apps", "statefulsets", "prod", "cassandra")["spec"]["replicas"],
+        3
+    );
+    let mut unneeded = unneeded_rules("primary", &s.primary_api);
+    unneeded.extend(unneeded_rules("dr", &s.dr_api));
+    assert!(unneeded.is_empty(), "{unneeded:#?}");
+}
+
+#[test]
+fn dropping_a_shipped_rule_fails_the_cycle_with_a_403_naming_verb_resource_and_namespace() {
+    let s = sites(NAMESPACE, "");
+    let gen = s.sync_and_apply();
+    let without = |api: &KubeApi, role: &str, group: &str| {
+        let mut cr = api
+            .get("rbac.authorization.k8s.io", "clusterroles", "", role)
+            .unwrap();
+        let rules = cr["rules"].as_array_mut().unwrap();
+        let all = rules.clone();
+        rules.retain(|r| r["apiGroups"][0] != group || r["verbs"][0] == "patch");
+        assert!(rules.len() < all.len());
+        let patch = serde_json::json!({"rules": rules.clone()});
+        api.merge_patch("rbac.authorization.k8s.io", "clusterroles", "", role, patch);
+        serde_json::json!({ "rules": all })
+    };
+    // The primary without `list` on the apps kinds: the cycle fails, nothing is committed.
+    let restore = without(&s.primary_api, "lifeboat-primary", "apps");
+    let e = s.pair.try_sync().unwrap_err();
+    for part in [
+        "403 Forbidden",
+        "deployments.apps is forbidden",
+        "cannot list resource \"deployments\" in API group \"apps\" in the namespace \"prod\"",
+        "deploy/kubernetes/primary/rbac.yaml",
+    ] {
+        assert!(e.contains(part), "{part:?} not in {e}");
+    }
+    assert_eq!(s.dr_gen(), Some(gen));
+    let cr = "clusterroles";
+    let rbac_g = "rbac.authorization.k8s.io";
+    s.primary_api
+        .merge_patch(rbac_g, cr, "", "lifeboat-primary", restore);
+
+    // The DR site without its apps rules: the standby apply fails and says why.
+    let restore = without(&s.dr_api, "lifeboat-dr", "apps");
+    let r = s.pair.sync();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let err = loop {
+        let k = s.pair.dr.status().protections[0]
+            .kubernetes
+            .clone()
+            .unwrap_or_default();
+        if let Some(e) = k.apply_error {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "no apply error: {k:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for part in [
+        "403 Forbidden",
+        "cannot list resource \"deployments\" in API group \"apps\" in the namespace \"prod\"",
+        "deploy/kubernetes/dr/rbac.yaml",
+    ] {
+        assert!(err.contains(part), "{part:?} not in {err}");
+    }
+    // Restored, the next apply succeeds.
+    s.dr_api.merge_patch(rbac_g, cr, "", "lifeboat-dr", restore);
+    let next = s.pair.sync().gen;
+    assert!(next > r.gen);
+    loop {
+        let k = s.pair.dr.status().protections[0]
+            .kubernetes
+            .clone()
+            .unwrap_or_default();
+        if k.gen == Some(next) && k.applied.is_some() && k.apply_error.is_none() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "gen {next} never applied: {k:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1296,6 +1296,30 @@ impl KubeApi {
         }
     }
 
+    /// The workload controllers catch up (after `controllers_ready` was off): every
+    /// workload reports all its replicas ready, as a watch sees.
+    pub fn controllers_catch_up(&self) {
+        let mut st = self.state.lock().unwrap();
+        st.controllers_ready = true;
+        let keys: Vec<Key> = st
+            .objects
+            .keys()
+            .filter(|k| k.0 == "apps")
+            .cloned()
+            .collect();
+        for key in keys {
+            let Some(t) = st.find_type(&key.0, &key.1) else {
+                continue;
+            };
+            let old = st.objects[&key].clone();
+            let manager = old["metadata"]["managedFields"][0]["manager"]
+                .as_str()
+                .unwrap_or("kube-controller-manager")
+                .to_string();
+            st.store(&t, key, old.clone(), Some(&old), &manager, "Update");
+        }
+    }
+
     /// Every authorization decision so far.
     pub fn checks(&self) -> Vec<Check> {
         self.state.lock().unwrap().checks.clone()
