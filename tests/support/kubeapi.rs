@@ -241,6 +241,8 @@ pub struct KubeApi {
     pub kubeconfig: PathBuf,
     /// A `system:masters` user's kubeconfig, for fixtures.
     pub admin_kubeconfig: PathBuf,
+    /// The daemons' bearer token (the ServiceAccount's).
+    pub sa_token: String,
     client_rt: Arc<tokio::runtime::Runtime>,
 }
 
@@ -1067,7 +1069,9 @@ async fn exec(
     RawQuery(query): RawQuery,
     uri: Uri,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    // Authorization comes first, as on a real server: a request without the upgrade
+    // headers gets its 401/403 too.
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     let qm = query_map(query.as_deref().unwrap_or(""));
     let call = {
@@ -1118,6 +1122,10 @@ async fn exec(
         call
     };
     let handler = api.lock().unwrap().exec_handler.clone();
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(r) => return r.into_response(),
+    };
     ws.protocols(["v5.channel.k8s.io", "v4.channel.k8s.io"])
         .on_upgrade(move |socket| run_exec(socket, call, handler))
 }
@@ -1234,6 +1242,7 @@ impl KubeApi {
         let sa_token = format!("sa-{}", rand::random::<u64>());
         let admin_token = format!("admin-{}", rand::random::<u64>());
         let kubeconfig = write_config(format!("{name}.kubeconfig"), &sa_token);
+        let token = sa_token.clone();
         let admin_kubeconfig = write_config(format!("{name}-admin.kubeconfig"), &admin_token);
         {
             let mut st = state.lock().unwrap();
@@ -1246,6 +1255,7 @@ impl KubeApi {
             state,
             kubeconfig,
             admin_kubeconfig,
+            sa_token: token,
             client_rt: rt,
         };
         // What a cluster holds before anyone writes: the bootstrap roles, and lifeboat's
@@ -1406,6 +1416,22 @@ impl KubeApi {
                 .unwrap();
             kube::Client::try_from(cfg).unwrap()
         })
+    }
+
+    /// A `kube` client with the daemons' identity (the ServiceAccount).
+    pub fn daemon_client(&self) -> kube::Client {
+        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig).unwrap();
+        self.client_rt.block_on(async {
+            let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .unwrap();
+            kube::Client::try_from(cfg).unwrap()
+        })
+    }
+
+    /// Runs a future on the server's client runtime.
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.client_rt.block_on(f)
     }
 
     /// Creates objects from a multi-document YAML through the real client (POST).
