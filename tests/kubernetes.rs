@@ -241,7 +241,7 @@ fn shipped_rbac(file: &str, namespaces: &[&str], role: &str, verbs: &[&str]) -> 
     for mut d in docs.into_iter().filter(|d| !d.is_null()) {
         let per_ns = d["metadata"]["namespace"] == "prod"
             || (d["kind"] == "Namespace" && d["metadata"]["name"] == "prod");
-        if d["kind"] == "ClusterRole" && d["metadata"]["name"] == role {
+        if d["kind"] == "ClusterRole" && d["metadata"]["name"] == role && !verbs.is_empty() {
             d["rules"].as_array_mut().unwrap().push(serde_json::json!(
                 {"apiGroups": ["example.com"], "resources": ["widgets"], "verbs": verbs}));
         }
@@ -1622,4 +1622,108 @@ roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: binder}
     );
     api.block_on(rbs.patch("v", &pp, &Patch::Apply(&rb("view"))))
         .unwrap();
+}
+
+/// A site's RBAC documents by (kind, namespace, name), each role's rules as the set of what
+/// they allow (verb, group, resource, names), so files that grant the same compare equal.
+fn rbac_meaning(docs: &[Value]) -> std::collections::BTreeMap<String, Value> {
+    docs.iter()
+        .map(|d| {
+            let key = format!(
+                "{} {}/{}",
+                d["kind"].as_str().unwrap(),
+                d["metadata"]["namespace"].as_str().unwrap_or(""),
+                d["metadata"]["name"].as_str().unwrap()
+            );
+            let mut d = d.clone();
+            if let Some(rules) = d["rules"].as_array() {
+                let mut atoms = BTreeSet::new();
+                for r in rules {
+                    let l = |k: &str| r[k].as_array().cloned().unwrap_or_default();
+                    for g in l("apiGroups") {
+                        for res in l("resources") {
+                            for v in l("verbs") {
+                                atoms.insert(format!("{v} {g}/{res} {}", r["resourceNames"]));
+                            }
+                        }
+                    }
+                }
+                d["rules"] = serde_json::json!(atoms);
+            }
+            (key, d)
+        })
+        .collect()
+}
+
+#[test]
+fn lifeboat_rbac_makes_the_shipped_rbac_from_the_example_config_and_adds_custom_resources() {
+    use lifeboat::k8s::rbac::{generate, RbacOptions};
+    let example = include_str!("../config/k8s-primary.toml");
+    // (The peer's name does not resolve here; the selection is what matters.)
+    let prod = example
+        .replace("shop", "prod")
+        .replace("dr.example.internal:7420", "127.0.0.1:7420");
+    let cfg = lifeboat::config::parse(&prod, std::path::Path::new("k8s-primary.toml")).unwrap();
+    let kps: Vec<_> = cfg
+        .protections
+        .iter()
+        .filter_map(|p| p.kubernetes.as_ref())
+        .collect();
+    let opts = RbacOptions {
+        service_account: ("lifeboat".into(), "lifeboat".into()),
+        bind_cluster_roles: vec!["view".into()],
+    };
+    let made = generate(&kps, &opts).unwrap();
+    let shipped = |file: &str, ns: &str, role: &str, verbs: &[&str]| {
+        rbac_meaning(&shipped_rbac(file, &[ns], role, verbs))
+    };
+    assert_eq!(
+        rbac_meaning(&made.primary),
+        shipped(PRIMARY_RBAC, "prod", "lifeboat-primary", &[])
+    );
+    assert_eq!(
+        rbac_meaning(&made.dr),
+        shipped(DR_RBAC, "prod-dr", "lifeboat-dr", &[]),
+        "the DR files are per DR namespace"
+    );
+    // A declared custom resource gets exactly the rules the files document.
+    let with_cr = prod.replace(
+        "# custom_resources = [\"cassandradatacenters.cassandra.datastax.com\"]",
+        "custom_resources = [\"widgets.example.com\"]",
+    );
+    let cfg = lifeboat::config::parse(&with_cr, std::path::Path::new("k8s-primary.toml")).unwrap();
+    let kps: Vec<_> = cfg
+        .protections
+        .iter()
+        .filter_map(|p| p.kubernetes.as_ref())
+        .collect();
+    let made = generate(&kps, &opts).unwrap();
+    let dr_verbs = ["list", "create", "patch", "delete"];
+    assert_eq!(
+        rbac_meaning(&made.primary),
+        shipped(PRIMARY_RBAC, "prod", "lifeboat-primary", &["list"])
+    );
+    assert_eq!(
+        rbac_meaning(&made.dr),
+        shipped(DR_RBAC, "prod-dr", "lifeboat-dr", &dr_verbs)
+    );
+
+    // The command writes both files, which parse as the same documents.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_file = dir.path().join("primary.toml");
+    std::fs::write(&cfg_file, &with_cr).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
+        .args(["rbac", "--bind-clusterrole", "view", "--config"])
+        .arg(&cfg_file)
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    for (site, docs) in [("primary", &made.primary), ("dr", &made.dr)] {
+        let text = std::fs::read_to_string(dir.path().join(site).join("rbac.yaml")).unwrap();
+        let parsed: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
+        let parsed: Vec<Value> = parsed.into_iter().filter(|d| !d.is_null()).collect();
+        assert_eq!(rbac_meaning(&parsed), rbac_meaning(docs), "{site}: {text}");
+    }
 }

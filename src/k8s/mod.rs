@@ -1,7 +1,8 @@
 //! Kubernetes mode: what a protection selects in the primary's cluster ([`collect`]), how
 //! its manifests are cleaned ([`sanitise`]) and mapped ([`transform`]) into the bundle that
 //! travels with each gen ([`bundle`]), and how the DR site applies a bundle to its own
-//! cluster, scaled down on standby and scaled up at failover ([`apply`]).
+//! cluster, scaled down on standby and scaled up at failover ([`apply`]). [`rbac`] makes
+//! each site's least-privilege RBAC for a config.
 
 pub mod apply;
 pub mod bundle;
@@ -9,6 +10,7 @@ pub mod closure;
 pub mod collect;
 pub mod kinds;
 pub mod labels;
+pub mod rbac;
 pub mod sanitise;
 pub mod transform;
 
