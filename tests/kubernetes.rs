@@ -1295,8 +1295,23 @@ fn unneeded_rules(site: &str, api: &KubeApi) -> Vec<String> {
             continue;
         }
         let without = policy.without(&id);
-        let first = checks.iter().filter(sa).find(|c| !c.allowed_by(&without));
-        match first {
+        // A denial by the authorization filter if there is one: its 403 says who cannot do
+        // what, where. Otherwise a write refused inside the handler (bind/escalate).
+        let denied: Vec<_> = checks
+            .iter()
+            .filter(sa)
+            .filter(|c| !c.allowed_by(&without))
+            .collect();
+        if let Some(c) = denied.iter().find(|c| c.in_handler) {
+            if !denied.iter().any(|c| !c.in_handler) {
+                eprintln!(
+                    "{site}: without {} {}[{}] {rule:?}: refused inside the handler: {}",
+                    id.0, id.2, id.3, c.attrs
+                );
+                continue;
+            }
+        }
+        match denied.into_iter().find(|c| !c.in_handler) {
             Some(c) => {
                 // The 403 a real server gives names the verb, the resource and the scope.
                 let msg = support::rbac::forbidden_message(&c.user, &c.attrs);

@@ -380,6 +380,7 @@ impl ApiState {
             user: u.clone(),
             attrs: a.clone(),
             or_holds: None,
+            in_handler: false,
             allowed: r.is_ok(),
         });
         r.map_err(|reason| Box::new(rbac::forbidden(u, a, &reason)))
@@ -397,6 +398,7 @@ impl ApiState {
             user: u.clone(),
             attrs: a.clone(),
             or_holds: None,
+            in_handler: true,
             allowed: r.is_ok(),
         });
         r.map_err(|reason| Box::new(rbac::forbidden_in_handler(&a, &reason)))
@@ -419,6 +421,7 @@ impl ApiState {
             user: u.clone(),
             attrs,
             or_holds: Some(wanted),
+            in_handler: true,
             allowed: r.is_ok(),
         });
         r

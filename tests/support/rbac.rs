@@ -582,6 +582,9 @@ pub struct Check {
     pub user: User,
     pub attrs: Attrs,
     pub or_holds: Option<Vec<PolicyRule>>,
+    /// Made inside the handler (a creating apply's `create`, bind/escalate), whose 403 is
+    /// `NewForbidden` with the reason alone, not the filter's "User … cannot …".
+    pub in_handler: bool,
     pub allowed: bool,
 }
 
