@@ -533,15 +533,13 @@ fn check_site(site: &str, role: SiteRole, dir: &Path, objects: &[Value]) -> Conf
                 && s["namespace"] == sa["metadata"]["namespace"]
         })
     };
-    let cluster_bound = kinds
-        .get("ClusterRoleBinding")
-        .into_iter()
-        .flatten()
+    // Bound somewhere: the DR site cluster-wide (PersistentVolumes), the primary only per
+    // protected namespace (checked below).
+    let bound = ["ClusterRoleBinding", "RoleBinding"]
+        .iter()
+        .flat_map(|k| kinds.get(*k).into_iter().flatten())
         .any(&binds_sa);
-    assert!(
-        cluster_bound,
-        "{at}: no ClusterRoleBinding for the service account"
-    );
+    assert!(bound, "{at}: no binding for the service account");
     if role == SiteRole::Primary {
         for p in &cfg.protections {
             for ns in &p.kubernetes.as_ref().unwrap().namespaces {

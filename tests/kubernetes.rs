@@ -1,7 +1,10 @@
 //! Kubernetes mode end to end: two real daemons, each talking through the real `kube` client
 //! over real HTTP to its own test API server (tests/support/kubeapi.rs). The primary's
 //! server holds a `prod` namespace with Cassandra (a 3-replica StatefulSet with claim
-//! templates) and two MySQL Deployments; the DR site's server starts empty.
+//! templates) and two MySQL Deployments; the DR site's server starts with only what its
+//! administrator applied: the shipped RBAC (deploy/kubernetes/dr/rbac.yaml, which
+//! pre-creates the DR namespaces). Both servers authorize every request of the daemons
+//! against the shipped RBAC of their site (tests/support/rbac.rs).
 
 mod support;
 
@@ -45,6 +48,17 @@ kind: RoleBinding
 metadata: {name: cassandra-seeds, namespace: prod}
 subjects: [{kind: ServiceAccount, name: cassandra, namespace: prod}]
 roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: cassandra-seeds}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: mysql-view, namespace: prod}
+subjects: [{kind: ServiceAccount, name: mysql, namespace: prod}]
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: view}
+---
+apiVersion: example.com/v1
+kind: Widget
+metadata: {name: shelf, namespace: prod}
+spec: {size: 3}
 ---
 apiVersion: v1
 kind: ConfigMap
@@ -214,9 +228,48 @@ struct Sites {
     _kdir: tempfile::TempDir,
 }
 
+const PRIMARY_RBAC: &str = include_str!("../deploy/kubernetes/primary/rbac.yaml");
+const DR_RBAC: &str = include_str!("../deploy/kubernetes/dr/rbac.yaml");
+
+/// A site's shipped RBAC, as its file says to apply it: the per-namespace objects (written
+/// for the example namespace `prod`) once per namespace in `namespaces`, and the rule the
+/// file documents for the declared custom resource (the fixtures' `widgets.example.com`)
+/// added to its ClusterRole with the verbs `verbs`.
+fn shipped_rbac(file: &str, namespaces: &[&str], role: &str, verbs: &[&str]) -> Vec<Value> {
+    let docs: Vec<Value> = serde_saphyr::from_multiple(file).unwrap();
+    let mut out = Vec::new();
+    for mut d in docs.into_iter().filter(|d| !d.is_null()) {
+        let per_ns = d["metadata"]["namespace"] == "prod"
+            || (d["kind"] == "Namespace" && d["metadata"]["name"] == "prod");
+        if d["kind"] == "ClusterRole" && d["metadata"]["name"] == role && !verbs.is_empty() {
+            d["rules"].as_array_mut().unwrap().push(serde_json::json!(
+                {"apiGroups": ["example.com"], "resources": ["widgets"], "verbs": verbs}));
+        }
+        if !per_ns {
+            out.push(d);
+            continue;
+        }
+        for ns in namespaces {
+            let mut c = d.clone();
+            if c["kind"] == "Namespace" {
+                c["metadata"]["name"] = (*ns).into();
+            } else {
+                c["metadata"]["namespace"] = (*ns).into();
+            }
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Both API servers, the fixtures at the primary with a volume file per PVC, and a pair
 /// whose protection has `selection` (lines of `[protection.kubernetes]`).
 fn sites(selection: &str, dr_selection: &str) -> Sites {
+    sites_in(selection, dr_selection, &["prod"])
+}
+
+/// As [`sites`], with the DR site's RBAC made for `dr_namespaces`.
+fn sites_in(selection: &str, dr_selection: &str, dr_namespaces: &[&str]) -> Sites {
     let kdir = tempfile::tempdir().unwrap();
     let primary_api = KubeApi::start(kdir.path(), "primary");
     let dr_api = KubeApi::start(kdir.path(), "dr");
@@ -230,6 +283,16 @@ fn sites(selection: &str, dr_selection: &str) -> Sites {
         "rules",
         true,
     );
+    for api in [&primary_api, &dr_api] {
+        api.add_type("example.com", "v1", "Widget", "widgets", true);
+    }
+    for v in shipped_rbac(PRIMARY_RBAC, &["prod"], "lifeboat-primary", &["list"]) {
+        primary_api.seed(v);
+    }
+    let dr_verbs = ["list", "create", "patch", "delete"];
+    for v in shipped_rbac(DR_RBAC, dr_namespaces, "lifeboat-dr", &dr_verbs) {
+        dr_api.seed(v);
+    }
     primary_api.create_yaml(&all);
     let pair = Pair::new(PairOptions {
         volumes: vec![],
@@ -294,9 +357,18 @@ impl Sites {
         }
     }
 
-    fn dr_names(&self, ns: &str) -> BTreeSet<String> {
+    /// What lifeboat put in a DR namespace: everything but the site's own RBAC objects
+    /// (labelled `lifeboat.dev/exclude`, applied by the administrator).
+    fn dr_mirrored(&self, ns: &str) -> Vec<Value> {
         self.dr_api
             .in_namespace(ns)
+            .into_iter()
+            .filter(|o| o["metadata"]["labels"]["lifeboat.dev/exclude"] != "true")
+            .collect()
+    }
+
+    fn dr_names(&self, ns: &str) -> BTreeSet<String> {
+        self.dr_mirrored(ns)
             .iter()
             .map(|o| {
                 format!(
@@ -342,6 +414,7 @@ fn protecting_a_namespace_mirrors_every_object_scaled_to_zero_with_the_data() {
         "ServiceAccount/mysql",
         "Role/cassandra-seeds",
         "RoleBinding/cassandra-seeds",
+        "RoleBinding/mysql-view",
         "ConfigMap/cassandra-env",
         "ConfigMap/mysql-cnf",
         "Secret/mysql-root",
@@ -385,7 +458,7 @@ fn protecting_a_namespace_mirrors_every_object_scaled_to_zero_with_the_data() {
     );
 
     // Nothing cluster-specific crossed over.
-    for o in s.dr_api.in_namespace("prod") {
+    for o in s.dr_mirrored("prod") {
         let what = format!("{} {}", o["kind"], o["metadata"]["name"]);
         let primary = s
             .primary_api
@@ -689,9 +762,10 @@ fn failover_scales_up_with_the_manifests_of_the_recovered_gen_and_a_dry_run_chan
 
 #[test]
 fn namespace_mapping_moves_every_object_and_rewrites_references() {
-    let s = sites(
+    let s = sites_in(
         "namespaces = [\"prod\"]\nnamespace_map = { prod = \"prod-dr\" }",
         "",
+        &["prod-dr"],
     );
     s.sync_and_apply();
     assert!(
@@ -700,7 +774,7 @@ fn namespace_mapping_moves_every_object_and_rewrites_references() {
     );
     assert!(s.dr_api.get("", "namespaces", "", "prod-dr").is_some());
     assert!(s.dr_api.get("", "namespaces", "", "prod").is_none());
-    assert_eq!(s.dr_names("prod-dr").len(), 19);
+    assert_eq!(s.dr_names("prod-dr").len(), 20);
     let rb = s.dr_get(
         "rbac.authorization.k8s.io",
         "rolebindings",
@@ -1247,17 +1321,25 @@ fn replace_at_primary(
 
 #[test]
 fn immutable_changes_recreate_only_their_object_and_one_refused_object_fails_alone() {
-    // A custom resource the DR cluster does not serve: its objects cannot be applied there.
-    let selection = format!("{NAMESPACE}\ncustom_resources = [\"widgets.example.com\"]");
-    let s = sites(&selection, "");
-    s.primary_api
-        .add_type("example.com", "v1", "Widget", "widgets", true);
+    let s = sites(NAMESPACE, "");
+    // A Deployment made by `kubectl create` with one env name twice, which the server
+    // accepts on create but refuses in a server-side apply: it cannot be applied at the DR
+    // site, whatever lifeboat does.
     s.primary_api.create_yaml(
         r#"
-apiVersion: example.com/v1
-kind: Widget
-metadata: {name: w1, namespace: prod}
-spec: {size: 3}
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: dup-env, namespace: prod, labels: {app: dup}}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: dup}}
+  template:
+    metadata: {labels: {app: dup}}
+    spec:
+      containers:
+      - name: app
+        image: busybox
+        env: [{name: MODE, value: a}, {name: MODE, value: b}]
 ---
 apiVersion: v1
 kind: ConfigMap
@@ -1275,7 +1357,10 @@ rules: [{apiGroups: [""], resources: [endpoints, pods], verbs: [get, list]}]
     let k = applied_with_failures(&s, gen1);
     let first = k.applied.unwrap();
     assert!(
-        first.failed.iter().any(|f| f.object == "Widget prod/w1"),
+        first
+            .failed
+            .iter()
+            .any(|f| f.object == "Deployment prod/dup-env"),
         "{:?}",
         first.failed
     );
@@ -1329,18 +1414,23 @@ rules: [{apiGroups: [""], resources: [endpoints, pods], verbs: [get, list]}]
             "StatefulSet prod/cassandra"
         ]
     );
-    // Only the widget (its object, and listing its kind for pruning) failed; status says so.
+    // Only that Deployment failed; status says so.
     assert!(
-        r.failed.iter().all(|f| f.object.contains("idget")),
+        r.failed
+            .iter()
+            .all(|f| f.object == "Deployment prod/dup-env"),
         "{:?}",
         r.failed
     );
-    assert!(r.failed.iter().any(|f| f.object == "Widget prod/w1"));
+    assert!(r
+        .failed
+        .iter()
+        .any(|f| f.object == "Deployment prod/dup-env"));
     assert!(
         k.apply_error
             .as_deref()
             .unwrap_or("")
-            .contains("Widget prod/w1"),
+            .contains("Deployment prod/dup-env"),
         "{k:?}"
     );
     let sts = s.dr_get("apps", "statefulsets", "prod", "cassandra");
@@ -1388,7 +1478,7 @@ rules: [{apiGroups: [""], resources: [endpoints, pods], verbs: [get, list]}]
         .collect();
     assert_eq!(deletes.len(), 1, "{deletes:?}");
 
-    // Failover with the widget still refused: every workload scales up, the widget is
+    // Failover with that Deployment still refused: every workload scales up, the widget is
     // named, and the CLI exits non-zero.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
         .args([
@@ -1406,7 +1496,7 @@ rules: [{apiGroups: [""], resources: [endpoints, pods], verbs: [get, list]}]
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(
-        text.contains("NOT COMPLETE") && text.contains("not applied: Widget prod/w1"),
+        text.contains("NOT COMPLETE") && text.contains("not applied: Deployment prod/dup-env"),
         "{text}"
     );
     assert!(
@@ -1591,4 +1681,477 @@ fn a_timed_out_exec_is_killed_in_the_container_and_a_lock_works_over_exec_v4() {
         0.0,
         "the lock ended by its line, not by its timeout: {m}"
     );
+}
+
+// ---- RBAC (issue 11): the shipped roles are exactly what the calls need ----
+
+/// Every rule of the shipped lifeboat roles at a site (and the documented custom-resource
+/// rule) is needed: the site's recorded decisions of a run, re-authorized without that
+/// rule, deny some request. Returns the failures, each naming the rule.
+fn unneeded_rules(site: &str, api: &KubeApi) -> Vec<String> {
+    let policy = api.policy();
+    let checks = api.checks();
+    let sa = |c: &&support::rbac::Check| c.user.name == "system:serviceaccount:lifeboat:lifeboat";
+    let denied: Vec<String> = checks
+        .iter()
+        .filter(sa)
+        .filter(|c| !c.allowed)
+        .map(|c| c.attrs.to_string())
+        .collect();
+    assert!(
+        denied.is_empty(),
+        "{site}: the shipped RBAC denied {denied:?}"
+    );
+    let mut out = Vec::new();
+    for (id, rule) in policy.rule_ids() {
+        if !id.2.starts_with("lifeboat") {
+            continue;
+        }
+        let without = policy.without(&id);
+        // A denial by the authorization filter if there is one: its 403 says who cannot do
+        // what, where. Otherwise a write refused inside the handler (bind/escalate).
+        let denied: Vec<_> = checks
+            .iter()
+            .filter(sa)
+            .filter(|c| !c.allowed_by(&without))
+            .collect();
+        if let Some(c) = denied.iter().find(|c| c.in_handler) {
+            if !denied.iter().any(|c| !c.in_handler) {
+                eprintln!(
+                    "{site}: without {} {}[{}] {rule:?}: refused inside the handler: {}",
+                    id.0, id.2, id.3, c.attrs
+                );
+                continue;
+            }
+        }
+        match denied.into_iter().find(|c| !c.in_handler) {
+            Some(c) => {
+                // The 403 a real server gives names the verb, the resource and the scope.
+                let msg = support::rbac::forbidden_message(&c.user, &c.attrs);
+                let res = if c.attrs.sub.is_empty() {
+                    c.attrs.resource.clone()
+                } else {
+                    format!("{}/{}", c.attrs.resource, c.attrs.sub)
+                };
+                let scope = if c.attrs.namespace.is_empty() {
+                    "at the cluster scope".to_string()
+                } else {
+                    format!("in the namespace \"{}\"", c.attrs.namespace)
+                };
+                assert!(
+                    msg.contains(&format!("cannot {} resource \"{res}\"", c.attrs.verb))
+                        && msg.contains(&scope),
+                    "{msg}"
+                );
+                eprintln!(
+                    "{site}: without {} {}[{}] {rule:?}: {msg}",
+                    id.0, id.2, id.3
+                );
+            }
+            None => out.push(format!(
+                "{site}: {} {} rule {} {rule:?} is never needed by the run",
+                id.0, id.2, id.3
+            )),
+        }
+    }
+    out
+}
+
+#[test]
+fn every_shipped_rbac_rule_is_needed_by_some_call_of_a_sync_an_update_a_rule_and_failover() {
+    let s = rule_sites(
+        "custom_resources = [\"widgets.example.com\"]\npre_rule = \"cassandra-presnap-rule\"\npost_rule = \"cassandra-postsnap-rule\"",
+    );
+    cassandra_handler(&s, "");
+    // Initial sync with manifests (every object created at the DR site).
+    s.sync_and_apply();
+    assert!(s
+        .dr_api
+        .get("example.com", "widgets", "prod", "shelf")
+        .is_some());
+    // An update and a prune.
+    s.primary_api.merge_patch(
+        "",
+        "configmaps",
+        "prod",
+        "mysql-cnf",
+        serde_json::json!({"data": {"my.cnf": "changed"}}),
+    );
+    s.primary_api.delete("", "services", "prod", "mysql-b");
+    s.sync_and_apply();
+    // A planned failover: the primary quiesces, the DR site applies and waits for ready.
+    // The DR site's controllers lag, so the wait watches until they catch up.
+    s.dr_api.state.lock().unwrap().controllers_ready = false;
+    let dr_api = s.dr_api.clone();
+    let catch_up = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !dr_api
+            .requests()
+            .iter()
+            .any(|r| r.query.contains("watch=true"))
+        {
+            assert!(Instant::now() < deadline, "failover never watched");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        dr_api.controllers_catch_up();
+    });
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
+        .args(["failover", "--protection", PROT, "--planned"])
+        .args(["--ready-timeout", "30s", "--primary"])
+        .arg(&s.pair.primary.control)
+        .arg("--config")
+        .arg(&s.pair.dr.config)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    catch_up.join().unwrap();
+    assert_eq!(
+        s.dr_get("apps", "statefulsets", "prod", "cassandra")["spec"]["replicas"],
+        3
+    );
+    let mut unneeded = unneeded_rules("primary", &s.primary_api);
+    unneeded.extend(unneeded_rules("dr", &s.dr_api));
+    assert!(unneeded.is_empty(), "{unneeded:#?}");
+}
+
+#[test]
+fn dropping_a_shipped_rule_fails_the_cycle_with_a_403_naming_verb_resource_and_namespace() {
+    let s = sites(NAMESPACE, "");
+    let gen = s.sync_and_apply();
+    let without = |api: &KubeApi, role: &str, group: &str| {
+        let mut cr = api
+            .get("rbac.authorization.k8s.io", "clusterroles", "", role)
+            .unwrap();
+        let rules = cr["rules"].as_array_mut().unwrap();
+        let all = rules.clone();
+        rules.retain(|r| r["apiGroups"][0] != group || r["verbs"][0] == "patch");
+        assert!(rules.len() < all.len());
+        let patch = serde_json::json!({"rules": rules.clone()});
+        api.merge_patch("rbac.authorization.k8s.io", "clusterroles", "", role, patch);
+        serde_json::json!({ "rules": all })
+    };
+    // The primary without `list` on the apps kinds: the cycle fails, nothing is committed.
+    let restore = without(&s.primary_api, "lifeboat-primary", "apps");
+    let e = s.pair.try_sync().unwrap_err();
+    for part in [
+        "403 Forbidden",
+        "deployments.apps is forbidden",
+        "cannot list resource \"deployments\" in API group \"apps\" in the namespace \"prod\"",
+        "deploy/kubernetes/primary/rbac.yaml",
+    ] {
+        assert!(e.contains(part), "{part:?} not in {e}");
+    }
+    assert_eq!(s.dr_gen(), Some(gen));
+    let cr = "clusterroles";
+    let rbac_g = "rbac.authorization.k8s.io";
+    s.primary_api
+        .merge_patch(rbac_g, cr, "", "lifeboat-primary", restore);
+
+    // The DR site without its apps rules: the standby apply fails and says why.
+    let restore = without(&s.dr_api, "lifeboat-dr", "apps");
+    let r = s.pair.sync();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let err = loop {
+        let k = s.pair.dr.status().protections[0]
+            .kubernetes
+            .clone()
+            .unwrap_or_default();
+        if let Some(e) = k.apply_error {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "no apply error: {k:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for part in [
+        "403 Forbidden",
+        "cannot list resource \"deployments\" in API group \"apps\" in the namespace \"prod\"",
+        "deploy/kubernetes/dr/rbac.yaml",
+    ] {
+        assert!(err.contains(part), "{part:?} not in {err}");
+    }
+    // Restored, the next apply succeeds.
+    s.dr_api.merge_patch(rbac_g, cr, "", "lifeboat-dr", restore);
+    let next = s.pair.sync().gen;
+    assert!(next > r.gen);
+    loop {
+        let k = s.pair.dr.status().protections[0]
+            .kubernetes
+            .clone()
+            .unwrap_or_default();
+        if k.gen == Some(next) && k.applied.is_some() && k.apply_error.is_none() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "gen {next} never applied: {k:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The test server's RBAC answers as a real API server: 401 without a token; 403 bodies
+/// (filter and in-handler) in upstream's format; a creating server-side apply needs `create`;
+/// a RoleBinding needs `bind` or the permissions it grants; exec is authorized before the
+/// upgrade; discovery is open to every authenticated user.
+#[test]
+fn the_test_api_server_authenticates_and_authorizes_as_a_real_api_server() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use k8s_openapi::api::rbac::v1::RoleBinding;
+    use kube::api::{Api, Patch, PatchParams};
+    let dir = tempfile::tempdir().unwrap();
+    let api = KubeApi::start(dir.path(), "dr");
+    let sa = "system:serviceaccount:lifeboat:lifeboat";
+    api.seed_yaml(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: prod}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: writer, namespace: prod}
+rules:
+- {apiGroups: [""], resources: [configmaps], verbs: [patch]}
+- {apiGroups: [rbac.authorization.k8s.io], resources: [rolebindings], verbs: [create, patch]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: writer, namespace: prod}
+subjects: [{kind: ServiceAccount, name: lifeboat, namespace: lifeboat}]
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: writer}
+"#,
+    );
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let get = |path: &str, token: Option<&str>| {
+        let mut req = agent.get(&format!("http://{}{path}", api.addr));
+        if let Some(t) = token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let mut resp = req.call().unwrap();
+        let code = resp.status().as_u16();
+        let body: Value = resp.body_mut().read_json().unwrap();
+        (code, body)
+    };
+    let (code, body) = get("/api/v1/namespaces/prod/configmaps", None);
+    assert_eq!(code, 401);
+    assert_eq!(
+        body,
+        serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "Unauthorized", "reason": "Unauthorized", "code": 401})
+    );
+    let token = api.sa_token.clone();
+    let (code, body) = get("/apis/apps/v1/namespaces/prod/deployments", Some(&token));
+    assert_eq!(code, 403);
+    assert_eq!(
+        body,
+        serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": format!("deployments.apps is forbidden: User \"{sa}\" cannot list resource \"deployments\" in API group \"apps\" in the namespace \"prod\""),
+            "reason": "Forbidden", "details": {"group": "apps", "kind": "deployments"}, "code": 403})
+    );
+    let (code, body) = get("/api/v1/persistentvolumes/pv-1", Some(&token));
+    assert_eq!(code, 403);
+    assert_eq!(
+        body["message"],
+        format!("persistentvolumes \"pv-1\" is forbidden: User \"{sa}\" cannot get resource \"persistentvolumes\" in API group \"\" at the cluster scope")
+    );
+    assert_eq!(get("/apis", Some(&token)).0, 200, "system:discovery");
+    let (code, body) = get("/metrics", Some(&token));
+    assert_eq!(code, 403);
+    assert_eq!(
+        body["message"],
+        format!("forbidden: User \"{sa}\" cannot get path \"/metrics\"")
+    );
+    // Exec: refused before the upgrade (and before looking for the pod).
+    let (code, body) = get(
+        "/api/v1/namespaces/prod/pods/p-0/exec?command=true&stdout=true",
+        Some(&token),
+    );
+    assert_eq!(code, 403);
+    assert_eq!(
+        body["message"],
+        format!("pods \"p-0\" is forbidden: User \"{sa}\" cannot get resource \"pods/exec\" in API group \"\" in the namespace \"prod\"")
+    );
+
+    let client = api.daemon_client();
+    let pp = PatchParams::apply("lifeboat").force();
+    // patch without create: an apply that would create is refused by the create check, whose
+    // message names no verb; lifeboat's hint says what is missing.
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "prod");
+    let cm = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "x", "namespace": "prod"}, "data": {"a": "1"}});
+    let e = api
+        .block_on(cms.patch("x", &pp, &Patch::Apply(&cm)))
+        .unwrap_err();
+    let kube::Error::Api(s) = &e else {
+        panic!("{e}")
+    };
+    assert_eq!(
+        (s.code, s.message.as_str()),
+        (403, "configmaps \"x\" is forbidden: ")
+    );
+    let text = lifeboat::k8s::api_error(e, "apply ConfigMap prod/x").to_string();
+    assert!(
+        text.contains("the `create` check of a server-side apply")
+            && text.contains("deploy/kubernetes/dr/rbac.yaml"),
+        "{text}"
+    );
+    assert!(api.get("", "configmaps", "prod", "x").is_none());
+    // A binding of a ClusterRole the user neither may bind nor holds: the escalation check.
+    let rbs: Api<RoleBinding> = Api::namespaced(client, "prod");
+    let rb = |role: &str| {
+        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": "v", "namespace": "prod"},
+            "subjects": [{"kind": "ServiceAccount", "name": "mysql", "namespace": "prod"}],
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role}})
+    };
+    let e = api
+        .block_on(rbs.patch("v", &pp, &Patch::Apply(&rb("view"))))
+        .unwrap_err();
+    let kube::Error::Api(s) = &e else {
+        panic!("{e}")
+    };
+    assert_eq!(s.code, 403);
+    assert!(
+        s.message.starts_with(&format!(
+            "rolebindings.rbac.authorization.k8s.io \"v\" is forbidden: user \"{sa}\" (groups=[\"system:serviceaccounts\" \"system:serviceaccounts:lifeboat\" \"system:authenticated\"]) is attempting to grant RBAC permissions not currently held:\n"
+        )) && s.message.contains("{APIGroups:[\"\"], Resources:[\"configmaps\"], Verbs:[\"get\"]}"),
+        "{}",
+        s.message
+    );
+    let e = api
+        .block_on(rbs.patch("v", &pp, &Patch::Apply(&rb("nope"))))
+        .unwrap_err();
+    let kube::Error::Api(s) = &e else {
+        panic!("{e}")
+    };
+    assert_eq!(
+        (s.code, s.message.as_str()),
+        (
+            404,
+            "clusterroles.rbac.authorization.k8s.io \"nope\" not found"
+        )
+    );
+    // With `bind` on that ClusterRole (by name), the binding goes through.
+    api.seed_yaml(
+        r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: binder, namespace: prod}
+rules: [{apiGroups: [rbac.authorization.k8s.io], resources: [clusterroles], verbs: [bind], resourceNames: [view]}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: binder, namespace: prod}
+subjects: [{kind: ServiceAccount, name: lifeboat, namespace: lifeboat}]
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: binder}
+"#,
+    );
+    api.block_on(rbs.patch("v", &pp, &Patch::Apply(&rb("view"))))
+        .unwrap();
+}
+
+/// A site's RBAC documents by (kind, namespace, name), each role's rules as the set of what
+/// they allow (verb, group, resource, names), so files that grant the same compare equal.
+fn rbac_meaning(docs: &[Value]) -> std::collections::BTreeMap<String, Value> {
+    docs.iter()
+        .map(|d| {
+            let key = format!(
+                "{} {}/{}",
+                d["kind"].as_str().unwrap(),
+                d["metadata"]["namespace"].as_str().unwrap_or(""),
+                d["metadata"]["name"].as_str().unwrap()
+            );
+            let mut d = d.clone();
+            if let Some(rules) = d["rules"].as_array() {
+                let mut atoms = BTreeSet::new();
+                for r in rules {
+                    let l = |k: &str| r[k].as_array().cloned().unwrap_or_default();
+                    for g in l("apiGroups") {
+                        for res in l("resources") {
+                            for v in l("verbs") {
+                                atoms.insert(format!("{v} {g}/{res} {}", r["resourceNames"]));
+                            }
+                        }
+                    }
+                }
+                d["rules"] = serde_json::json!(atoms);
+            }
+            (key, d)
+        })
+        .collect()
+}
+
+#[test]
+fn lifeboat_rbac_makes_the_shipped_rbac_from_the_example_config_and_adds_custom_resources() {
+    use lifeboat::k8s::rbac::{generate, RbacOptions};
+    let example = include_str!("../config/k8s-primary.toml");
+    // (The peer's name does not resolve here; the selection is what matters.)
+    let prod = example
+        .replace("shop", "prod")
+        .replace("dr.example.internal:7420", "127.0.0.1:7420");
+    let cfg = lifeboat::config::parse(&prod, std::path::Path::new("k8s-primary.toml")).unwrap();
+    let kps: Vec<_> = cfg
+        .protections
+        .iter()
+        .filter_map(|p| p.kubernetes.as_ref())
+        .collect();
+    let opts = RbacOptions {
+        service_account: ("lifeboat".into(), "lifeboat".into()),
+        bind_cluster_roles: vec!["view".into()],
+    };
+    let made = generate(&kps, &opts).unwrap();
+    let shipped = |file: &str, ns: &str, role: &str, verbs: &[&str]| {
+        rbac_meaning(&shipped_rbac(file, &[ns], role, verbs))
+    };
+    assert_eq!(
+        rbac_meaning(&made.primary),
+        shipped(PRIMARY_RBAC, "prod", "lifeboat-primary", &[])
+    );
+    assert_eq!(
+        rbac_meaning(&made.dr),
+        shipped(DR_RBAC, "prod-dr", "lifeboat-dr", &[]),
+        "the DR files are per DR namespace"
+    );
+    // A declared custom resource gets exactly the rules the files document.
+    let with_cr = prod.replace(
+        "# custom_resources = [\"cassandradatacenters.cassandra.datastax.com\"]",
+        "custom_resources = [\"widgets.example.com\"]",
+    );
+    let cfg = lifeboat::config::parse(&with_cr, std::path::Path::new("k8s-primary.toml")).unwrap();
+    let kps: Vec<_> = cfg
+        .protections
+        .iter()
+        .filter_map(|p| p.kubernetes.as_ref())
+        .collect();
+    let made = generate(&kps, &opts).unwrap();
+    let dr_verbs = ["list", "create", "patch", "delete"];
+    assert_eq!(
+        rbac_meaning(&made.primary),
+        shipped(PRIMARY_RBAC, "prod", "lifeboat-primary", &["list"])
+    );
+    assert_eq!(
+        rbac_meaning(&made.dr),
+        shipped(DR_RBAC, "prod-dr", "lifeboat-dr", &dr_verbs)
+    );
+
+    // The command writes both files, which parse as the same documents.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_file = dir.path().join("primary.toml");
+    std::fs::write(&cfg_file, &with_cr).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
+        .args(["rbac", "--bind-clusterrole", "view", "--config"])
+        .arg(&cfg_file)
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    for (site, docs) in [("primary", &made.primary), ("dr", &made.dr)] {
+        let text = std::fs::read_to_string(dir.path().join(site).join("rbac.yaml")).unwrap();
+        let parsed: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
+        let parsed: Vec<Value> = parsed.into_iter().filter(|d| !d.is_null()).collect();
+        assert_eq!(rbac_meaning(&parsed), rbac_meaning(docs), "{site}: {text}");
+    }
 }

@@ -170,3 +170,58 @@ pub(super) fn export(
         Err(e) => Err(e),
     }
 }
+
+/// `lifeboat rbac`: both sites' RBAC for a primary config's Kubernetes protections.
+pub(super) fn rbac(
+    config_file: &std::path::Path,
+    service_account: &str,
+    bind_cluster_roles: Vec<String>,
+    out: Option<&std::path::Path>,
+) -> Result<ExitCode> {
+    use crate::k8s::rbac::{generate, to_yaml, RbacOptions};
+    let cfg = load_config(config_file)?;
+    let kps: Vec<_> = cfg
+        .protections
+        .iter()
+        .filter_map(|p| p.kubernetes.as_ref())
+        .collect();
+    if kps.is_empty() {
+        bail!(
+            "{}: no Kubernetes protection (give the primary's config)",
+            config_file.display()
+        );
+    }
+    let Some((ns, name)) = service_account.split_once('/') else {
+        bail!("--service-account {service_account:?}: expected NAMESPACE/NAME");
+    };
+    let opts = RbacOptions {
+        service_account: (ns.into(), name.into()),
+        bind_cluster_roles,
+    };
+    let r = generate(&kps, &opts)?;
+    let from = format!(
+        "Made by `lifeboat rbac --config {}`.",
+        config_file.display()
+    );
+    let files = [
+        (
+            "primary",
+            format!("The primary site's RBAC. {from}"),
+            &r.primary,
+        ),
+        ("dr", format!("The DR site's RBAC. {from}"), &r.dr),
+    ];
+    for (site, header, docs) in files {
+        let yaml = to_yaml(&header, docs)?;
+        match out {
+            Some(dir) => {
+                let path = dir.join(site).join("rbac.yaml");
+                std::fs::create_dir_all(dir.join(site))?;
+                std::fs::write(&path, yaml).with_context(|| format!("write {}", path.display()))?;
+                println!("wrote {}", path.display());
+            }
+            None => print!("# {site}/rbac.yaml\n{yaml}---\n"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

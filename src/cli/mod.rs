@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use commands::{client, export, failover, planned_steps, reprotect, show};
+use commands::{client, export, failover, planned_steps, rbac, reprotect, show};
 pub use render::{human_bytes, render_cycle, render_failover, render_status};
 
 use crate::api::{CycleReport, FailoverOptions, SiteStatus};
@@ -167,6 +167,22 @@ pub enum Command {
     },
     /// Check a config file and report every problem at once, each with its key.
     CheckConfig { config: PathBuf },
+    /// Print (or write into --out as primary/rbac.yaml and dr/rbac.yaml) both sites'
+    /// least-privilege RBAC for the primary's config: per-namespace RoleBindings, the
+    /// custom resources it declares, pre-created DR namespaces.
+    Rbac {
+        /// The primary site's config (it has the selections).
+        #[arg(short, long)]
+        config: PathBuf,
+        /// The daemons' ServiceAccount, NAMESPACE/NAME.
+        #[arg(long, default_value = "lifeboat/lifeboat")]
+        service_account: String,
+        /// A ClusterRole the protected namespaces' RoleBindings refer to (repeatable).
+        #[arg(long = "bind-clusterrole")]
+        bind_cluster_roles: Vec<String>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Two sites on this machine: initial sync, incremental cycles under a writer,
     /// failover, and a blake3 proof that the recovered replica equals its snapshot.
     Demo(demo::DemoArgs),
@@ -309,6 +325,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Rbac {
+            config,
+            service_account,
+            bind_cluster_roles,
+            out,
+        } => rbac(
+            &config,
+            &service_account,
+            bind_cluster_roles,
+            out.as_deref(),
+        ),
         Command::Demo(args) => demo::run(args),
     }
 }

@@ -95,9 +95,9 @@ pub async fn apply(
 ) -> Result<ApplyReport> {
     // What lifeboat applied before: one labelled list per kind and namespace gives both the
     // resourceVersions to tell changed objects from unchanged ones and the prune candidates.
-    // Scope: the bundle's kinds in its namespaces, the PVs lifeboat made, and namespaces
-    // (listed for their versions only: a namespace holds more than lifeboat put there, so
-    // it is never pruned).
+    // Scope: the bundle's kinds in its namespaces, the PVs lifeboat made, and the bundle's
+    // namespaces (a get of each, for its version only: never pruned, and authorized in that
+    // namespace, so the DR role needs no cluster-wide namespace list).
     let lp = ListParams::default().labels(&format!("{PROTECTION_LABEL}={protection}"));
     let mut scope: Vec<(Kind, Option<String>, bool)> = Vec::new();
     for k in bundle.kinds.iter().map(Kind::from) {
@@ -106,11 +106,32 @@ pub async fn apply(
         }
     }
     scope.push((kinds::persistent_volumes(), None, true));
-    scope.push((kinds::namespaces(), None, false));
     let mut report = ApplyReport::default();
     // (apiVersion, kind, namespace, name) -> (resourceVersion, its kind if prunable)
     type Key = (String, String, String, String);
     let mut before: BTreeMap<Key, (Option<String>, Option<Kind>)> = BTreeMap::new();
+    let ns_kind = kinds::namespaces();
+    for ns in &bundle.namespaces {
+        let got = match api_for(client, &ns_kind, None).get_opt(ns).await {
+            Ok(o) => o,
+            Err(e) => {
+                report.failed.push(Failed {
+                    object: format!("Namespace {ns}"),
+                    error: format!("{:#}", api_error(e, format!("get namespace {ns}"))),
+                });
+                continue;
+            }
+        };
+        if let Some(o) = got {
+            let key = (
+                ns_kind.api_version(),
+                ns_kind.kind.clone(),
+                String::new(),
+                ns.clone(),
+            );
+            before.insert(key, (o.metadata.resource_version, None));
+        }
+    }
     for (kind, ns, prunable) in &scope {
         let api = api_for(client, kind, ns.as_deref());
         let list = match api.list(&lp).await {
@@ -268,8 +289,7 @@ async fn recreate(
     v: &Value,
     pp: &PatchParams,
 ) -> std::result::Result<Option<String>, String> {
-    let old = api
-        .get_opt(name)
+    let old = find(api, name)
         .await
         .map_err(|e| format!("read it before recreating: {e}"))?;
     let workload = kind.group == "apps" || (kind.group == "batch" && kind.kind == "CronJob");
@@ -285,7 +305,7 @@ async fn recreate(
     }
     // Deletion with orphaning finishes after the garbage collector's pass.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while matches!(api.get_opt(name).await, Ok(Some(_))) {
+    while matches!(find(api, name).await, Ok(Some(_))) {
         if Instant::now() > deadline {
             return Err("recreate: the old object was not gone after 30s".into());
         }
@@ -307,6 +327,13 @@ async fn recreate(
             Err(format!("recreate with the new spec: {e}; {restored}"))
         }
     }
+}
+
+/// One object by name, read with the `list` the role already has for pruning (a list with
+/// a `metadata.name` field selector) rather than a `get` it would need only for this.
+async fn find(api: &Api<DynamicObject>, name: &str) -> kube::Result<Option<DynamicObject>> {
+    let lp = ListParams::default().fields(&format!("metadata.name={name}"));
+    Ok(api.list(&lp).await?.items.into_iter().next())
 }
 
 /// An object as read, made fit to apply again: without what the server owns.

@@ -142,6 +142,14 @@ pub fn builtin() -> Vec<Kind> {
     ]
 }
 
+/// What a planned failover scales down (or suspends) at the primary.
+pub fn quiesced() -> Vec<Kind> {
+    builtin()
+        .into_iter()
+        .filter(|k| k.is_scalable() || k.kind == "CronJob")
+        .collect()
+}
+
 pub fn pods() -> Kind {
     Kind::builtin("", "v1", "Pod", "pods", true)
 }

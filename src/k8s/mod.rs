@@ -1,7 +1,8 @@
 //! Kubernetes mode: what a protection selects in the primary's cluster ([`collect`]), how
 //! its manifests are cleaned ([`sanitise`]) and mapped ([`transform`]) into the bundle that
 //! travels with each gen ([`bundle`]), and how the DR site applies a bundle to its own
-//! cluster, scaled down on standby and scaled up at failover ([`apply`]).
+//! cluster, scaled down on standby and scaled up at failover ([`apply`]). [`rbac`] makes
+//! each site's least-privilege RBAC for a config.
 
 pub mod apply;
 pub mod bundle;
@@ -9,6 +10,7 @@ pub mod closure;
 pub mod collect;
 pub mod kinds;
 pub mod labels;
+pub mod rbac;
 pub mod sanitise;
 pub mod transform;
 
@@ -125,10 +127,18 @@ pub async fn connect(settings: &KubeSettings) -> Result<kube::Client> {
 /// missing namespaces), what to check.
 pub fn api_error(e: kube::Error, doing: impl std::fmt::Display) -> anyhow::Error {
     match &e {
-        kube::Error::Api(s) if s.code == 403 => anyhow::anyhow!(
-            "{doing}: the API server denied it (403 Forbidden: {}); grant the daemon's service account this permission (see deploy/rbac.yaml)",
-            s.message
-        ),
+        kube::Error::Api(s) if s.code == 403 => {
+            // A creating server-side apply's own check names neither verb nor namespace.
+            let create = if s.message.ends_with("is forbidden: ") {
+                " (the `create` check of a server-side apply that creates the object)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!(
+                "{doing}: the API server denied it (403 Forbidden: {}){create}; grant the daemon's service account this permission (see deploy/kubernetes/primary/rbac.yaml or deploy/kubernetes/dr/rbac.yaml; a server-side apply that creates an object needs `create`)",
+                s.message
+            )
+        }
         kube::Error::Api(s) => anyhow::anyhow!("{doing}: {} {} ({})", s.code, s.reason, s.message),
         _ => anyhow::Error::new(e).context(doing.to_string()),
     }

@@ -14,10 +14,7 @@ use crate::k8s::{api_error, REPLICAS_ANNOTATION, SUSPEND_ANNOTATION};
 use crate::site::Shared;
 
 fn workload_kinds() -> Vec<Kind> {
-    crate::k8s::kinds::builtin()
-        .into_iter()
-        .filter(|k| k.is_scalable() || k.kind == "CronJob")
-        .collect()
+    crate::k8s::kinds::quiesced()
 }
 
 fn selected(v: &Value, sel: Option<&Selector>) -> bool {

@@ -9,8 +9,11 @@
 //! rejects them), JSON merge and JSON patches, the scale subresource, watch (replayed from
 //! a resourceVersion, then live), namespaces that must exist, the object rules of
 //! [`super::apirules`] (names, labels, immutable fields, duplicate list-map keys in an
-//! apply), RBAC denials set by the test (403), and pods/exec over websocket (channel protocol v4/v5) answered by a handler
-//! the test installs, with every call recorded.
+//! apply), authentication by bearer token and RBAC authorization of every request, exec
+//! included (tests/support/rbac.rs: the daemons' kubeconfig is the ServiceAccount
+//! `lifeboat/lifeboat`, fixtures go through an admin kubeconfig in `system:masters`; every
+//! decision is recorded for replay), and pods/exec over websocket (channel protocol v4/v5)
+//! answered by a handler the test installs, with every call recorded.
 //!
 //! What it does not model: field ownership between several managers (one manager's last
 //! applied config is tracked; lists are replaced whole, not merged by key), admission,
@@ -40,6 +43,11 @@ use tokio::sync::broadcast;
 use lifeboat::k8s::labels::Selector;
 
 use super::apirules;
+use super::rbac::{self, Check, Policy, User};
+
+/// The ServiceAccount the daemons' kubeconfigs authenticate as.
+pub const SA_NAMESPACE: &str = "lifeboat";
+pub const SA_NAME: &str = "lifeboat";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResType {
@@ -95,6 +103,20 @@ fn builtin_types() -> Vec<ResType> {
         rt("batch", "v1", "Job", "jobs", true),
         rt("batch", "v1", "CronJob", "cronjobs", true),
         rt("rbac.authorization.k8s.io", "v1", "Role", "roles", true),
+        rt(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "ClusterRole",
+            "clusterroles",
+            false,
+        ),
+        rt(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "ClusterRoleBinding",
+            "clusterrolebindings",
+            false,
+        ),
         rt(
             "rbac.authorization.k8s.io",
             "v1",
@@ -206,9 +228,13 @@ pub struct ApiState {
     applied: HashMap<Key, HashMap<String, Value>>,
     history: Vec<Event>,
     events: broadcast::Sender<Event>,
-    /// (verb, plural) pairs answered with 403; verb "*" for all.
+    /// (verb, plural) pairs answered with 403 whatever RBAC says; verb "*" for all.
     pub deny: Vec<(String, String)>,
     pub requests: Vec<Request>,
+    /// Bearer token -> user.
+    tokens: HashMap<String, User>,
+    /// Every authorization decision, in order.
+    pub checks: Vec<Check>,
     pub execs: Vec<ExecCall>,
     pub controllers_ready: bool,
     exec_handler: Option<ExecHandler>,
@@ -221,6 +247,10 @@ pub struct KubeApi {
     pub addr: SocketAddr,
     pub state: Arc<Mutex<ApiState>>,
     pub kubeconfig: PathBuf,
+    /// A `system:masters` user's kubeconfig, for fixtures.
+    pub admin_kubeconfig: PathBuf,
+    /// The daemons' bearer token (the ServiceAccount's).
+    pub sa_token: String,
     client_rt: Arc<tokio::runtime::Runtime>,
 }
 
@@ -325,6 +355,86 @@ fn merge(out: &mut Value, new: &Value) {
 }
 
 impl ApiState {
+    /// The RBAC objects as stored now.
+    fn policy(&self) -> Policy {
+        Policy::from_objects(
+            self.objects
+                .iter()
+                .filter(|(k, _)| k.0 == rbac::RBAC_GROUP)
+                .map(|(_, v)| v),
+        )
+    }
+
+    /// The user of a request's bearer token.
+    fn authenticate(&self, headers: &HeaderMap) -> Option<User> {
+        let h = headers.get("authorization")?.to_str().ok()?;
+        self.tokens.get(h.strip_prefix("Bearer ")?).cloned()
+    }
+
+    /// Authorizes `a` for `u`, records the decision, and answers the filter's 403 when
+    /// denied (RBAC, or the test's `deny` overlay).
+    fn authorize(&mut self, u: &User, a: &rbac::Attrs) -> Result<(), Box<Response>> {
+        let denied_by_test = a.resource_request
+            && self
+                .deny
+                .iter()
+                .any(|(dv, dp)| (dv == "*" || *dv == a.verb) && *dp == a.resource);
+        let r = if denied_by_test {
+            Err(String::new())
+        } else {
+            self.policy().authorize(u, a)
+        };
+        self.checks.push(Check {
+            user: u.clone(),
+            attrs: a.clone(),
+            or_holds: None,
+            in_handler: false,
+            allowed: r.is_ok(),
+        });
+        r.map_err(|reason| Box::new(rbac::forbidden(u, a, &reason)))
+    }
+
+    /// The create check of a server-side apply that creates (upstream `withAuthorization`
+    /// in patch.go): its 403 carries the RBAC reason alone.
+    fn authorize_create(&mut self, u: &User, a: &rbac::Attrs) -> Result<(), Box<Response>> {
+        let a = rbac::Attrs {
+            verb: "create".into(),
+            ..a.clone()
+        };
+        let r = self.policy().authorize(u, &a);
+        self.checks.push(Check {
+            user: u.clone(),
+            attrs: a.clone(),
+            or_holds: None,
+            in_handler: true,
+            allowed: r.is_ok(),
+        });
+        r.map_err(|reason| Box::new(rbac::forbidden_in_handler(&a, &reason)))
+    }
+
+    /// The RBAC storage's bind/escalate check on a Role or binding being written.
+    fn check_rbac_write(
+        &mut self,
+        u: &User,
+        t: &ResType,
+        ns: &str,
+        name: &str,
+        obj: &Value,
+    ) -> Result<(), Box<Response>> {
+        if t.group != rbac::RBAC_GROUP {
+            return Ok(());
+        }
+        let (attrs, wanted, r) = self.policy().check_rbac_write(u, &t.kind, ns, name, obj);
+        self.checks.push(Check {
+            user: u.clone(),
+            attrs,
+            or_holds: Some(wanted),
+            in_handler: true,
+            allowed: r.is_ok(),
+        });
+        r
+    }
+
     fn find_type(&self, group: &str, plural: &str) -> Option<ResType> {
         self.types
             .iter()
@@ -602,6 +712,13 @@ async fn handle(
         query: query.clone(),
         content_type: ctype.clone(),
     });
+    let Some(user) = st.authenticate(&headers) else {
+        return rbac::unauthorized();
+    };
+    let attrs = rbac::request_info(method.as_str(), &path, &qm);
+    if let Err(r) = st.authorize(&user, &attrs) {
+        return *r;
+    }
     if method == Method::GET {
         if let Some(d) = discovery(&st, &path) {
             return ok(&d);
@@ -613,20 +730,6 @@ async fn handle(
     };
     let watch = q(&qm, "watch").is_some_and(|w| w == "true" || w == "1");
     let v = verb(&method, target.name.is_some(), watch);
-    if st
-        .deny
-        .iter()
-        .any(|(dv, dp)| (dv == "*" || dv == v) && *dp == target.t.plural)
-    {
-        let what = match &target.ns {
-            Some(ns) => format!("in the namespace \"{ns}\""),
-            None => "at the cluster scope".into(),
-        };
-        return status(403, "Forbidden", format!(
-            "{}s is forbidden: User \"system:serviceaccount:lifeboat:lifeboat\" cannot {v} resource \"{}\" in API group \"{}\" {what}",
-            target.t.plural, target.t.plural, target.t.group
-        ));
-    }
     let t = target.t.clone();
     let ns = target.ns.clone().unwrap_or_default();
     if t.namespaced && target.ns.is_some() && v != "list" && v != "watch" && v != "get" {
@@ -701,6 +804,9 @@ async fn handle(
             if t.namespaced {
                 v["metadata"]["namespace"] = json!(ns);
             }
+            if let Err(r) = st.check_rbac_write(&user, &t, &ns, &name, &v) {
+                return *r;
+            }
             let manager = q(&qm, "fieldManager")
                 .unwrap_or("kubectl-create")
                 .to_string();
@@ -735,6 +841,9 @@ async fn handle(
                 nv["spec"]["replicas"] = v["spec"]["replicas"].clone();
                 let out = st.store(&t, key, nv, Some(&old), &manager, "Update");
                 return ok(&scale_of(&t, &out));
+            }
+            if let Err(r) = st.check_rbac_write(&user, &t, &ns, &name, &v) {
+                return *r;
             }
             if let Err(r) = apirules::admit(&t.group, &t.kind, Some(&old), &v) {
                 return status(r.0, r.1, r.2);
@@ -833,6 +942,14 @@ async fn handle(
                     }
                     None => applied.clone(),
                 };
+                if old.is_none() {
+                    if let Err(r) = st.authorize_create(&user, &attrs) {
+                        return *r;
+                    }
+                }
+                if let Err(r) = st.check_rbac_write(&user, &t, &ns, &name, &merged) {
+                    return *r;
+                }
                 if let Err(r) = apirules::admit(&t.group, &t.kind, old.as_ref(), &merged) {
                     return status(r.0, r.1, r.2);
                 }
@@ -880,6 +997,11 @@ async fn handle(
                 let mut o = old.clone();
                 o["spec"]["replicas"] = nv["spec"]["replicas"].clone();
                 nv = o;
+            }
+            if sub.is_none() {
+                if let Err(r) = st.check_rbac_write(&user, &t, &ns, &name, &nv) {
+                    return *r;
+                }
             }
             let manager = q(&qm, "fieldManager")
                 .unwrap_or("kubectl-patch")
@@ -982,12 +1104,40 @@ async fn exec(
     State(api): State<Arc<Mutex<ApiState>>>,
     AxPath((ns, pod)): AxPath<(String, String)>,
     RawQuery(query): RawQuery,
-    ws: WebSocketUpgrade,
+    uri: Uri,
+    headers: HeaderMap,
+    // Authorization comes first, as on a real server: a request without the upgrade
+    // headers gets its 401/403 too.
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     let qm = query_map(query.as_deref().unwrap_or(""));
     let call = {
         let mut st = api.lock().unwrap();
         st.seq += 1;
+        let seq = st.seq;
+        st.requests.push(Request {
+            seq,
+            method: "GET".into(),
+            path: uri.path().to_string(),
+            query: query.clone().unwrap_or_default(),
+            content_type: String::new(),
+        });
+        // Authorized before the upgrade and before the pod is looked up: `get pods/exec`
+        // for the websocket GET, and since 1.35 `create` as well
+        // (AuthorizePodWebsocketUpgradeCreatePermission).
+        let Some(user) = st.authenticate(&headers) else {
+            return rbac::unauthorized();
+        };
+        let attrs = rbac::request_info("GET", uri.path(), &qm);
+        for verb in ["get", "create"] {
+            let a = rbac::Attrs {
+                verb: verb.into(),
+                ..attrs.clone()
+            };
+            if let Err(r) = st.authorize(&user, &a) {
+                return *r;
+            }
+        }
         let call = ExecCall {
             seq: st.seq,
             namespace: ns.clone(),
@@ -1015,6 +1165,10 @@ async fn exec(
     let (handler, v4_only) = {
         let st = api.lock().unwrap();
         (st.exec_handler.clone(), st.exec_v4_only)
+    };
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(r) => return r.into_response(),
     };
     let protocols: &[&'static str] = if v4_only {
         &["v4.channel.k8s.io"]
@@ -1136,6 +1290,8 @@ impl KubeApi {
             events: tx,
             deny: Vec::new(),
             requests: Vec::new(),
+            tokens: HashMap::new(),
+            checks: Vec::new(),
             execs: Vec::new(),
             controllers_ready: true,
             exec_handler: None,
@@ -1159,20 +1315,116 @@ impl KubeApi {
         rt.spawn(async move {
             axum::serve(listener, app).await.unwrap();
         });
-        let kubeconfig = dir.join(format!("{name}.kubeconfig"));
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: {name}\n  cluster:\n    server: http://{addr}\nusers:\n- name: {name}\n  user: {{}}\ncontexts:\n- name: {name}\n  context:\n    cluster: {name}\n    user: {name}\ncurrent-context: {name}\n"
-            ),
-        )
-        .unwrap();
-        KubeApi {
+        let write_config = |file: String, token: &str| {
+            let path = dir.join(file);
+            std::fs::write(
+                &path,
+                format!(
+                    "apiVersion: v1\nkind: Config\nclusters:\n- name: {name}\n  cluster:\n    server: http://{addr}\nusers:\n- name: {name}\n  user: {{token: {token}}}\ncontexts:\n- name: {name}\n  context:\n    cluster: {name}\n    user: {name}\ncurrent-context: {name}\n"
+                ),
+            )
+            .unwrap();
+            path
+        };
+        let sa_token = format!("sa-{}", rand::random::<u64>());
+        let admin_token = format!("admin-{}", rand::random::<u64>());
+        let kubeconfig = write_config(format!("{name}.kubeconfig"), &sa_token);
+        let token = sa_token.clone();
+        let admin_kubeconfig = write_config(format!("{name}-admin.kubeconfig"), &admin_token);
+        {
+            let mut st = state.lock().unwrap();
+            st.tokens
+                .insert(sa_token, User::service_account(SA_NAMESPACE, SA_NAME));
+            st.tokens.insert(admin_token, User::admin());
+        }
+        let api = KubeApi {
             addr,
             state,
             kubeconfig,
+            admin_kubeconfig,
+            sa_token: token,
             client_rt: rt,
+        };
+        // What a cluster holds before anyone writes: the bootstrap roles, and lifeboat's
+        // namespace and ServiceAccount (deploy/kubernetes/base).
+        let mut seed = rbac::bootstrap();
+        seed.push(
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SA_NAMESPACE}}),
+        );
+        seed.push(json!({"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": SA_NAME, "namespace": SA_NAMESPACE}}));
+        for v in seed {
+            api.seed(v);
         }
+        api
+    }
+
+    /// Stores an object as etcd would hold it, without authorization (the cluster's
+    /// bootstrap state, or RBAC an administrator applied).
+    pub fn seed(&self, v: Value) {
+        let mut st = self.state.lock().unwrap();
+        let t = st
+            .types
+            .iter()
+            .find(|t| {
+                t.api_version() == v["apiVersion"].as_str().unwrap_or("") && t.kind == v["kind"]
+            })
+            .cloned()
+            .unwrap_or_else(|| panic!("unknown type {} {}", v["apiVersion"], v["kind"]));
+        let ns = if t.namespaced {
+            v["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        } else {
+            String::new()
+        };
+        let name = v["metadata"]["name"].as_str().unwrap().to_string();
+        let key = (t.group.clone(), t.plural.clone(), ns, name);
+        let old = st.objects.get(&key).cloned();
+        st.store(&t, key, v, old.as_ref(), "kubectl", "Update");
+    }
+
+    /// Seeds every document of a multi-document YAML (a site's RBAC file).
+    pub fn seed_yaml(&self, yaml: &str) {
+        let docs: Vec<Value> = serde_saphyr::from_multiple(yaml).unwrap();
+        for d in docs.into_iter().filter(|d| !d.is_null()) {
+            self.seed(d);
+        }
+    }
+
+    /// The workload controllers catch up (after `controllers_ready` was off): every
+    /// workload reports all its replicas ready, as a watch sees.
+    pub fn controllers_catch_up(&self) {
+        let mut st = self.state.lock().unwrap();
+        st.controllers_ready = true;
+        let keys: Vec<Key> = st
+            .objects
+            .keys()
+            .filter(|k| k.0 == "apps")
+            .cloned()
+            .collect();
+        for key in keys {
+            let Some(t) = st.find_type(&key.0, &key.1) else {
+                continue;
+            };
+            let old = st.objects[&key].clone();
+            let manager = old["metadata"]["managedFields"][0]["manager"]
+                .as_str()
+                .unwrap_or("kube-controller-manager")
+                .to_string();
+            st.store(&t, key, old.clone(), Some(&old), &manager, "Update");
+        }
+    }
+
+    /// Every authorization decision so far.
+    pub fn checks(&self) -> Vec<Check> {
+        self.state.lock().unwrap().checks.clone()
+    }
+
+    /// The RBAC objects as stored now.
+    pub fn policy(&self) -> Policy {
+        self.state.lock().unwrap().policy()
     }
 
     pub fn add_type(&self, group: &str, version: &str, kind: &str, plural: &str, namespaced: bool) {
@@ -1246,8 +1498,20 @@ impl KubeApi {
             .collect()
     }
 
-    /// A `kube` client of this server, for the test to create fixtures as kubectl would.
+    /// An admin's `kube` client of this server, for the test to create fixtures as kubectl
+    /// would.
     pub fn client(&self) -> kube::Client {
+        let kc = kube::config::Kubeconfig::read_from(&self.admin_kubeconfig).unwrap();
+        self.client_rt.block_on(async {
+            let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .unwrap();
+            kube::Client::try_from(cfg).unwrap()
+        })
+    }
+
+    /// A `kube` client with the daemons' identity (the ServiceAccount).
+    pub fn daemon_client(&self) -> kube::Client {
         let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig).unwrap();
         self.client_rt.block_on(async {
             let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
@@ -1255,6 +1519,11 @@ impl KubeApi {
                 .unwrap();
             kube::Client::try_from(cfg).unwrap()
         })
+    }
+
+    /// Runs a future on the server's client runtime.
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.client_rt.block_on(f)
     }
 
     /// Creates objects from a multi-document YAML through the real client (POST).

@@ -17,6 +17,7 @@ use rand::{Rng, RngCore, SeedableRng};
 pub mod apirules;
 pub mod kubeapi;
 pub mod kubeexec;
+pub mod rbac;
 pub mod relay;
 
 pub const PROT: &str = "p";

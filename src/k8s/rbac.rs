@@ -1,0 +1,215 @@
+//! `lifeboat rbac`: each site's least-privilege RBAC for a primary config's Kubernetes
+//! protections, made from the same tables the calls come from (the collected kinds of
+//! [`super::kinds::builtin`] plus `custom_resources`, the planned-failover workloads, the
+//! namespaces and their DR names), so it cannot drift from the code. deploy/kubernetes's
+//! shipped files are this output for the example protection of `prod` (a test checks it).
+//! Custom resources and non-built-in `include_kinds` must be named `plural.group` (no
+//! discovery is run).
+
+use std::collections::BTreeSet;
+
+use anyhow::{anyhow, Result};
+use serde_json::{json, Value};
+
+use super::kinds::{self, Kind};
+use super::{KubeProtection, EXCLUDE_LABEL};
+
+const RBAC_V1: &str = "rbac.authorization.k8s.io/v1";
+
+/// What a generated file set binds and may bind.
+#[derive(Debug, Clone)]
+pub struct RbacOptions {
+    /// The daemons' ServiceAccount: (namespace, name).
+    pub service_account: (String, String),
+    /// ClusterRoles the protected namespaces' RoleBindings refer to (the DR site must bind
+    /// them by name).
+    pub bind_cluster_roles: Vec<String>,
+}
+
+/// The documents of `primary/rbac.yaml` and `dr/rbac.yaml`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SiteRbac {
+    pub primary: Vec<Value>,
+    pub dr: Vec<Value>,
+}
+
+/// The kinds a protection collects: as `collect::resolve_kinds` resolves them, with names
+/// that are not built in read as `plural.group`.
+fn collected(kp: &KubeProtection) -> Result<Vec<Kind>> {
+    let builtin = kinds::builtin();
+    let find = |n: &str| -> Result<Kind> {
+        if let Some(k) = builtin.iter().find(|k| k.is_named(n)) {
+            return Ok(k.clone());
+        }
+        let (plural, group) = n
+            .split_once('.')
+            .ok_or_else(|| anyhow!("{n:?}: name a custom resource as plural.group"))?;
+        Ok(Kind {
+            group: group.into(),
+            version: String::new(),
+            kind: plural.into(),
+            plural: plural.into(),
+            namespaced: true,
+        })
+    };
+    let mut out: Vec<Kind> = if kp.include_kinds.is_empty() {
+        builtin.clone()
+    } else {
+        kp.include_kinds
+            .iter()
+            .map(|n| find(n))
+            .collect::<Result<_>>()?
+    };
+    for n in &kp.custom_resources {
+        out.push(find(n)?);
+    }
+    for n in &kp.exclude_kinds {
+        let k = find(n)?;
+        out.retain(|o| (&o.group, &o.plural) != (&k.group, &k.plural));
+    }
+    Ok(out)
+}
+
+fn rule(group: &str, resources: &[String], verbs: &[&str]) -> Value {
+    json!({"apiGroups": [group], "resources": resources, "verbs": verbs})
+}
+
+/// One rule per API group (in first-seen order) over `resources`.
+fn per_group(resources: &[(String, String)], verbs: &[&str]) -> Vec<Value> {
+    let mut groups: Vec<&str> = Vec::new();
+    for (g, _) in resources {
+        if !groups.contains(&g.as_str()) {
+            groups.push(g);
+        }
+    }
+    groups
+        .iter()
+        .map(|g| {
+            let mut seen = BTreeSet::new();
+            let rs: Vec<String> = resources
+                .iter()
+                .filter(|(rg, r)| rg == g && seen.insert(r.clone()))
+                .map(|(_, r)| r.clone())
+                .collect();
+            rule(g, &rs, verbs)
+        })
+        .collect()
+}
+
+fn cluster_role(name: &str, rules: Vec<Value>) -> Value {
+    json!({"apiVersion": RBAC_V1, "kind": "ClusterRole", "metadata": {"name": name}, "rules": rules})
+}
+
+fn subjects(o: &RbacOptions) -> Value {
+    json!([{"kind": "ServiceAccount", "name": o.service_account.1, "namespace": o.service_account.0}])
+}
+
+fn role_binding(name: &str, ns: &str, o: &RbacOptions) -> Value {
+    json!({"apiVersion": RBAC_V1, "kind": "RoleBinding",
+        "metadata": {"name": name, "namespace": ns, "labels": {EXCLUDE_LABEL: "true"}},
+        "subjects": subjects(o),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name}})
+}
+
+/// Both sites' RBAC for `protections` (the primary config's Kubernetes protections).
+pub fn generate(protections: &[&KubeProtection], o: &RbacOptions) -> Result<SiteRbac> {
+    let mut kinds: Vec<(String, String)> = Vec::new();
+    let (mut namespaces, mut dr_namespaces) = (Vec::new(), Vec::new());
+    let mut stork = false;
+    for kp in protections {
+        for k in collected(kp)? {
+            kinds.push((k.group, k.plural));
+        }
+        for ns in &kp.namespaces {
+            namespaces.push(ns.clone());
+            dr_namespaces.push(kp.target_namespace(ns).to_string());
+        }
+        stork |= kp.pre_rule.is_some() || kp.post_rule.is_some();
+    }
+    let dedup = |v: &mut Vec<String>| {
+        let mut seen = BTreeSet::new();
+        v.retain(|n| seen.insert(n.clone()));
+    };
+    dedup(&mut namespaces);
+    dedup(&mut dr_namespaces);
+    let has = |g: &str, r: &str| kinds.iter().any(|(kg, kr)| kg == g && kr == r);
+
+    // The primary: collect (src/k8s/collect.rs), quiesce (src/lifecycle/planned.rs), rules.
+    let mut listed = vec![(String::new(), "pods".to_string())];
+    listed.extend(kinds.iter().cloned());
+    let workloads: Vec<(String, String)> = kinds::quiesced()
+        .into_iter()
+        .map(|k| (k.group, k.plural))
+        .collect();
+    listed.extend(workloads.iter().cloned());
+    let mut rules = vec![rule("", &["namespaces".into()], &["get"])];
+    rules.extend(per_group(&listed, &["list"]));
+    rules.extend(per_group(&workloads, &["patch"]));
+    rules.push(rule("", &["pods/exec".into()], &["get", "create"]));
+    if stork {
+        rules.push(rule(
+            "stork.libopenstorage.org",
+            &["rules".into()],
+            &["get"],
+        ));
+    }
+    let mut primary = vec![cluster_role("lifeboat-primary", rules)];
+    primary.extend(
+        namespaces
+            .iter()
+            .map(|ns| role_binding("lifeboat-primary", ns, o)),
+    );
+
+    // The DR site: apply, prune and wait (src/k8s/apply.rs).
+    let mut rules = vec![rule("", &["namespaces".into()], &["get", "patch"])];
+    rules.extend(per_group(&kinds, &["list", "create", "patch", "delete"]));
+    let waited: Vec<String> = ["deployments", "statefulsets", "daemonsets"]
+        .iter()
+        .filter(|r| has("apps", r))
+        .map(|r| r.to_string())
+        .collect();
+    if !waited.is_empty() {
+        rules.push(rule("apps", &waited, &["watch", "get"]));
+    }
+    let rbac_g = "rbac.authorization.k8s.io";
+    if has(rbac_g, "roles") || has(rbac_g, "rolebindings") {
+        rules.push(rule(rbac_g, &["roles".into()], &["escalate", "bind"]));
+    }
+    if has(rbac_g, "rolebindings") && !o.bind_cluster_roles.is_empty() {
+        let mut r = rule(rbac_g, &["clusterroles".into()], &["bind"]);
+        r["resourceNames"] = json!(o.bind_cluster_roles);
+        rules.push(r);
+    }
+    let pv = rule(
+        "",
+        &["persistentvolumes".into()],
+        &["list", "create", "patch", "delete"],
+    );
+    let mut dr = vec![
+        cluster_role("lifeboat-dr", rules),
+        cluster_role("lifeboat-dr-cluster", vec![pv]),
+        json!({"apiVersion": RBAC_V1, "kind": "ClusterRoleBinding",
+            "metadata": {"name": "lifeboat-dr-cluster"}, "subjects": subjects(o),
+            "roleRef": {"apiGroup": rbac_g, "kind": "ClusterRole", "name": "lifeboat-dr-cluster"}}),
+    ];
+    for ns in &dr_namespaces {
+        dr.push(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}));
+        dr.push(role_binding("lifeboat-dr", ns, o));
+    }
+    Ok(SiteRbac { primary, dr })
+}
+
+/// Documents as one multi-document YAML, after a header comment.
+pub fn to_yaml(header: &str, docs: &[Value]) -> Result<String> {
+    let mut out = String::new();
+    for line in header.lines() {
+        out.push_str(&format!("# {line}\n").replace("# \n", "#\n"));
+    }
+    for (i, d) in docs.iter().enumerate() {
+        if i > 0 {
+            out.push_str("---\n");
+        }
+        out.push_str(&serde_saphyr::to_string(d)?);
+    }
+    Ok(out)
+}
