@@ -2155,3 +2155,61 @@ fn lifeboat_rbac_makes_the_shipped_rbac_from_the_example_config_and_adds_custom_
         assert_eq!(rbac_meaning(&parsed), rbac_meaning(docs), "{site}: {text}");
     }
 }
+
+#[test]
+fn a_custom_resource_sits_paused_at_the_dr_site_until_failover_and_a_down_aggregated_api_is_skipped(
+) {
+    let selection = format!("{NAMESPACE}\ncustom_resources = [\"widgets.example.com\"]");
+    let dr_selection = "[[protection.kubernetes.standby_patch]]\nkind = \"widgets.example.com\"\npatch = '{\"spec\": {\"paused\": true}}'\n";
+    let s = sites(&selection, dr_selection);
+    // metrics.k8s.io is served by an aggregated API whose metrics-server is down.
+    s.primary_api.add_type(
+        "metrics.k8s.io",
+        "v1beta1",
+        "PodMetrics",
+        "podmetrics",
+        true,
+    );
+    s.primary_api.make_unavailable("metrics.k8s.io");
+    s.sync_and_apply();
+    let log = s.pair.primary.log_text();
+    assert!(
+        log.contains("API group skipped") && log.contains("metrics.k8s.io"),
+        "{log}"
+    );
+    let w = s.dr_get("example.com", "widgets", "prod", "shelf");
+    assert_eq!(w["spec"]["paused"], true, "{w}");
+    assert_eq!(w["spec"]["size"], 3);
+    assert_eq!(
+        w["metadata"]["annotations"]["lifeboat.dev/standby-patched"],
+        "widgets.example.com"
+    );
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
+        .args([
+            "failover",
+            "--protection",
+            PROT,
+            "--ready-timeout",
+            "20s",
+            "--config",
+        ])
+        .arg(&s.pair.dr.config)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    let w = s.dr_get("example.com", "widgets", "prod", "shelf");
+    assert!(
+        w["spec"].get("paused").is_none(),
+        "unpaused by failover: {w}"
+    );
+    assert!(
+        w["metadata"]["annotations"]
+            .get("lifeboat.dev/standby-patched")
+            .is_none(),
+        "{w}"
+    );
+    assert_eq!(w["spec"]["size"], 3);
+}

@@ -110,7 +110,26 @@ impl Validator {
                 self.base.join(t).display().to_string()
             }
         });
+        let mut standby_patches = Vec::new();
+        for (i, p) in k.standby_patches.iter().enumerate() {
+            let pkey = format!("{key}.standby_patch[{i}]");
+            if !p.kind.contains('.') {
+                self.problem(
+                    format!("{pkey}.kind"),
+                    format!("{:?} has no API group; expected Kind.group or plural.group, such as \"CassandraDatacenter.cassandra.datastax.com\"", p.kind),
+                );
+            }
+            match serde_json::from_str::<serde_json::Value>(&p.patch) {
+                Ok(v) if v.is_object() => standby_patches.push(crate::k8s::standby_patch::StandbyPatch {
+                    kind: p.kind.clone(),
+                    patch: v,
+                }),
+                Ok(_) => self.problem(format!("{pkey}.patch"), "is not a JSON object; expected a JSON merge patch such as '{\"spec\": {\"paused\": true}}'"),
+                Err(e) => self.problem(format!("{pkey}.patch"), format!("is not JSON ({e}); expected a JSON merge patch such as '{{\"spec\": {{\"paused\": true}}}}'")),
+            }
+        }
         KubeProtection {
+            standby_patches,
             namespaces: k.namespaces,
             selector,
             include_kinds: k.include_kinds,

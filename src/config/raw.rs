@@ -103,6 +103,19 @@ pub(super) struct RawKubeProtection {
     pub(super) post_rule: Option<String>,
     /// Run Velero's backup hook annotations of the selected pods (default true).
     pub(super) velero_hooks: Option<bool>,
+    /// DR site: how custom resources (and other controllers) stay paused at standby.
+    #[serde(default, rename = "standby_patch")]
+    pub(super) standby_patches: Vec<RawStandbyPatch>,
+}
+
+/// `[[protection.kubernetes.standby_patch]]`.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawStandbyPatch {
+    /// `Kind.group` or `plural.group`.
+    pub(super) kind: String,
+    /// A JSON merge patch, as JSON text.
+    pub(super) patch: String,
 }
 
 #[derive(Deserialize, Debug)]

@@ -219,12 +219,16 @@ pub fn pv_name(protection: &str, ns: &str, pvc: &str) -> String {
 
 /// The objects to apply at the DR site, in apply order, each labelled with the protection.
 /// `replica_path` gives the replica of a PVC (namespace, name).
+/// In the standby form, objects of a kind with a standby patch (`patches`, else the
+/// defaults of [`super::standby_patch`]) get it applied.
 pub fn dr_objects(
     bundle: &Bundle,
     protection: &str,
     form: Form,
+    patches: &[super::standby_patch::StandbyPatch],
     replica_path: impl Fn(&str, &str) -> std::path::PathBuf,
 ) -> Vec<Value> {
+    let defaults = super::standby_patch::defaults();
     let mut out = Vec::with_capacity(bundle.objects.len() * 2);
     for o in &bundle.objects {
         let mut v = o.clone();
@@ -241,6 +245,19 @@ pub fn dr_objects(
             let suspend = v["spec"]["suspend"].as_bool().unwrap_or(false);
             v["metadata"]["annotations"][SUSPEND_ANNOTATION] = json!(suspend.to_string());
             v["spec"]["suspend"] = json!(form == Form::Standby || suspend);
+        }
+        if form == Form::Standby {
+            let (group, _) = api.rsplit_once('/').unwrap_or(("", ""));
+            let plural = bundle
+                .kinds
+                .iter()
+                .map(Kind::from)
+                .find(|k| k.group == group && k.kind == kind)
+                .map(|k| k.plural)
+                .unwrap_or_default();
+            if let Some(p) = super::standby_patch::find(patches, &defaults, &kind, &plural, group) {
+                super::standby_patch::apply(&mut v, p);
+            }
         }
         if kind == "DaemonSet" && form == Form::Standby {
             v["spec"]["template"]["spec"]["nodeSelector"][STANDBY_NODE_LABEL] = json!("true");
@@ -325,7 +342,7 @@ mod tests {
     fn standby_holds_workloads_at_zero_and_active_restores_them() {
         let b = bundle();
         let path = |ns: &str, pvc: &str| std::path::PathBuf::from(format!("/dr/{ns}/{pvc}.img"));
-        let standby = dr_objects(&b, "shop", Form::Standby, path);
+        let standby = dr_objects(&b, "shop", Form::Standby, &[], path);
         let find =
             |objs: &[Value], kind: &str| objs.iter().find(|o| o["kind"] == kind).cloned().unwrap();
         let sts = find(&standby, "StatefulSet");
@@ -360,7 +377,7 @@ mod tests {
             "{order:?}"
         );
 
-        let active = dr_objects(&b, "shop", Form::Active, path);
+        let active = dr_objects(&b, "shop", Form::Active, &[], path);
         assert_eq!(find(&active, "StatefulSet")["spec"]["replicas"], 3);
         assert_eq!(find(&active, "CronJob")["spec"]["suspend"], false);
         assert!(find(&active, "DaemonSet")["spec"]["template"]["spec"]

@@ -72,23 +72,10 @@ async fn resolve_kinds(client: &kube::Client, kp: &KubeProtection) -> Result<Vec
         .chain(&kp.exclude_kinds)
         .any(|n| !builtin.iter().any(|k| k.is_named(n)))
         || !kp.custom_resources.is_empty();
-    let served: Vec<Kind> = if needs_discovery {
-        let d = kube::discovery::Discovery::new(client.clone())
-            .run()
-            .await
-            .map_err(|e| api_error(e, "API discovery"))?;
-        d.groups()
-            .flat_map(|g| g.recommended_resources())
-            .map(|(ar, caps)| Kind {
-                group: ar.group,
-                version: ar.version,
-                kind: ar.kind,
-                plural: ar.plural,
-                namespaced: caps.scope == kube::discovery::Scope::Namespaced,
-            })
-            .collect()
+    let (served, unavailable) = if needs_discovery {
+        discover(client, kp).await?
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
     let find = |name: &str, field: &str| -> Result<Kind> {
         builtin
@@ -101,7 +88,12 @@ async fn resolve_kinds(client: &kube::Client, kp: &KubeProtection) -> Result<Vec
                     .iter()
                     .find(|k| strsim_close(&k.kind, name))
                     .map_or(String::new(), |k| format!(" (did you mean {}?)", k.kind));
-                anyhow!("{field}: unknown kind {name:?}: the API server serves no resource of that name{hint}")
+                let down = if unavailable.is_empty() {
+                    String::new()
+                } else {
+                    format!("; these API groups did not answer discovery: {}", unavailable.join(", "))
+                };
+                anyhow!("{field}: unknown kind {name:?}: the API server serves no resource of that name{hint}{down}")
             })
     };
     let mut out: Vec<Kind> = if kp.include_kinds.is_empty() {
@@ -125,6 +117,88 @@ async fn resolve_kinds(client: &kube::Client, kp: &KubeProtection) -> Result<Vec
     }
     out.dedup();
     Ok(out)
+}
+
+/// How long one API group's discovery may take. The client retries a 503 (what an
+/// aggregated API whose service is down answers) for minutes; a cycle must not wait that
+/// long for a group it may not need.
+const GROUP_DISCOVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The resources the server serves, group by group, and the groups that did not answer. An
+/// aggregated API that is down (metrics.k8s.io without its metrics-server, say) only
+/// matters when a name the config gives is in it: a group named by `plural.group` in the
+/// config that fails is an error naming it; any other failing group is skipped (and
+/// named if a kind is then not found).
+async fn discover(client: &kube::Client, kp: &KubeProtection) -> Result<(Vec<Kind>, Vec<String>)> {
+    let named: Vec<&str> = kp
+        .include_kinds
+        .iter()
+        .chain(&kp.exclude_kinds)
+        .chain(&kp.custom_resources)
+        .filter_map(|n| n.split_once('.').map(|(_, g)| g))
+        .collect();
+    let mut versions: Vec<(String, String)> = client
+        .list_core_api_versions()
+        .await
+        .map_err(|e| api_error(e, "API discovery (/api)"))?
+        .versions
+        .into_iter()
+        .map(|v| (String::new(), v))
+        .collect();
+    let groups = client
+        .list_api_groups()
+        .await
+        .map_err(|e| api_error(e, "API discovery (/apis)"))?;
+    for g in groups.groups {
+        let v = g
+            .preferred_version
+            .or_else(|| g.versions.into_iter().next())
+            .map(|v| v.version);
+        if let Some(v) = v {
+            versions.push((g.name, v));
+        }
+    }
+    let (mut served, mut unavailable) = (Vec::new(), Vec::new());
+    for (group, version) in versions {
+        let gv = format!("{group}/{version}");
+        let listed = tokio::time::timeout(GROUP_DISCOVERY_TIMEOUT, async {
+            if group.is_empty() {
+                client.list_core_api_resources(&version).await
+            } else {
+                client.list_api_group_resources(&gv).await
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(kube::Error::Service(
+                format!("no answer in {GROUP_DISCOVERY_TIMEOUT:?}").into(),
+            ))
+        });
+        let list = match listed {
+            Ok(l) => l,
+            Err(e) if named.contains(&group.as_str()) => {
+                return Err(api_error(
+                    e,
+                    format!("API discovery of {group}/{version}, which the config names"),
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(group = %group, version = %version, error = %e, "API group skipped: it did not answer discovery");
+                unavailable.push(format!("{group}/{version}"));
+                continue;
+            }
+        };
+        for r in list.resources.into_iter().filter(|r| !r.name.contains('/')) {
+            served.push(Kind {
+                group: group.clone(),
+                version: version.clone(),
+                kind: r.kind,
+                plural: r.name,
+                namespaced: r.namespaced,
+            });
+        }
+    }
+    Ok((served, unavailable))
 }
 
 /// At most two edits apart, ignoring case: enough to suggest "Deployment" for "Deploymnet".

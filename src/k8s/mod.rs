@@ -12,6 +12,7 @@ pub mod kinds;
 pub mod labels;
 pub mod rbac;
 pub mod sanitise;
+pub mod standby_patch;
 pub mod transform;
 
 use std::collections::BTreeMap;
@@ -67,6 +68,9 @@ pub struct KubeProtection {
     pub post_rule: Option<String>,
     /// Run Velero's `pre.hook.backup.velero.io/*` and `post...` annotations of the pods.
     pub velero_hooks: bool,
+    /// DR site: merge patches that keep custom resources paused at standby (on top of the
+    /// defaults of [`standby_patch`]).
+    pub standby_patches: Vec<standby_patch::StandbyPatch>,
 }
 
 impl KubeProtection {

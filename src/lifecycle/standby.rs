@@ -45,7 +45,9 @@ pub async fn objects(
     let b = tokio::task::spawn_blocking(move || bundle(&s, &p, gen))
         .await
         .context("read the manifest bundle")??;
-    let objs = dr_objects(&b, prot.as_str(), form, |ns, pvc| kp.path_of(ns, pvc));
+    let objs = dr_objects(&b, prot.as_str(), form, &kp.standby_patches, |ns, pvc| {
+        kp.path_of(ns, pvc)
+    });
     Ok((b, objs))
 }
 

@@ -240,6 +240,8 @@ pub struct ApiState {
     exec_handler: Option<ExecHandler>,
     /// Offer exec protocol v4 only, as servers before about 1.30 do (no stdin close).
     pub exec_v4_only: bool,
+    /// API groups served by an aggregated API that is down (503 for their resources).
+    pub unavailable_groups: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -720,6 +722,17 @@ async fn handle(
         return *r;
     }
     if method == Method::GET {
+        // An aggregated API whose backing service is down: listed, but its resources fail.
+        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        if let ["apis", g, _, ..] = segs.as_slice() {
+            if st.unavailable_groups.iter().any(|u| u == g) {
+                return status(
+                    503,
+                    "ServiceUnavailable",
+                    "the server is currently unable to handle the request",
+                );
+            }
+        }
         if let Some(d) = discovery(&st, &path) {
             return ok(&d);
         }
@@ -1296,6 +1309,7 @@ impl KubeApi {
             controllers_ready: true,
             exec_handler: None,
             exec_v4_only: false,
+            unavailable_groups: Vec::new(),
         }));
         let rt = Arc::new(
             tokio::runtime::Builder::new_multi_thread()
@@ -1445,6 +1459,15 @@ impl KubeApi {
 
     pub fn allow_all(&self) {
         self.state.lock().unwrap().deny.clear();
+    }
+
+    /// Serves `group` (a type of it must be added) as an aggregated API that is down.
+    pub fn make_unavailable(&self, group: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .unavailable_groups
+            .push(group.to_string());
     }
 
     /// Offer exec protocol v4 only.
