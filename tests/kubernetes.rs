@@ -1277,6 +1277,25 @@ fn rules_a_background_lock_in_one_pod_is_held_across_the_snapshot() {
     assert_eq!(failures.unwrap_or(0.0), 0.0, "{m}");
 }
 
+/// `lifeboat failover` at the DR site (20 s for readiness): its exit code and output.
+fn failover_at_dr(s: &Sites) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
+        .args([
+            "failover",
+            "--protection",
+            PROT,
+            "--ready-timeout",
+            "20s",
+            "--config",
+        ])
+        .arg(&s.pair.dr.config)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), text)
+}
+
 /// Polls the DR site's status until `gen`'s standby apply is done, failures included.
 fn applied_with_failures(s: &Sites, gen: u64) -> lifeboat::api::KubeStatus {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -1478,23 +1497,10 @@ rules: [{apiGroups: [""], resources: [endpoints, pods], verbs: [get, list]}]
         .collect();
     assert_eq!(deletes.len(), 1, "{deletes:?}");
 
-    // Failover with that Deployment still refused: every workload scales up, the widget is
-    // named, and the CLI exits non-zero.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
-        .args([
-            "failover",
-            "--protection",
-            PROT,
-            "--ready-timeout",
-            "20s",
-            "--config",
-        ])
-        .arg(&s.pair.dr.config)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    // Failover with that Deployment still refused: every other workload scales up, the
+    // Deployment is named, and the CLI exits non-zero.
+    let (code, text) = failover_at_dr(&s);
+    assert_eq!(code, Some(1), "{text}");
     assert!(
         text.contains("NOT COMPLETE") && text.contains("not applied: Deployment prod/dup-env"),
         "{text}"
@@ -2185,21 +2191,8 @@ fn a_custom_resource_sits_paused_at_the_dr_site_until_failover_and_a_down_aggreg
         "widgets.example.com"
     );
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
-        .args([
-            "failover",
-            "--protection",
-            PROT,
-            "--ready-timeout",
-            "20s",
-            "--config",
-        ])
-        .arg(&s.pair.dr.config)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
+    let (code, text) = failover_at_dr(&s);
+    assert_eq!(code, Some(0), "{text}");
     let w = s.dr_get("example.com", "widgets", "prod", "shelf");
     assert!(
         w["spec"].get("paused").is_none(),
