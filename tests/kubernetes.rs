@@ -1341,9 +1341,13 @@ fn replace_at_primary(
 #[test]
 fn immutable_changes_recreate_only_their_object_and_one_refused_object_fails_alone() {
     let s = sites(NAMESPACE, "");
-    // A Deployment made by `kubectl create` with one env name twice, which the server
-    // accepts on create but refuses in a server-side apply: it cannot be applied at the DR
-    // site, whatever lifeboat does.
+    // An object stored before the server's validation tightened (in etcd as it was): the
+    // primary serves it, the DR server refuses it, whatever lifeboat does.
+    s.primary_api.seed_yaml(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: legacy, namespace: prod, labels: {tier: \"not valid!\"}}\ndata: {k: v}\n",
+    );
+    // A Deployment made by `kubectl create` with one env name twice, which a server-side
+    // apply refuses: lifeboat sends it with the env as the container sees it.
     s.primary_api.create_yaml(
         r#"
 apiVersion: apps/v1
@@ -1379,7 +1383,7 @@ rules: [{apiGroups: [""], resources: [endpoints, pods], verbs: [get, list]}]
         first
             .failed
             .iter()
-            .any(|f| f.object == "Deployment prod/dup-env"),
+            .any(|f| f.object == "ConfigMap prod/legacy"),
         "{:?}",
         first.failed
     );
@@ -1433,23 +1437,19 @@ rules: [{apiGroups: [""], resources: [endpoints, pods], verbs: [get, list]}]
             "StatefulSet prod/cassandra"
         ]
     );
-    // Only that Deployment failed; status says so.
+    // Only that ConfigMap failed; status says so. The Deployment with the duplicate env
+    // name is applied with the value its container sees.
     assert!(
-        r.failed
-            .iter()
-            .all(|f| f.object == "Deployment prod/dup-env"),
+        r.failed.iter().all(|f| f.object == "ConfigMap prod/legacy"),
         "{:?}",
         r.failed
     );
-    assert!(r
-        .failed
-        .iter()
-        .any(|f| f.object == "Deployment prod/dup-env"));
+    assert!(r.failed.iter().any(|f| f.object == "ConfigMap prod/legacy"));
     assert!(
         k.apply_error
             .as_deref()
             .unwrap_or("")
-            .contains("Deployment prod/dup-env"),
+            .contains("ConfigMap prod/legacy"),
         "{k:?}"
     );
     let sts = s.dr_get("apps", "statefulsets", "prod", "cassandra");
@@ -1497,17 +1497,22 @@ rules: [{apiGroups: [""], resources: [endpoints, pods], verbs: [get, list]}]
         .collect();
     assert_eq!(deletes.len(), 1, "{deletes:?}");
 
-    // Failover with that Deployment still refused: every other workload scales up, the
-    // Deployment is named, and the CLI exits non-zero.
+    // Failover with that ConfigMap still refused: every workload scales up, the ConfigMap
+    // is named, and the CLI exits non-zero.
     let (code, text) = failover_at_dr(&s);
     assert_eq!(code, Some(1), "{text}");
     assert!(
-        text.contains("NOT COMPLETE") && text.contains("not applied: Deployment prod/dup-env"),
+        text.contains("NOT COMPLETE") && text.contains("not applied: ConfigMap prod/legacy"),
         "{text}"
     );
     assert!(
         text.contains("ready: StatefulSet prod/cassandra (3 replicas)"),
         "{text}"
+    );
+    let dup = s.dr_get("apps", "deployments", "prod", "dup-env");
+    assert_eq!(
+        dup["spec"]["template"]["spec"]["containers"][0]["env"],
+        serde_json::json!([{"name": "MODE", "value": "b"}])
     );
     for (plural, name, replicas) in [
         ("statefulsets", "cassandra", 3),

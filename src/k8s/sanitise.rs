@@ -116,6 +116,7 @@ pub fn sanitise(input: &Value) -> Value {
     ) {
         meta.remove("creationTimestamp");
     }
+    dedupe_container_lists(&mut v);
     match kind.as_str() {
         "Service" => {
             if let Some(spec) = obj(&mut v, &["spec"]) {
@@ -163,6 +164,45 @@ pub fn sanitise(input: &Value) -> Value {
         _ => {}
     }
     v
+}
+
+/// A server accepts a container with one env name twice (or one port twice) on create, but
+/// a server-side apply refuses such a body, so the object would never reach the DR site.
+/// Env: the last entry stays (the one the container sees); ports: the first.
+fn dedupe_container_lists(v: &mut Value) {
+    for spec in [
+        "/spec",
+        "/spec/template/spec",
+        "/spec/jobTemplate/spec/template/spec",
+    ] {
+        for list in ["containers", "initContainers"] {
+            let Some(Value::Array(cs)) = v.pointer_mut(&format!("{spec}/{list}")) else {
+                continue;
+            };
+            for c in cs.iter_mut() {
+                if let Some(Value::Array(env)) = c.get_mut("env") {
+                    let mut seen = std::collections::HashSet::new();
+                    let mut kept: Vec<Value> = env
+                        .iter()
+                        .rev()
+                        .filter(|e| seen.insert(e["name"].as_str().unwrap_or("").to_string()))
+                        .cloned()
+                        .collect();
+                    kept.reverse();
+                    *env = kept;
+                }
+                if let Some(Value::Array(ports)) = c.get_mut("ports") {
+                    let mut seen = std::collections::HashSet::new();
+                    ports.retain(|p| {
+                        seen.insert((
+                            p["containerPort"].as_i64(),
+                            p["protocol"].as_str().unwrap_or("TCP").to_string(),
+                        ))
+                    });
+                }
+            }
+        }
+    }
 }
 
 /// Objects that are per-cluster by nature and never mirrored.
@@ -355,6 +395,23 @@ mod tests {
             let out = sanitise(&input);
             assert_eq!(out.pointer(pointer).cloned(), want, "{what}: {out}");
         }
+    }
+
+    #[test]
+    fn duplicate_env_names_and_ports_are_made_unique_as_the_container_sees_them() {
+        let d = json!({"kind": "Deployment", "spec": {"template": {"spec": {"containers": [{"name": "a",
+            "env": [{"name": "M", "value": "1"}, {"name": "X", "value": "x"}, {"name": "M", "value": "2"}],
+            "ports": [{"containerPort": 80}, {"containerPort": 80, "protocol": "TCP"}, {"containerPort": 80, "protocol": "UDP"}]}]}}}});
+        let s = sanitise(&d);
+        let c = &s["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(
+            c["env"],
+            json!([{"name": "X", "value": "x"}, {"name": "M", "value": "2"}])
+        );
+        assert_eq!(
+            c["ports"],
+            json!([{"containerPort": 80}, {"containerPort": 80, "protocol": "UDP"}])
+        );
     }
 
     #[test]
