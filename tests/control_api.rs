@@ -146,6 +146,14 @@ fn calls_without_a_token_or_below_their_level_are_refused_and_change_nothing() {
         }
     }
 
+    // Asking for Secrets with the query percent-encoded is the same request.
+    for q in ["secr%65ts=true", "secrets=%74rue"] {
+        let path = format!("/v1/protections/{PROT}/manifests?{q}");
+        let (code, body) = call("GET", d, &path, Some(READ));
+        assert_eq!(code, 403, "{path}: {body}");
+        assert!(body.contains("need level admin"), "{body}");
+    }
+
     // Nothing changed at either site.
     let after = pair.dr.status().protections[0].clone();
     assert_eq!(

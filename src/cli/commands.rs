@@ -13,8 +13,8 @@ use crate::api::{
 use crate::config::{self, ConfigError};
 
 /// A client of the site named by `--control`, or by the `[control]` address of `--config`.
-/// The token is `--token-file`'s, else (with `--config`) the config's most powerful
-/// client's when this user can read it.
+/// The token is `--token-file`'s, else (with `--config` alone) the most powerful one of
+/// the config's clients that this user can read.
 pub(super) fn client(target: &Target) -> Result<Client> {
     let cfg = target.config.as_deref().map(load_config).transpose()?;
     let addr = match (&target.control, &cfg) {
@@ -22,10 +22,14 @@ pub(super) fn client(target: &Target) -> Result<Client> {
         (None, Some(c)) => c.control.to_string(),
         (None, None) => bail!("say which site: --config FILE or --control HOST:PORT"),
     };
-    let token = match (&target.token_file, &cfg) {
-        (Some(f), _) => Some(token(f)?),
-        (None, Some(c)) => c.cli_token_file().and_then(|f| config::read_token(f).ok()),
-        (None, None) => None,
+    // A config's own tokens go only to that config's address, never to --control's.
+    let token = match (&target.token_file, &cfg, &target.control) {
+        (Some(f), _, _) => Some(token(f)?),
+        (None, Some(c), None) => c
+            .cli_token_files()
+            .into_iter()
+            .find_map(|f| config::read_token(f).ok()),
+        _ => None,
     };
     Ok(Client::at(&addr).with_token(token))
 }

@@ -100,13 +100,12 @@ pub struct ControlClient {
 }
 
 impl Config {
-    /// The token file of the most powerful client this config names, for the CLI run
-    /// with `--config` at the site itself.
-    pub fn cli_token_file(&self) -> Option<&Path> {
-        self.control_clients
-            .iter()
-            .max_by_key(|c| c.level)
-            .map(|c| c.token_file.as_path())
+    /// The token files of the clients this config names, most powerful first, for the
+    /// CLI run with `--config` at the site itself (it uses the first it can read).
+    pub fn cli_token_files(&self) -> Vec<&Path> {
+        let mut c: Vec<&ControlClient> = self.control_clients.iter().collect();
+        c.sort_by_key(|c| std::cmp::Reverse(c.level));
+        c.into_iter().map(|c| c.token_file.as_path()).collect()
     }
 }
 

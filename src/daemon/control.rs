@@ -178,7 +178,17 @@ async fn manifests(
     State(c): State<RoleCtx>,
     Path(name): Path<String>,
     Query(q): Query<ManifestQuery>,
+    caller: Option<Extension<Caller>>,
 ) -> Response {
+    // The guard's table reads the raw query; this is the decoded one (`secr%65ts=true`).
+    let level = caller.map(|Extension(c)| c.level);
+    if q.secrets && level < Some(Level::Admin) {
+        return err(
+            StatusCode::FORBIDDEN,
+            "forbidden: manifests with Secret data need level admin".into(),
+            None,
+        );
+    }
     match standby::export(c.shared(), &name, q.gen, q.standby, q.secrets).await {
         Ok(m) => Json(m).into_response(),
         Err(e) => err(StatusCode::NOT_FOUND, format!("{e:#}"), None),

@@ -268,19 +268,30 @@ pub fn is_immutable(s: &kube::core::Status) -> bool {
         .any(|m| s.message.contains(m))
 }
 
-/// Kinds whose recreation loses nothing: not the claims and volumes that hold the data,
-/// not a namespace (its deletion takes everything in it).
+/// Built-in kinds whose recreation loses nothing. Not the claims and volumes that hold
+/// the data, not a namespace (its deletion takes everything in it), and not custom
+/// resources: deleting an operator's resource lets the garbage collector delete what the
+/// operator made from it (StatefulSets, claims, Secrets).
 fn recreatable(kind: &Kind) -> bool {
-    !(kind.group.is_empty()
-        && matches!(
-            kind.kind.as_str(),
-            "PersistentVolumeClaim" | "PersistentVolume" | "Namespace"
-        ))
+    matches!(
+        (kind.group.as_str(), kind.kind.as_str()),
+        ("", "ConfigMap" | "Secret" | "Service" | "ServiceAccount")
+            | (
+                "apps",
+                "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet"
+            )
+            | ("batch", "Job" | "CronJob")
+            | ("rbac.authorization.k8s.io", "Role" | "RoleBinding")
+            | ("networking.k8s.io", "Ingress" | "NetworkPolicy")
+            | ("autoscaling", "HorizontalPodAutoscaler")
+            | ("policy", "PodDisruptionBudget")
+    )
 }
 
 /// The documented safe path for an immutable change: delete the one object and apply it
-/// again. Workloads are deleted with `propagationPolicy: Orphan`, so pods running (after a
-/// failover) stay and the new controller adopts them; claims are never deleted. If the new
+/// again. Workloads whose selector is unchanged are deleted with `propagationPolicy:
+/// Orphan`, so pods running (after a failover) stay and the new controller adopts them;
+/// others in the background (their pods are replaced); claims are never deleted. If the new
 /// object cannot be created, the old one is put back as it was.
 async fn recreate(
     api: &Api<DynamicObject>,
@@ -292,8 +303,14 @@ async fn recreate(
     let old = find(api, name)
         .await
         .map_err(|e| format!("read it before recreating: {e}"))?;
+    // Orphaned pods are adopted only by a controller whose selector still matches them; a
+    // changed selector would leave them running beside the new ones.
+    let same_selector = old
+        .as_ref()
+        .and_then(|o| serde_json::to_value(o).ok())
+        .is_some_and(|o| o["spec"]["selector"] == v["spec"]["selector"]);
     let workload = kind.group == "apps" || (kind.group == "batch" && kind.kind == "CronJob");
-    let dp = if workload {
+    let dp = if workload && same_selector {
         DeleteParams::orphan()
     } else {
         DeleteParams::background()
@@ -305,7 +322,7 @@ async fn recreate(
     }
     // Deletion with orphaning finishes after the garbage collector's pass.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while matches!(find(api, name).await, Ok(Some(_))) {
+    while !matches!(find(api, name).await, Ok(None)) {
         if Instant::now() > deadline {
             return Err("recreate: the old object was not gone after 30s".into());
         }
@@ -362,8 +379,11 @@ pub fn is_ready(v: &Value) -> bool {
     let status = &v["status"];
     match v["kind"].as_str() {
         Some("DaemonSet") => {
+            // Just after the active apply a standby DaemonSet still reports 0 of 0.
+            let observed = status["observedGeneration"].as_i64().unwrap_or(0)
+                >= v["metadata"]["generation"].as_i64().unwrap_or(0);
             let want = status["desiredNumberScheduled"].as_i64().unwrap_or(0);
-            status["numberReady"].as_i64().unwrap_or(0) >= want
+            observed && status["numberReady"].as_i64().unwrap_or(0) >= want
         }
         _ => {
             let want = v["spec"]["replicas"].as_i64().unwrap_or(1);
@@ -467,6 +487,10 @@ mod tests {
         assert!(!is_ready(&d(3, 1)));
         assert!(is_ready(
             &json!({"kind": "DaemonSet", "status": {"desiredNumberScheduled": 2, "numberReady": 2}})
+        ));
+        assert!(!is_ready(
+            &json!({"kind": "DaemonSet", "metadata": {"generation": 3},
+            "status": {"desiredNumberScheduled": 0, "numberReady": 0, "observedGeneration": 2}})
         ));
     }
 }

@@ -136,7 +136,9 @@ type Pid = std::sync::Arc<std::sync::OnceLock<u32>>;
 struct Proc {
     stdin: Option<Box<dyn AsyncWrite + Send + Unpin>>,
     stdout: Option<Box<dyn AsyncRead + Send + Unpin>>,
-    stderr: Option<Box<dyn AsyncRead + Send + Unpin>>,
+    /// Drained from the start into its tail: a command that writes more stderr than the
+    /// exec stream buffers would otherwise stall before it prints its lock marker.
+    stderr: Option<tokio::task::JoinHandle<String>>,
     wait: std::pin::Pin<Box<dyn std::future::Future<Output = Option<i32>> + Send>>,
 }
 
@@ -144,7 +146,12 @@ impl Proc {
     /// Waits for the exit code while draining stdout and stderr (a full pipe would stall
     /// the command); returns the code and the tail of stderr.
     async fn finish(mut self) -> (Option<i32>, String) {
-        let stderr = read_all(self.stderr.take());
+        let stderr = async {
+            match self.stderr.take() {
+                Some(t) => t.await.unwrap_or_default(),
+                None => String::new(),
+            }
+        };
         let stdout = read_all(self.stdout.take());
         let (code, err, _) = tokio::join!(self.wait, stderr, stdout);
         (code, err)
@@ -189,7 +196,7 @@ impl Executor {
                 Ok(Proc {
                     stdin: child.stdin.take().map(|s| Box::new(s) as _),
                     stdout: child.stdout.take().map(|s| Box::new(s) as _),
-                    stderr: child.stderr.take().map(|s| Box::new(s) as _),
+                    stderr: drain(child.stderr.take().map(|s| Box::new(s) as _)),
                     wait: Box::pin(async move { child.wait().await.ok().and_then(|s| s.code()) }),
                 })
             }
@@ -236,7 +243,7 @@ impl Executor {
                 Ok(Proc {
                     stdin: p.stdin().map(|s| Box::new(s) as _),
                     stdout,
-                    stderr: p.stderr().map(|s| Box::new(s) as _),
+                    stderr: drain(p.stderr().map(|s| Box::new(s) as _)),
                     wait: Box::pin(async move {
                         let code = match status {
                             Some(s) => exit_code_of(s.await),
@@ -357,6 +364,11 @@ impl Executor {
             }
         }
     }
+}
+
+/// Reads `r` to its end in a task of its own; the task's result is the tail.
+fn drain(r: Option<Box<dyn AsyncRead + Send + Unpin>>) -> Option<tokio::task::JoinHandle<String>> {
+    r.map(|r| tokio::spawn(read_all(Some(r))))
 }
 
 async fn read_all(r: Option<Box<dyn AsyncRead + Send + Unpin>>) -> String {
