@@ -344,13 +344,13 @@ impl Executor {
         })
         .await;
         match spawned {
-            Ok(Ok(p)) => Ok(Holding {
+            Ok(Ok(p)) => Ok(Holding(Some(Held {
                 proc: p,
                 outcome: out,
                 started,
                 timeout: a.timeout,
                 kill: (self.clone(), target.clone(), pid),
-            }),
+            }))),
             Ok(Err(e)) => {
                 out.stderr = format!("{e:#}");
                 out.seconds = started.elapsed().as_secs_f64();
@@ -380,7 +380,13 @@ async fn read_all(r: Option<Box<dyn AsyncRead + Send + Unpin>>) -> String {
 }
 
 /// A background action holding its lock.
-pub struct Holding {
+///
+/// Dropped without [`Holding::end`] (a cycle cancelled at shutdown while the snapshot is
+/// taken), it is ended anyway, in a task of its own: otherwise a local holder would be
+/// killed before its unlock step ran, and one in a pod would hold its lock on.
+pub struct Holding(Option<Held>);
+
+struct Held {
     proc: Proc,
     outcome: Outcome,
     started: Instant,
@@ -389,10 +395,27 @@ pub struct Holding {
     kill: (Executor, Target, Pid),
 }
 
+impl Drop for Holding {
+    fn drop(&mut self) {
+        if let (Some(h), Ok(rt)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move {
+                let o = h.end().await;
+                tracing::warn!(rule = %o.rule, target = %o.target, ok = o.ok(), "background action ended after its cycle was cancelled");
+            });
+        }
+    }
+}
+
 impl Holding {
     /// Ends the action: a line on its stdin (its `${WAIT_CMD}` returns), then stdin closed,
     /// and waits for it, killing it if it does not exit within its timeout.
     pub async fn end(mut self) -> Outcome {
+        self.0.take().expect("ended once").end().await
+    }
+}
+
+impl Held {
+    async fn end(mut self) -> Outcome {
         // The line is what v4 can send; the shutdown (not just a drop: an exec stream's
         // stdin half only sends the v5 close frame when shut down) is for commands that
         // read to the end.

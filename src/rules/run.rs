@@ -255,6 +255,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_held_action_dropped_with_its_cycle_still_runs_its_unlock_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let cmd = format!(
+            "echo locked > {f}; ${{WAIT_CMD}}; echo released > {f}",
+            f = state.display()
+        );
+        let held = Executor::Local
+            .start("r", &Target::Local, &action(&cmd, true, 5000))
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read_to_string(&state).unwrap().trim(), "locked");
+        drop(held); // as when the cycle holding it is cancelled
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(&state).unwrap().trim() != "released" {
+            assert!(Instant::now() < deadline, "the holder was never released");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
     async fn a_failed_pre_action_skips_the_body_and_post_still_runs() {
         let dir = tempfile::tempdir().unwrap();
         let post = dir.path().join("post-ran");
