@@ -82,13 +82,14 @@ impl Rules {
     }
 
     /// Runs `rules` in order; each action runs in all its targets at once. Background
-    /// actions are left holding in `held`. Returns false at the first failure that fails.
+    /// actions are left holding in `held`. Returns the failure that stopped it (the first of
+    /// an action whose onError is Fail), or None.
     async fn phase(
         &self,
         rules: &[Rule],
         held: &mut Vec<Holding>,
         report: &mut FreezeReport,
-    ) -> bool {
+    ) -> Option<Outcome> {
         for rule in rules {
             for item in &rule.items {
                 let (targets, unrunnable) = self.targets(item);
@@ -99,6 +100,7 @@ impl Rules {
                         targets.iter().collect()
                     };
                     let mut failed = false;
+                    let before = report.failures.len();
                     // A pod that cannot run it now is a failed action, handled by onError;
                     // a single-pod action needs only one pod that can.
                     if !action.single_pod || targets.is_empty() {
@@ -136,12 +138,13 @@ impl Rules {
                         }
                     }
                     if failed {
-                        return false;
+                        // This action's failures all share its onError: the first stopped it.
+                        return Some(report.failures[before].clone());
                     }
                 }
             }
         }
-        true
+        None
     }
 
     /// Runs the pre rules, then `body` if they all succeeded, then ends background actions
@@ -153,9 +156,12 @@ impl Rules {
     ) -> Result<T, Barrier> {
         let started = Instant::now();
         let mut held = Vec::new();
-        let pre_ok = self.phase(&self.pre, &mut held, report).await;
-        let first_pre_failure = report.failures.first().cloned();
-        let value = if pre_ok { Some(body.await) } else { None };
+        let stopped = self.phase(&self.pre, &mut held, report).await;
+        let value = if stopped.is_none() {
+            Some(body.await)
+        } else {
+            None
+        };
         for o in futures::future::join_all(held.into_iter().map(Holding::end)).await {
             if !o.ok() {
                 report.failures.push(o.clone());
@@ -169,8 +175,7 @@ impl Rules {
             report.outcomes.push(h.end().await);
         }
         report.freeze = started.elapsed();
-        if !pre_ok {
-            let f = first_pre_failure.expect("a failed pre phase recorded its failure");
+        if let Some(f) = stopped {
             return Err(Barrier::Hook(format!(
                 "pre {}; snapshot not taken",
                 f.describe()
@@ -252,6 +257,25 @@ mod tests {
                 actions,
             }],
         }
+    }
+
+    #[tokio::test]
+    async fn the_error_names_the_action_that_stopped_the_snapshot_not_an_earlier_continue() {
+        let mut tolerated = action("exit 3", false, 5000);
+        tolerated.on_error = OnError::Continue;
+        let stopper = action("exit 4", false, 5000);
+        let rules = local(vec![rule(vec![tolerated, stopper])], vec![]);
+        let mut report = FreezeReport::default();
+        let err = rules
+            .around(async { Ok(()) }, &mut report)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`exit 4`") && !err.contains("`exit 3`"),
+            "{err}"
+        );
+        assert_eq!(report.failures.len(), 2);
     }
 
     #[tokio::test]
