@@ -293,18 +293,15 @@ impl Executor {
         let Some(pid) = pid.get() else {
             return "it had not started (no PID seen); nothing to kill".into();
         };
+        // As an argv, so it is not wrapped to print a PID of its own.
+        let kill_tree = KILL_TREE.replace("{pid}", &pid.to_string());
         let a = Action {
-            command: KILL_TREE.replace("{pid}", &pid.to_string()),
-            argv: None,
+            argv: Some(vec!["/bin/sh".into(), "-c".into(), kill_tree.clone()]),
+            command: kill_tree,
             background: false,
             single_pod: false,
             timeout: Duration::from_secs(10),
             on_error: super::OnError::Continue,
-        };
-        let killer = ["/bin/sh".to_string(), "-c".to_string(), a.command.clone()];
-        let a = Action {
-            argv: Some(killer.to_vec()),
-            ..a
         };
         let done = tokio::time::timeout(a.timeout, async {
             self.spawn(target, &a, &Pid::default())

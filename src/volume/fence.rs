@@ -30,16 +30,6 @@ pub fn fence_path(replica: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-fn sync_dir(path: &Path) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("fsync directory {}", dir.display()))
-}
-
 /// Writes the fence beside `replica`, durably (temp file, fsync, rename, fsync the dir).
 pub fn write(replica: &Path, fence: &Fence) -> Result<()> {
     let path = fence_path(replica);
@@ -54,7 +44,7 @@ pub fn write(replica: &Path, fence: &Fence) -> Result<()> {
         .and_then(|_| f.sync_all())
         .with_context(|| format!("write {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("rename to {}", path.display()))?;
-    sync_dir(&path)
+    super::sync_parent(&path)
 }
 
 /// The fence beside `replica`, if there is one.
@@ -77,7 +67,7 @@ pub fn remove(replica: &Path) -> Result<bool> {
     let path = fence_path(replica);
     match std::fs::remove_file(&path) {
         Ok(()) => {
-            sync_dir(&path)?;
+            super::sync_parent(&path)?;
             Ok(true)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),

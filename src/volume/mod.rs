@@ -44,3 +44,14 @@ pub fn file_blake3(path: &Path) -> Result<String> {
     }
     Ok(h.finalize().to_hex().to_string())
 }
+
+/// Fsyncs the directory holding `path`, so a rename or a new file in it is durable.
+pub(crate) fn sync_parent(path: &Path) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("fsync directory {}", dir.display()))
+}

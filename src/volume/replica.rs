@@ -220,13 +220,7 @@ pub fn install(fresh: &Path, replica: &Path) -> Result<()> {
                 .with_context(|| format!("rename {} to {}", fresh.display(), replica.display()))
         }
     }
-    let dir = replica
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("fsync directory {}", dir.display()))
+    super::sync_parent(replica)
 }
 
 /// Applies the staging log at `log` to the replica at `replica` and fsyncs it.
