@@ -555,6 +555,68 @@ impl ApiState {
     }
 }
 
+/// For the controller stand-ins that run beside the server as a real cluster's controllers
+/// do (the CSI driver and snapshot controller, the kubelet and Job controller): they read
+/// the stored objects and write their results, status included, with the events a watch
+/// sees, without authorization (they are the cluster's own components).
+impl ApiState {
+    /// Every stored object of a type, in key order.
+    pub fn list_objects(&self, group: &str, plural: &str) -> Vec<Value> {
+        self.objects
+            .iter()
+            .filter(|(k, _)| k.0 == group && k.1 == plural)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    pub fn get_object(&self, group: &str, plural: &str, ns: &str, name: &str) -> Option<Value> {
+        self.objects
+            .get(&(group.into(), plural.into(), ns.into(), name.into()))
+            .cloned()
+    }
+
+    /// Writes `v` (its type from apiVersion and kind) as `manager`: created, or updated
+    /// with a new resourceVersion when it changed.
+    pub fn put(&mut self, v: Value, manager: &str) -> Value {
+        let t = self
+            .types
+            .iter()
+            .find(|t| {
+                t.api_version() == v["apiVersion"].as_str().unwrap_or("") && t.kind == v["kind"]
+            })
+            .cloned()
+            .unwrap_or_else(|| panic!("unknown type {} {}", v["apiVersion"], v["kind"]));
+        let ns = if t.namespaced {
+            v["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        } else {
+            String::new()
+        };
+        let name = v["metadata"]["name"].as_str().unwrap().to_string();
+        let key = (t.group.clone(), t.plural.clone(), ns, name);
+        let old = self.objects.get(&key).cloned();
+        let op = if old.is_some() { "Update" } else { "Create" };
+        self.store(&t, key, v, old.as_ref(), manager, op)
+    }
+
+    /// Removes an object at once (a controller's own cleanup), with its DELETED event.
+    pub fn remove(&mut self, group: &str, plural: &str, ns: &str, name: &str) -> Option<Value> {
+        let key = (
+            group.to_string(),
+            plural.to_string(),
+            ns.to_string(),
+            name.to_string(),
+        );
+        let v = self.objects.remove(&key)?;
+        self.applied.remove(&key);
+        self.next_rv();
+        self.emit(key, "DELETED", v.clone());
+        Some(v)
+    }
+}
+
 struct Target {
     t: ResType,
     ns: Option<String>,
@@ -1429,6 +1491,11 @@ impl KubeApi {
                 .to_string();
             st.store(&t, key, old.clone(), Some(&old), &manager, "Update");
         }
+    }
+
+    /// Runs `f` on the server's state under its lock (the controller stand-ins' way in).
+    pub fn with_state<R>(&self, f: impl FnOnce(&mut ApiState) -> R) -> R {
+        f(&mut self.state.lock().unwrap())
     }
 
     /// Every authorization decision so far.
