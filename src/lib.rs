@@ -11,7 +11,10 @@
 //! - [`ids`]: typed identifiers (chunk hashes, gens, epochs, names, points).
 //! - [`rules`]: pre/post rules (Stork Rules, Velero hooks, local commands) around a group
 //!   snapshot, and where they run (local processes, pods/exec).
-//! - [`k8s`]: Kubernetes mode: selection, manifest bundles, standby and active apply.
+//! - [`k8s`]: Kubernetes mode: selection, manifest bundles, CSI group snapshots, standby
+//!   and active apply.
+//! - [`mover`]: one volume of a Kubernetes cycle, moved from its snapshot's block device
+//!   by a Job on the node it attaches to.
 //! - [`volume`]: group snapshots, staging logs, and where a replica is written.
 //! - [`engine`]: chunk geometry, the scanner that hashes on all cores, the ordered diff
 //!   against packed index segments, chunk verification, compression and 4 KiB block
@@ -41,6 +44,7 @@ pub mod ids;
 pub mod k8s;
 pub mod lifecycle;
 pub mod metrics;
+pub mod mover;
 pub mod net;
 pub mod replicate;
 pub mod rules;

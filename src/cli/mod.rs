@@ -9,6 +9,7 @@
 
 mod commands;
 pub mod demo;
+mod mover;
 mod render;
 
 use std::path::PathBuf;
@@ -186,6 +187,10 @@ pub enum Command {
     /// Two sites on this machine: initial sync, incremental cycles under a writer,
     /// failover, and a blake3 proof that the recovered replica equals its snapshot.
     Demo(demo::DemoArgs),
+    /// Kubernetes mode, run by the primary's daemon as a Job (not by hand): move one
+    /// volume of a running cycle from its snapshot, attached as a block device, to the
+    /// DR site over the pair's mutual TLS, and write the outcome as JSON to --result.
+    Mover(mover::MoverArgs),
 }
 
 pub fn init_tracing(cli: &Cli) {
@@ -337,5 +342,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             out.as_deref(),
         ),
         Command::Demo(args) => demo::run(args),
+        Command::Mover(args) => mover::run(args),
     }
 }

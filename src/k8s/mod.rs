@@ -8,10 +8,12 @@ pub mod apply;
 pub mod bundle;
 pub mod closure;
 pub mod collect;
+pub mod cut;
 pub mod kinds;
 pub mod labels;
 pub mod rbac;
 pub mod sanitise;
+pub mod snapshot;
 pub mod standby_patch;
 pub mod transform;
 

@@ -226,6 +226,10 @@ fn load(files: &TlsFiles) -> Result<Loaded> {
     if let Some(why) = loose_key(&files.key) {
         bail!("private key {why}");
     }
+    load_unchecked(files)
+}
+
+fn load_unchecked(files: &TlsFiles) -> Result<Loaded> {
     let mut roots = rustls::RootCertStore::empty();
     for ca in certs(&files.ca, "CA certificate")? {
         roots
@@ -264,6 +268,30 @@ pub fn server_config(files: &TlsFiles) -> Result<rustls::ServerConfig> {
 /// The primary side: verifies the DR site against the pair CA and presents its own cert.
 pub fn client_config(files: &TlsFiles) -> Result<rustls::ClientConfig> {
     let l = load(files)?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(l.roots)
+        .with_client_auth_cert(l.chain, l.key)
+        .with_context(|| format!("use key {} with its certificate", files.key.display()))?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(cfg)
+}
+
+/// A mover's client config (a non-root Pod under the `restricted` Pod Security level):
+/// the kubelet makes a Secret file readable to the pod's user only through its group
+/// (fsGroup), so group read is accepted; read by others still is not.
+pub fn mover_client_config(files: &TlsFiles) -> Result<rustls::ClientConfig> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = fs::metadata(&files.key) {
+        let mode = m.permissions().mode() & 0o7777;
+        if mode & 0o007 != 0 {
+            bail!(
+                "private key {} has mode {mode:04o}, readable by others; expected the Secret's defaultMode 0400 or 0440",
+                files.key.display()
+            );
+        }
+    }
+    let l = load_unchecked(files)?;
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(l.roots)

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 use crate::engine::chunk::MAX_CHUNK_SIZE;
-use crate::ids::{ChunkHash, Epoch, Gen, Point};
+use crate::ids::{ChunkHash, CycleId, Epoch, Gen, Point};
 use crate::net::limit::RateLimit;
 
 /// ALPN of the replication protocol; a client offering anything else gets no connection.
@@ -193,6 +193,20 @@ pub enum Msg {
     Committed {
         point: Point,
     },
+    /// Kubernetes mode: a mover (a Job on the node its snapshot attaches to) joins the
+    /// running cycle `cycle` of `protection` with one volume's stream: its hash request,
+    /// then `Begin`, chunks and `End`, as the cycle stream would carry them.
+    Join {
+        protection: String,
+        cycle: CycleId,
+        volume: String,
+        chunk_size: u32,
+    },
+    /// The DR site staged a joined volume durably: its mover may report success.
+    Staged {
+        volume: String,
+        root: ChunkHash,
+    },
 }
 
 impl Msg {
@@ -216,6 +230,8 @@ impl Msg {
             Msg::RefineOpen { .. } => "RefineOpen",
             Msg::BlockHashRequest { .. } => "BlockHashRequest",
             Msg::BlockHashes { .. } => "BlockHashes",
+            Msg::Join { .. } => "Join",
+            Msg::Staged { .. } => "Staged",
         }
     }
 }

@@ -23,6 +23,13 @@ pub enum Opening {
         size: u64,
         chunk_size: u32,
     },
+    /// A mover's stream of one volume of a running cycle.
+    Join {
+        protection: String,
+        cycle: crate::ids::CycleId,
+        volume: String,
+        chunk_size: u32,
+    },
 }
 
 impl TryFrom<Msg> for Opening {
@@ -39,6 +46,17 @@ impl TryFrom<Msg> for Opening {
                 protection,
                 volume,
                 size,
+                chunk_size,
+            }),
+            Msg::Join {
+                protection,
+                cycle,
+                volume,
+                chunk_size,
+            } => Ok(Opening::Join {
+                protection,
+                cycle,
+                volume,
                 chunk_size,
             }),
             other => Err(other.kind()),

@@ -14,7 +14,8 @@ use anyhow::Result;
 use tokio::sync::{MutexGuard, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::ids::{Epoch, Gen, ProtectionName, VolumeName};
+use crate::ids::{CycleId, Epoch, Gen, ProtectionName, VolumeName};
+use crate::net::wire::{FrameReader, FrameWriter};
 use crate::site::Shared;
 use crate::store::{CommitRecord, ProtectionRecord, StagedVolume};
 use crate::volume::fence::Fence;
@@ -28,6 +29,16 @@ pub struct ProtectionLock {
     /// Cancels the cycle in flight: a newer attempt from the primary supersedes it (after
     /// a kill -9 the old connection would otherwise hold the lock until its idle timeout).
     current: std::sync::Mutex<Option<CancellationToken>>,
+    /// The running cycle that movers may join: its id, and where their streams go.
+    joins: std::sync::Mutex<Option<(CycleId, tokio::sync::mpsc::Sender<JoinedStream>)>>,
+}
+
+/// A mover's stream of one volume, handed to the running cycle it joined.
+pub struct JoinedStream {
+    pub volume: String,
+    pub chunk_size: u32,
+    pub w: FrameWriter,
+    pub r: FrameReader,
 }
 
 impl ProtectionLock {
@@ -37,7 +48,31 @@ impl ProtectionLock {
             lock: tokio::sync::Mutex::new(()),
             failing_over: AtomicBool::new(false),
             current: std::sync::Mutex::new(None),
+            joins: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Opens the running cycle `cycle` to movers; the returned receiver gets their
+    /// streams until [`ProtectionLock::close_joins`] (or a newer cycle opens).
+    pub fn open_joins(&self, cycle: CycleId) -> tokio::sync::mpsc::Receiver<JoinedStream> {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        *self.joins.lock().expect("join registry") = Some((cycle, tx));
+        rx
+    }
+
+    pub fn close_joins(&self, cycle: CycleId) {
+        let mut j = self.joins.lock().expect("join registry");
+        if j.as_ref().is_some_and(|(c, _)| *c == cycle) {
+            *j = None;
+        }
+    }
+
+    /// Where a mover's stream for `cycle` goes, if that cycle is running here.
+    pub fn join(&self, cycle: CycleId) -> Option<tokio::sync::mpsc::Sender<JoinedStream>> {
+        let j = self.joins.lock().expect("join registry");
+        j.as_ref()
+            .filter(|(c, _)| *c == cycle)
+            .map(|(_, tx)| tx.clone())
     }
 
     pub fn failing_over(&self) -> bool {

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -22,7 +23,7 @@ use crate::net::wire::{FrameReader, FrameWriter, Msg, Refusal};
 use crate::replicate::error::ReceiveError;
 use crate::replicate::messages::{CycleMsg, CycleStart, VolumeMsg};
 use crate::replicate::recovery;
-use crate::site::dr::{Dr, Locked};
+use crate::site::dr::{Dr, JoinedStream, Locked};
 use crate::store::schema::RECORD_VERSION;
 use crate::store::{ProtectionRecord, StagedVolume};
 use crate::volume::replica;
@@ -168,7 +169,8 @@ async fn checks(
     Ok(())
 }
 
-/// From `Cycle` to `Committed`.
+/// From `Cycle` to `Committed`. Movers (Kubernetes mode) join with a stream per volume
+/// while the cycle stream waits for `Commit`; their volumes are received side by side.
 async fn receive(
     dr: &Arc<Dr>,
     locked: &Locked<'_>,
@@ -180,11 +182,38 @@ async fn receive(
 ) -> Result<(), ReceiveError> {
     let point = machine.point();
     let name = machine.group().name.clone();
+    let lock = dr.lock_of(name.as_str()).expect("a lock per protection");
+    let mut joins = lock.open_joins(point.cycle);
+    let _closed = CloseJoins(lock, point.cycle);
+    let mut joined = FuturesUnordered::new();
     loop {
         if locked.failing_over() {
             return Err(machine::failed_over(rec));
         }
-        let msg = next_frame(r, token, "Commit").await?;
+        let msg = tokio::select! {
+            m = next_frame(r, token, "Commit") => m?,
+            Some(js) = joins.recv() => {
+                match machine.join(&js.volume, js.chunk_size) {
+                    Ok(Action::ServeHashes { volume, path, chunk_size, known }) => {
+                        let plan = JoinPlan { volume, path, chunk_size, known };
+                        joined.push(joined_volume(dr, locked, point, plan, js, token));
+                    }
+                    Ok(_) => unreachable!("a join is answered with its hashes"),
+                    Err(e) => refuse_join(js, &e).await,
+                }
+                continue;
+            }
+            Some((volume, result)) = joined.next(), if !joined.is_empty() => {
+                match result {
+                    Ok((base_gen, staged)) => machine.joined_staged(volume, base_gen, staged),
+                    Err(e) => {
+                        tracing::warn!(volume = %volume, error = %e, "a mover's volume failed; its Job may retry it");
+                        machine.join_failed(volume.as_str());
+                    }
+                }
+                continue;
+            }
+        };
         let msg = CycleMsg::try_from(msg).map_err(|kind| machine.unexpected(kind))?;
         match machine.handle(msg)? {
             Action::ServeHashes {
@@ -240,6 +269,103 @@ async fn receive(
             }
         }
     }
+}
+
+/// Closes the cycle to movers when it ends, however it ends.
+struct CloseJoins<'a>(&'a crate::site::dr::ProtectionLock, crate::ids::CycleId);
+
+impl Drop for CloseJoins<'_> {
+    fn drop(&mut self) {
+        self.0.close_joins(self.1);
+    }
+}
+
+/// What a joined volume's stream is served with (the machine's `ServeHashes`).
+struct JoinPlan {
+    volume: VolumeName,
+    path: PathBuf,
+    chunk_size: u32,
+    known: Option<Gen>,
+}
+
+async fn refuse_join(mut js: JoinedStream, e: &ReceiveError) {
+    tracing::warn!(volume = %js.volume, error = %e, "refused a mover's stream");
+    let _ = js.w.send(&Msg::Refused(e.told())).await;
+    js.w.finish();
+    js.r.stop();
+}
+
+/// One mover's volume: this site's hashes of it, then its chunks into staging; the mover
+/// is told once the volume is durably staged.
+async fn joined_volume<'a>(
+    dr: &'a Arc<Dr>,
+    locked: &'a Locked<'_>,
+    point: Point,
+    plan: JoinPlan,
+    mut js: JoinedStream,
+    token: &'a CancellationToken,
+) -> (VolumeName, Result<(Gen, Staged), ReceiveError>) {
+    let volume = plan.volume.clone();
+    let span = tracing::info_span!("mover", volume = %volume);
+    let result = async {
+        let gen = hashes::serve_hashes(
+            dr,
+            locked.name(),
+            &plan.volume,
+            plan.path.clone(),
+            plan.chunk_size,
+            plan.known,
+            &mut js.w,
+        )
+        .await?;
+        let (size, chunk_size) = match next_frame(&mut js.r, token, "Begin").await? {
+            Msg::Begin {
+                volume: v,
+                size,
+                chunk_size,
+            } if v == plan.volume.as_str() && chunk_size == plan.chunk_size => (size, chunk_size),
+            Msg::Begin { volume: v, .. } => {
+                return Err(ReceiveError::protocol(format!(
+                    "a mover joined with volume {} at chunk size {} but began {v}",
+                    plan.volume, plan.chunk_size
+                )))
+            }
+            other => {
+                return Err(ReceiveError::protocol(format!(
+                    "expected Begin from the mover of {}, got {}",
+                    plan.volume,
+                    other.kind()
+                )))
+            }
+        };
+        let staged = receive_volume(
+            dr,
+            locked,
+            point,
+            &plan.volume,
+            plan.path,
+            Geometry::new(size, chunk_size),
+            gen,
+            &mut js.r,
+            token,
+        )
+        .await?;
+        js.w.send(&Msg::Staged {
+            volume: plan.volume.to_string(),
+            root: staged.record.root,
+        })
+        .await?;
+        js.w.finish();
+        Ok((gen, staged))
+    }
+    .instrument(span)
+    .await;
+    if let Err(e) = &result {
+        let _ = js.w.send(&Msg::Refused(e.told())).await;
+        js.w.finish();
+        js.r.stop();
+    }
+    (volume, result)
 }
 
 /// Receives one volume's chunks into its staging log (or a fresh replica) and records it

@@ -103,6 +103,8 @@ pub struct Receiving {
     bases: HashMap<VolumeName, Gen>,
     /// Between an `Action::Receive` and its report.
     receiving: Option<VolumeName>,
+    /// Volumes whose movers joined the cycle with a stream of their own, until staged.
+    joined: BTreeSet<VolumeName>,
     staged: BTreeMap<VolumeName, Staged>,
     manifests: Option<Vec<u8>>,
 }
@@ -150,6 +152,7 @@ impl Receiving {
             repair,
             bases: HashMap::new(),
             receiving: None,
+            joined: BTreeSet::new(),
             staged: BTreeMap::new(),
             manifests: None,
         })
@@ -188,12 +191,7 @@ impl Receiving {
                     )));
                 };
                 check_chunk_size(chunk_size)?;
-                let known = self
-                    .have
-                    .as_ref()
-                    .filter(|p| p.volume_at(&volume, chunk_size).is_some())
-                    .filter(|_| !self.repair.contains(volume.as_str()))
-                    .map(|p| p.point.gen);
+                let known = self.known_index(&volume, chunk_size);
                 Ok(Action::ServeHashes {
                     volume: v.name.clone(),
                     path: v.path.clone(),
@@ -207,7 +205,12 @@ impl Receiving {
                 chunk_size,
             } => {
                 let v = match self.group.volume(&volume) {
-                    Some(v) if !self.staged.contains_key(volume.as_str()) => v.clone(),
+                    Some(v)
+                        if !self.staged.contains_key(volume.as_str())
+                            && !self.joined.contains(volume.as_str()) =>
+                    {
+                        v.clone()
+                    }
                     _ => {
                         return Err(ReceiveError::protocol(format!(
                             "unexpected Begin for volume {volume:?}"
@@ -259,6 +262,66 @@ impl Receiving {
         }
     }
 
+    /// The index gen this site can serve hashes of `volume` from: the consistent point's,
+    /// unless the volume is under repair or was replicated at another chunk size.
+    fn known_index(&self, volume: &str, chunk_size: u32) -> Option<Gen> {
+        self.have
+            .as_ref()
+            .filter(|p| p.volume_at(volume, chunk_size).is_some())
+            .filter(|_| !self.repair.contains(volume))
+            .map(|p| p.point.gen)
+    }
+
+    /// A mover joins with `volume` on a stream of its own. It always exchanges hashes
+    /// first (a mover has no index of its own), so what it needs is what
+    /// [`Action::ServeHashes`] says; its chunks then diff against the served gen, and the
+    /// shell reports it with [`Receiving::joined_staged`].
+    pub fn join(&mut self, volume: &str, chunk_size: u32) -> Result<Action, ReceiveError> {
+        let v = match self.group.volume(volume) {
+            Some(v)
+                if !self.staged.contains_key(volume)
+                    && !self.joined.contains(volume)
+                    && self.receiving.as_ref().map(|v| v.as_str()) != Some(volume) =>
+            {
+                v.clone()
+            }
+            Some(_) => {
+                return Err(ReceiveError::protocol(format!(
+                    "volume {volume} joined the cycle of gen {} twice",
+                    self.point.gen
+                )))
+            }
+            None => {
+                return Err(ReceiveError::protocol(format!(
+                    "a mover joined with volume {volume:?}, which is not in the cycle of gen {}",
+                    self.point.gen
+                )))
+            }
+        };
+        check_chunk_size(chunk_size)?;
+        self.joined.insert(v.name.clone());
+        Ok(Action::ServeHashes {
+            known: self.known_index(volume, chunk_size),
+            volume: v.name,
+            path: v.path,
+            chunk_size,
+        })
+    }
+
+    /// A joined volume's stream failed: the cycle cannot commit without it (its mover's
+    /// Job retries it in a new stream).
+    pub fn join_failed(&mut self, volume: &str) {
+        self.joined.remove(volume);
+    }
+
+    /// A joined volume is staged, its chunks diffed against `base_gen`'s index.
+    pub fn joined_staged(&mut self, volume: VolumeName, base_gen: Gen, staged: Staged) {
+        if self.joined.remove(volume.as_str()) {
+            self.bases.insert(volume.clone(), base_gen);
+            self.staged.insert(volume, staged);
+        }
+    }
+
     /// The shell sent the hashes of `volume`; its chunks diff against `gen`'s index.
     pub fn hashes_served(&mut self, volume: VolumeName, gen: Gen) {
         self.bases.insert(volume, gen);
@@ -273,6 +336,11 @@ impl Receiving {
 
     fn commit(&mut self) -> Result<Action, ReceiveError> {
         let group = self.group.volumes.len();
+        if let Some(v) = self.joined.iter().next() {
+            return Err(ReceiveError::protocol(format!(
+                "Commit while the mover of volume {v} is still sending"
+            )));
+        }
         if self.staged.len() != group {
             return Err(ReceiveError::protocol(format!(
                 "Commit after {} of {group} volumes",

@@ -448,3 +448,53 @@ fn a_volume_under_repair_resyncs_against_its_replica_and_is_repaired_by_the_comm
         ["b"]
     );
 }
+
+fn staged(v: &str) -> Staged {
+    Staged {
+        log: format!("/s/{v}.log").into(),
+        record: vrec(),
+        fresh: false,
+    }
+}
+
+#[test]
+fn movers_join_side_by_side_and_the_commit_waits_for_every_one() {
+    let prot = local();
+    let mut m = start(&prot, &["a", "b", "c"]).unwrap();
+    // Two movers at once, each answered with the consistent point's hashes.
+    for v in ["a", "b"] {
+        match m.join(v, CS).unwrap() {
+            Action::ServeHashes { volume, known, .. } => {
+                assert_eq!(volume.as_str(), v);
+                assert_eq!(known, Some(Gen(3)));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // A volume in flight can neither join again nor arrive inline.
+    assert!(m.join("a", CS).is_err());
+    assert!(m.handle(begin("a")).is_err());
+    // Unknown volumes and bad chunk sizes are refused.
+    assert!(format!("{}", m.join("zz", CS).unwrap_err()).contains("not in the cycle"));
+    assert!(m.join("c", 3).is_err());
+    // The third comes inline, as a local volume would.
+    assert!(matches!(
+        m.handle(begin("c")).unwrap(),
+        Action::Receive { .. }
+    ));
+    m.staged(staged("c"));
+    m.joined_staged(VolumeName::new("a").unwrap(), Gen(3), staged("a"));
+    let e = m.handle(CycleMsg::Commit(Gen(4))).unwrap_err();
+    assert!(format!("{e}").contains("mover of volume b"), "{e}");
+    // A failed mover's volume may join again (its Job's retry) and then commits.
+    m.join_failed("b");
+    assert!(matches!(
+        m.join("b", CS).unwrap(),
+        Action::ServeHashes { .. }
+    ));
+    m.joined_staged(VolumeName::new("b").unwrap(), Gen(3), staged("b"));
+    match m.handle(CycleMsg::Commit(Gen(4))).unwrap() {
+        Action::Commit { commit, .. } => assert_eq!(commit.point.volumes.len(), 3),
+        other => panic!("{other:?}"),
+    }
+}

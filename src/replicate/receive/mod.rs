@@ -222,6 +222,29 @@ async fn stream(
                 }
             }
         }
+        Opening::Join {
+            protection,
+            cycle,
+            volume,
+            chunk_size,
+        } => {
+            let to = dr.lock_of(&protection).and_then(|l| l.join(cycle));
+            let js = crate::site::dr::JoinedStream {
+                volume,
+                chunk_size,
+                w,
+                r,
+            };
+            match to {
+                // The cycle owns the stream now, and answers it.
+                Some(tx) => {
+                    if let Err(back) = tx.send(js).await {
+                        refuse_late_join(back.0, &protection, cycle).await;
+                    }
+                }
+                None => refuse_late_join(js, &protection, cycle).await,
+            }
+        }
         Opening::Refine {
             protection,
             volume,
@@ -243,6 +266,21 @@ async fn stream(
             }
         }
     }
+}
+
+/// A mover joined a cycle that is not running (ended, superseded, or never here).
+async fn refuse_late_join(
+    mut js: crate::site::dr::JoinedStream,
+    protection: &str,
+    cycle: crate::ids::CycleId,
+) {
+    let why = format!(
+        "no cycle {cycle} of protection {protection:?} is running at this site (it ended or was superseded)"
+    );
+    tracing::warn!(volume = %js.volume, "{why}");
+    let _ = js.w.send(&Msg::Refused(Refusal::Invalid(why))).await;
+    js.w.finish();
+    js.r.stop();
 }
 
 /// Counts and reports how a cycle stream failed; `label` is empty for a protection this
