@@ -18,6 +18,9 @@ pub struct MoverArgs {
     /// The snapshot's restored PVC, attached as a raw block device (volumeDevices).
     #[arg(long)]
     pub device: PathBuf,
+    /// Bytes to move (the snapshot's restore size); default the whole device.
+    #[arg(long)]
+    pub size: Option<u64>,
     /// The DR site's peer address, HOST:PORT.
     #[arg(long)]
     pub peer: String,
@@ -78,6 +81,7 @@ pub fn run(a: MoverArgs) -> Result<ExitCode> {
             chunk_size: a.chunk_size,
             compress: a.compress,
             scratch: a.scratch,
+            size: a.size,
         };
         let rt = tokio::runtime::Runtime::new()?;
         rt.block_on(mover::send(&job))

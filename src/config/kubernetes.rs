@@ -9,6 +9,58 @@ use super::Role;
 use crate::k8s::{KubeProtection, KubeSettings};
 
 impl Validator {
+    /// The CSI data path's settings (`snapshot_*`, `[protection.kubernetes.mover]`).
+    fn csi_settings(&mut self, key: &str, k: &RawKubeProtection) -> crate::k8s::CsiSettings {
+        use crate::k8s::{CsiSettings, MoverSettings};
+        let d = MoverSettings::default();
+        let m = k.mover.as_ref();
+        let mut duration = |field: String, s: Option<&String>, default: std::time::Duration| match s
+        {
+            Some(s) => super::validate::parse_duration(s).unwrap_or_else(|e| {
+                self.problem(field, e);
+                default
+            }),
+            None => default,
+        };
+        let snapshot_timeout = duration(
+            format!("{key}.snapshot_timeout"),
+            k.snapshot_timeout.as_ref(),
+            std::time::Duration::from_secs(300),
+        );
+        let stuck_after = duration(
+            format!("{key}.mover.stuck_after"),
+            m.and_then(|m| m.stuck_after.as_ref()),
+            d.stuck_after,
+        );
+        let concurrency = m.and_then(|m| m.concurrency).unwrap_or(d.concurrency);
+        if concurrency == 0 {
+            self.problem(
+                format!("{key}.mover.concurrency"),
+                "is 0; expected how many movers of the protection may run at once, e.g. 4",
+            );
+        }
+        let pick = |v: Option<&String>, d: &String| v.cloned().unwrap_or_else(|| d.clone());
+        CsiSettings {
+            wanted: crate::k8s::snapshot::Wanted {
+                snapshot_class: k.snapshot_class.clone(),
+                group_snapshot_class: k.group_snapshot_class.clone(),
+                group_snapshots: k.group_snapshots.unwrap_or(true),
+            },
+            snapshot_timeout,
+            mover: MoverSettings {
+                image: pick(m.and_then(|m| m.image.as_ref()), &d.image),
+                namespace: pick(m.and_then(|m| m.namespace.as_ref()), &d.namespace),
+                concurrency: concurrency.max(1),
+                cpu: pick(m.and_then(|m| m.cpu.as_ref()), &d.cpu),
+                memory: pick(m.and_then(|m| m.memory.as_ref()), &d.memory),
+                cpu_limit: m.and_then(|m| m.cpu_limit.clone()).or(d.cpu_limit),
+                memory_limit: pick(m.and_then(|m| m.memory_limit.as_ref()), &d.memory_limit),
+                tls_secret: pick(m.and_then(|m| m.tls_secret.as_ref()), &d.tls_secret),
+                stuck_after,
+            },
+        }
+    }
+
     /// `[kubernetes]`, or the defaults (in-cluster service account or `$KUBECONFIG`) when
     /// it is missing but some protection is a Kubernetes protection.
     pub(super) fn kube_settings(
@@ -86,6 +138,8 @@ impl Validator {
                 }
             }
         });
+        // No volume_path at the primary: the CSI data path (snapshots and mover Jobs).
+        // The DR site still writes host-path replicas.
         let volume_path = match k.volume_path.as_deref() {
             Some(t) if t.contains("{pvc}") => Some(t.to_string()),
             Some(t) => {
@@ -95,14 +149,17 @@ impl Validator {
                 );
                 None
             }
+            None if role == Role::Primary => None,
             None => {
                 self.problem(
                     format!("{key}.volume_path"),
-                    "is missing; expected where a PVC's bytes are (primary) or its replica goes (DR), e.g. \"/srv/volumes/{namespace}/{pvc}.img\"",
+                    "is missing; expected where each PVC's replica goes at the DR site, e.g. \"/srv/volumes/{namespace}/{pvc}.img\"",
                 );
                 None
             }
         };
+        let csi =
+            (role == Role::Primary && k.volume_path.is_none()).then(|| self.csi_settings(key, &k));
         let volume_path = volume_path.map(|t| {
             if Path::new(&t).is_absolute() {
                 t
@@ -129,6 +186,7 @@ impl Validator {
             }
         }
         KubeProtection {
+            csi,
             standby_patches,
             namespaces: k.namespaces,
             selector,

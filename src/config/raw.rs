@@ -106,6 +106,27 @@ pub(super) struct RawKubeProtection {
     /// DR site: how custom resources (and other controllers) stay paused at standby.
     #[serde(default, rename = "standby_patch")]
     pub(super) standby_patches: Vec<RawStandbyPatch>,
+    /// CSI data path (no `volume_path`): the snapshot classes and how long a cut may take.
+    pub(super) snapshot_class: Option<String>,
+    pub(super) group_snapshot_class: Option<String>,
+    pub(super) group_snapshots: Option<bool>,
+    pub(super) snapshot_timeout: Option<String>,
+    pub(super) mover: Option<RawMover>,
+}
+
+/// `[protection.kubernetes.mover]`: the Jobs that move each volume.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMover {
+    pub(super) image: Option<String>,
+    pub(super) namespace: Option<String>,
+    pub(super) concurrency: Option<usize>,
+    pub(super) cpu: Option<String>,
+    pub(super) memory: Option<String>,
+    pub(super) cpu_limit: Option<String>,
+    pub(super) memory_limit: Option<String>,
+    pub(super) tls_secret: Option<String>,
+    pub(super) stuck_after: Option<String>,
 }
 
 /// `[[protection.kubernetes.standby_patch]]`.

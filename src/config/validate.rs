@@ -25,7 +25,7 @@ pub(super) struct Validator {
     pub(super) check_files: bool,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(super) fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s.trim()).map_err(|e| {
         format!("{s:?} is not a duration ({e}); expected e.g. \"30s\", \"5m\", \"1h\"")
     })?;

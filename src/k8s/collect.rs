@@ -21,7 +21,11 @@ use super::{api_error, volume_name, KubeProtection};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PvcVolume {
     pub name: String,
+    /// Host-path mode: where the primary reads it.
     pub path: PathBuf,
+    /// The PVC at the primary.
+    pub namespace: String,
+    pub pvc: String,
 }
 
 pub struct Collected {
@@ -300,7 +304,12 @@ pub async fn collect(client: &kube::Client, kp: &KubeProtection) -> Result<Colle
                 name: n.to_string(),
             },
         );
-        volumes.push(PvcVolume { name: vname, path });
+        volumes.push(PvcVolume {
+            name: vname,
+            path,
+            namespace: ns.to_string(),
+            pvc: n.to_string(),
+        });
     }
     if volumes.is_empty() {
         warnings.push(

@@ -11,6 +11,7 @@ pub mod collect;
 pub mod cut;
 pub mod kinds;
 pub mod labels;
+pub mod movers;
 pub mod rbac;
 pub mod sanitise;
 pub mod snapshot;
@@ -73,6 +74,52 @@ pub struct KubeProtection {
     /// DR site: merge patches that keep custom resources paused at standby (on top of the
     /// defaults of [`standby_patch`]).
     pub standby_patches: Vec<standby_patch::StandbyPatch>,
+    /// The primary's CSI data path (no `volume_path`): snapshots and mover Jobs.
+    pub csi: Option<CsiSettings>,
+}
+
+/// How the primary cuts and moves a protection's PVCs through CSI.
+#[derive(Debug, Clone)]
+pub struct CsiSettings {
+    pub wanted: snapshot::Wanted,
+    /// How long cutting the gen's snapshots, and then their becoming ready, may each take.
+    pub snapshot_timeout: std::time::Duration,
+    pub mover: MoverSettings,
+}
+
+/// `[protection.kubernetes.mover]`.
+#[derive(Debug, Clone)]
+pub struct MoverSettings {
+    /// The lifeboat image (the same binary runs `lifeboat mover`).
+    pub image: String,
+    /// Where movers, their PVCs and snapshots run (lifeboat's own namespace).
+    pub namespace: String,
+    /// Movers of the protection at once.
+    pub concurrency: usize,
+    pub cpu: String,
+    pub memory: String,
+    pub cpu_limit: Option<String>,
+    pub memory_limit: String,
+    /// The Secret with this site's pair TLS (ca.pem, site.pem, site.key).
+    pub tls_secret: String,
+    /// A mover Pending or silent this long is stuck: the cycle fails naming why.
+    pub stuck_after: std::time::Duration,
+}
+
+impl Default for MoverSettings {
+    fn default() -> Self {
+        MoverSettings {
+            image: concat!("ghcr.io/lifeboat-dr/lifeboat:", env!("CARGO_PKG_VERSION")).into(),
+            namespace: "lifeboat".into(),
+            concurrency: 4,
+            cpu: "250m".into(),
+            memory: "256Mi".into(),
+            cpu_limit: None,
+            memory_limit: "1Gi".into(),
+            tls_secret: "lifeboat-tls".into(),
+            stuck_after: std::time::Duration::from_secs(300),
+        }
+    }
 }
 
 impl KubeProtection {

@@ -52,6 +52,8 @@ pub struct Job {
     pub compress: bool,
     /// Where the hashes from the DR site are kept while scanning (an emptyDir).
     pub scratch: PathBuf,
+    /// The bytes to move: the snapshot's size (a restored PVC may be rounded up).
+    pub size: Option<u64>,
 }
 
 /// A mover's result, as the daemon reads it from the termination message (at most 4 KiB).
@@ -150,9 +152,17 @@ pub async fn send(job: &Job) -> Result<Outcome> {
         f.flush()?;
     }
     out.hash_bytes_received = r.bytes - before;
-    let size = volume_size(
+    let device_size = volume_size(
         &File::open(&job.device).with_context(|| format!("open {}", job.device.display()))?,
     )?;
+    let size = match job.size {
+        Some(s) if s > device_size => bail!(
+            "{} holds {device_size} bytes, less than the snapshot's {s}",
+            job.device.display()
+        ),
+        Some(s) => s,
+        None => device_size,
+    };
     out.size = size;
     let geometry = Geometry::new(size, job.chunk_size);
     w.send(&Msg::Begin {

@@ -21,6 +21,8 @@ use crate::ids::{now_ms, Gen, VolumeName};
 pub enum Method {
     Reflink,
     Copy,
+    /// A CSI snapshot, moved by a mover Job (Kubernetes mode).
+    Csi,
 }
 
 #[derive(Debug, Clone)]

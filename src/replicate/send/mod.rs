@@ -4,6 +4,7 @@
 //! index the base. [`select`] resolves what the cycle covers (Kubernetes: the
 //! selection's PVCs, manifests and rules).
 
+pub mod csi;
 pub mod plan;
 pub mod select;
 pub mod volume;
@@ -125,13 +126,32 @@ async fn cycle(primary: &Primary, prot: &Protection) -> Result<CycleReport, Cycl
     // before the snapshot; an API error fails the cycle before anything is sent.
     let selected = select::select(primary, prot, gen).await?;
     let prot = &selected.group;
+    // The CSI data path: the PVCs and classes are read, and earlier gens' leftovers
+    // removed, before the barrier.
+    let csi = match prot.kubernetes.as_ref().and_then(|k| k.csi.as_ref()) {
+        Some(c) => {
+            let keep = rec.point.as_ref().map(|p| p.point.gen);
+            Some((
+                c,
+                csi::prepare(primary, prot, c, &selected.pvcs, keep).await?,
+            ))
+        }
+        None => None,
+    };
 
     primary
         .live
         .activity(name.as_str(), format!("snapshot of gen {gen}"));
     let snap_started = Instant::now();
     let mut freeze = crate::rules::run::FreezeReport::default();
-    let snap = snapshot::take(prot, gen, &selected.rules, &mut freeze).await;
+    let snap = match &csi {
+        Some((_, p)) => csi::take(p, gen, &selected.rules, &mut freeze)
+            .await
+            .map(|(s, c)| (s, Some(c))),
+        None => snapshot::take(prot, gen, &selected.rules, &mut freeze)
+            .await
+            .map(|s| (s, None)),
+    };
     if !selected.rules.is_empty() {
         primary
             .metrics
@@ -150,7 +170,7 @@ async fn cycle(primary: &Primary, prot: &Protection) -> Result<CycleReport, Cycl
         }
     }
     let rule_failures: Vec<String> = freeze.failures.iter().map(|f| f.describe()).collect();
-    let snap = snap.map_err(|e| match e {
+    let (snap, cut) = snap.map_err(|e| match e {
         Barrier::Hook(m) => CycleError::Hook(anyhow::anyhow!(m)),
         Barrier::Body(e) => CycleError::Snapshot(e),
     })?;
@@ -200,7 +220,16 @@ async fn cycle(primary: &Primary, prot: &Protection) -> Result<CycleReport, Cycl
         refine,
     };
     let mut volumes = BTreeMap::new();
-    for (i, v) in snap.volumes.iter().enumerate() {
+    if let (Some((c, p)), Some(set)) = (&csi, &cut) {
+        match csi::send(primary, prot, c, set, point.cycle, &mut report).await {
+            Ok(v) => volumes = v,
+            Err(e) => {
+                csi::discard(p, gen).await;
+                return Err(e);
+            }
+        }
+    }
+    for (i, v) in snap.volumes.iter().enumerate().filter(|_| cut.is_none()) {
         primary.live.activity(
             name.as_str(),
             format!(
@@ -273,6 +302,12 @@ async fn cycle(primary: &Primary, prot: &Protection) -> Result<CycleReport, Cycl
         .step(name, |s, p| s.acknowledge(p))
         .await
         .map_err(CycleError::store)?;
+    if let Some((_, p)) = &csi {
+        // The acknowledged gen's snapshots stay (the next gen's base); older ones go.
+        if let Err(e) = p.snapshotter.sweep(&p.namespaces, &[gen]).await {
+            tracing::warn!(error = %format!("{e:#}"), "could not remove old snapshots");
+        }
+    }
     // Only the gens older than this one, listed now: the next cycle's snapshot is safe.
     let old = snapshot::stale(prot, &[gen]);
     primary.background.spawn_blocking(move || {

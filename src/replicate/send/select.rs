@@ -17,6 +17,8 @@ pub struct Selected {
     pub rules: Rules,
     /// Kubernetes mode: the encoded manifest bundle of the gen.
     pub bundle: Option<Vec<u8>>,
+    /// Kubernetes mode: each volume's PVC at the primary, (namespace, PVC, volume).
+    pub pvcs: Vec<(String, String, String)>,
 }
 
 pub async fn select(
@@ -35,6 +37,7 @@ pub async fn select(
             group: prot.clone(),
             rules: local,
             bundle: None,
+            pvcs: Vec::new(),
         });
     };
     let name = prot.name.as_str();
@@ -72,6 +75,11 @@ pub async fn select(
         group,
         rules,
         bundle: Some(b.encode()),
+        pvcs: collected
+            .volumes
+            .iter()
+            .map(|v| (v.namespace.clone(), v.pvc.clone(), v.name.clone()))
+            .collect(),
     })
 }
 

@@ -47,6 +47,7 @@ fn method_name(m: Method) -> String {
     match m {
         Method::Reflink => "reflink".into(),
         Method::Copy => "copy".into(),
+        Method::Csi => "csi".into(),
     }
 }
 

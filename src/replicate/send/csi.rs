@@ -1,0 +1,222 @@
+//! A Kubernetes cycle's data over the CSI path: the group's PVCs cut as CSI snapshots
+//! inside the rules ([`crate::k8s::cut`]), then each moved by a mover Job
+//! ([`crate::k8s::movers`]) that joins this cycle at the DR site. The daemon itself reads
+//! no volume data.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use crate::api::{CycleReport, VolumeReport};
+use crate::config::Protection;
+use crate::ids::{now_ms, CycleId, Gen, VolumeName};
+use crate::k8s::cut::{CutSet, Snapshotter};
+use crate::k8s::movers::{self, Movers, Spec};
+use crate::k8s::snapshot::{Plan, Pvc};
+use crate::k8s::CsiSettings;
+use crate::replicate::error::CycleError;
+use crate::rules::run::{Barrier, FreezeReport, Rules};
+use crate::site::primary::Primary;
+use crate::store::VolumeRecord;
+use crate::volume::snapshot::{GroupSnapshot, Method, VolumeSnapshot};
+
+/// The group's PVCs and how each is cut, read before the barrier.
+pub struct Planned {
+    pub snapshotter: Snapshotter,
+    pub pvcs: Vec<Pvc>,
+    pub plan: Plan,
+    pub version: Option<String>,
+    pub namespaces: Vec<String>,
+}
+
+fn k8s(e: anyhow::Error) -> CycleError {
+    CycleError::Kubernetes(e)
+}
+
+/// Reads the PVCs and classes, and removes what earlier gens left (the base gen's
+/// snapshots are kept).
+pub async fn prepare(
+    primary: &Primary,
+    prot: &Protection,
+    csi: &CsiSettings,
+    pvcs: &[(String, String, String)],
+    keep: Option<Gen>,
+) -> Result<Planned, CycleError> {
+    let client = primary.kube(prot.name.as_str()).map_err(k8s)?.clone();
+    let snapshotter = Snapshotter {
+        client: client.clone(),
+        protection: prot.name.to_string(),
+        wanted: csi.wanted.clone(),
+        timeout: csi.snapshot_timeout,
+    };
+    let mut namespaces: Vec<String> = pvcs.iter().map(|p| p.0.clone()).collect();
+    namespaces.sort();
+    namespaces.dedup();
+    let keep: Vec<Gen> = keep.into_iter().collect();
+    snapshotter.sweep(&namespaces, &keep).await.map_err(k8s)?;
+    movers::sweep(&client, &csi.mover.namespace, prot.name.as_str(), &[])
+        .await
+        .map_err(k8s)?;
+    let pvcs = snapshotter.read_pvcs(pvcs).await.map_err(k8s)?;
+    let (plan, version) = snapshotter.plan(&pvcs).await.map_err(k8s)?;
+    Ok(Planned {
+        snapshotter,
+        pvcs,
+        plan,
+        version,
+        namespaces,
+    })
+}
+
+/// Cuts the gen inside `rules` (the post rules run once every snapshot is cut), then
+/// waits until each is ready.
+pub async fn take(
+    p: &Planned,
+    gen: Gen,
+    rules: &Rules,
+    freeze: &mut FreezeReport,
+) -> Result<(GroupSnapshot, CutSet), Barrier> {
+    let body = async {
+        let taken_at_ms = now_ms();
+        let set = p
+            .snapshotter
+            .cut(gen, &p.pvcs, &p.plan, p.version.as_deref())
+            .await?;
+        Ok((taken_at_ms, set))
+    };
+    let (taken_at_ms, mut set) = rules.around(body, freeze).await?;
+    if let Err(e) = p.snapshotter.ready(&mut set).await {
+        discard(p, gen).await;
+        return Err(Barrier::Body(e));
+    }
+    let volumes = set
+        .cuts
+        .iter()
+        .map(|c| {
+            Ok(VolumeSnapshot {
+                name: VolumeName::new(&c.pvc.volume).map_err(|e| anyhow::anyhow!(e))?,
+                path: Default::default(),
+                size: c.restore_size.unwrap_or_default(),
+                method: Method::Csi,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()
+        .map_err(Barrier::Body)?;
+    Ok((
+        GroupSnapshot {
+            gen,
+            taken_at_ms,
+            volumes,
+            freeze: freeze.freeze,
+        },
+        set,
+    ))
+}
+
+/// Removes a failed gen's snapshots at once (the next cycle's sweep would too).
+pub async fn discard(p: &Planned, gen: Gen) {
+    if let Err(e) = p.snapshotter.delete_gen(&p.namespaces, gen).await {
+        tracing::warn!(error = %format!("{e:#}"), "could not remove the failed gen's snapshots");
+    }
+}
+
+/// Moves every volume of the set through mover Jobs joining cycle `cycle`.
+pub async fn send(
+    primary: &Primary,
+    prot: &Protection,
+    csi: &CsiSettings,
+    set: &CutSet,
+    cycle: CycleId,
+    report: &mut CycleReport,
+) -> Result<BTreeMap<VolumeName, VolumeRecord>, CycleError> {
+    let name = prot.name.as_str();
+    let peer = primary
+        .config
+        .peer
+        .as_ref()
+        .ok_or_else(|| k8s(anyhow::anyhow!("a primary without [peer]")))?;
+    let m = Movers {
+        client: primary.kube(name).map_err(k8s)?.clone(),
+        spec: Spec {
+            protection: name.to_string(),
+            gen: set.gen,
+            cycle,
+            settings: &csi.mover,
+            peer: peer.address.to_string(),
+            server_name: peer.server_name.clone(),
+            site: primary.config.site_name.clone(),
+            chunk_size: prot.chunk_size,
+            compress: prot.compression,
+        },
+    };
+    let total = set.cuts.len();
+    let mut done = 0;
+    let started = Instant::now();
+    primary
+        .live
+        .activity(name, format!("gen {}: {total} mover(s) running", set.gen));
+    let moved = movers::move_all(&m, &set.cuts, |mv| {
+        done += 1;
+        let n = done;
+        tracing::info!(volume = %mv.volume, node = mv.node.as_deref().unwrap_or("?"),
+            sent = mv.outcome.chunk_bytes_sent, "mover done");
+        primary.live.activity(
+            name,
+            format!(
+                "gen {}: {n}/{total} movers done ({} on {})",
+                set.gen,
+                mv.volume,
+                mv.node.as_deref().unwrap_or("?")
+            ),
+        );
+    })
+    .await
+    .map_err(k8s)?;
+    tracing::debug!(seconds = started.elapsed().as_secs_f64(), "movers done");
+    let mut records = BTreeMap::new();
+    for mv in moved {
+        let o = &mv.outcome;
+        let root = o.root_hash().map_err(k8s)?;
+        let volume = VolumeName::new(&mv.volume).map_err(|e| k8s(anyhow::anyhow!(e)))?;
+        report.bytes_scanned += o.bytes_scanned;
+        report.bytes_changed += o.bytes_changed;
+        report.chunk_bytes_sent += o.chunk_bytes_sent;
+        report.chunks_sent += o.chunks_changed;
+        report.zero_chunks_sent += o.zero_chunks_sent;
+        report.hash_bytes_received += o.hash_bytes_received;
+        let p = name;
+        primary
+            .metrics
+            .scanned_bytes
+            .with_label_values(&[p])
+            .inc_by(o.bytes_scanned);
+        primary
+            .metrics
+            .changed_bytes
+            .with_label_values(&[p])
+            .inc_by(o.bytes_changed);
+        primary
+            .metrics
+            .sent_bytes
+            .with_label_values(&[p])
+            .inc_by(o.chunk_bytes_sent);
+        report.volumes.push(VolumeReport {
+            name: mv.volume.clone(),
+            size: o.size,
+            snapshot_method: "csi".into(),
+            resync: true,
+            chunks_changed: o.chunks_changed,
+            bytes_changed: o.bytes_changed,
+            chunk_bytes_sent: o.chunk_bytes_sent,
+        });
+        records.insert(
+            volume,
+            VolumeRecord {
+                size: o.size,
+                chunk_size: o.chunk_size,
+                root,
+            },
+        );
+    }
+    report.volumes.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(records)
+}
