@@ -15,6 +15,8 @@ use super::kinds::{self, Kind};
 use super::{KubeProtection, EXCLUDE_LABEL};
 
 const RBAC_V1: &str = "rbac.authorization.k8s.io/v1";
+const SNAP_G: &str = super::snapshot::SNAPSHOT_GROUP;
+const GROUP_G: &str = super::snapshot::GROUP_SNAPSHOT_GROUP;
 
 /// What a generated file set binds and may bind.
 #[derive(Debug, Clone)]
@@ -116,7 +118,11 @@ pub fn generate(protections: &[&KubeProtection], o: &RbacOptions) -> Result<Site
     let mut kinds: Vec<(String, String)> = Vec::new();
     let (mut namespaces, mut dr_namespaces) = (Vec::new(), Vec::new());
     let mut stork = false;
+    let mut mover_namespaces = Vec::new();
     for kp in protections {
+        if let Some(c) = &kp.csi {
+            mover_namespaces.push(c.mover.namespace.clone());
+        }
         for k in collected(kp)? {
             kinds.push((k.group, k.plural));
         }
@@ -132,6 +138,8 @@ pub fn generate(protections: &[&KubeProtection], o: &RbacOptions) -> Result<Site
     };
     dedup(&mut namespaces);
     dedup(&mut dr_namespaces);
+    dedup(&mut mover_namespaces);
+    let csi = !mover_namespaces.is_empty();
     let has = |g: &str, r: &str| kinds.iter().any(|(kg, kr)| kg == g && kr == r);
 
     // The primary: collect (src/k8s/collect.rs), quiesce (src/lifecycle/planned.rs), rules.
@@ -153,12 +161,56 @@ pub fn generate(protections: &[&KubeProtection], o: &RbacOptions) -> Result<Site
             &["get"],
         ));
     }
+    if csi {
+        // The CSI path (src/k8s/cut.rs): label the group's PVCs, cut and sweep snapshots.
+        rules.push(rule("", &["persistentvolumeclaims".into()], &["get", "patch"]));
+        for (g, r) in [
+            (SNAP_G, "volumesnapshots"),
+            (GROUP_G, "volumegroupsnapshots"),
+        ] {
+            rules.push(rule(g, &[r.into()], &["get", "list", "create", "delete"]));
+        }
+    }
     let mut primary = vec![cluster_role("lifeboat-primary", rules)];
     primary.extend(
         namespaces
             .iter()
             .map(|ns| role_binding("lifeboat-primary", ns, o)),
     );
+    if csi {
+        let cluster = vec![
+            rule("", &["persistentvolumes".into()], &["get"]),
+            rule(SNAP_G, &["volumesnapshotclasses".into()], &["list"]),
+            rule(
+                SNAP_G,
+                &["volumesnapshotcontents".into()],
+                &["get", "list", "create", "delete"],
+            ),
+            rule(GROUP_G, &["volumegroupsnapshotclasses".into()], &["list"]),
+            rule(GROUP_G, &["volumegroupsnapshotcontents".into()], &["get"]),
+        ];
+        primary.push(cluster_role("lifeboat-primary-cluster", cluster));
+        primary.push(json!({"apiVersion": RBAC_V1, "kind": "ClusterRoleBinding",
+            "metadata": {"name": "lifeboat-primary-cluster"}, "subjects": subjects(o),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "lifeboat-primary-cluster"}}));
+        // The movers' namespace (src/k8s/movers.rs): their Jobs, PVCs and snapshots.
+        let movers = vec![
+            rule("batch", &["jobs".into()], &["get", "list", "create", "delete"]),
+            rule("", &["pods".into()], &["list"]),
+            rule(
+                "",
+                &["persistentvolumeclaims".into()],
+                &["list", "create", "delete"],
+            ),
+            rule(SNAP_G, &["volumesnapshots".into()], &["list", "create", "delete"]),
+        ];
+        primary.push(cluster_role("lifeboat-primary-movers", movers));
+        primary.extend(
+            mover_namespaces
+                .iter()
+                .map(|ns| role_binding("lifeboat-primary-movers", ns, o)),
+        );
+    }
 
     // The DR site: apply, prune and wait (src/k8s/apply.rs).
     let mut rules = vec![rule("", &["namespaces".into()], &["get", "patch"])];
