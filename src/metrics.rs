@@ -69,6 +69,10 @@ pub struct Metrics {
     /// notAfter of this site's certificate (`certificate="site"`) and its CA (`"ca"`).
     pub certificate_expiry: IntGaugeVec,
     pub tls_reloads: IntCounterVec,
+    /// Kubernetes CSI path: movers running now, and mover ends by result (bounded set).
+    pub movers_running: IntGaugeVec,
+    pub movers: IntCounterVec,
+    pub mover_sent_bytes: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -103,6 +107,9 @@ impl Metrics {
             hook_failures: reg(&r, IntCounterVec::new(Opts::new("lifeboat_hook_failures_total", "Rule actions (pre, background, post) that failed or timed out"), p).unwrap()),
             replica_check_failures: reg(&r, IntCounterVec::new(Opts::new("lifeboat_replica_check_failures_total", "DR replicas found changed outside lifeboat (deleted, truncated, replaced, written) before a cycle"), p).unwrap()),
             certificate_expiry: reg(&r, IntGaugeVec::new(Opts::new("lifeboat_certificate_expiry_timestamp_seconds", "notAfter of the TLS certificate in use, as Unix seconds"), &["certificate"]).unwrap()),
+            movers_running: reg(&r, IntGaugeVec::new(Opts::new("lifeboat_mover_running", "Mover Jobs of the protection running now"), p).unwrap()),
+            movers: reg(&r, IntCounterVec::new(Opts::new("lifeboat_mover_total", "Mover Jobs ended, by result (ok, failed, stuck, unschedulable)"), &["protection", "result"]).unwrap()),
+            mover_sent_bytes: reg(&r, IntCounterVec::new(Opts::new("lifeboat_mover_sent_bytes_total", "Chunk bytes the protection's movers sent to the DR site"), p).unwrap()),
             tls_reloads: reg(&r, IntCounterVec::new(Opts::new("lifeboat_tls_reloads_total", "TLS material reloads (SIGHUP) by result; a failed one keeps the material in use"), &["result"]).unwrap()),
             registry: r,
         }

@@ -232,25 +232,35 @@ fn objects(m: &Spec<'_>, cut: &Cut, n: &Names) -> Result<[Value; 4]> {
     Ok([content, vs, pvc, job])
 }
 
-/// Moves every cut volume, at most `concurrency` at once; `progress` hears of each as it
-/// ends. The first failure is returned (each names its PVC), after every mover ended.
+/// What `move_all` reports as movers start and end.
+pub enum Event<'a> {
+    Started(&'a Cut),
+    Done(&'a Moved),
+    /// `result`: `failed`, `stuck` or `unschedulable` (a metric label).
+    Failed {
+        cut: &'a Cut,
+        result: &'static str,
+        why: String,
+    },
+}
+
+/// Moves every cut volume, at most `concurrency` at once, telling `events` as each starts
+/// and ends. The failures are returned together (each names its PVC), after every mover
+/// ended.
 pub async fn move_all(
     m: &Movers<'_>,
     cuts: &[Cut],
-    mut progress: impl FnMut(&Moved),
+    events: &(dyn Fn(Event<'_>) + Sync),
 ) -> Result<Vec<Moved>> {
     // Futures made up front (not in an async closure): the stream stays `Send` for any
     // lifetime, as the scheduler's spawned task needs.
-    let futures: Vec<_> = cuts.iter().map(|c| move_one(m, c)).collect();
+    let futures: Vec<_> = cuts.iter().map(|c| move_one(m, c, events)).collect();
     let mut running = stream::iter(futures).buffer_unordered(m.spec.settings.concurrency.max(1));
     let mut out = Vec::new();
     let mut errors = Vec::new();
     while let Some(r) = running.next().await {
         match r {
-            Ok(x) => {
-                progress(&x);
-                out.push(x);
-            }
+            Ok(x) => out.push(x),
             Err(e) => errors.push(format!("{e:#}")),
         }
     }
@@ -260,7 +270,8 @@ pub async fn move_all(
     Ok(out)
 }
 
-async fn move_one(m: &Movers<'_>, cut: &Cut) -> Result<Moved> {
+async fn move_one(m: &Movers<'_>, cut: &Cut, events: &(dyn Fn(Event<'_>) + Sync)) -> Result<Moved> {
+    events(Event::Started(cut));
     let n = names(&m.spec, cut);
     let result = async {
         let [content, vs, pvc, job] = objects(&m.spec, cut, &n)?;
@@ -274,11 +285,29 @@ async fn move_one(m: &Movers<'_>, cut: &Cut) -> Result<Moved> {
     .await
     .with_context(|| format!("mover of PVC {}", cut.pvc.id()));
     cleanup(&m.client, &m.spec.settings.namespace, &n).await;
-    result.map(|(node, outcome)| Moved {
-        volume: cut.pvc.volume.clone(),
-        node,
-        outcome,
-    })
+    match result {
+        Ok((node, outcome)) => {
+            let moved = Moved {
+                volume: cut.pvc.volume.clone(),
+                node,
+                outcome,
+            };
+            events(Event::Done(&moved));
+            Ok(moved)
+        }
+        Err(e) => {
+            let why = format!("{e:#}");
+            let result = if why.contains("unschedulable") {
+                "unschedulable"
+            } else if why.contains(" stuck ") {
+                "stuck"
+            } else {
+                "failed"
+            };
+            events(Event::Failed { cut, result, why });
+            Err(e)
+        }
+    }
 }
 
 async fn create(client: &kube::Client, kind: &Kind, ns: Option<&str>, v: Value) -> Result<()> {

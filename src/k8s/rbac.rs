@@ -163,7 +163,11 @@ pub fn generate(protections: &[&KubeProtection], o: &RbacOptions) -> Result<Site
     }
     if csi {
         // The CSI path (src/k8s/cut.rs): label the group's PVCs, cut and sweep snapshots.
-        rules.push(rule("", &["persistentvolumeclaims".into()], &["get", "patch"]));
+        rules.push(rule(
+            "",
+            &["persistentvolumeclaims".into()],
+            &["get", "patch"],
+        ));
         for (g, r) in [
             (SNAP_G, "volumesnapshots"),
             (GROUP_G, "volumegroupsnapshots"),
@@ -195,14 +199,22 @@ pub fn generate(protections: &[&KubeProtection], o: &RbacOptions) -> Result<Site
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "lifeboat-primary-cluster"}}));
         // The movers' namespace (src/k8s/movers.rs): their Jobs, PVCs and snapshots.
         let movers = vec![
-            rule("batch", &["jobs".into()], &["get", "list", "create", "delete"]),
+            rule(
+                "batch",
+                &["jobs".into()],
+                &["get", "list", "create", "delete"],
+            ),
             rule("", &["pods".into()], &["list"]),
             rule(
                 "",
                 &["persistentvolumeclaims".into()],
                 &["list", "create", "delete"],
             ),
-            rule(SNAP_G, &["volumesnapshots".into()], &["list", "create", "delete"]),
+            rule(
+                SNAP_G,
+                &["volumesnapshots".into()],
+                &["list", "create", "delete"],
+            ),
         ];
         primary.push(cluster_role("lifeboat-primary-movers", movers));
         primary.extend(

@@ -149,28 +149,45 @@ pub async fn send(
         },
     };
     let total = set.cuts.len();
-    let mut done = 0;
+    let done = std::sync::atomic::AtomicUsize::new(0);
     let started = Instant::now();
+    let gen = set.gen;
     primary
         .live
-        .activity(name, format!("gen {}: {total} mover(s) running", set.gen));
-    let moved = movers::move_all(&m, &set.cuts, |mv| {
-        done += 1;
-        let n = done;
-        tracing::info!(volume = %mv.volume, node = mv.node.as_deref().unwrap_or("?"),
-            sent = mv.outcome.chunk_bytes_sent, "mover done");
-        primary.live.activity(
-            name,
-            format!(
-                "gen {}: {n}/{total} movers done ({} on {})",
-                set.gen,
-                mv.volume,
-                mv.node.as_deref().unwrap_or("?")
-            ),
-        );
-    })
-    .await
-    .map_err(k8s)?;
+        .activity(name, format!("gen {gen}: {total} mover(s) to run"));
+    let metrics = &primary.metrics;
+    let events = |e: movers::Event<'_>| match e {
+        movers::Event::Started(c) => {
+            metrics.movers_running.with_label_values(&[name]).inc();
+            tracing::info!(pvc = %c.pvc.id(), "mover started");
+        }
+        movers::Event::Done(mv) => {
+            metrics.movers_running.with_label_values(&[name]).dec();
+            metrics.movers.with_label_values(&[name, "ok"]).inc();
+            metrics
+                .mover_sent_bytes
+                .with_label_values(&[name])
+                .inc_by(mv.outcome.chunk_bytes_sent);
+            let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            let node = mv.node.as_deref().unwrap_or("?");
+            tracing::info!(volume = %mv.volume, node, sent = mv.outcome.chunk_bytes_sent, "mover done");
+            primary.live.activity(
+                name,
+                format!(
+                    "gen {gen}: {n}/{total} movers done (last: {} on {node})",
+                    mv.volume
+                ),
+            );
+        }
+        movers::Event::Failed { cut, result, why } => {
+            metrics.movers_running.with_label_values(&[name]).dec();
+            metrics.movers.with_label_values(&[name, result]).inc();
+            tracing::warn!(pvc = %cut.pvc.id(), result, "{why}");
+        }
+    };
+    let moved = movers::move_all(&m, &set.cuts, &events)
+        .await
+        .map_err(k8s)?;
     tracing::debug!(seconds = started.elapsed().as_secs_f64(), "movers done");
     let mut records = BTreeMap::new();
     for mv in moved {
@@ -184,8 +201,7 @@ pub async fn send(
         report.zero_chunks_sent += o.zero_chunks_sent;
         report.hash_bytes_received += o.hash_bytes_received;
         let p = name;
-        primary
-            .metrics
+        metrics
             .scanned_bytes
             .with_label_values(&[p])
             .inc_by(o.bytes_scanned);
