@@ -63,6 +63,10 @@ fn clean_metadata(meta: &mut Map<String, Value>) {
     if let Some(Value::Object(a)) = meta.get_mut("annotations") {
         remove_keys(a, ANNOTATIONS_DROP);
     }
+    // The group-snapshot label lifeboat puts on the primary's PVCs is the primary's.
+    if let Some(Value::Object(l)) = meta.get_mut("labels") {
+        l.remove(super::snapshot::GROUP_LABEL);
+    }
     drop_empty(meta, "annotations");
     drop_empty(meta, "labels");
 }
@@ -352,6 +356,12 @@ mod tests {
                 json!({"kind": "PersistentVolumeClaim", "spec": {"volumeName": "pv-1", "storageClassName": "fast"}}),
                 "/spec/storageClassName",
                 Some(json!("fast")),
+            ),
+            (
+                "lifeboat's group-snapshot label",
+                json!({"kind": "PersistentVolumeClaim", "metadata": {"labels": {"lifeboat.dev/snapshot-group": "lb-1"}}}),
+                "/metadata/labels",
+                None,
             ),
             (
                 "PVC bind annotations",
