@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use support::cluster::{Cluster, Driver, Options};
-use support::kubeapi::KubeApi;
+use support::kubeapi::{ExecCall, ExecResult, KubeApi};
 use support::{b3, random_file, Pair, PairOptions};
 
 const DRIVER: &str = "rbd.csi.test";
@@ -70,6 +70,11 @@ struct Sites {
 }
 
 fn sites(group_class: bool, mover: &str) -> Sites {
+    sites_with(group_class, mover, true)
+}
+
+/// As [`sites`]; `snapshots`: whether the driver supports snapshots at all.
+fn sites_with(group_class: bool, mover: &str, snapshots: bool) -> Sites {
     let kdir = tempfile::tempdir().unwrap();
     let primary_api = KubeApi::start(kdir.path(), "primary");
     let dr_api = KubeApi::start(kdir.path(), "dr");
@@ -79,7 +84,7 @@ fn sites(group_class: bool, mover: &str) -> Sites {
             root: kdir.path().join("csi"),
             drivers: vec![Driver {
                 name: DRIVER.into(),
-                snapshots: true,
+                snapshots,
                 group_snapshots: true,
                 ready_delay: std::time::Duration::from_millis(200),
             }],
@@ -343,4 +348,122 @@ fn an_unschedulable_mover_fails_the_cycle_naming_the_pvc_and_leaves_nothing() {
             .is_empty(),
         "the failed gen's snapshots are removed"
     );
+}
+
+#[test]
+fn post_rules_run_once_every_snapshot_is_cut_before_any_is_ready() {
+    let s = sites(true, "");
+    s.primary_api.seed(serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "cassandra-0", "namespace": "prod", "annotations": {
+            "pre.hook.backup.velero.io/command": "[\"/bin/echo\", \"frozen\"]",
+            "post.hook.backup.velero.io/command": "[\"/bin/echo\", \"thawed\"]"}},
+        "spec": {"containers": [{"name": "cassandra", "image": "cassandra:4.1"}],
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data-cassandra-0"}}]},
+        "status": {"phase": "Running", "containerStatuses": [{"name": "cassandra", "ready": true}]}}));
+    s.primary_api
+        .set_exec_handler(|_: &ExecCall| ExecResult::default());
+    s.cluster.hold_ready(true);
+    std::thread::scope(|sc| {
+        let cycle = sc.spawn(|| s.pair.sync());
+        wait_for(|| {
+            s.primary_api
+                .execs()
+                .into_iter()
+                .find(|c| c.command.join(" ").contains("thawed"))
+        });
+        // The post rule ran with the group cut (creation time, bound content) and no
+        // snapshot ready yet; the cycle waits for readiness after the thaw.
+        let groups = s
+            .primary_api
+            .all("groupsnapshot.storage.k8s.io", "volumegroupsnapshots");
+        assert_eq!(groups.len(), 1);
+        assert!(
+            groups[0]["status"]["creationTime"].is_string(),
+            "{groups:?}"
+        );
+        assert_eq!(groups[0]["status"]["readyToUse"], false);
+        let members = s
+            .primary_api
+            .all("snapshot.storage.k8s.io", "volumesnapshots");
+        assert_eq!(members.len(), 4);
+        assert!(members.iter().all(|m| m["status"]["readyToUse"] == false
+            && m["status"]["boundVolumeSnapshotContentName"].is_string()));
+        assert!(!cycle.is_finished());
+        s.cluster.hold_ready(false);
+        let r = cycle.join().unwrap();
+        s.assert_replicas_equal_snapshots(r.gen);
+        let order: Vec<String> = s
+            .primary_api
+            .execs()
+            .iter()
+            .map(|c| c.command.join(" "))
+            .collect();
+        let pre = order.iter().position(|c| c.contains("frozen")).unwrap();
+        let post = order.iter().position(|c| c.contains("thawed")).unwrap();
+        assert!(pre < post, "{order:?}");
+    });
+}
+
+#[test]
+fn a_missing_snapshot_class_or_a_driver_without_snapshots_is_named_and_commits_nothing() {
+    let s = sites(false, "");
+    s.primary_api.delete(
+        "snapshot.storage.k8s.io",
+        "volumesnapshotclasses",
+        "",
+        "rbd-snap",
+    );
+    let e = s.pair.try_sync().unwrap_err();
+    assert!(
+        e.contains("PVC prod/data-cassandra-0: VolumeSnapshotClass: no class exists for driver rbd.csi.test"),
+        "{e}"
+    );
+    assert!(e.contains("PVC prod/mysql-data"), "every PVC is named: {e}");
+    assert_eq!(s.pair.dr.status().protections[0].consistent_gen, None);
+    assert!(s
+        .primary_api
+        .all("snapshot.storage.k8s.io", "volumesnapshots")
+        .is_empty());
+
+    let s = sites_with(false, "", false);
+    let e = s.pair.try_sync().unwrap_err();
+    assert!(e.contains("snapshot of PVC prod/"), "{e}");
+    assert!(e.contains("does not support snapshots"), "{e}");
+    assert_eq!(s.pair.dr.status().protections[0].consistent_gen, None);
+    let left: Vec<Value> = s
+        .primary_api
+        .all("snapshot.storage.k8s.io", "volumesnapshots");
+    assert!(
+        left.is_empty(),
+        "the failed gen's snapshots are removed: {left:?}"
+    );
+    s.assert_no_mover_leftovers();
+}
+
+#[test]
+fn a_mover_killed_mid_transfer_is_retried_by_its_job_and_the_gen_commits_whole() {
+    let s = sites(true, "");
+    let first = s.pair.sync();
+    for (i, p) in PVCS.iter().enumerate() {
+        random_file(
+            &Cluster::backing_file(&s.primary_api, "prod", p).unwrap(),
+            SIZE,
+            4000 + i as u64,
+        );
+    }
+    std::thread::scope(|sc| {
+        let cycle = sc.spawn(|| s.pair.sync());
+        // kill -9 the first mover that runs.
+        let key = wait_for(|| s.cluster.pids.lock().unwrap().keys().next().cloned());
+        assert!(s.cluster.kill_pod(&key));
+        let r = cycle.join().unwrap();
+        assert_eq!(r.gen, first.gen + 1);
+        s.assert_replicas_equal_snapshots(r.gen);
+    });
+    let runs = s.cluster.scheduled.lock().unwrap().len();
+    assert!(
+        runs > 2 * PVCS.len(),
+        "the killed mover ran again: {runs} pods"
+    );
+    s.assert_no_mover_leftovers();
 }
