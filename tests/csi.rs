@@ -467,3 +467,31 @@ fn a_mover_killed_mid_transfer_is_retried_by_its_job_and_the_gen_commits_whole()
     );
     s.assert_no_mover_leftovers();
 }
+
+#[test]
+fn every_rule_lifeboat_rbac_makes_for_the_csi_path_is_needed() {
+    let s = sites(true, "");
+    // Group snapshots, twice (the second sweeps the first), then single snapshots twice.
+    s.pair.sync();
+    s.pair.sync();
+    s.primary_api.delete(
+        "groupsnapshot.storage.k8s.io",
+        "volumegroupsnapshotclasses",
+        "",
+        "rbd-group",
+    );
+    s.pair.sync();
+    let r = s.pair.sync();
+    s.assert_replicas_equal_snapshots(r.gen);
+    // The CSI path's rules; the others (quiesce, exec) are proven needed by
+    // tests/kubernetes.rs's replay of a sync, a rule and a planned failover.
+    let unneeded: Vec<String> = support::rbac::unneeded_rules("primary", &s.primary_api)
+        .into_iter()
+        .filter(|u| {
+            ["snapshot", "persistentvolume", "-cluster", "-movers"]
+                .iter()
+                .any(|k| u.contains(k))
+        })
+        .collect();
+    assert!(unneeded.is_empty(), "{unneeded:#?}");
+}

@@ -1696,78 +1696,6 @@ fn a_timed_out_exec_is_killed_in_the_container_and_a_lock_works_over_exec_v4() {
 
 // ---- RBAC (issue 11): the shipped roles are exactly what the calls need ----
 
-/// Every rule of the shipped lifeboat roles at a site (and the documented custom-resource
-/// rule) is needed: the site's recorded decisions of a run, re-authorized without that
-/// rule, deny some request. Returns the failures, each naming the rule.
-fn unneeded_rules(site: &str, api: &KubeApi) -> Vec<String> {
-    let policy = api.policy();
-    let checks = api.checks();
-    let sa = |c: &&support::rbac::Check| c.user.name == "system:serviceaccount:lifeboat:lifeboat";
-    let denied: Vec<String> = checks
-        .iter()
-        .filter(sa)
-        .filter(|c| !c.allowed)
-        .map(|c| c.attrs.to_string())
-        .collect();
-    assert!(
-        denied.is_empty(),
-        "{site}: the shipped RBAC denied {denied:?}"
-    );
-    let mut out = Vec::new();
-    for (id, rule) in policy.rule_ids() {
-        if !id.2.starts_with("lifeboat") {
-            continue;
-        }
-        let without = policy.without(&id);
-        // A denial by the authorization filter if there is one: its 403 says who cannot do
-        // what, where. Otherwise a write refused inside the handler (bind/escalate).
-        let denied: Vec<_> = checks
-            .iter()
-            .filter(sa)
-            .filter(|c| !c.allowed_by(&without))
-            .collect();
-        if let Some(c) = denied.iter().find(|c| c.in_handler) {
-            if !denied.iter().any(|c| !c.in_handler) {
-                eprintln!(
-                    "{site}: without {} {}[{}] {rule:?}: refused inside the handler: {}",
-                    id.0, id.2, id.3, c.attrs
-                );
-                continue;
-            }
-        }
-        match denied.into_iter().find(|c| !c.in_handler) {
-            Some(c) => {
-                // The 403 a real server gives names the verb, the resource and the scope.
-                let msg = support::rbac::forbidden_message(&c.user, &c.attrs);
-                let res = if c.attrs.sub.is_empty() {
-                    c.attrs.resource.clone()
-                } else {
-                    format!("{}/{}", c.attrs.resource, c.attrs.sub)
-                };
-                let scope = if c.attrs.namespace.is_empty() {
-                    "at the cluster scope".to_string()
-                } else {
-                    format!("in the namespace \"{}\"", c.attrs.namespace)
-                };
-                assert!(
-                    msg.contains(&format!("cannot {} resource \"{res}\"", c.attrs.verb))
-                        && msg.contains(&scope),
-                    "{msg}"
-                );
-                eprintln!(
-                    "{site}: without {} {}[{}] {rule:?}: {msg}",
-                    id.0, id.2, id.3
-                );
-            }
-            None => out.push(format!(
-                "{site}: {} {} rule {} {rule:?} is never needed by the run",
-                id.0, id.2, id.3
-            )),
-        }
-    }
-    out
-}
-
 #[test]
 fn every_shipped_rbac_rule_is_needed_by_some_call_of_a_sync_an_update_a_rule_and_failover() {
     let s = rule_sites(
@@ -1822,8 +1750,8 @@ fn every_shipped_rbac_rule_is_needed_by_some_call_of_a_sync_an_update_a_rule_and
         s.dr_get("apps", "statefulsets", "prod", "cassandra")["spec"]["replicas"],
         3
     );
-    let mut unneeded = unneeded_rules("primary", &s.primary_api);
-    unneeded.extend(unneeded_rules("dr", &s.dr_api));
+    let mut unneeded = support::rbac::unneeded_rules("primary", &s.primary_api);
+    unneeded.extend(support::rbac::unneeded_rules("dr", &s.dr_api));
     assert!(unneeded.is_empty(), "{unneeded:#?}");
 }
 
