@@ -80,7 +80,9 @@ fn every_malformed_config_gets_an_error_naming_its_key() {
         ("[peer]", "[control]\naddress = \"127.0.0.1:7421\"\n[[control.client]]\nname = \"a\"\nlevel = \"read\"\ntoken_file = \"\"\n[peer]", "control.client[0].token_file"),
         ("interval = \"30s\"", "interval = \"30s\"\npre_rule = \"/nonexistent/rule.yaml\"", "protection[0].pre_rule"),
         // Kubernetes mode (the volume list may then be empty).
-        ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]", "protection[0].kubernetes.volume_path"),
+        ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]\n[protection.kubernetes.mover]\nconcurrency = 0", "protection[0].kubernetes.mover.concurrency"),
+        ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]\nsnapshot_timeout = \"soon\"", "protection[0].kubernetes.snapshot_timeout"),
+        ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]\n[protection.kubernetes.mover]\nstuck_after = \"0s\"", "protection[0].kubernetes.mover.stuck_after"),
         ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]\nvolume_path = \"/srv/x.img\"", "protection[0].kubernetes.volume_path"),
         ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = []\nvolume_path = \"/v/{pvc}\"", "protection[0].kubernetes.namespaces"),
         ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"Prod_1\"]\nvolume_path = \"/v/{pvc}\"", "protection[0].kubernetes.namespaces[0]"),

@@ -355,7 +355,18 @@ fn check_site(site: &str, role: SiteRole, dir: &Path, objects: &[Value]) -> Conf
         "{at}: no PVC {claim}"
     );
     for p in &cfg.protections {
-        let pattern = &p.kubernetes.as_ref().unwrap().volume_path;
+        let kp = p.kubernetes.as_ref().unwrap();
+        if kp.csi.is_some() {
+            // The CSI path: movers read the data; the daemon's pod has no hostPath.
+            assert!(
+                items(&pod["volumes"])
+                    .iter()
+                    .all(|v| v["hostPath"].is_null()),
+                "{at}: a hostPath volume in a CSI site's Deployment"
+            );
+            continue;
+        }
+        let pattern = &kp.volume_path;
         let fixed: String = pattern.chars().take_while(|c| *c != '{').collect();
         let (_, v) = mount_of(pod, Path::new(&fixed));
         assert!(
