@@ -181,7 +181,8 @@ impl Sites {
         let groups = self
             .primary_api
             .all("groupsnapshot.storage.k8s.io", "volumegroupsnapshots");
-        let of_gen = |v: &Value| v["metadata"]["labels"]["lifeboat.dev/gen"] == gen.to_string();
+        let g = gen.to_string();
+        let of_gen = |v: &Value| v["metadata"]["labels"]["lifeboat.dev/gen"] == g.as_str();
         PVCS.iter()
             .map(|p| {
                 let s = snaps

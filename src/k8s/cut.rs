@@ -7,84 +7,19 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{json, Value};
 
 use super::api_error;
 use super::kinds::Kind;
+use super::objects::{
+    api, delete, delete_labelled, group_kind, pvcs_kind, pvs_kind, to_value, vgs_kind,
+    volume_snapshot_classes, volume_snapshot_contents, volume_snapshots,
+};
 use super::snapshot::{
-    self, Class, Plan, Progress, Pvc, Wanted, GROUP_LABEL, GROUP_SNAPSHOT_GROUP, SNAPSHOT_GROUP,
+    self, Class, Plan, Progress, Pvc, Wanted, GROUP_LABEL, GROUP_SNAPSHOT_GROUP,
 };
 use crate::ids::Gen;
-
-fn kind(group: &str, version: &str, kind: &str, plural: &str, namespaced: bool) -> Kind {
-    Kind {
-        group: group.into(),
-        version: version.into(),
-        kind: kind.into(),
-        plural: plural.into(),
-        namespaced,
-    }
-}
-
-pub fn volume_snapshots() -> Kind {
-    kind(
-        SNAPSHOT_GROUP,
-        "v1",
-        "VolumeSnapshot",
-        "volumesnapshots",
-        true,
-    )
-}
-
-pub fn volume_snapshot_contents() -> Kind {
-    kind(
-        SNAPSHOT_GROUP,
-        "v1",
-        "VolumeSnapshotContent",
-        "volumesnapshotcontents",
-        false,
-    )
-}
-
-fn volume_snapshot_classes() -> Kind {
-    kind(
-        SNAPSHOT_GROUP,
-        "v1",
-        "VolumeSnapshotClass",
-        "volumesnapshotclasses",
-        false,
-    )
-}
-
-fn group_kind(version: &str, k: &str, plural: &str, namespaced: bool) -> Kind {
-    kind(GROUP_SNAPSHOT_GROUP, version, k, plural, namespaced)
-}
-
-fn pvcs_kind() -> Kind {
-    kind(
-        "",
-        "v1",
-        "PersistentVolumeClaim",
-        "persistentvolumeclaims",
-        true,
-    )
-}
-
-fn pvs_kind() -> Kind {
-    kind("", "v1", "PersistentVolume", "persistentvolumes", false)
-}
-
-fn api(client: &kube::Client, k: &Kind, ns: Option<&str>) -> Api<DynamicObject> {
-    match ns {
-        Some(ns) if k.namespaced => Api::namespaced_with(client.clone(), ns, &k.resource()),
-        _ => Api::all_with(client.clone(), &k.resource()),
-    }
-}
-
-fn to_value(o: DynamicObject) -> Value {
-    serde_json::to_value(o).expect("objects serialise")
-}
 
 /// One cut volume of the gen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -536,46 +471,16 @@ impl Snapshotter {
     }
 
     async fn delete_one(&self, k: &Kind, ns: &str, name: &str) -> Result<()> {
-        match api(&self.client, k, Some(ns))
-            .delete(name, &DeleteParams::background())
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-            Err(e) => Err(api_error(e, format!("delete {} {ns}/{name}", k.kind))),
-        }
+        delete(&self.client, k, Some(ns), name).await
     }
 
     /// Deletes the snapshot objects of the protection's gens not in `keep` (a killed
     /// daemon's leftovers included): group snapshots first, which take their members.
     pub async fn sweep(&self, namespaces: &[String], keep: &[Gen]) -> Result<()> {
-        let lp = ListParams::default().labels(&snapshot::selector_for(&self.protection));
-        let version = group_version(&self.client).await?;
-        let mut kinds = Vec::new();
-        if let Some(v) = &version {
-            kinds.push(vgs_kind(v));
-        }
-        kinds.push(volume_snapshots());
-        for k in &kinds {
+        let selector = snapshot::selector_for(&self.protection);
+        for k in &self.kinds().await? {
             for ns in namespaces {
-                let items = api(&self.client, k, Some(ns))
-                    .list(&lp)
-                    .await
-                    .map_err(|e| api_error(e, format!("list {} in {ns}", k.kind)))?
-                    .items;
-                for o in items {
-                    let gen = o
-                        .metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get(snapshot::GEN_LABEL))
-                        .and_then(|g| g.parse::<u64>().ok());
-                    if gen.is_some_and(|g| keep.contains(&Gen(g))) {
-                        continue;
-                    }
-                    let name = o.metadata.name.clone().unwrap_or_default();
-                    self.delete_one(k, ns, &name).await?;
-                }
+                delete_labelled(&self.client, k, Some(ns), &selector, keep).await?;
             }
         }
         Ok(())
@@ -583,35 +488,27 @@ impl Snapshotter {
 
     /// Deletes one gen's snapshot objects in `namespaces`.
     pub async fn delete_gen(&self, namespaces: &[String], gen: Gen) -> Result<()> {
-        let lp = ListParams::default().labels(&format!(
+        let selector = format!(
             "{},{}={}",
             snapshot::selector_for(&self.protection),
             snapshot::GEN_LABEL,
             gen.0
-        ));
-        let version = group_version(&self.client).await?;
-        let mut kinds = Vec::new();
-        if let Some(v) = &version {
-            kinds.push(vgs_kind(v));
-        }
-        kinds.push(volume_snapshots());
-        for k in &kinds {
+        );
+        for k in &self.kinds().await? {
             for ns in namespaces {
-                let items = api(&self.client, k, Some(ns))
-                    .list(&lp)
-                    .await
-                    .map_err(|e| api_error(e, format!("list {} in {ns}", k.kind)))?
-                    .items;
-                for o in items {
-                    let name = o.metadata.name.clone().unwrap_or_default();
-                    self.delete_one(k, ns, &name).await?;
-                }
+                delete_labelled(&self.client, k, Some(ns), &selector, &[]).await?;
             }
         }
         Ok(())
     }
-}
 
-fn vgs_kind(version: &str) -> Kind {
-    group_kind(version, "VolumeGroupSnapshot", "volumegroupsnapshots", true)
+    /// The snapshot kinds lifeboat creates, group snapshots first.
+    async fn kinds(&self) -> Result<Vec<Kind>> {
+        let mut kinds = Vec::new();
+        if let Some(v) = group_version(&self.client).await? {
+            kinds.push(vgs_kind(&v));
+        }
+        kinds.push(volume_snapshots());
+        Ok(kinds)
+    }
 }

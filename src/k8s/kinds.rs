@@ -14,7 +14,7 @@ pub struct Kind {
 }
 
 impl Kind {
-    fn builtin(group: &str, version: &str, kind: &str, plural: &str, namespaced: bool) -> Kind {
+    pub fn new(group: &str, version: &str, kind: &str, plural: &str, namespaced: bool) -> Kind {
         Kind {
             group: group.into(),
             version: version.into(),
@@ -92,47 +92,47 @@ pub fn rank(api_version: &str, kind: &str) -> u8 {
 /// Every built-in kind that a protection mirrors (DESIGN.md, Kubernetes mode).
 pub fn builtin() -> Vec<Kind> {
     vec![
-        Kind::builtin("", "v1", "ServiceAccount", "serviceaccounts", true),
-        Kind::builtin("", "v1", "Secret", "secrets", true),
-        Kind::builtin("", "v1", "ConfigMap", "configmaps", true),
-        Kind::builtin("rbac.authorization.k8s.io", "v1", "Role", "roles", true),
-        Kind::builtin(
+        Kind::new("", "v1", "ServiceAccount", "serviceaccounts", true),
+        Kind::new("", "v1", "Secret", "secrets", true),
+        Kind::new("", "v1", "ConfigMap", "configmaps", true),
+        Kind::new("rbac.authorization.k8s.io", "v1", "Role", "roles", true),
+        Kind::new(
             "rbac.authorization.k8s.io",
             "v1",
             "RoleBinding",
             "rolebindings",
             true,
         ),
-        Kind::builtin(
+        Kind::new(
             "",
             "v1",
             "PersistentVolumeClaim",
             "persistentvolumeclaims",
             true,
         ),
-        Kind::builtin("apps", "v1", "Deployment", "deployments", true),
-        Kind::builtin("apps", "v1", "StatefulSet", "statefulsets", true),
-        Kind::builtin("apps", "v1", "DaemonSet", "daemonsets", true),
-        Kind::builtin("apps", "v1", "ReplicaSet", "replicasets", true),
-        Kind::builtin("batch", "v1", "Job", "jobs", true),
-        Kind::builtin("batch", "v1", "CronJob", "cronjobs", true),
-        Kind::builtin("", "v1", "Service", "services", true),
-        Kind::builtin("networking.k8s.io", "v1", "Ingress", "ingresses", true),
-        Kind::builtin(
+        Kind::new("apps", "v1", "Deployment", "deployments", true),
+        Kind::new("apps", "v1", "StatefulSet", "statefulsets", true),
+        Kind::new("apps", "v1", "DaemonSet", "daemonsets", true),
+        Kind::new("apps", "v1", "ReplicaSet", "replicasets", true),
+        Kind::new("batch", "v1", "Job", "jobs", true),
+        Kind::new("batch", "v1", "CronJob", "cronjobs", true),
+        Kind::new("", "v1", "Service", "services", true),
+        Kind::new("networking.k8s.io", "v1", "Ingress", "ingresses", true),
+        Kind::new(
             "networking.k8s.io",
             "v1",
             "NetworkPolicy",
             "networkpolicies",
             true,
         ),
-        Kind::builtin(
+        Kind::new(
             "autoscaling",
             "v2",
             "HorizontalPodAutoscaler",
             "horizontalpodautoscalers",
             true,
         ),
-        Kind::builtin(
+        Kind::new(
             "policy",
             "v1",
             "PodDisruptionBudget",
@@ -151,15 +151,15 @@ pub fn quiesced() -> Vec<Kind> {
 }
 
 pub fn pods() -> Kind {
-    Kind::builtin("", "v1", "Pod", "pods", true)
+    Kind::new("", "v1", "Pod", "pods", true)
 }
 
 pub fn namespaces() -> Kind {
-    Kind::builtin("", "v1", "Namespace", "namespaces", false)
+    Kind::new("", "v1", "Namespace", "namespaces", false)
 }
 
 pub fn persistent_volumes() -> Kind {
-    Kind::builtin("", "v1", "PersistentVolume", "persistentvolumes", false)
+    Kind::new("", "v1", "PersistentVolume", "persistentvolumes", false)
 }
 
 /// The kind an object says it is, if lifeboat knows it.

@@ -12,6 +12,7 @@ pub mod cut;
 pub mod kinds;
 pub mod labels;
 pub mod movers;
+pub mod objects;
 pub mod rbac;
 pub mod sanitise;
 pub mod snapshot;

@@ -9,11 +9,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures::stream::{self, StreamExt};
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
+use kube::api::{DynamicObject, ListParams, PostParams};
 use serde_json::{json, Value};
 
-use super::cut::{volume_snapshot_contents, volume_snapshots, Cut};
+use super::cut::Cut;
 use super::kinds::Kind;
+use super::objects::{
+    api, delete, delete_labelled, jobs, pods, pvcs_kind, volume_snapshot_contents, volume_snapshots,
+};
 use super::snapshot::{self, object_name, VolumeMode};
 use super::{api_error, MoverSettings};
 use crate::ids::{CycleId, Gen};
@@ -26,41 +29,6 @@ pub const ALLOW_MODE_CHANGE: &str = "snapshot.storage.kubernetes.io/allow-volume
 const DEVICE: &str = "/dev/lifeboat-source";
 const TLS_DIR: &str = "/etc/lifeboat/tls";
 const SCRATCH: &str = "/scratch";
-
-fn k(group: &str, version: &str, kind: &str, plural: &str, namespaced: bool) -> Kind {
-    Kind {
-        group: group.into(),
-        version: version.into(),
-        kind: kind.into(),
-        plural: plural.into(),
-        namespaced,
-    }
-}
-
-fn jobs() -> Kind {
-    k("batch", "v1", "Job", "jobs", true)
-}
-
-fn pods() -> Kind {
-    k("", "v1", "Pod", "pods", true)
-}
-
-fn pvcs() -> Kind {
-    k(
-        "",
-        "v1",
-        "PersistentVolumeClaim",
-        "persistentvolumeclaims",
-        true,
-    )
-}
-
-fn api(client: &kube::Client, kind: &Kind, ns: Option<&str>) -> Api<DynamicObject> {
-    match ns {
-        Some(ns) if kind.namespaced => Api::namespaced_with(client.clone(), ns, &kind.resource()),
-        _ => Api::all_with(client.clone(), &kind.resource()),
-    }
-}
 
 /// What every mover of one cycle shares.
 pub struct Movers<'a> {
@@ -278,7 +246,7 @@ async fn move_one(m: &Movers<'_>, cut: &Cut, events: &(dyn Fn(Event<'_>) + Sync)
         let ns = m.spec.settings.namespace.as_str();
         create(&m.client, &volume_snapshot_contents(), None, content).await?;
         create(&m.client, &volume_snapshots(), Some(ns), vs).await?;
-        create(&m.client, &pvcs(), Some(ns), pvc).await?;
+        create(&m.client, &pvcs_kind(), Some(ns), pvc).await?;
         create(&m.client, &jobs(), Some(ns), job).await?;
         watch(m, &n).await
     }
@@ -328,22 +296,10 @@ async fn create(client: &kube::Client, kind: &Kind, ns: Option<&str>, v: Value) 
     }
 }
 
-async fn delete(client: &kube::Client, kind: &Kind, ns: Option<&str>, name: &str) -> Result<()> {
-    // Background: a Job's Pods go with it (the API's default for Jobs orphans them).
-    match api(client, kind, ns)
-        .delete(name, &DeleteParams::background())
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(api_error(e, format!("delete {} {name}", kind.kind))),
-    }
-}
-
 async fn cleanup(client: &kube::Client, ns: &str, n: &Names) {
     let steps: [(Kind, Option<&str>, &str); 4] = [
         (jobs(), Some(ns), &n.job),
-        (pvcs(), Some(ns), &n.pvc),
+        (pvcs_kind(), Some(ns), &n.pvc),
         (volume_snapshots(), Some(ns), &n.snapshot),
         (volume_snapshot_contents(), None, &n.content),
     ];
@@ -439,7 +395,7 @@ async fn watch(m: &Movers<'_>, n: &Names) -> Result<(Option<String>, Outcome)> {
             return Ok((node, outcome));
         }
         if let Some(c) = condition(&job, "Failed") {
-            let last = pods.iter().filter_map(terminated).last();
+            let last = pods.iter().filter_map(terminated).next_back();
             let why = match last {
                 Some((code, msg)) if !msg.is_empty() => format!("exit {code}: {}", msg.trim()),
                 Some((code, _)) => format!("exit {code}"),
@@ -470,36 +426,14 @@ async fn watch(m: &Movers<'_>, n: &Names) -> Result<(Option<String>, Outcome)> {
 
 /// Removes the protection's mover objects of gens other than `keep` (a killed daemon's).
 pub async fn sweep(client: &kube::Client, ns: &str, protection: &str, keep: &[Gen]) -> Result<()> {
-    let lp = ListParams::default().labels(&snapshot::selector_for(protection));
+    let selector = snapshot::selector_for(protection);
     for (kind, ns) in [
         (jobs(), Some(ns)),
-        (pvcs(), Some(ns)),
+        (pvcs_kind(), Some(ns)),
         (volume_snapshots(), Some(ns)),
         (volume_snapshot_contents(), None),
     ] {
-        let items = api(client, &kind, ns)
-            .list(&lp)
-            .await
-            .map_err(|e| api_error(e, format!("list {} of protection {protection}", kind.kind)))?
-            .items;
-        for o in items {
-            let gen = o
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(snapshot::GEN_LABEL))
-                .and_then(|g| g.parse::<u64>().ok());
-            if gen.is_some_and(|g| keep.contains(&Gen(g))) {
-                continue;
-            }
-            delete(
-                client,
-                &kind,
-                ns,
-                o.metadata.name.as_deref().unwrap_or_default(),
-            )
-            .await?;
-        }
+        delete_labelled(client, &kind, ns, &selector, keep).await?;
     }
     Ok(())
 }

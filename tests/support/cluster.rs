@@ -404,8 +404,8 @@ impl World {
                     == "true";
                 if source_mode != mode && !allowed {
                     let key = format!("modechange/{pns}/{pname}");
-                    if !self.ready_at.contains_key(&key) {
-                        self.ready_at.insert(key, Instant::now());
+                    // Reported once per claim (the map only marks it).
+                    if self.ready_at.insert(key, Instant::now()).is_none() {
                         self.event(st, &pns, "PersistentVolumeClaim", &pname, "ProvisioningFailed",
                             &format!("failed to provision volume: requested volume {pns}/{pname} modification for volume mode is not allowed: the source snapshot {cname} has volume mode {source_mode} and the annotation snapshot.storage.kubernetes.io/allow-volume-mode-change is not set"));
                     }

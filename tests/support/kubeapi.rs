@@ -1438,27 +1438,7 @@ impl KubeApi {
     /// Stores an object as etcd would hold it, without authorization (the cluster's
     /// bootstrap state, or RBAC an administrator applied).
     pub fn seed(&self, v: Value) {
-        let mut st = self.state.lock().unwrap();
-        let t = st
-            .types
-            .iter()
-            .find(|t| {
-                t.api_version() == v["apiVersion"].as_str().unwrap_or("") && t.kind == v["kind"]
-            })
-            .cloned()
-            .unwrap_or_else(|| panic!("unknown type {} {}", v["apiVersion"], v["kind"]));
-        let ns = if t.namespaced {
-            v["metadata"]["namespace"]
-                .as_str()
-                .unwrap_or("")
-                .to_string()
-        } else {
-            String::new()
-        };
-        let name = v["metadata"]["name"].as_str().unwrap().to_string();
-        let key = (t.group.clone(), t.plural.clone(), ns, name);
-        let old = st.objects.get(&key).cloned();
-        st.store(&t, key, v, old.as_ref(), "kubectl", "Update");
+        self.state.lock().unwrap().put(v, "kubectl");
     }
 
     /// Seeds every document of a multi-document YAML (a site's RBAC file).
