@@ -496,3 +496,93 @@ fn every_rule_lifeboat_rbac_makes_for_the_csi_path_is_needed() {
         .collect();
     assert!(unneeded.is_empty(), "{unneeded:#?}");
 }
+
+/// Rewrites every PVC of the primary with new random bytes.
+fn rewrite_all(s: &Sites, seed: u64) {
+    for (i, p) in PVCS.iter().enumerate() {
+        random_file(
+            &Cluster::backing_file(&s.primary_api, "prod", p).unwrap(),
+            SIZE,
+            seed + i as u64,
+        );
+    }
+}
+
+#[test]
+fn kill_9_of_either_daemon_mid_transfer_keeps_the_point_and_ten_cycles_leave_one_gen() {
+    let mut s = sites(true, "");
+    let first = s.pair.sync();
+    s.assert_replicas_equal_snapshots(first.gen);
+    for (round, killed) in ["primary", "dr"].into_iter().enumerate() {
+        let before: Vec<String> = PVCS.iter().map(|p| b3(&replica(&s.pair, p))).collect();
+        let point = s.pair.dr.status().protections[0].consistent_gen;
+        rewrite_all(&s, 7000 + 10 * round as u64);
+        let client = s.pair.primary.client();
+        let cycle = std::thread::spawn(move || {
+            client.post::<lifeboat::api::CycleReport>(&format!(
+                "/v1/protections/{}/sync",
+                support::PROT
+            ))
+        });
+        // kill -9 while the movers move.
+        wait_for(|| s.cluster.pids.lock().unwrap().keys().next().cloned());
+        match killed {
+            "primary" => s.pair.primary.kill9(),
+            _ => s.pair.dr.kill9(),
+        }
+        let _ = cycle.join();
+        match killed {
+            "primary" => s.pair.primary.start(),
+            _ => s.pair.dr.start(),
+        }
+        // The DR site is still at its point: replicas unchanged, nothing torn.
+        assert_eq!(
+            s.pair.dr.status().protections[0].consistent_gen,
+            point,
+            "{killed}"
+        );
+        let now: Vec<String> = PVCS.iter().map(|p| b3(&replica(&s.pair, p))).collect();
+        assert_eq!(now, before, "after kill -9 of the {killed}");
+        // The next cycle completes, and sweeps what the killed one left.
+        let r = s.pair.sync();
+        s.assert_replicas_equal_snapshots(r.gen);
+    }
+    for i in 0..7 {
+        for (j, p) in PVCS.iter().enumerate() {
+            change(
+                &Cluster::backing_file(&s.primary_api, "prod", p).unwrap(),
+                100 * i + j as u64,
+            );
+        }
+        s.pair.sync();
+    }
+    let last = s.pair.sync();
+    s.assert_replicas_equal_snapshots(last.gen);
+    s.assert_no_mover_leftovers();
+    // Exactly the acknowledged gen's snapshots are left (once the garbage collector has
+    // taken the older group's members): one group, its members, their contents and files.
+    let counts = || {
+        let groups = s
+            .primary_api
+            .all("groupsnapshot.storage.k8s.io", "volumegroupsnapshots")
+            .len();
+        let snaps = s
+            .primary_api
+            .all("snapshot.storage.k8s.io", "volumesnapshots")
+            .len();
+        let contents = s
+            .primary_api
+            .all("snapshot.storage.k8s.io", "volumesnapshotcontents")
+            .len();
+        let files = std::fs::read_dir(s.cluster.root.join("snapshots"))
+            .unwrap()
+            .count();
+        (groups, snaps, contents, files)
+    };
+    let want = (1, PVCS.len(), PVCS.len(), PVCS.len());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while counts() != want && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(counts(), want, "(groups, snapshots, contents, files)");
+}

@@ -126,6 +126,7 @@ pub async fn send(
     csi: &CsiSettings,
     set: &CutSet,
     cycle: CycleId,
+    conn: &quinn::Connection,
     report: &mut CycleReport,
 ) -> Result<BTreeMap<VolumeName, VolumeRecord>, CycleError> {
     let name = prot.name.as_str();
@@ -185,9 +186,18 @@ pub async fn send(
             tracing::warn!(pvc = %cut.pvc.id(), result, "{why}");
         }
     };
-    let moved = movers::move_all(&m, &set.cuts, &events)
-        .await
-        .map_err(k8s)?;
+    let moved = tokio::select! {
+        r = movers::move_all(&m, &set.cuts, &events) => r.map_err(k8s)?,
+        // The DR site went away (its cycle with it): stop the movers now rather than
+        // let each retry against it until its Job gives up.
+        e = conn.closed() => {
+            if let Err(d) = movers::sweep(&m.client, &csi.mover.namespace, name, &[]).await {
+                tracing::warn!(error = %format!("{d:#}"), "could not remove the movers; the next cycle's sweep retries");
+            }
+            metrics.movers_running.with_label_values(&[name]).set(0);
+            return Err(CycleError::link(e));
+        }
+    };
     tracing::debug!(seconds = started.elapsed().as_secs_f64(), "movers done");
     let mut records = BTreeMap::new();
     for mv in moved {

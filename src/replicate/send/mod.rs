@@ -221,7 +221,7 @@ async fn cycle(primary: &Primary, prot: &Protection) -> Result<CycleReport, Cycl
     };
     let mut volumes = BTreeMap::new();
     if let (Some((c, p)), Some(set)) = (&csi, &cut) {
-        match csi::send(primary, prot, c, set, point.cycle, &mut report).await {
+        match csi::send(primary, prot, c, set, point.cycle, &conn, &mut report).await {
             Ok(v) => volumes = v,
             Err(e) => {
                 csi::discard(p, gen).await;
