@@ -586,3 +586,50 @@ fn kill_9_of_either_daemon_mid_transfer_keeps_the_point_and_ten_cycles_leave_one
     }
     assert_eq!(counts(), want, "(groups, snapshots, contents, files)");
 }
+
+#[test]
+fn a_mover_whose_pvc_cannot_be_provisioned_is_named_with_the_event_in_status_and_the_error() {
+    let s = sites(true, "stuck_after = \"2s\"");
+    let first = s.pair.sync();
+    // status shows each mover of the last cycle: done, its node, what it read and sent.
+    let st = s.pair.primary.status();
+    let movers = &st.protections[0].kubernetes.as_ref().unwrap().movers;
+    assert_eq!(movers.len(), PVCS.len());
+    assert!(
+        movers
+            .iter()
+            .all(|m| m.phase == "done" && m.node.is_some() && m.bytes_scanned == SIZE),
+        "{movers:?}"
+    );
+    // Without its StorageClass no restore PVC is provisioned.
+    s.primary_api
+        .delete("storage.k8s.io", "storageclasses", "", "fast");
+    let e = s.pair.try_sync().unwrap_err();
+    assert!(e.contains("stuck for 2s"), "{e}");
+    assert!(
+        e.contains("ProvisioningFailed: storageclass.storage.k8s.io \"fast\" not found"),
+        "{e}"
+    );
+    let st = s.pair.primary.status();
+    let movers = &st.protections[0].kubernetes.as_ref().unwrap().movers;
+    assert!(
+        movers
+            .iter()
+            .any(|m| m.phase == "failed"
+                && m.reason.as_deref().is_some_and(|r| r.contains("not found"))),
+        "{movers:?}"
+    );
+    let text = std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
+        .arg("status")
+        .arg("--config")
+        .arg(&s.pair.primary.config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("mover prod/data-cassandra-0"), "{text}");
+    assert_eq!(
+        s.pair.dr.status().protections[0].consistent_gen,
+        Some(first.gen)
+    );
+    s.assert_no_mover_leftovers();
+}

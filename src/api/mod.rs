@@ -151,6 +151,24 @@ pub struct KubeStatus {
     pub applied: Option<crate::k8s::apply::ApplyReport>,
     /// DR: why the last standby apply failed (the data of the gen is committed regardless).
     pub apply_error: Option<String>,
+    /// Primary, CSI path: the gen's movers, one per volume.
+    #[serde(default)]
+    pub movers: Vec<MoverStatus>,
+}
+
+/// One mover of the cycle in progress (or of the last one).
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct MoverStatus {
+    pub volume: String,
+    pub pvc: String,
+    /// `starting`, `waiting`, `running`, `done` or `failed`.
+    pub phase: String,
+    pub node: Option<String>,
+    /// Why it waits or failed.
+    pub reason: Option<String>,
+    pub bytes_scanned: u64,
+    pub bytes_sent: u64,
+    pub seconds: f64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

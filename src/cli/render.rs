@@ -189,6 +189,30 @@ fn render_kube(k: &KubeStatus) -> String {
     for o in &c.objects {
         out += &format!("    {o}\n");
     }
+    for m in &k.movers {
+        let mut line = format!("    mover {} ({}): {}", m.pvc, m.volume, m.phase);
+        if let Some(n) = &m.node {
+            line += &format!(" on {n}");
+        }
+        if m.phase == "done" {
+            let rate = if m.seconds > 0.0 {
+                m.bytes_scanned as f64 / m.seconds
+            } else {
+                0.0
+            };
+            line += &format!(
+                ", {} read, {} sent in {:.1}s ({}/s)",
+                human_bytes(m.bytes_scanned),
+                human_bytes(m.bytes_sent),
+                m.seconds,
+                human_bytes(rate as u64)
+            );
+        }
+        if let Some(r) = &m.reason {
+            line += &format!(": {r}");
+        }
+        out += &format!("{line}\n");
+    }
     if let Some(a) = &k.applied {
         out += &format!(
             "  standby manifests applied: {} objects, {} changed, {} pruned\n",

@@ -15,7 +15,8 @@ use serde_json::{json, Value};
 use super::cut::Cut;
 use super::kinds::Kind;
 use super::objects::{
-    api, delete, delete_labelled, jobs, pods, pvcs_kind, volume_snapshot_contents, volume_snapshots,
+    api, delete, delete_labelled, events_kind, jobs, pods, pvcs_kind, volume_snapshot_contents,
+    volume_snapshots,
 };
 use super::snapshot::{self, object_name, VolumeMode};
 use super::{api_error, MoverSettings};
@@ -203,6 +204,16 @@ fn objects(m: &Spec<'_>, cut: &Cut, n: &Names) -> Result<[Value; 4]> {
 /// What `move_all` reports as movers start and end.
 pub enum Event<'a> {
     Started(&'a Cut),
+    /// Its Pod runs on `node`.
+    Running {
+        cut: &'a Cut,
+        node: String,
+    },
+    /// Not running yet, and why (its Pod's condition or state, its PVC's last event).
+    Waiting {
+        cut: &'a Cut,
+        why: String,
+    },
     Done(&'a Moved),
     /// `result`: `failed`, `stuck` or `unschedulable` (a metric label).
     Failed {
@@ -248,7 +259,7 @@ async fn move_one(m: &Movers<'_>, cut: &Cut, events: &(dyn Fn(Event<'_>) + Sync)
         create(&m.client, &volume_snapshots(), Some(ns), vs).await?;
         create(&m.client, &pvcs_kind(), Some(ns), pvc).await?;
         create(&m.client, &jobs(), Some(ns), job).await?;
-        watch(m, &n).await
+        watch(m, cut, &n, events).await
     }
     .await
     .with_context(|| format!("mover of PVC {}", cut.pvc.id()));
@@ -363,9 +374,15 @@ fn condition<'v>(job: &'v Value, kind: &str) -> Option<&'v Value> {
 /// Waits for the Job to end. Its result is in the succeeded Pod's termination message; a
 /// Job that failed, or a Pod stuck (Pending, or not started) past `stuck_after`, ends it
 /// with the reason its Pod gives.
-async fn watch(m: &Movers<'_>, n: &Names) -> Result<(Option<String>, Outcome)> {
+async fn watch(
+    m: &Movers<'_>,
+    cut: &Cut,
+    n: &Names,
+    events: &(dyn Fn(Event<'_>) + Sync),
+) -> Result<(Option<String>, Outcome)> {
     let ns = m.spec.settings.namespace.as_str();
     let started = Instant::now();
+    let mut told: Option<String> = None;
     let mut delay = Duration::from_millis(50);
     let pod_list = ListParams::default().labels(&format!("batch.kubernetes.io/job-name={}", n.job));
     loop {
@@ -407,12 +424,36 @@ async fn watch(m: &Movers<'_>, n: &Names) -> Result<(Option<String>, Outcome)> {
                 c["reason"].as_str().unwrap_or("Failed")
             );
         }
-        let running = pods.iter().any(|p| p["status"]["phase"] == "Running");
-        if !running && started.elapsed() >= m.spec.settings.stuck_after {
-            let why = pods
-                .iter()
-                .find_map(pod_reason)
-                .unwrap_or_else(|| "no Pod started (is its PVC provisioned?)".into());
+        let running = pods.iter().find(|p| p["status"]["phase"] == "Running");
+        // Told once per change: where it runs, or why it does not.
+        let now = match running {
+            Some(p) => format!(
+                "running on {}",
+                p["spec"]["nodeName"].as_str().unwrap_or("?")
+            ),
+            None => match pods.iter().find_map(pod_reason) {
+                Some(why) => why,
+                None => match pvc_event(m, &n.pvc).await {
+                    Some(e) => format!("PVC {ns}/{}: {e}", n.pvc),
+                    None => "waiting for its Pod to start".into(),
+                },
+            },
+        };
+        if told.as_deref() != Some(now.as_str()) {
+            match running {
+                Some(p) => events(Event::Running {
+                    cut,
+                    node: p["spec"]["nodeName"].as_str().unwrap_or("?").to_string(),
+                }),
+                None => events(Event::Waiting {
+                    cut,
+                    why: now.clone(),
+                }),
+            }
+            told = Some(now.clone());
+        }
+        if running.is_none() && started.elapsed() >= m.spec.settings.stuck_after {
+            let why = now;
             bail!(
                 "Job {ns}/{} stuck for {:?}: {why}",
                 n.job,
@@ -422,6 +463,25 @@ async fn watch(m: &Movers<'_>, n: &Names) -> Result<(Option<String>, Outcome)> {
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_millis(500));
     }
+}
+
+/// The newest event about the mover's PVC (why it is not provisioned, typically).
+async fn pvc_event(m: &Movers<'_>, pvc: &str) -> Option<String> {
+    let ns = m.spec.settings.namespace.as_str();
+    let lp = ListParams::default().fields(&format!("involvedObject.name={pvc}"));
+    let list = api(&m.client, &events_kind(), Some(ns))
+        .list(&lp)
+        .await
+        .ok()?;
+    list.items
+        .into_iter()
+        .map(|e| serde_json::to_value(e).expect("objects serialise"))
+        .filter(|e| e["involvedObject"]["name"] == pvc)
+        .last()
+        .and_then(|e| {
+            let reason = e["reason"].as_str().unwrap_or("Event");
+            e["message"].as_str().map(|m| format!("{reason}: {m}"))
+        })
 }
 
 /// Removes the protection's mover objects of gens other than `keep` (a killed daemon's).

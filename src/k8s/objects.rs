@@ -78,6 +78,10 @@ pub fn jobs() -> Kind {
     Kind::new("batch", "v1", "Job", "jobs", true)
 }
 
+pub fn events_kind() -> Kind {
+    Kind::new("", "v1", "Event", "events", true)
+}
+
 pub fn pods() -> Kind {
     Kind::new("", "v1", "Pod", "pods", true)
 }

@@ -204,7 +204,7 @@ pub fn generate(protections: &[&KubeProtection], o: &RbacOptions) -> Result<Site
                 &["jobs".into()],
                 &["get", "list", "create", "delete"],
             ),
-            rule("", &["pods".into()], &["list"]),
+            rule("", &["pods".into(), "events".into()], &["list"]),
             rule(
                 "",
                 &["persistentvolumeclaims".into()],

@@ -131,6 +131,7 @@ pub async fn apply_standby(dr: &Dr, prot: &ProtectionName) {
                     warnings: b.warnings,
                     applied: Some(report),
                     apply_error: failures,
+                    movers: Vec::new(),
                 })
             });
         }

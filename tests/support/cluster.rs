@@ -354,6 +354,22 @@ impl World {
                 continue;
             };
             let Some(sc) = st.get_object("storage.k8s.io", "storageclasses", "", class) else {
+                // The PV controller's complaint, once per claim.
+                let (pns, pname) = (ns(&pvc), name(&pvc));
+                if self
+                    .ready_at
+                    .insert(format!("noclass/{pns}/{pname}"), Instant::now())
+                    .is_none()
+                {
+                    self.event(
+                        st,
+                        &pns,
+                        "PersistentVolumeClaim",
+                        &pname,
+                        "ProvisioningFailed",
+                        &format!("storageclass.storage.k8s.io \"{class}\" not found"),
+                    );
+                }
                 continue;
             };
             let driver = sc["provisioner"].as_str().unwrap_or_default().to_string();

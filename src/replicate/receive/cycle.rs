@@ -4,6 +4,7 @@
 //! and the acknowledgement happen under the lock; a failed cycle's staging is freed under
 //! it too.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -186,6 +187,8 @@ async fn receive(
     let mut joins = lock.open_joins(point.cycle);
     let _closed = CloseJoins(lock, point.cycle);
     let mut joined = FuturesUnordered::new();
+    let mut attempt = 0u32;
+    let mut attempts: HashMap<VolumeName, (u32, CancellationToken)> = HashMap::new();
     loop {
         if locked.failing_over() {
             return Err(machine::failed_over(rec));
@@ -195,20 +198,31 @@ async fn receive(
             Some(js) = joins.recv() => {
                 match machine.join(&js.volume, js.chunk_size) {
                     Ok(Action::ServeHashes { volume, path, chunk_size, known }) => {
-                        let plan = JoinPlan { volume, path, chunk_size, known };
-                        joined.push(joined_volume(dr, locked, point, plan, js, token));
+                        // A newer attempt of a volume in flight (its Job's retry after the
+                        // mover died unseen) supersedes the older stream.
+                        attempt += 1;
+                        let stop = token.child_token();
+                        if let Some((_, old)) = attempts.insert(volume.clone(), (attempt, stop.clone())) {
+                            old.cancel();
+                        }
+                        let plan = JoinPlan { volume, path, chunk_size, known, attempt };
+                        joined.push(joined_volume(dr, locked, point, plan, js, stop));
                     }
                     Ok(_) => unreachable!("a join is answered with its hashes"),
                     Err(e) => refuse_join(js, &e).await,
                 }
                 continue;
             }
-            Some((volume, result)) = joined.next(), if !joined.is_empty() => {
-                match result {
-                    Ok((base_gen, staged)) => machine.joined_staged(volume, base_gen, staged),
-                    Err(e) => {
-                        tracing::warn!(volume = %volume, error = %e, "a mover's volume failed; its Job may retry it");
-                        machine.join_failed(volume.as_str());
+            Some((volume, tried, result)) = joined.next(), if !joined.is_empty() => {
+                // A superseded attempt's end says nothing about the volume.
+                if attempts.get(&volume).is_some_and(|(a, _)| *a == tried) {
+                    attempts.remove(&volume);
+                    match result {
+                        Ok((base_gen, staged)) => machine.joined_staged(volume, base_gen, staged),
+                        Err(e) => {
+                            tracing::warn!(volume = %volume, error = %e, "a mover's volume failed; its Job may retry it");
+                            machine.join_failed(volume.as_str());
+                        }
                     }
                 }
                 continue;
@@ -234,7 +248,7 @@ async fn receive(
             } => {
                 let span = tracing::info_span!("volume", volume = %volume);
                 let staged = receive_volume(
-                    dr, locked, point, &volume, replica, geometry, base_gen, r, token,
+                    dr, locked, point, &volume, replica, geometry, base_gen, None, r, token,
                 )
                 .instrument(span)
                 .await?;
@@ -286,6 +300,7 @@ struct JoinPlan {
     path: PathBuf,
     chunk_size: u32,
     known: Option<Gen>,
+    attempt: u32,
 }
 
 async fn refuse_join(mut js: JoinedStream, e: &ReceiveError) {
@@ -303,10 +318,10 @@ async fn joined_volume<'a>(
     point: Point,
     plan: JoinPlan,
     mut js: JoinedStream,
-    token: &'a CancellationToken,
-) -> (VolumeName, Result<(Gen, Staged), ReceiveError>) {
-    let volume = plan.volume.clone();
-    let span = tracing::info_span!("mover", volume = %volume);
+    stop: CancellationToken,
+) -> (VolumeName, u32, Result<(Gen, Staged), ReceiveError>) {
+    let (volume, attempt) = (plan.volume.clone(), plan.attempt);
+    let span = tracing::info_span!("mover", volume = %volume, attempt);
     let result = async {
         let gen = hashes::serve_hashes(
             dr,
@@ -318,7 +333,7 @@ async fn joined_volume<'a>(
             &mut js.w,
         )
         .await?;
-        let (size, chunk_size) = match next_frame(&mut js.r, token, "Begin").await? {
+        let (size, chunk_size) = match next_frame(&mut js.r, &stop, "Begin").await? {
             Msg::Begin {
                 volume: v,
                 size,
@@ -346,8 +361,9 @@ async fn joined_volume<'a>(
             plan.path,
             Geometry::new(size, chunk_size),
             gen,
+            Some(plan.attempt),
             &mut js.r,
-            token,
+            &stop,
         )
         .await?;
         js.w.send(&Msg::Staged {
@@ -358,14 +374,18 @@ async fn joined_volume<'a>(
         js.w.finish();
         Ok((gen, staged))
     }
-    .instrument(span)
-    .await;
+    .instrument(span);
+    // Superseded (or the cycle ended): dropped wherever it waits, hashes included.
+    let result = tokio::select! {
+        r = result => r,
+        _ = stop.cancelled() => Err(superseded()),
+    };
     if let Err(e) = &result {
         let _ = js.w.send(&Msg::Refused(e.told())).await;
         js.w.finish();
         js.r.stop();
     }
-    (volume, result)
+    (volume, attempt, result)
 }
 
 /// Receives one volume's chunks into its staging log (or a fresh replica) and records it
@@ -379,12 +399,14 @@ async fn receive_volume(
     replica: PathBuf,
     geometry: Geometry,
     base_gen: Gen,
+    attempt: Option<u32>,
     r: &mut FrameReader,
     token: &CancellationToken,
 ) -> Result<Staged, ReceiveError> {
     // No replica and no base: every chunk comes, so build the replica itself beside its
-    // path instead of a log to copy later.
-    let fresh = {
+    // path instead of a log to copy later. Not for a mover's attempt: a superseded one
+    // may still be writing while its successor starts, so each has a log of its own.
+    let fresh = attempt.is_none() && {
         let (p, v, path) = (locked.name().clone(), volume.clone(), replica.clone());
         dr.store
             .run(move |s| {
@@ -399,7 +421,10 @@ async fn receive_volume(
     } else {
         recovery::staging_dir(&dr.config, locked.name())
             .join(format!("{}-{}", point.gen, point.cycle))
-            .join(format!("{volume}.log"))
+            .join(match attempt {
+                Some(a) => format!("{volume}.{a}.log"),
+                None => format!("{volume}.log"),
+            })
     };
     let target = stage::Target {
         log: log.clone(),

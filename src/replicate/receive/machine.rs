@@ -277,17 +277,18 @@ impl Receiving {
     /// [`Action::ServeHashes`] says; its chunks then diff against the served gen, and the
     /// shell reports it with [`Receiving::joined_staged`].
     pub fn join(&mut self, volume: &str, chunk_size: u32) -> Result<Action, ReceiveError> {
+        // A volume already joined may join again: the newer attempt supersedes the older
+        // stream (its mover died without the connection saying so yet).
         let v = match self.group.volume(volume) {
             Some(v)
                 if !self.staged.contains_key(volume)
-                    && !self.joined.contains(volume)
                     && self.receiving.as_ref().map(|v| v.as_str()) != Some(volume) =>
             {
                 v.clone()
             }
             Some(_) => {
                 return Err(ReceiveError::protocol(format!(
-                    "volume {volume} joined the cycle of gen {} twice",
+                    "volume {volume} of the cycle of gen {} is already staged or received in the cycle stream",
                     self.point.gen
                 )))
             }

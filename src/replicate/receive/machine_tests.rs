@@ -471,8 +471,12 @@ fn movers_join_side_by_side_and_the_commit_waits_for_every_one() {
             other => panic!("{other:?}"),
         }
     }
-    // A volume in flight can neither join again nor arrive inline.
-    assert!(m.join("a", CS).is_err());
+    // A volume in flight may join again (the newer attempt supersedes the older), but
+    // not arrive inline.
+    assert!(matches!(
+        m.join("a", CS).unwrap(),
+        Action::ServeHashes { .. }
+    ));
     assert!(m.handle(begin("a")).is_err());
     // Unknown volumes and bad chunk sizes are refused.
     assert!(format!("{}", m.join("zz", CS).unwrap_err()).contains("not in the cycle"));
@@ -493,6 +497,8 @@ fn movers_join_side_by_side_and_the_commit_waits_for_every_one() {
         Action::ServeHashes { .. }
     ));
     m.joined_staged(VolumeName::new("b").unwrap(), Gen(3), staged("b"));
+    // A staged volume cannot join again.
+    assert!(format!("{}", m.join("b", CS).unwrap_err()).contains("already staged"));
     match m.handle(CycleMsg::Commit(Gen(4))).unwrap() {
         Action::Commit { commit, .. } => assert_eq!(commit.point.volumes.len(), 3),
         other => panic!("{other:?}"),

@@ -157,10 +157,54 @@ pub async fn send(
         .live
         .activity(name, format!("gen {gen}: {total} mover(s) to run"));
     let metrics = &primary.metrics;
+    primary.live.update(name, |l| {
+        let k = l.kubernetes.get_or_insert_with(Default::default);
+        k.movers = set
+            .cuts
+            .iter()
+            .map(|c| crate::api::MoverStatus {
+                volume: c.pvc.volume.clone(),
+                pvc: c.pvc.id(),
+                phase: "queued".into(),
+                ..Default::default()
+            })
+            .collect();
+    });
+    let starts = std::sync::Mutex::new(std::collections::HashMap::new());
+    let show = |volume: &str, f: &dyn Fn(&mut crate::api::MoverStatus)| {
+        primary.live.update(name, |l| {
+            if let Some(m) = l
+                .kubernetes
+                .as_mut()
+                .and_then(|k| k.movers.iter_mut().find(|m| m.volume == volume))
+            {
+                f(m);
+            }
+        });
+    };
     let events = |e: movers::Event<'_>| match e {
         movers::Event::Started(c) => {
             metrics.movers_running.with_label_values(&[name]).inc();
+            starts
+                .lock()
+                .expect("mover starts")
+                .insert(c.pvc.volume.clone(), Instant::now());
+            show(&c.pvc.volume, &|m| m.phase = "starting".into());
             tracing::info!(pvc = %c.pvc.id(), "mover started");
+        }
+        movers::Event::Running { cut, node } => {
+            show(&cut.pvc.volume, &|m| {
+                m.phase = "running".into();
+                m.node = Some(node.clone());
+                m.reason = None;
+            });
+        }
+        movers::Event::Waiting { cut, why } => {
+            tracing::info!(pvc = %cut.pvc.id(), "mover waiting: {why}");
+            show(&cut.pvc.volume, &|m| {
+                m.phase = "waiting".into();
+                m.reason = Some(why.clone());
+            });
         }
         movers::Event::Done(mv) => {
             metrics.movers_running.with_label_values(&[name]).dec();
@@ -171,6 +215,18 @@ pub async fn send(
                 .inc_by(mv.outcome.chunk_bytes_sent);
             let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             let node = mv.node.as_deref().unwrap_or("?");
+            let seconds = starts
+                .lock()
+                .expect("mover starts")
+                .get(&mv.volume)
+                .map_or(0.0, |t| t.elapsed().as_secs_f64());
+            show(&mv.volume, &|m| {
+                m.phase = "done".into();
+                m.node = mv.node.clone();
+                m.bytes_scanned = mv.outcome.bytes_scanned;
+                m.bytes_sent = mv.outcome.chunk_bytes_sent;
+                m.seconds = seconds;
+            });
             tracing::info!(volume = %mv.volume, node, sent = mv.outcome.chunk_bytes_sent, "mover done");
             primary.live.activity(
                 name,
@@ -183,6 +239,10 @@ pub async fn send(
         movers::Event::Failed { cut, result, why } => {
             metrics.movers_running.with_label_values(&[name]).dec();
             metrics.movers.with_label_values(&[name, result]).inc();
+            show(&cut.pvc.volume, &|m| {
+                m.phase = "failed".into();
+                m.reason = Some(why.clone());
+            });
             tracing::warn!(pvc = %cut.pvc.id(), result, "{why}");
         }
     };
