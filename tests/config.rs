@@ -82,6 +82,7 @@ fn every_malformed_config_gets_an_error_naming_its_key() {
         // Kubernetes mode (the volume list may then be empty).
         ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]\n[protection.kubernetes.mover]\nconcurrency = 0", "protection[0].kubernetes.mover.concurrency"),
         ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]\nsnapshot_timeout = \"soon\"", "protection[0].kubernetes.snapshot_timeout"),
+        ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]\n[kubernetes]\nmax_movers = 0", "kubernetes.max_movers"),
         ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]\n[protection.kubernetes.mover]\nstuck_after = \"0s\"", "protection[0].kubernetes.mover.stuck_after"),
         ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]\nvolume_path = \"/srv/x.img\"", "protection[0].kubernetes.volume_path"),
         ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = []\nvolume_path = \"/v/{pvc}\"", "protection[0].kubernetes.namespaces"),

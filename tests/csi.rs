@@ -70,11 +70,12 @@ struct Sites {
 }
 
 fn sites(group_class: bool, mover: &str) -> Sites {
-    sites_with(group_class, mover, true)
+    sites_with(group_class, mover, true, "")
 }
 
-/// As [`sites`]; `snapshots`: whether the driver supports snapshots at all.
-fn sites_with(group_class: bool, mover: &str, snapshots: bool) -> Sites {
+/// As [`sites`]; `snapshots`: whether the driver supports snapshots at all; `kube`: more
+/// lines of the primary's `[kubernetes]`.
+fn sites_with(group_class: bool, mover: &str, snapshots: bool, kube_lines: &str) -> Sites {
     let kdir = tempfile::tempdir().unwrap();
     let primary_api = KubeApi::start(kdir.path(), "primary");
     let dr_api = KubeApi::start(kdir.path(), "dr");
@@ -106,7 +107,7 @@ fn sites_with(group_class: bool, mover: &str, snapshots: bool) -> Sites {
     let mut pair = Pair::new(PairOptions {
         volumes: vec![],
         start: false,
-        primary_tail: format!("{primary_sel}{}", kube(&primary_api)),
+        primary_tail: format!("{primary_sel}{}{kube_lines}\n", kube(&primary_api)),
         dr_tail: format!(
             "[protection.kubernetes]\nvolume_path = \"replicas/{{namespace}}/{{pvc}}.img\"\n{}",
             kube(&dr_api)
@@ -288,6 +289,11 @@ fn a_group_snapshot_is_moved_by_jobs_on_two_nodes_and_the_replicas_equal_the_sna
         .map(|(_, n)| n.clone())
         .collect();
     assert_eq!(nodes.len(), 2, "{nodes:?}");
+    let peak = s.cluster.peak.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        peak <= 2,
+        "the protection's concurrency is 2, {peak} movers ran at once"
+    );
     s.assert_no_mover_leftovers();
 
     // An incremental cycle: only changed chunks travel.
@@ -426,7 +432,7 @@ fn a_missing_snapshot_class_or_a_driver_without_snapshots_is_named_and_commits_n
         .all("snapshot.storage.k8s.io", "volumesnapshots")
         .is_empty());
 
-    let s = sites_with(false, "", false);
+    let s = sites_with(false, "", false, "");
     let e = s.pair.try_sync().unwrap_err();
     assert!(e.contains("snapshot of PVC prod/"), "{e}");
     assert!(e.contains("does not support snapshots"), "{e}");
@@ -632,4 +638,14 @@ fn a_mover_whose_pvc_cannot_be_provisioned_is_named_with_the_event_in_status_and
         Some(first.gen)
     );
     s.assert_no_mover_leftovers();
+}
+
+#[test]
+fn the_sites_mover_limit_holds_over_the_protections_own() {
+    // The protection allows 2 at once; the site, 1.
+    let s = sites_with(true, "", true, "max_movers = 1");
+    let r = s.pair.sync();
+    s.assert_replicas_equal_snapshots(r.gen);
+    assert_eq!(s.cluster.peak.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(s.cluster.scheduled.lock().unwrap().len(), PVCS.len());
 }

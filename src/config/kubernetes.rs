@@ -69,13 +69,22 @@ impl Validator {
         any_kube_protection: bool,
     ) -> Option<KubeSettings> {
         match (raw, any_kube_protection) {
-            (Some(k), _) => Some(KubeSettings {
-                kubeconfig: k
-                    .kubeconfig
-                    .as_deref()
-                    .map(|s| self.path("kubernetes.kubeconfig", s)),
-                context: k.context.clone(),
-            }),
+            (Some(k), _) => {
+                if k.max_movers == Some(0) {
+                    self.problem(
+                        "kubernetes.max_movers",
+                        "is 0; expected how many movers this site may run at once, e.g. 8",
+                    );
+                }
+                Some(KubeSettings {
+                    kubeconfig: k
+                        .kubeconfig
+                        .as_deref()
+                        .map(|s| self.path("kubernetes.kubeconfig", s)),
+                    context: k.context.clone(),
+                    max_movers: k.max_movers.filter(|n| *n > 0),
+                })
+            }
             (None, true) => Some(KubeSettings::default()),
             (None, false) => None,
         }

@@ -74,6 +74,8 @@ pub(super) struct RawClient {
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawKubernetes {
+    /// Movers of every protection of this site at once (the CSI path).
+    pub(super) max_movers: Option<usize>,
     pub(super) kubeconfig: Option<String>,
     pub(super) context: Option<String>,
 }

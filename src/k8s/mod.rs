@@ -47,7 +47,12 @@ pub const FIELD_MANAGER: &str = "lifeboat";
 pub struct KubeSettings {
     pub kubeconfig: Option<PathBuf>,
     pub context: Option<String>,
+    /// Movers of every protection of the site at once (None: the default, 8).
+    pub max_movers: Option<usize>,
 }
+
+/// Movers of every protection of a site at once, unless `[kubernetes] max_movers` says.
+pub const DEFAULT_MAX_MOVERS: usize = 8;
 
 /// A protection's selection in its cluster (`[protection.kubernetes]`).
 #[derive(Debug, Clone)]

@@ -35,6 +35,8 @@ const SCRATCH: &str = "/scratch";
 pub struct Movers<'a> {
     pub client: kube::Client,
     pub spec: Spec<'a>,
+    /// The site's movers at once, over all protections.
+    pub site: &'a tokio::sync::Semaphore,
 }
 
 /// The movers' parameters (pure).
@@ -250,6 +252,12 @@ pub async fn move_all(
 }
 
 async fn move_one(m: &Movers<'_>, cut: &Cut, events: &(dyn Fn(Event<'_>) + Sync)) -> Result<Moved> {
+    // The protection's concurrency is the stream's; the site's is this permit.
+    let _permit = m
+        .site
+        .acquire()
+        .await
+        .map_err(|_| anyhow!("the site's mover limit was closed"))?;
     events(Event::Started(cut));
     let n = names(&m.spec, cut);
     let result = async {

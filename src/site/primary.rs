@@ -13,6 +13,8 @@ pub struct Primary {
     pub peer: PeerLink,
     /// Work off the cycle's path (removing old snapshots), drained at shutdown.
     pub background: TaskTracker,
+    /// Mover Jobs of every protection at once (`[kubernetes] max_movers`).
+    pub movers: Arc<tokio::sync::Semaphore>,
 }
 
 impl Deref for Primary {
@@ -24,10 +26,17 @@ impl Deref for Primary {
 
 impl Primary {
     pub fn new(shared: Arc<Shared>, peer: PeerLink, background: TaskTracker) -> Primary {
+        let max = shared
+            .config
+            .kubernetes
+            .as_ref()
+            .and_then(|k| k.max_movers)
+            .unwrap_or(crate::k8s::DEFAULT_MAX_MOVERS);
         Primary {
             shared,
             peer,
             background,
+            movers: Arc::new(tokio::sync::Semaphore::new(max)),
         }
     }
 

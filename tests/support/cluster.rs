@@ -79,6 +79,8 @@ pub struct Cluster {
     pub pids: Arc<Mutex<HashMap<String, u32>>>,
     /// Nodes each pod ran on, in order.
     pub scheduled: Arc<Mutex<Vec<(String, String)>>>,
+    /// The most pods that ran at once.
+    pub peak: Arc<std::sync::atomic::AtomicUsize>,
     pub root: PathBuf,
 }
 
@@ -152,6 +154,7 @@ struct World {
     procs: HashMap<String, Proc>,
     pids: Arc<Mutex<HashMap<String, u32>>>,
     scheduled: Arc<Mutex<Vec<(String, String)>>>,
+    peak: Arc<std::sync::atomic::AtomicUsize>,
     seq: u64,
 }
 
@@ -214,7 +217,9 @@ impl Cluster {
         let pids = Arc::new(Mutex::new(HashMap::new()));
         let scheduled = Arc::new(Mutex::new(Vec::new()));
         let root = opts.root.clone();
+        let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut world = World {
+            peak: peak.clone(),
             opts,
             hold_ready: hold_ready.clone(),
             ready_at: HashMap::new(),
@@ -240,6 +245,7 @@ impl Cluster {
             hold_ready,
             pids,
             scheduled,
+            peak,
             root,
         }
     }
@@ -1096,6 +1102,7 @@ impl World {
                     name: name(&pod),
                 },
             );
+            self.peak.fetch_max(self.procs.len(), Ordering::SeqCst);
             p["status"] = json!({"phase": "Running", "hostIP": "10.0.0.1", "conditions": [{"type": "PodScheduled", "status": "True"}],
                 "containerStatuses": [{"name": c["name"], "ready": true, "state": {"running": {"startedAt": now_rfc3339()}}}]});
             st.put(p, MANAGER);

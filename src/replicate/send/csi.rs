@@ -148,6 +148,7 @@ pub async fn send(
             chunk_size: prot.chunk_size,
             compress: prot.compression,
         },
+        site: &primary.movers,
     };
     let total = set.cuts.len();
     let done = std::sync::atomic::AtomicUsize::new(0);
