@@ -10,12 +10,11 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use support::cluster::{Cluster, Driver, Options};
-use support::kubeapi::{ExecCall, ExecResult, KubeApi};
-use support::{b3, random_file, Pair, PairOptions};
+use support::cluster::Cluster;
+use support::csisite::{wait_for, Sites, Spec};
+use support::kubeapi::{ExecCall, ExecResult};
+use support::{b3, random_file, Pair};
 
-const DRIVER: &str = "rbd.csi.test";
-const IMAGE: &str = "lifeboat:test";
 const PVCS: [&str; 4] = [
     "data-cassandra-0",
     "data-cassandra-1",
@@ -24,148 +23,24 @@ const PVCS: [&str; 4] = [
 ];
 const SIZE: u64 = 8 << 20;
 
-fn fixtures(group_class: bool) -> String {
-    let mut docs = vec![format!(
-        r#"
-apiVersion: v1
-kind: Namespace
-metadata: {{name: prod}}
----
-apiVersion: storage.k8s.io/v1
-kind: StorageClass
-metadata: {{name: fast}}
-provisioner: {DRIVER}
-reclaimPolicy: Delete
----
-apiVersion: snapshot.storage.k8s.io/v1
-kind: VolumeSnapshotClass
-metadata:
-  name: rbd-snap
-  annotations: {{snapshot.storage.kubernetes.io/is-default-class: "true"}}
-driver: {DRIVER}
-deletionPolicy: Delete
-"#
-    )];
-    if group_class {
-        docs.push(format!(
-            "apiVersion: groupsnapshot.storage.k8s.io/v1beta1\nkind: VolumeGroupSnapshotClass\nmetadata: {{name: rbd-group}}\ndriver: {DRIVER}\ndeletionPolicy: Delete\n"
-        ));
-    }
-    for (i, p) in PVCS.iter().enumerate() {
-        // The MySQL volume is a raw block device; Cassandra's are file systems.
-        let mode = if i == 3 { "Block" } else { "Filesystem" };
-        docs.push(format!(
-            "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: {p}, namespace: prod}}\nspec: {{accessModes: [ReadWriteOnce], storageClassName: fast, volumeMode: {mode}, resources: {{requests: {{storage: {SIZE}}}}}}}\n"
-        ));
-    }
-    docs.join("---\n")
-}
-
-struct Sites {
-    pair: Pair,
-    primary_api: KubeApi,
-    _dr_api: KubeApi,
-    cluster: Cluster,
-    _kdir: tempfile::TempDir,
-}
-
 fn sites(group_class: bool, mover: &str) -> Sites {
     sites_with(group_class, mover, true, "")
 }
 
-/// As [`sites`]; `snapshots`: whether the driver supports snapshots at all; `kube`: more
-/// lines of the primary's `[kubernetes]`.
+/// As [`sites`]; `snapshots`: whether the driver supports snapshots at all; `kube_lines`:
+/// more lines of the primary's `[kubernetes]`.
 fn sites_with(group_class: bool, mover: &str, snapshots: bool, kube_lines: &str) -> Sites {
-    let kdir = tempfile::tempdir().unwrap();
-    let primary_api = KubeApi::start(kdir.path(), "primary");
-    let dr_api = KubeApi::start(kdir.path(), "dr");
-    let cluster = Cluster::start(
-        &primary_api,
-        Options {
-            root: kdir.path().join("csi"),
-            drivers: vec![Driver {
-                name: DRIVER.into(),
-                snapshots,
-                group_snapshots: true,
-                ready_delay: std::time::Duration::from_millis(200),
-            }],
-            binary: PathBuf::from(env!("CARGO_BIN_EXE_lifeboat")),
-            image: IMAGE.into(),
-            node_cpu_m: 2000,
-            group_version: "v1beta1",
-        },
-    );
-    let kube = |api: &KubeApi| {
-        format!(
-            "[kubernetes]\nkubeconfig = \"{}\"\n",
-            api.kubeconfig.display()
-        )
-    };
-    let primary_sel = format!(
-        "[protection.kubernetes]\nnamespaces = [\"prod\"]\n[protection.kubernetes.mover]\nimage = \"{IMAGE}\"\nconcurrency = 2\n{mover}\n"
-    );
-    let mut pair = Pair::new(PairOptions {
-        volumes: vec![],
-        start: false,
-        primary_tail: format!("{primary_sel}{}{kube_lines}\n", kube(&primary_api)),
-        dr_tail: format!(
-            "[protection.kubernetes]\nvolume_path = \"replicas/{{namespace}}/{{pvc}}.img\"\n{}",
-            kube(&dr_api)
-        ),
-        ..Default::default()
-    });
-    // The RBAC `lifeboat rbac` makes for this config, as an administrator applied it.
-    let cfg = lifeboat::config::load(&pair.dir.path().join("primary.toml")).unwrap();
-    let kps: Vec<_> = cfg
-        .protections
-        .iter()
-        .filter_map(|p| p.kubernetes.as_ref())
-        .collect();
-    let rbac = lifeboat::k8s::rbac::generate(
-        &kps,
-        &lifeboat::k8s::rbac::RbacOptions {
-            service_account: ("lifeboat".into(), "lifeboat".into()),
-            bind_cluster_roles: vec![],
-        },
-    )
-    .unwrap();
-    for v in rbac.primary {
-        primary_api.seed(v);
-    }
-    for v in rbac.dr {
-        dr_api.seed(v);
-    }
-    primary_api.create_yaml(&fixtures(group_class));
-    // The primary's pair TLS, as the Secret the movers mount.
-    let certs = pair.dir.path().join("certs");
-    let read = |f: &str| std::fs::read_to_string(certs.join(f)).unwrap();
-    primary_api.seed(serde_json::json!({"apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "lifeboat-tls", "namespace": "lifeboat"},
-        "stringData": {"ca.pem": read("ca.pem"), "site.pem": read("primary.pem"), "site.key": read("primary.key")}}));
-    // Every PVC provisioned, with data.
-    for (i, p) in PVCS.iter().enumerate() {
-        let f = wait_for(|| Cluster::backing_file(&primary_api, "prod", p));
-        random_file(&f, SIZE, 900 + i as u64);
-    }
-    pair.start();
-    Sites {
-        pair,
-        primary_api,
-        _dr_api: dr_api,
-        cluster,
-        _kdir: kdir,
-    }
-}
-
-fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(std::time::Instant::now() < deadline, "timed out");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    Sites::start(&Spec {
+        pvcs: PVCS.iter().map(|p| p.to_string()).collect(),
+        block: vec!["mysql-data".into()],
+        size: SIZE,
+        group_class,
+        mover: mover.into(),
+        snapshots,
+        kube_lines: kube_lines.into(),
+        nodes: 2,
+        concurrency: 2,
+    })
 }
 
 fn replica(pair: &Pair, pvc: &str) -> PathBuf {

@@ -68,6 +68,8 @@ pub struct Options {
     pub image: String,
     /// Node allocatable CPU in millicores.
     pub node_cpu_m: u64,
+    /// How many nodes: `node-a`, `node-b`, ...
+    pub nodes: usize,
     pub group_version: &'static str,
 }
 
@@ -207,7 +209,7 @@ impl Cluster {
                 false,
             );
         }
-        for n in ["node-a", "node-b"] {
+        for n in &node_names(opts.nodes) {
             api.seed(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n,
                 "labels": {"kubernetes.io/hostname": n}},
                 "status": {"allocatable": {"cpu": format!("{}m", opts.node_cpu_m), "memory": "8Gi"}}}));
@@ -281,6 +283,13 @@ impl Cluster {
             None => false,
         }
     }
+}
+
+/// `node-a`, `node-b`, ... (`n` of them).
+fn node_names(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("node-{}", (b'a' + i as u8) as char))
+        .collect()
 }
 
 pub fn backing_file(st: &ApiState, ns: &str, pvc: &str) -> Option<PathBuf> {
@@ -956,7 +965,7 @@ impl World {
                 if pod["status"]["conditions"].is_null() {
                     let mut p = pod.clone();
                     p["status"]["conditions"] = json!([{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                        "message": "0/2 nodes are available: 2 Insufficient cpu. preemption: 0/2 nodes are available: 2 No preemption victims found for incoming pod."}]);
+                        "message": format!("0/{n} nodes are available: {n} Insufficient cpu. preemption: 0/{n} nodes are available: {n} No preemption victims found for incoming pod.", n = self.opts.nodes)}]);
                     st.put(p, MANAGER);
                 }
                 continue;
@@ -1037,9 +1046,9 @@ impl World {
                 .to_string();
             files.push((tpath, message.display().to_string()));
             let node = {
-                let running: BTreeMap<&str, usize> =
-                    ["node-a", "node-b"].iter().map(|n| (*n, 0)).collect();
-                let mut running = running;
+                let names = node_names(self.opts.nodes);
+                let mut running: BTreeMap<&str, usize> =
+                    names.iter().map(|n| (n.as_str(), 0)).collect();
                 for p in st.list_objects("", "pods") {
                     if p["status"]["phase"] == "Running" {
                         if let Some(n) = p["spec"]["nodeName"].as_str() {

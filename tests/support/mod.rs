@@ -16,6 +16,7 @@ use rand::{Rng, RngCore, SeedableRng};
 
 pub mod apirules;
 pub mod cluster;
+pub mod csisite;
 pub mod kubeapi;
 pub mod kubeexec;
 pub mod rbac;
@@ -162,6 +163,11 @@ impl SiteProc {
             self.failpoint,
             self.log_text()
         );
+    }
+
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     pub fn kill9(&mut self) {
