@@ -180,10 +180,12 @@ fn a_group_snapshot_is_moved_by_jobs_on_two_nodes_and_the_replicas_equal_the_sna
     }
     let r2 = s.pair.sync();
     s.assert_replicas_equal_snapshots(r2.gen);
-    let total = SIZE * PVCS.len() as u64;
+    // 20 random 4 KiB writes per volume: the movers refine changed chunks into their
+    // changed blocks as the daemon does, so about 80 blocks travel, not 80 chunks.
+    assert!(r2.refine && r2.refined_chunks > 0, "{r2:?}");
     assert!(
-        r2.chunk_bytes_sent < total / 4,
-        "sent {} of {total}",
+        r2.chunk_bytes_sent < 2 * 80 * 4096,
+        "sent {} for 80 changed blocks",
         r2.chunk_bytes_sent
     );
     // Only the acknowledged gen's snapshots remain; the first gen's went with its files.

@@ -45,6 +45,9 @@ pub struct MoverArgs {
     pub chunk_size: u32,
     #[arg(long)]
     pub compress: bool,
+    /// Send changed chunks the replica has as their changed 4 KiB blocks.
+    #[arg(long)]
+    pub refine: bool,
     /// Scratch space for the DR site's hashes of the replica (32 bytes per chunk).
     #[arg(long, default_value = "/tmp")]
     pub scratch: PathBuf,
@@ -82,6 +85,7 @@ pub fn run(a: MoverArgs) -> Result<ExitCode> {
             compress: a.compress,
             scratch: a.scratch,
             size: a.size,
+            refine: a.refine,
         };
         let rt = tokio::runtime::Runtime::new()?;
         rt.block_on(mover::send(&job))

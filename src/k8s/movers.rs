@@ -51,6 +51,7 @@ pub struct Spec<'a> {
     pub site: String,
     pub chunk_size: u32,
     pub compress: bool,
+    pub refine: bool,
 }
 
 /// One moved volume.
@@ -156,6 +157,9 @@ fn objects(m: &Spec<'_>, cut: &Cut, n: &Names) -> Result<[Value; 4]> {
     ];
     if m.compress {
         args.push("--compress".into());
+    }
+    if m.refine {
+        args.push("--refine".into());
     }
     let job = json!({
         "apiVersion": "batch/v1",
@@ -525,6 +529,7 @@ mod tests {
                 site: "primary".into(),
                 chunk_size: 65536,
                 compress: true,
+                refine: true,
             };
             let n = names(&m, cut);
             objects(&m, cut, &n).unwrap()

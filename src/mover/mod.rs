@@ -25,7 +25,6 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use serde_bytes::ByteBuf;
 use tokio::sync::mpsc;
 
 use crate::engine::chunk::{Geometry, RootHasher};
@@ -34,7 +33,8 @@ use crate::engine::index::Segment;
 use crate::engine::scan::{scan_file, volume_size, Content, ScanOptions, Scanned};
 use crate::ids::{ChunkHash, CycleId};
 use crate::net::tls::TlsFiles;
-use crate::net::wire::{FrameReader, FrameWriter, Msg, Payload, SiteRole, PROTOCOL_VERSION};
+use crate::net::wire::{FrameReader, FrameWriter, Msg, SiteRole, PROTOCOL_VERSION};
+use crate::replicate::send::volume::{stream_chunks, Side, Target};
 
 /// What the daemon tells a mover (its Job's arguments).
 #[derive(Debug, Clone)]
@@ -54,6 +54,8 @@ pub struct Job {
     pub scratch: PathBuf,
     /// The bytes to move: the snapshot's size (a restored PVC may be rounded up).
     pub size: Option<u64>,
+    /// Send changed chunks the replica has as their changed 4 KiB blocks.
+    pub refine: bool,
 }
 
 /// A mover's result, as the daemon reads it from the termination message (at most 4 KiB).
@@ -71,6 +73,11 @@ pub struct Outcome {
     pub chunk_bytes_sent: u64,
     pub zero_chunks_sent: u64,
     pub hash_bytes_received: u64,
+    /// Changed chunks sent as their changed blocks, and the bytes that saved.
+    #[serde(default)]
+    pub refined_chunks: u64,
+    #[serde(default)]
+    pub refine_saved_bytes: u64,
 }
 
 impl Outcome {
@@ -171,8 +178,8 @@ pub async fn send(job: &Job) -> Result<Outcome> {
         chunk_size: job.chunk_size,
     })
     .await?;
-    let (tx, mut rx) = mpsc::channel::<Scanned>(16);
-    let (device, compress) = (job.device.clone(), job.compress);
+    let (tx, rx) = mpsc::channel::<Scanned>(16);
+    let (device, compress, refine) = (job.device.clone(), job.compress, job.refine);
     let progress = Arc::new(AtomicU64::new(0));
     let p2 = progress.clone();
     let scan = tokio::task::spawn_blocking(move || -> Result<_> {
@@ -193,30 +200,39 @@ pub async fn send(job: &Job) -> Result<Outcome> {
             &p2,
             ScanOptions {
                 compress,
+                // Refined chunks are compressed as patches instead.
+                raw_if_based: refine,
                 ..Default::default()
             },
         )?;
         Ok((stats, root.finish()))
     });
-    let mut sent = 0u64;
-    while let Some(s) = rx.recv().await {
-        let payload = match s.content {
-            Content::Zero => {
-                out.zero_chunks_sent += 1;
-                Payload::Zero
-            }
-            Content::Data(b) => Payload::Data(ByteBuf::from(b)),
-            Content::Compressed(z) => Payload::Zstd(ByteBuf::from(z)),
-            Content::Unchanged => continue,
-        };
-        sent += w
-            .queue(&Msg::Chunk {
-                index: s.index,
-                hash: s.hash,
-                payload,
-            })
-            .await?;
-    }
+    // The daemon's own chunk writer, refinement included: a changed chunk the replica
+    // has travels as its changed 4 KiB blocks.
+    let mut counts = crate::api::CycleReport::default();
+    let sent = stream_chunks(
+        rx,
+        &Side {
+            conn: &conn,
+            limit: None,
+            refine: job.refine,
+        },
+        &Target {
+            protection: &job.protection,
+            volume: &job.volume,
+            size,
+            chunk_size: job.chunk_size,
+            compression: job.compress,
+        },
+        &mut w,
+        &mut r,
+        &mut counts,
+    )
+    .await
+    .map_err(|e| anyhow!("{e}"))?;
+    out.zero_chunks_sent = counts.zero_chunks_sent;
+    out.refined_chunks = counts.refined_chunks;
+    out.refine_saved_bytes = counts.refine_saved_bytes;
     let (stats, root) = scan.await??;
     w.send(&Msg::End {
         volume: job.volume.clone(),

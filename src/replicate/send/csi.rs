@@ -147,6 +147,7 @@ pub async fn send(
             site: primary.config.site_name.clone(),
             chunk_size: prot.chunk_size,
             compress: prot.compression,
+            refine: report.refine,
         },
         site: &primary.movers,
     };
@@ -271,6 +272,8 @@ pub async fn send(
         report.chunks_sent += o.chunks_changed;
         report.zero_chunks_sent += o.zero_chunks_sent;
         report.hash_bytes_received += o.hash_bytes_received;
+        report.refined_chunks += o.refined_chunks;
+        report.refine_saved_bytes += o.refine_saved_bytes;
         let p = name;
         metrics
             .scanned_bytes

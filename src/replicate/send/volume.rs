@@ -147,7 +147,7 @@ pub async fn send_volume(
     })
     .await?;
 
-    let (tx, mut rx) = mpsc::channel::<Scanned>(16);
+    let (tx, rx) = mpsc::channel::<Scanned>(16);
     let store = primary.store.blocking().clone();
     let (path, name, vol, fp) = (
         v.path.clone(),
@@ -206,86 +206,21 @@ pub async fn send_volume(
         Ok((stats, root.finish()))
     });
 
-    // Refinement: a second stream asks the DR site for block hashes of each changed chunk
-    // the replica has, ahead of the chunk writer, which turns the answers into patches.
-    let (mut ask, mut answers) = if side.refine {
-        let (send, recv) = side.conn.open_bi().await.map_err(CycleError::link)?;
-        let mut rw = FrameWriter::new(send).with_limit(side.limit.clone());
-        rw.send(&Msg::RefineOpen {
-            protection: prot.name.to_string(),
-            volume: v.name.to_string(),
+    let sent = stream_chunks(
+        rx,
+        side,
+        &Target {
+            protection: prot.name.as_str(),
+            volume: v.name.as_str(),
             size: v.size,
             chunk_size: prot.chunk_size,
-        })
-        .await?;
-        (Some(rw), Some(FrameReader::new(recv)))
-    } else {
-        (None, None)
-    };
-    let (qtx, mut qrx) = mpsc::channel::<(Scanned, bool)>(REFINE_WINDOW);
-    let requester = async move {
-        while let Some(s) = rx.recv().await {
-            let asked = ask.is_some() && s.based && matches!(s.content, Content::Data(_));
-            if let Some(rw) = ask.as_mut() {
-                if asked {
-                    rw.queue(&Msg::BlockHashRequest { index: s.index }).await?;
-                }
-                // The chunk writer waits for answers: never block with requests unsent.
-                if rx.is_empty() || qtx.capacity() == 0 {
-                    rw.flush().await?;
-                }
-            }
-            if qtx.send((s, asked)).await.is_err() {
-                break; // the chunk writer stopped; its error says why
-            }
-        }
-        if let Some(rw) = ask.as_mut() {
-            rw.finish();
-        }
-        Ok::<(), CycleError>(())
-    };
-    let mut sent = 0u64;
-    let writer = async {
-        while let Some((s, asked)) = qrx.recv().await {
-            let payload = match s.content {
-                Content::Zero => {
-                    report.zero_chunks_sent += 1;
-                    Payload::Zero
-                }
-                Content::Data(b) if asked => {
-                    let rr = answers.as_mut().expect("asked on the refine stream");
-                    let answer = BlockAnswer::try_from(rr.expect("BlockHashes").await?)
-                        .map_err(|got| CycleError::unexpected(got, "BlockHashes"))?;
-                    let theirs = match answer {
-                        BlockAnswer::Hashes { index, packed } if index == s.index => packed,
-                        BlockAnswer::Hashes { .. } => {
-                            return Err(CycleError::unexpected("BlockHashes", "BlockHashes"))
-                        }
-                        BlockAnswer::Refused(reason) => {
-                            return Err(plan::refused("refinement", reason))
-                        }
-                    };
-                    encode_refined(b, &theirs, compression, report)
-                }
-                Content::Data(b) => Payload::Data(ByteBuf::from(b)),
-                Content::Compressed(z) => Payload::Zstd(ByteBuf::from(z)),
-                Content::Unchanged => continue,
-            };
-            let msg = Msg::Chunk {
-                index: s.index,
-                hash: s.hash,
-                payload,
-            };
-            // Queued: chunk frames go out in large writes; End (a send) flushes the rest.
-            match w.queue(&msg).await {
-                Ok(n) => sent += n,
-                Err(e) => return Err(stream_failure(e, r).await),
-            }
-            report.chunks_sent += 1;
-        }
-        Ok(())
-    };
-    tokio::try_join!(requester, writer)?;
+            compression,
+        },
+        w,
+        r,
+        report,
+    )
+    .await?;
     let (stats, root) = scan
         .await
         .map_err(|e| CycleError::Io(e.into()))?
@@ -345,6 +280,110 @@ pub async fn send_volume(
             chunk_bytes_sent: sent,
         },
     ))
+}
+
+/// The volume a chunk stream belongs to.
+pub struct Target<'a> {
+    pub protection: &'a str,
+    pub volume: &'a str,
+    pub size: u64,
+    pub chunk_size: u32,
+    pub compression: bool,
+}
+
+/// Streams the scan's changed chunks on `w` until the scan ends. With refinement a second
+/// stream asks the DR site for the block hashes of each changed chunk its replica has,
+/// ahead of the chunk writer, which sends only the blocks that differ. Returns the chunk
+/// bytes sent; counts go to `report`. Shared by the daemon's volumes and movers.
+pub async fn stream_chunks(
+    mut rx: mpsc::Receiver<Scanned>,
+    side: &Side<'_>,
+    t: &Target<'_>,
+    w: &mut FrameWriter,
+    r: &mut FrameReader,
+    report: &mut CycleReport,
+) -> Result<u64, CycleError> {
+    // Refinement: a second stream asks the DR site for block hashes of each changed chunk
+    // the replica has, ahead of the chunk writer, which turns the answers into patches.
+    let (mut ask, mut answers) = if side.refine {
+        let (send, recv) = side.conn.open_bi().await.map_err(CycleError::link)?;
+        let mut rw = FrameWriter::new(send).with_limit(side.limit.clone());
+        rw.send(&Msg::RefineOpen {
+            protection: t.protection.to_string(),
+            volume: t.volume.to_string(),
+            size: t.size,
+            chunk_size: t.chunk_size,
+        })
+        .await?;
+        (Some(rw), Some(FrameReader::new(recv)))
+    } else {
+        (None, None)
+    };
+    let (qtx, mut qrx) = mpsc::channel::<(Scanned, bool)>(REFINE_WINDOW);
+    let requester = async move {
+        while let Some(s) = rx.recv().await {
+            let asked = ask.is_some() && s.based && matches!(s.content, Content::Data(_));
+            if let Some(rw) = ask.as_mut() {
+                if asked {
+                    rw.queue(&Msg::BlockHashRequest { index: s.index }).await?;
+                }
+                // The chunk writer waits for answers: never block with requests unsent.
+                if rx.is_empty() || qtx.capacity() == 0 {
+                    rw.flush().await?;
+                }
+            }
+            if qtx.send((s, asked)).await.is_err() {
+                break; // the chunk writer stopped; its error says why
+            }
+        }
+        if let Some(rw) = ask.as_mut() {
+            rw.finish();
+        }
+        Ok::<(), CycleError>(())
+    };
+    let mut sent = 0u64;
+    let writer = async {
+        while let Some((s, asked)) = qrx.recv().await {
+            let payload = match s.content {
+                Content::Zero => {
+                    report.zero_chunks_sent += 1;
+                    Payload::Zero
+                }
+                Content::Data(b) if asked => {
+                    let rr = answers.as_mut().expect("asked on the refine stream");
+                    let answer = BlockAnswer::try_from(rr.expect("BlockHashes").await?)
+                        .map_err(|got| CycleError::unexpected(got, "BlockHashes"))?;
+                    let theirs = match answer {
+                        BlockAnswer::Hashes { index, packed } if index == s.index => packed,
+                        BlockAnswer::Hashes { .. } => {
+                            return Err(CycleError::unexpected("BlockHashes", "BlockHashes"))
+                        }
+                        BlockAnswer::Refused(reason) => {
+                            return Err(plan::refused("refinement", reason))
+                        }
+                    };
+                    encode_refined(b, &theirs, t.compression, report)
+                }
+                Content::Data(b) => Payload::Data(ByteBuf::from(b)),
+                Content::Compressed(z) => Payload::Zstd(ByteBuf::from(z)),
+                Content::Unchanged => continue,
+            };
+            let msg = Msg::Chunk {
+                index: s.index,
+                hash: s.hash,
+                payload,
+            };
+            // Queued: chunk frames go out in large writes; End (a send) flushes the rest.
+            match w.queue(&msg).await {
+                Ok(n) => sent += n,
+                Err(e) => return Err(stream_failure(e, r).await),
+            }
+            report.chunks_sent += 1;
+        }
+        Ok(())
+    };
+    tokio::try_join!(requester, writer)?;
+    Ok(sent)
 }
 
 /// A chunk the DR replica has an older version of: only the blocks that differ, compressed
