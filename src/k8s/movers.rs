@@ -488,8 +488,7 @@ async fn pvc_event(m: &Movers<'_>, pvc: &str) -> Option<String> {
     list.items
         .into_iter()
         .map(|e| serde_json::to_value(e).expect("objects serialise"))
-        .filter(|e| e["involvedObject"]["name"] == pvc)
-        .last()
+        .rfind(|e| e["involvedObject"]["name"] == pvc)
         .and_then(|e| {
             let reason = e["reason"].as_str().unwrap_or("Event");
             e["message"].as_str().map(|m| format!("{reason}: {m}"))
