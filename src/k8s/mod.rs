@@ -11,6 +11,7 @@ pub mod collect;
 pub mod cut;
 pub mod kinds;
 pub mod labels;
+pub mod mover_job;
 pub mod movers;
 pub mod objects;
 pub mod rbac;

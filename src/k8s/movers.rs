@@ -10,26 +10,19 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use futures::stream::{self, StreamExt};
 use kube::api::{DynamicObject, ListParams, PostParams};
-use serde_json::{json, Value};
+use serde_json::Value;
 
+use super::api_error;
 use super::cut::Cut;
 use super::kinds::Kind;
+use super::mover_job;
+pub use super::mover_job::{Outcome, Spec};
 use super::objects::{
     api, delete, delete_labelled, events_kind, jobs, pods, pvcs_kind, volume_snapshot_contents,
     volume_snapshots,
 };
-use super::snapshot::{self, object_name, VolumeMode};
-use super::{api_error, MoverSettings};
-use crate::ids::{CycleId, Gen};
-use crate::mover::Outcome;
-
-/// Lets a Block-mode PVC be restored from a Filesystem-mode snapshot (external-provisioner
-/// refuses a mode change without it, on the content).
-pub const ALLOW_MODE_CHANGE: &str = "snapshot.storage.kubernetes.io/allow-volume-mode-change";
-/// Where the mover sees its device and TLS material.
-const DEVICE: &str = "/dev/lifeboat-source";
-const TLS_DIR: &str = "/etc/lifeboat/tls";
-const SCRATCH: &str = "/scratch";
+use super::snapshot;
+use crate::ids::Gen;
 
 /// What every mover of one cycle shares.
 pub struct Movers<'a> {
@@ -39,172 +32,12 @@ pub struct Movers<'a> {
     pub site: &'a tokio::sync::Semaphore,
 }
 
-/// The movers' parameters (pure).
-pub struct Spec<'a> {
-    pub protection: String,
-    pub gen: Gen,
-    pub cycle: CycleId,
-    pub settings: &'a MoverSettings,
-    /// The DR site's peer address and certificate name, and this site's name.
-    pub peer: String,
-    pub server_name: String,
-    pub site: String,
-    pub chunk_size: u32,
-    pub compress: bool,
-    pub refine: bool,
-}
-
 /// One moved volume.
 #[derive(Debug, Clone)]
 pub struct Moved {
     pub volume: String,
     pub node: Option<String>,
     pub outcome: Outcome,
-}
-
-/// The names of one volume's mover objects.
-struct Names {
-    content: String,
-    snapshot: String,
-    pvc: String,
-    job: String,
-}
-
-fn names(m: &Spec<'_>, cut: &Cut) -> Names {
-    let what = format!("{}-{}", cut.pvc.namespace, cut.pvc.name);
-    // Job names become a label value of their Pods: 63 at most.
-    Names {
-        content: object_name(&m.protection, m.gen, &format!("{what}-src"), 253),
-        snapshot: object_name(&m.protection, m.gen, &what, 253),
-        pvc: object_name(&m.protection, m.gen, &what, 253),
-        job: object_name(&m.protection, m.gen, &what, 52),
-    }
-}
-
-/// The objects of one volume's mover, pure.
-fn objects(m: &Spec<'_>, cut: &Cut, n: &Names) -> Result<[Value; 4]> {
-    let ns = &m.settings.namespace;
-    let labels = snapshot::labels_for(&m.protection, m.gen);
-    let handle = cut
-        .handle
-        .as_deref()
-        .ok_or_else(|| anyhow!("snapshot of PVC {} has no handle", cut.pvc.id()))?;
-    let size = cut
-        .restore_size
-        .ok_or_else(|| anyhow!("snapshot of PVC {} has no restore size", cut.pvc.id()))?;
-    let driver = cut
-        .pvc
-        .driver
-        .as_deref()
-        .ok_or_else(|| anyhow!("PVC {} has no CSI driver", cut.pvc.id()))?;
-    let mut annotations = json!({});
-    if cut.pvc.mode == VolumeMode::Filesystem {
-        annotations[ALLOW_MODE_CHANGE] = json!("true");
-    }
-    let content = json!({
-        "apiVersion": "snapshot.storage.k8s.io/v1",
-        "kind": "VolumeSnapshotContent",
-        "metadata": {"name": n.content, "labels": labels, "annotations": annotations},
-        "spec": {
-            // The driver snapshot belongs to the application's VolumeSnapshot: this
-            // content only shows it in the movers' namespace, and must never delete it.
-            "deletionPolicy": "Retain",
-            "driver": driver,
-            "source": {"snapshotHandle": handle},
-            "sourceVolumeMode": cut.pvc.mode.as_str(),
-            "volumeSnapshotRef": {"namespace": ns, "name": n.snapshot},
-        },
-    });
-    let vs = json!({
-        "apiVersion": "snapshot.storage.k8s.io/v1",
-        "kind": "VolumeSnapshot",
-        "metadata": {"name": n.snapshot, "namespace": ns, "labels": labels},
-        "spec": {"source": {"volumeSnapshotContentName": n.content}},
-    });
-    let mut pvc = json!({
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": {"name": n.pvc, "namespace": ns, "labels": labels},
-        "spec": {
-            "accessModes": ["ReadWriteOnce"],
-            "volumeMode": "Block",
-            "resources": {"requests": {"storage": size.to_string()}},
-            "dataSource": {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": n.snapshot},
-        },
-    });
-    if let Some(sc) = &cut.pvc.storage_class {
-        pvc["spec"]["storageClassName"] = json!(sc);
-    }
-    let s = m.settings;
-    let mut limits = json!({"memory": s.memory_limit});
-    if let Some(c) = &s.cpu_limit {
-        limits["cpu"] = json!(c);
-    }
-    let mut args = vec![
-        "mover".to_string(),
-        format!("--device={DEVICE}"),
-        format!("--size={size}"),
-        format!("--peer={}", m.peer),
-        format!("--server-name={}", m.server_name),
-        format!("--site={}", m.site),
-        format!("--tls-dir={TLS_DIR}"),
-        format!("--protection={}", m.protection),
-        format!("--cycle={}", m.cycle),
-        format!("--volume={}", cut.pvc.volume),
-        format!("--chunk-size={}", m.chunk_size),
-        format!("--scratch={SCRATCH}"),
-        "--result=/dev/termination-log".to_string(),
-    ];
-    if m.compress {
-        args.push("--compress".into());
-    }
-    if m.refine {
-        args.push("--refine".into());
-    }
-    let job = json!({
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": n.job, "namespace": ns, "labels": labels},
-        "spec": {
-            "backoffLimit": 2,
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "automountServiceAccountToken": false,
-                    // The restricted Pod Security level: non-root, no privilege, the
-                    // device through volumeDevices (no hostPath).
-                    "securityContext": {
-                        "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
-                        "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"},
-                    },
-                    "containers": [{
-                        "name": "mover",
-                        "image": s.image,
-                        "command": ["lifeboat"],
-                        "args": args,
-                        "terminationMessagePolicy": "FallbackToLogsOnError",
-                        "resources": {"requests": {"cpu": s.cpu, "memory": s.memory}, "limits": limits},
-                        "securityContext": {
-                            "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
-                            "capabilities": {"drop": ["ALL"]},
-                        },
-                        "volumeDevices": [{"name": "source", "devicePath": DEVICE}],
-                        "volumeMounts": [
-                            {"name": "tls", "mountPath": TLS_DIR, "readOnly": true},
-                            {"name": "scratch", "mountPath": SCRATCH},
-                        ],
-                    }],
-                    "volumes": [
-                        {"name": "source", "persistentVolumeClaim": {"claimName": n.pvc, "readOnly": true}},
-                        {"name": "tls", "secret": {"secretName": s.tls_secret, "defaultMode": 288}},
-                        {"name": "scratch", "emptyDir": {}},
-                    ],
-                },
-            },
-        },
-    });
-    Ok([content, vs, pvc, job])
 }
 
 /// What `move_all` reports as movers start and end.
@@ -263,9 +96,9 @@ async fn move_one(m: &Movers<'_>, cut: &Cut, events: &(dyn Fn(Event<'_>) + Sync)
         .await
         .map_err(|_| anyhow!("the site's mover limit was closed"))?;
     events(Event::Started(cut));
-    let n = names(&m.spec, cut);
+    let n = mover_job::names(&m.spec, cut);
     let result = async {
-        let [content, vs, pvc, job] = objects(&m.spec, cut, &n)?;
+        let [content, vs, pvc, job] = mover_job::objects(&m.spec, cut, &n)?;
         let ns = m.spec.settings.namespace.as_str();
         create(&m.client, &volume_snapshot_contents(), None, content).await?;
         create(&m.client, &volume_snapshots(), Some(ns), vs).await?;
@@ -319,7 +152,7 @@ async fn create(client: &kube::Client, kind: &Kind, ns: Option<&str>, v: Value) 
     }
 }
 
-async fn cleanup(client: &kube::Client, ns: &str, n: &Names) {
+async fn cleanup(client: &kube::Client, ns: &str, n: &mover_job::Names) {
     let steps: [(Kind, Option<&str>, &str); 4] = [
         (jobs(), Some(ns), &n.job),
         (pvcs_kind(), Some(ns), &n.pvc),
@@ -389,7 +222,7 @@ fn condition<'v>(job: &'v Value, kind: &str) -> Option<&'v Value> {
 async fn watch(
     m: &Movers<'_>,
     cut: &Cut,
-    n: &Names,
+    n: &mover_job::Names,
     events: &(dyn Fn(Event<'_>) + Sync),
 ) -> Result<(Option<String>, Outcome)> {
     let ns = m.spec.settings.namespace.as_str();
@@ -507,76 +340,4 @@ pub async fn sweep(client: &kube::Client, ns: &str, protection: &str, keep: &[Ge
         delete_labelled(client, &kind, ns, &selector, keep).await?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::k8s::snapshot::Pvc;
-
-    #[test]
-    fn a_mover_runs_restricted_with_its_device_and_the_mode_change_allowed() {
-        let settings = MoverSettings::default();
-        let client_free = |cut: &Cut| {
-            let m = Spec {
-                protection: "shop".into(),
-                gen: Gen(3),
-                cycle: CycleId(0xabc),
-                settings: &settings,
-                peer: "dr.example:7420".into(),
-                server_name: "dr".into(),
-                site: "primary".into(),
-                chunk_size: 65536,
-                compress: true,
-                refine: true,
-            };
-            let n = names(&m, cut);
-            objects(&m, cut, &n).unwrap()
-        };
-        let mut cut = Cut {
-            pvc: Pvc {
-                namespace: "db".into(),
-                name: "data-0".into(),
-                volume: "db-dr.data-0".into(),
-                storage_class: Some("fast".into()),
-                mode: VolumeMode::Filesystem,
-                pv: Some("pv-1".into()),
-                driver: Some("rbd.csi.ceph.com".into()),
-                phase: "Bound".into(),
-            },
-            snapshot: "s".into(),
-            content: Some("c".into()),
-            handle: Some("snap-123".into()),
-            restore_size: Some(1 << 30),
-        };
-        let [content, _vs, pvc, job] = client_free(&cut);
-        assert_eq!(
-            content["metadata"]["annotations"][ALLOW_MODE_CHANGE],
-            "true"
-        );
-        assert_eq!(content["spec"]["deletionPolicy"], "Retain");
-        assert_eq!(content["spec"]["source"]["snapshotHandle"], "snap-123");
-        assert_eq!(pvc["spec"]["volumeMode"], "Block");
-        assert_eq!(pvc["spec"]["storageClassName"], "fast");
-        let pod = &job["spec"]["template"]["spec"];
-        assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
-        let c = &pod["containers"][0];
-        assert_eq!(c["volumeDevices"][0]["devicePath"], DEVICE);
-        assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
-        assert!(!pod["volumes"].to_string().contains("hostPath"));
-        let args: Vec<&str> = c["args"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|a| a.as_str().unwrap())
-            .collect();
-        assert!(
-            args.contains(&"--volume=db-dr.data-0") && args.contains(&"--cycle=0000000000000abc")
-        );
-        assert!(job["metadata"]["name"].as_str().unwrap().len() <= 52);
-        // A Block source needs no mode change.
-        cut.pvc.mode = VolumeMode::Block;
-        let [content, ..] = client_free(&cut);
-        assert!(content["metadata"]["annotations"][ALLOW_MODE_CHANGE].is_null());
-    }
 }

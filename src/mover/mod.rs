@@ -24,14 +24,14 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::engine::chunk::{Geometry, RootHasher};
 use crate::engine::diff::BaseCursor;
 use crate::engine::index::Segment;
 use crate::engine::scan::{scan_file, volume_size, Content, ScanOptions, Scanned};
-use crate::ids::{ChunkHash, CycleId};
+use crate::ids::CycleId;
+pub use crate::k8s::mover_job::Outcome;
 use crate::net::tls::TlsFiles;
 use crate::net::wire::{FrameReader, FrameWriter, Msg, SiteRole, PROTOCOL_VERSION};
 use crate::replicate::send::volume::{stream_chunks, Side, Target};
@@ -56,41 +56,6 @@ pub struct Job {
     pub size: Option<u64>,
     /// Send changed chunks the replica has as their changed 4 KiB blocks.
     pub refine: bool,
-}
-
-/// A mover's result, as the daemon reads it from the termination message (at most 4 KiB).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Outcome {
-    pub volume: String,
-    pub size: u64,
-    pub chunk_size: u32,
-    /// The volume's root over all chunk hashes, hex.
-    pub root: String,
-    pub chunks: u64,
-    pub chunks_changed: u64,
-    pub bytes_scanned: u64,
-    pub bytes_changed: u64,
-    pub chunk_bytes_sent: u64,
-    pub zero_chunks_sent: u64,
-    pub hash_bytes_received: u64,
-    /// Changed chunks sent as their changed blocks, and the bytes that saved.
-    #[serde(default)]
-    pub refined_chunks: u64,
-    #[serde(default)]
-    pub refine_saved_bytes: u64,
-}
-
-impl Outcome {
-    pub fn root_hash(&self) -> Result<ChunkHash> {
-        let b = self.root.as_bytes();
-        anyhow::ensure!(b.len() == 64, "root {:?} is not 64 hex digits", self.root);
-        let mut out = [0u8; 32];
-        for (i, o) in out.iter_mut().enumerate() {
-            let s = std::str::from_utf8(&b[i * 2..i * 2 + 2])?;
-            *o = u8::from_str_radix(s, 16).with_context(|| format!("root {:?}", self.root))?;
-        }
-        Ok(ChunkHash(out))
-    }
 }
 
 /// Connects to the DR site as this site (the pair's mutual TLS) and says hello.
@@ -300,6 +265,7 @@ impl Iterator for SegmentFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::ChunkHash;
 
     #[test]
     fn an_outcome_root_round_trips_through_hex() {
