@@ -65,14 +65,7 @@ fn main() {
     let t = Instant::now();
     let c2 = s.pair.sync();
     let csi_incr = t.elapsed().as_secs_f64();
-    let used: std::collections::BTreeSet<String> = s
-        .cluster
-        .scheduled
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(_, n)| n.clone())
-        .collect();
+    let used = s.cluster.nodes_used();
     let peak = s.cluster.peak.load(std::sync::atomic::Ordering::SeqCst);
     let csi_rss = s.pair.primary.pid().map_or(0, peak_rss_kib);
     drop(s);

@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -155,14 +154,7 @@ fn a_group_snapshot_is_moved_by_jobs_on_two_nodes_and_the_replicas_equal_the_sna
     assert!(r.volumes.iter().all(|v| v.snapshot_method == "csi"));
     s.assert_replicas_equal_snapshots(r.gen);
     // The movers ran as processes on both nodes.
-    let nodes: BTreeSet<String> = s
-        .cluster
-        .scheduled
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(_, n)| n.clone())
-        .collect();
+    let nodes = s.cluster.nodes_used();
     assert_eq!(nodes.len(), 2, "{nodes:?}");
     let peak = s.cluster.peak.load(std::sync::atomic::Ordering::SeqCst);
     assert!(

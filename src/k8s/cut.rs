@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::api_error;
 use super::kinds::Kind;
 use super::objects::{
-    api, delete, delete_labelled, group_kind, pvcs_kind, pvs_kind, to_value, vgs_kind,
+    api, delete, delete_labelled, group_kind, persistent_volumes, pvcs_kind, to_value, vgs_kind,
     volume_snapshot_classes, volume_snapshot_contents, volume_snapshots,
 };
 use super::snapshot::{
@@ -81,7 +81,7 @@ impl Snapshotter {
             let pvc = to_value(pvc);
             let pv = match pvc["spec"]["volumeName"].as_str() {
                 Some(pv) if pvc["status"]["phase"] == "Bound" => Some(to_value(
-                    api(&self.client, &pvs_kind(), None)
+                    api(&self.client, &persistent_volumes(), None)
                         .get(pv)
                         .await
                         .map_err(|e| api_error(e, format!("get PV {pv} of PVC {ns}/{name}")))?,
@@ -387,7 +387,7 @@ impl Snapshotter {
         for &i in &g.members {
             let p = &pvcs[i];
             let h = match &p.pv {
-                Some(pv) => api(&self.client, &pvs_kind(), None)
+                Some(pv) => api(&self.client, &persistent_volumes(), None)
                     .get(pv)
                     .await
                     .ok()

@@ -7,7 +7,8 @@ use kube::api::{Api, DeleteParams, DynamicObject, ListParams};
 use serde_json::Value;
 
 use super::api_error;
-use super::kinds::Kind;
+use super::kinds::{self, Kind};
+pub use super::kinds::{persistent_volumes, pods};
 use super::snapshot::{self, GROUP_SNAPSHOT_GROUP, SNAPSHOT_GROUP};
 use crate::ids::Gen;
 
@@ -45,18 +46,9 @@ pub fn group_kind(version: &str, k: &str, plural: &str, namespaced: bool) -> Kin
     Kind::new(GROUP_SNAPSHOT_GROUP, version, k, plural, namespaced)
 }
 
+/// PersistentVolumeClaims, as the collector knows them.
 pub fn pvcs_kind() -> Kind {
-    Kind::new(
-        "",
-        "v1",
-        "PersistentVolumeClaim",
-        "persistentvolumeclaims",
-        true,
-    )
-}
-
-pub fn pvs_kind() -> Kind {
-    Kind::new("", "v1", "PersistentVolume", "persistentvolumes", false)
+    kinds::of("v1", "PersistentVolumeClaim").expect("a built-in kind")
 }
 
 pub fn api(client: &kube::Client, k: &Kind, ns: Option<&str>) -> Api<DynamicObject> {
@@ -75,15 +67,11 @@ pub fn vgs_kind(version: &str) -> Kind {
 }
 
 pub fn jobs() -> Kind {
-    Kind::new("batch", "v1", "Job", "jobs", true)
+    kinds::of("batch/v1", "Job").expect("a built-in kind")
 }
 
 pub fn events_kind() -> Kind {
     Kind::new("", "v1", "Event", "events", true)
-}
-
-pub fn pods() -> Kind {
-    Kind::new("", "v1", "Pod", "pods", true)
 }
 
 /// Deletes an object (Background: what it owns goes with it); gone already is fine.

@@ -111,6 +111,7 @@ fn cpu_m(q: &Value) -> u64 {
     }
 }
 
+/// Secret `data` as stored (standard base64).
 fn b64_decode(s: &str) -> Vec<u8> {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = Vec::new();
@@ -273,6 +274,16 @@ impl Cluster {
                 .as_str()
                 .map(PathBuf::from)
         })
+    }
+
+    /// The nodes pods ran on.
+    pub fn nodes_used(&self) -> std::collections::BTreeSet<String> {
+        self.scheduled
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, n)| n.clone())
+            .collect()
     }
 
     /// Kills a running pod's process with SIGKILL (a node losing it, or a test's kill -9).

@@ -228,34 +228,35 @@ async fn cycle(primary: &Primary, prot: &Protection) -> Result<CycleReport, Cycl
                 return Err(e);
             }
         }
-    }
-    for (i, v) in snap.volumes.iter().enumerate().filter(|_| cut.is_none()) {
-        primary.live.activity(
-            name.as_str(),
-            format!(
-                "gen {gen}: volume {} ({}/{})",
-                v.name,
-                i + 1,
-                snap.volumes.len()
-            ),
-        );
-        let span = tracing::info_span!("volume", volume = %v.name);
-        let (vrec, vrep) = volume::send_volume(
-            primary,
-            prot,
-            &snap,
-            i,
-            plan.base.as_ref(),
-            &repair,
-            &side,
-            &mut w,
-            &mut r,
-            &mut report,
-        )
-        .instrument(span)
-        .await?;
-        volumes.insert(v.name.clone(), vrec);
-        report.volumes.push(vrep);
+    } else {
+        for (i, v) in snap.volumes.iter().enumerate() {
+            primary.live.activity(
+                name.as_str(),
+                format!(
+                    "gen {gen}: volume {} ({}/{})",
+                    v.name,
+                    i + 1,
+                    snap.volumes.len()
+                ),
+            );
+            let span = tracing::info_span!("volume", volume = %v.name);
+            let (vrec, vrep) = volume::send_volume(
+                primary,
+                prot,
+                &snap,
+                i,
+                plan.base.as_ref(),
+                &repair,
+                &side,
+                &mut w,
+                &mut r,
+                &mut report,
+            )
+            .instrument(span)
+            .await?;
+            volumes.insert(v.name.clone(), vrec);
+            report.volumes.push(vrep);
+        }
     }
     let transfer_seconds = transfer_started.elapsed().as_secs_f64();
     primary
