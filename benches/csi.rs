@@ -53,6 +53,8 @@ fn main() {
         kube_lines: format!("max_movers = {concurrency}"),
         nodes,
         concurrency,
+        dr_csi: true,
+        dr_protection: String::new(),
     });
     let t = Instant::now();
     let c1 = s.pair.sync();

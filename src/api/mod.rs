@@ -122,6 +122,10 @@ pub struct ProtectionStatus {
     pub consistent_gen: Option<u64>,
     pub consistent_taken_at_ms: Option<u64>,
     pub consistent_age_seconds: Option<f64>,
+    /// DR, CSI replicas: the gens of the recovery points kept, oldest first (the newest is
+    /// the consistent gen).
+    #[serde(default)]
+    pub points: Vec<u64>,
     pub rpo_target_seconds: f64,
     pub activity: String,
     pub last_cycle: Option<CycleReport>,
@@ -244,11 +248,14 @@ pub struct FailoverOptions {
     pub dry_run: bool,
     /// How long to wait for the workloads to report ready replicas.
     pub ready_timeout_secs: u64,
+    /// Recover this retained recovery point instead of the newest (CSI replicas).
+    pub gen: Option<u64>,
 }
 
 impl Default for FailoverOptions {
     fn default() -> Self {
         FailoverOptions {
+            gen: None,
             dry_run: false,
             ready_timeout_secs: 300,
         }

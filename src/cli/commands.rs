@@ -63,10 +63,13 @@ pub(super) fn failover(
     opts: &FailoverOptions,
 ) -> Result<FailoverReport> {
     let client = client(target)?;
-    let path = format!(
+    let mut path = format!(
         "/v1/protections/{protection}/failover?dry_run={}&ready_timeout_secs={}",
         opts.dry_run, opts.ready_timeout_secs
     );
+    if let Some(g) = opts.gen {
+        path.push_str(&format!("&gen={g}"));
+    }
     match client.post::<FailoverReport>(&path) {
         Ok(r) => Ok(r),
         Err(e) if e.downcast_ref::<Unreachable>().is_some() && target.config.is_some() => {

@@ -104,6 +104,10 @@ pub enum Command {
         /// How long to wait for workloads to report ready replicas.
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         ready_timeout: Duration,
+        /// Recover this retained recovery point (`lifeboat status` lists them) instead of
+        /// the newest. CSI replicas only.
+        #[arg(long, conflicts_with = "planned")]
+        gen: Option<u64>,
         /// The primary is reachable: scale its workloads down and run a final cycle first,
         /// so nothing written before is lost. Needs --primary.
         #[arg(long, requires = "primary")]
@@ -279,12 +283,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             protection,
             dry_run,
             ready_timeout,
+            gen,
             planned,
             primary,
             primary_token_file,
             output,
         } => {
             let opts = FailoverOptions {
+                gen,
                 dry_run,
                 ready_timeout_secs: ready_timeout.as_secs().max(1),
             };

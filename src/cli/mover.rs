@@ -36,8 +36,15 @@ pub struct MoverArgs {
     #[arg(long)]
     pub protection: String,
     /// The running cycle to join (16 hex digits).
+    #[arg(long, required_unless_present = "write")]
+    pub cycle: Option<String>,
+    /// DR site: write the committed gen `--gen`'s staging log of `--volume`, fetched from
+    /// this site's daemon at `--peer`, to the replica `--device` (a writer Job).
+    #[arg(long, requires = "gen")]
+    pub write: bool,
+    /// The committed gen a writer applies.
     #[arg(long)]
-    pub cycle: String,
+    pub gen: Option<u64>,
     /// The lifeboat volume (namespace.pvc at the DR site's namespace).
     #[arg(long)]
     pub volume: String,
@@ -56,28 +63,49 @@ pub struct MoverArgs {
     pub result: PathBuf,
 }
 
+fn tls_files(dir: &std::path::Path) -> TlsFiles {
+    TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("site.pem"),
+        key: dir.join("site.key"),
+    }
+}
+
 pub fn run(a: MoverArgs) -> Result<ExitCode> {
     let result_file = a.result.clone();
-    let outcome = (|| -> Result<mover::Outcome> {
+    let write = a.write;
+    let outcome = (|| -> Result<String> {
         let peer = a
             .peer
             .to_socket_addrs()
             .with_context(|| format!("--peer {:?}: expected HOST:PORT", a.peer))?
             .next()
             .with_context(|| format!("--peer {:?} resolves to no address", a.peer))?;
-        let cycle = u64::from_str_radix(&a.cycle, 16)
+        let rt = tokio::runtime::Runtime::new()?;
+        if write {
+            let job = mover::write::WriteJob {
+                device: a.device,
+                peer,
+                server_name: a.server_name,
+                site: a.site,
+                tls: tls_files(&a.tls_dir),
+                protection: a.protection,
+                gen: crate::ids::Gen(a.gen.context("--write needs --gen")?),
+                volume: a.volume,
+            };
+            let w = rt.block_on(mover::write::write(&job))?;
+            return Ok(serde_json::to_string(&w)?);
+        }
+        let c = a.cycle.as_deref().unwrap_or_default();
+        let cycle = u64::from_str_radix(c, 16)
             .map(CycleId)
-            .with_context(|| format!("--cycle {:?}: expected 16 hex digits", a.cycle))?;
+            .with_context(|| format!("--cycle {c:?}: expected 16 hex digits"))?;
         let job = Job {
             device: a.device,
             peer,
             server_name: a.server_name,
             site: a.site,
-            tls: TlsFiles {
-                ca: a.tls_dir.join("ca.pem"),
-                cert: a.tls_dir.join("site.pem"),
-                key: a.tls_dir.join("site.key"),
-            },
+            tls: tls_files(&a.tls_dir),
             protection: a.protection,
             cycle,
             volume: a.volume,
@@ -87,12 +115,10 @@ pub fn run(a: MoverArgs) -> Result<ExitCode> {
             size: a.size,
             refine: a.refine,
         };
-        let rt = tokio::runtime::Runtime::new()?;
-        rt.block_on(mover::send(&job))
+        Ok(serde_json::to_string(&rt.block_on(mover::send(&job))?)?)
     })();
     match outcome {
-        Ok(o) => {
-            let json = serde_json::to_string(&o)?;
+        Ok(json) => {
             std::fs::write(&result_file, &json)
                 .with_context(|| format!("write the outcome to {}", result_file.display()))?;
             println!("{json}");
@@ -102,7 +128,8 @@ pub fn run(a: MoverArgs) -> Result<ExitCode> {
             let why = format!("{e:#}");
             // The termination message holds at most 4 KiB.
             let _ = std::fs::write(&result_file, why.chars().take(3500).collect::<String>());
-            eprintln!("mover failed: {why}");
+            let what = if write { "writer" } else { "mover" };
+            eprintln!("{what} failed: {why}");
             Ok(ExitCode::FAILURE)
         }
     }

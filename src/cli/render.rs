@@ -69,6 +69,13 @@ pub fn render_status(s: &SiteStatus) -> String {
             }
             _ => out += "  no consistent gen yet\n",
         }
+        if !p.points.is_empty() {
+            let gens: Vec<String> = p.points.iter().map(|g| g.to_string()).collect();
+            out += &format!(
+                "  recovery points (replica snapshots): gens {} (failover --gen N recovers one)\n",
+                gens.join(", ")
+            );
+        }
         out += &format!("  activity: {}\n", p.activity);
         if let Some(c) = &p.last_cycle {
             out += &format!("  last cycle: {}\n", render_cycle(c));

@@ -57,6 +57,7 @@ impl Validator {
                 memory_limit: pick(m.and_then(|m| m.memory_limit.as_ref()), &d.memory_limit),
                 tls_secret: pick(m.and_then(|m| m.tls_secret.as_ref()), &d.tls_secret),
                 stuck_after,
+                connect: m.and_then(|m| m.connect.clone()),
             },
         }
     }
@@ -147,8 +148,8 @@ impl Validator {
                 }
             }
         });
-        // No volume_path at the primary: the CSI data path (snapshots and mover Jobs).
-        // The DR site still writes host-path replicas.
+        // No volume_path: the CSI data path (snapshots and mover Jobs at the primary,
+        // replica PVCs, writer Jobs and recovery-point snapshots at the DR site).
         let volume_path = match k.volume_path.as_deref() {
             Some(t) if t.contains("{pvc}") => Some(t.to_string()),
             Some(t) => {
@@ -158,17 +159,19 @@ impl Validator {
                 );
                 None
             }
-            None if role == Role::Primary => None,
-            None => {
-                self.problem(
-                    format!("{key}.volume_path"),
-                    "is missing; expected where each PVC's replica goes at the DR site, e.g. \"/srv/volumes/{namespace}/{pvc}.img\"",
-                );
-                None
-            }
+            None => None,
         };
-        let csi =
-            (role == Role::Primary && k.volume_path.is_none()).then(|| self.csi_settings(key, &k));
+        let csi = k.volume_path.is_none().then(|| self.csi_settings(key, &k));
+        if let (Some(c), Role::Dr) = (&csi, role) {
+            if let Some(a) = &c.mover.connect {
+                if !a.contains(':') {
+                    self.problem(
+                        format!("{key}.mover.connect"),
+                        format!("{a:?} is not HOST:PORT; expected where the DR site's writer Jobs reach this daemon, e.g. \"lifeboat.lifeboat.svc:7420\""),
+                    );
+                }
+            }
+        }
         let volume_path = volume_path.map(|t| {
             if Path::new(&t).is_absolute() {
                 t

@@ -142,6 +142,8 @@ pub struct Protection {
     /// where replicas of those PVCs live (at the DR site).
     pub kubernetes: Option<crate::k8s::KubeProtection>,
     pub volumes: Vec<Volume>,
+    /// DR site: recovery points kept (the newest is the consistent point).
+    pub keep: usize,
 }
 
 /// Sub-chunk refinement (see [`crate::engine::refine`]).

@@ -129,6 +129,8 @@ pub(super) struct RawMover {
     pub(super) memory_limit: Option<String>,
     pub(super) tls_secret: Option<String>,
     pub(super) stuck_after: Option<String>,
+    /// DR site: the address its writers reach this daemon at (HOST:PORT).
+    pub(super) connect: Option<String>,
 }
 
 /// `[[protection.kubernetes.standby_patch]]`.
@@ -160,6 +162,7 @@ pub(super) struct RawProtection {
     pub(super) sync_on_start: Option<bool>,
     pub(super) compression: Option<String>,
     pub(super) refine: Option<String>,
+    pub(super) keep: Option<usize>,
     pub(super) kubernetes: Option<RawKubeProtection>,
     #[serde(default, rename = "volume")]
     pub(super) volumes: Vec<RawVolume>,

@@ -43,6 +43,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|e| format!("{s:?} is not a size ({e}); expected e.g. \"64KiB\", \"1MiB\""))
 }
 
+/// Recovery points a DR site keeps in CSI mode unless `keep` says.
+pub const DEFAULT_KEEP_CSI: usize = 3;
+
 impl Validator {
     /// One of a fixed set of words; missing means the first (the default). Anything else
     /// is a problem naming the words allowed.
@@ -414,7 +417,21 @@ impl Validator {
                 "no [[protection.volume]] is listed; expected at least one (or a [protection.kubernetes] selection)",
             );
         }
+        let csi = kubernetes.as_ref().is_some_and(|k| k.csi.is_some());
+        let keep = p.keep.unwrap_or(if csi { DEFAULT_KEEP_CSI } else { 1 });
+        if keep == 0 {
+            self.problem(
+                format!("{key}.keep"),
+                "is 0; expected how many recovery points the DR site keeps, at least 1",
+            );
+        } else if keep > 1 && !csi {
+            self.problem(
+                format!("{key}.keep"),
+                format!("is {keep}; this build keeps older recovery points only in Kubernetes mode with CSI replicas (no volume_path); local and host-path replicas keep the newest point: set keep = 1"),
+            );
+        }
         Protection {
+            keep: keep.max(1),
             name,
             interval,
             rpo_target,

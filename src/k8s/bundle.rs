@@ -221,12 +221,22 @@ pub fn pv_name(protection: &str, ns: &str, pvc: &str) -> String {
 /// `replica_path` gives the replica of a PVC (namespace, name).
 /// In the standby form, objects of a kind with a standby patch (`patches`, else the
 /// defaults of [`super::standby_patch`]) get it applied.
+/// What the DR site's PVCs are backed by.
+pub enum Backing<'a> {
+    /// Host-path replicas: each PVC is bound to a PersistentVolume naming its replica.
+    HostPath(&'a dyn Fn(&str, &str) -> std::path::PathBuf),
+    /// CSI replicas: no PVC at standby (the recovery points hold the data); at failover
+    /// each PVC is restored from the snapshot named for its (namespace, name), of at
+    /// least its size.
+    Snapshots(&'a BTreeMap<(String, String), (String, u64)>),
+}
+
 pub fn dr_objects(
     bundle: &Bundle,
     protection: &str,
     form: Form,
     patches: &[super::standby_patch::StandbyPatch],
-    replica_path: impl Fn(&str, &str) -> std::path::PathBuf,
+    backing: Backing<'_>,
 ) -> Vec<Value> {
     let defaults = super::standby_patch::defaults();
     let mut out = Vec::with_capacity(bundle.objects.len() * 2);
@@ -268,8 +278,24 @@ pub fn dr_objects(
                 .unwrap_or("")
                 .to_string();
             let name = v["metadata"]["name"].as_str().unwrap_or("").to_string();
-            out.push(persistent_volume(protection, &v, &replica_path(&ns, &name)));
-            v["spec"]["volumeName"] = json!(pv_name(protection, &ns, &name));
+            match &backing {
+                Backing::HostPath(replica_path) => {
+                    out.push(persistent_volume(protection, &v, &replica_path(&ns, &name)));
+                    v["spec"]["volumeName"] = json!(pv_name(protection, &ns, &name));
+                }
+                Backing::Snapshots(_) if form == Form::Standby => continue,
+                Backing::Snapshots(from) => match from.get(&(ns, name)) {
+                    Some((snapshot, size)) => {
+                        super::restore::restored_pvc(&mut v, snapshot, *size);
+                    }
+                    // Not in the point: created empty, as the primary had it.
+                    None => {
+                        if let Some(o) = v["spec"].as_object_mut() {
+                            o.remove("volumeName");
+                        }
+                    }
+                },
+            }
         }
         out.push(v);
     }
@@ -342,7 +368,7 @@ mod tests {
     fn standby_holds_workloads_at_zero_and_active_restores_them() {
         let b = bundle();
         let path = |ns: &str, pvc: &str| std::path::PathBuf::from(format!("/dr/{ns}/{pvc}.img"));
-        let standby = dr_objects(&b, "shop", Form::Standby, &[], path);
+        let standby = dr_objects(&b, "shop", Form::Standby, &[], Backing::HostPath(&path));
         let find =
             |objs: &[Value], kind: &str| objs.iter().find(|o| o["kind"] == kind).cloned().unwrap();
         let sts = find(&standby, "StatefulSet");
@@ -377,7 +403,7 @@ mod tests {
             "{order:?}"
         );
 
-        let active = dr_objects(&b, "shop", Form::Active, &[], path);
+        let active = dr_objects(&b, "shop", Form::Active, &[], Backing::HostPath(&path));
         assert_eq!(find(&active, "StatefulSet")["spec"]["replicas"], 3);
         assert_eq!(find(&active, "CronJob")["spec"]["suspend"], false);
         assert!(find(&active, "DaemonSet")["spec"]["template"]["spec"]

@@ -15,10 +15,13 @@ pub mod mover_job;
 pub mod movers;
 pub mod objects;
 pub mod rbac;
+pub mod replicas;
+pub mod restore;
 pub mod sanitise;
 pub mod snapshot;
 pub mod standby_patch;
 pub mod transform;
+pub mod writer_job;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -81,7 +84,9 @@ pub struct KubeProtection {
     /// DR site: merge patches that keep custom resources paused at standby (on top of the
     /// defaults of [`standby_patch`]).
     pub standby_patches: Vec<standby_patch::StandbyPatch>,
-    /// The primary's CSI data path (no `volume_path`): snapshots and mover Jobs.
+    /// The CSI data path (no `volume_path`): at the primary, snapshots read by mover Jobs;
+    /// at the DR site, replica PVCs written by writer Jobs and snapshotted into recovery
+    /// points.
     pub csi: Option<CsiSettings>,
 }
 
@@ -111,6 +116,8 @@ pub struct MoverSettings {
     pub tls_secret: String,
     /// A mover Pending or silent this long is stuck: the cycle fails naming why.
     pub stuck_after: std::time::Duration,
+    /// DR site: where its writers reach this daemon (HOST:PORT); None: the listen address.
+    pub connect: Option<String>,
 }
 
 impl Default for MoverSettings {
@@ -125,6 +132,7 @@ impl Default for MoverSettings {
             memory_limit: "1Gi".into(),
             tls_secret: "lifeboat-tls".into(),
             stuck_after: std::time::Duration::from_secs(300),
+            connect: None,
         }
     }
 }

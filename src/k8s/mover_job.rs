@@ -17,7 +17,7 @@ use crate::ids::{ChunkHash, CycleId, Gen};
 pub const ALLOW_MODE_CHANGE: &str = "snapshot.storage.kubernetes.io/allow-volume-mode-change";
 /// Where the mover sees its device and TLS material.
 const DEVICE: &str = "/dev/lifeboat-source";
-const TLS_DIR: &str = "/etc/lifeboat/tls";
+pub(super) const TLS_DIR: &str = "/etc/lifeboat/tls";
 const SCRATCH: &str = "/scratch";
 
 /// A mover's result, as the daemon reads it from the termination message (at most 4 KiB).
@@ -143,11 +143,6 @@ pub fn objects(m: &Spec<'_>, cut: &Cut, n: &Names) -> Result<[Value; 4]> {
     if let Some(sc) = &cut.pvc.storage_class {
         pvc["spec"]["storageClassName"] = json!(sc);
     }
-    let s = m.settings;
-    let mut limits = json!({"memory": s.memory_limit});
-    if let Some(c) = &s.cpu_limit {
-        limits["cpu"] = json!(c);
-    }
     let mut args = vec![
         "mover".to_string(),
         format!("--device={DEVICE}"),
@@ -169,10 +164,46 @@ pub fn objects(m: &Spec<'_>, cut: &Cut, n: &Names) -> Result<[Value; 4]> {
     if m.refine {
         args.push("--refine".into());
     }
-    let job = json!({
+    let job = job_object(
+        &n.job,
+        &labels,
+        m.settings,
+        args,
+        JobDevice {
+            path: DEVICE,
+            claim: &n.pvc,
+            read_only: true,
+        },
+    );
+    Ok([content, vs, pvc, job])
+}
+
+/// The PVC a mover or writer Job attaches as a raw device.
+pub(super) struct JobDevice<'a> {
+    pub path: &'a str,
+    pub claim: &'a str,
+    pub read_only: bool,
+}
+
+/// A Job running `lifeboat` with `args` under the restricted Pod Security level: non-root,
+/// no privilege, the device through volumeDevices (no hostPath), the site's pair TLS from
+/// its Secret, no service-account token.
+pub(super) fn job_object(
+    name: &str,
+    labels: &Value,
+    s: &MoverSettings,
+    args: Vec<String>,
+    device: JobDevice<'_>,
+) -> Value {
+    let ns = &s.namespace;
+    let mut limits = json!({"memory": s.memory_limit});
+    if let Some(c) = &s.cpu_limit {
+        limits["cpu"] = json!(c);
+    }
+    json!({
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": n.job, "namespace": ns, "labels": labels},
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
         "spec": {
             "backoffLimit": 2,
             "template": {
@@ -180,8 +211,6 @@ pub fn objects(m: &Spec<'_>, cut: &Cut, n: &Names) -> Result<[Value; 4]> {
                 "spec": {
                     "restartPolicy": "Never",
                     "automountServiceAccountToken": false,
-                    // The restricted Pod Security level: non-root, no privilege, the
-                    // device through volumeDevices (no hostPath).
                     "securityContext": {
                         "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
                         "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"},
@@ -197,22 +226,21 @@ pub fn objects(m: &Spec<'_>, cut: &Cut, n: &Names) -> Result<[Value; 4]> {
                             "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
                             "capabilities": {"drop": ["ALL"]},
                         },
-                        "volumeDevices": [{"name": "source", "devicePath": DEVICE}],
+                        "volumeDevices": [{"name": "device", "devicePath": device.path}],
                         "volumeMounts": [
                             {"name": "tls", "mountPath": TLS_DIR, "readOnly": true},
                             {"name": "scratch", "mountPath": SCRATCH},
                         ],
                     }],
                     "volumes": [
-                        {"name": "source", "persistentVolumeClaim": {"claimName": n.pvc, "readOnly": true}},
+                        {"name": "device", "persistentVolumeClaim": {"claimName": device.claim, "readOnly": device.read_only}},
                         {"name": "tls", "secret": {"secretName": s.tls_secret, "defaultMode": 288}},
                         {"name": "scratch", "emptyDir": {}},
                     ],
                 },
             },
         },
-    });
-    Ok([content, vs, pvc, job])
+    })
 }
 
 #[cfg(test)]

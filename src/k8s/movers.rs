@@ -104,7 +104,24 @@ async fn move_one(m: &Movers<'_>, cut: &Cut, events: &(dyn Fn(Event<'_>) + Sync)
         create(&m.client, &volume_snapshots(), Some(ns), vs).await?;
         create(&m.client, &pvcs_kind(), Some(ns), pvc).await?;
         create(&m.client, &jobs(), Some(ns), job).await?;
-        watch(m, cut, &n, events).await
+        let watched = Watched {
+            client: &m.client,
+            ns,
+            job: &n.job,
+            pvc: &n.pvc,
+            stuck_after: m.spec.settings.stuck_after,
+        };
+        watch(&watched, &|state| match state {
+            JobState::Running(node) => events(Event::Running {
+                cut,
+                node: node.to_string(),
+            }),
+            JobState::Waiting(why) => events(Event::Waiting {
+                cut,
+                why: why.to_string(),
+            }),
+        })
+        .await
     }
     .await
     .with_context(|| format!("mover of PVC {}", cut.pvc.id()));
@@ -134,7 +151,12 @@ async fn move_one(m: &Movers<'_>, cut: &Cut, events: &(dyn Fn(Event<'_>) + Sync)
     }
 }
 
-async fn create(client: &kube::Client, kind: &Kind, ns: Option<&str>, v: Value) -> Result<()> {
+pub(super) async fn create(
+    client: &kube::Client,
+    kind: &Kind,
+    ns: Option<&str>,
+    v: Value,
+) -> Result<()> {
     let o: DynamicObject = serde_json::from_value(v)?;
     let name = o.metadata.name.clone().unwrap_or_default();
     let a = api(client, kind, ns);
@@ -216,30 +238,44 @@ fn condition<'v>(job: &'v Value, kind: &str) -> Option<&'v Value> {
         .find(|c| c["type"] == kind && c["status"] == "True")
 }
 
+/// A Job being watched, and the PVC whose events explain a Pod that does not start.
+pub(super) struct Watched<'a> {
+    pub client: &'a kube::Client,
+    pub ns: &'a str,
+    pub job: &'a str,
+    pub pvc: &'a str,
+    pub stuck_after: Duration,
+}
+
+/// Where a watched Job's Pod is, told once per change.
+pub(super) enum JobState<'a> {
+    Running(&'a str),
+    Waiting(&'a str),
+}
+
 /// Waits for the Job to end. Its result is in the succeeded Pod's termination message; a
 /// Job that failed, or a Pod stuck (Pending, or not started) past `stuck_after`, ends it
 /// with the reason its Pod gives.
-async fn watch(
-    m: &Movers<'_>,
-    cut: &Cut,
-    n: &mover_job::Names,
-    events: &(dyn Fn(Event<'_>) + Sync),
-) -> Result<(Option<String>, Outcome)> {
-    let ns = m.spec.settings.namespace.as_str();
+pub(super) async fn watch<T: serde::de::DeserializeOwned>(
+    w: &Watched<'_>,
+    tell: &(dyn Fn(JobState<'_>) + Sync),
+) -> Result<(Option<String>, T)> {
+    let (ns, job_name) = (w.ns, w.job);
     let started = Instant::now();
     let mut told: Option<String> = None;
     let mut delay = Duration::from_millis(50);
-    let pod_list = ListParams::default().labels(&format!("batch.kubernetes.io/job-name={}", n.job));
+    let pod_list =
+        ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job_name}"));
     loop {
-        let job = api(&m.client, &jobs(), Some(ns))
-            .get(&n.job)
+        let job = api(w.client, &jobs(), Some(ns))
+            .get(job_name)
             .await
-            .map_err(|e| api_error(e, format!("get Job {ns}/{}", n.job)))?;
+            .map_err(|e| api_error(e, format!("get Job {ns}/{job_name}")))?;
         let job = serde_json::to_value(job)?;
-        let pods: Vec<Value> = api(&m.client, &pods(), Some(ns))
+        let pods: Vec<Value> = api(w.client, &pods(), Some(ns))
             .list(&pod_list)
             .await
-            .map_err(|e| api_error(e, format!("list the Pods of Job {ns}/{}", n.job)))?
+            .map_err(|e| api_error(e, format!("list the Pods of Job {ns}/{job_name}")))?
             .items
             .into_iter()
             .map(|p| serde_json::to_value(p).expect("objects serialise"))
@@ -248,11 +284,11 @@ async fn watch(
             let pod = pods
                 .iter()
                 .find(|p| p["status"]["phase"] == "Succeeded")
-                .ok_or_else(|| anyhow!("Job {} completed but its Pod is gone", n.job))?;
+                .ok_or_else(|| anyhow!("Job {job_name} completed but its Pod is gone"))?;
             let node = pod["spec"]["nodeName"].as_str().map(str::to_string);
             let (_, message) = terminated(pod).unwrap_or_default();
-            let outcome: Outcome = serde_json::from_str(&message).with_context(|| {
-                format!("the mover's termination message is not its outcome: {message:?}")
+            let outcome: T = serde_json::from_str(&message).with_context(|| {
+                format!("the Job's termination message is not its outcome: {message:?}")
             })?;
             return Ok((node, outcome));
         }
@@ -264,60 +300,43 @@ async fn watch(
                 None => c["message"].as_str().unwrap_or("").to_string(),
             };
             bail!(
-                "Job {ns}/{} failed ({}): {why}",
-                n.job,
+                "Job {ns}/{job_name} failed ({}): {why}",
                 c["reason"].as_str().unwrap_or("Failed")
             );
         }
         let running = pods.iter().find(|p| p["status"]["phase"] == "Running");
         // Told once per change: where it runs, or why it does not.
-        let now = match running {
-            Some(p) => format!(
-                "running on {}",
-                p["spec"]["nodeName"].as_str().unwrap_or("?")
-            ),
+        let node = running.map(|p| p["spec"]["nodeName"].as_str().unwrap_or("?"));
+        let now = match node {
+            Some(node) => format!("running on {node}"),
             None => match pods.iter().find_map(pod_reason) {
                 Some(why) => why,
-                None => match pvc_event(m, &n.pvc).await {
-                    Some(e) => format!("PVC {ns}/{}: {e}", n.pvc),
+                None => match pvc_event(w.client, ns, w.pvc).await {
+                    Some(e) => format!("PVC {ns}/{}: {e}", w.pvc),
                     None => "waiting for its Pod to start".into(),
                 },
             },
         };
         if told.as_deref() != Some(now.as_str()) {
-            match running {
-                Some(p) => events(Event::Running {
-                    cut,
-                    node: p["spec"]["nodeName"].as_str().unwrap_or("?").to_string(),
-                }),
-                None => events(Event::Waiting {
-                    cut,
-                    why: now.clone(),
-                }),
+            match node {
+                Some(node) => tell(JobState::Running(node)),
+                None => tell(JobState::Waiting(&now)),
             }
             told = Some(now.clone());
         }
-        if running.is_none() && started.elapsed() >= m.spec.settings.stuck_after {
+        if running.is_none() && started.elapsed() >= w.stuck_after {
             let why = now;
-            bail!(
-                "Job {ns}/{} stuck for {:?}: {why}",
-                n.job,
-                m.spec.settings.stuck_after
-            );
+            bail!("Job {ns}/{job_name} stuck for {:?}: {why}", w.stuck_after);
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_millis(500));
     }
 }
 
-/// The newest event about the mover's PVC (why it is not provisioned, typically).
-async fn pvc_event(m: &Movers<'_>, pvc: &str) -> Option<String> {
-    let ns = m.spec.settings.namespace.as_str();
+/// The newest event about a Job's PVC (why it is not provisioned, typically).
+async fn pvc_event(client: &kube::Client, ns: &str, pvc: &str) -> Option<String> {
     let lp = ListParams::default().fields(&format!("involvedObject.name={pvc}"));
-    let list = api(&m.client, &events_kind(), Some(ns))
-        .list(&lp)
-        .await
-        .ok()?;
+    let list = api(client, &events_kind(), Some(ns)).list(&lp).await.ok()?;
     list.items
         .into_iter()
         .map(|e| serde_json::to_value(e).expect("objects serialise"))

@@ -198,13 +198,8 @@ pub fn generate(protections: &[&KubeProtection], o: &RbacOptions) -> Result<Site
             "metadata": {"name": "lifeboat-primary-cluster"}, "subjects": subjects(o),
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "lifeboat-primary-cluster"}}));
         // The movers' namespace (src/k8s/movers.rs): their Jobs, PVCs and snapshots.
-        let movers = vec![
-            rule(
-                "batch",
-                &["jobs".into()],
-                &["get", "list", "create", "delete"],
-            ),
-            rule("", &["pods".into(), "events".into()], &["list"]),
+        let mut movers = job_rules();
+        movers.extend([
             rule(
                 "",
                 &["persistentvolumeclaims".into()],
@@ -215,7 +210,7 @@ pub fn generate(protections: &[&KubeProtection], o: &RbacOptions) -> Result<Site
                 &["volumesnapshots".into()],
                 &["list", "create", "delete"],
             ),
-        ];
+        ]);
         primary.push(cluster_role("lifeboat-primary-movers", movers));
         primary.extend(
             mover_namespaces
@@ -244,14 +239,39 @@ pub fn generate(protections: &[&KubeProtection], o: &RbacOptions) -> Result<Site
         r["resourceNames"] = json!(o.bind_cluster_roles);
         rules.push(r);
     }
-    let pv = rule(
-        "",
-        &["persistentvolumes".into()],
-        &["list", "create", "patch", "delete"],
-    );
+    if csi {
+        // Failover from a recovery point (src/k8s/restore.rs): each PVC's restore snapshot
+        // in its namespace, deleted once the PVC is bound.
+        rules.push(rule(
+            SNAP_G,
+            &["volumesnapshots".into()],
+            &["create", "delete"],
+        ));
+        rules.push(rule("", &["persistentvolumeclaims".into()], &["get"]));
+    }
+    let cluster_rules = if csi {
+        // CSI replicas (src/k8s/replicas.rs): snapshot them into points, restore from them.
+        vec![
+            rule("", &["persistentvolumes".into()], &["get"]),
+            rule(SNAP_G, &["volumesnapshotclasses".into()], &["list"]),
+            rule(
+                SNAP_G,
+                &["volumesnapshotcontents".into()],
+                &["get", "list", "create", "delete"],
+            ),
+            rule(GROUP_G, &["volumegroupsnapshotclasses".into()], &["list"]),
+            rule(GROUP_G, &["volumegroupsnapshotcontents".into()], &["get"]),
+        ]
+    } else {
+        vec![rule(
+            "",
+            &["persistentvolumes".into()],
+            &["list", "create", "patch", "delete"],
+        )]
+    };
     let mut dr = vec![
         cluster_role("lifeboat-dr", rules),
-        cluster_role("lifeboat-dr-cluster", vec![pv]),
+        cluster_role("lifeboat-dr-cluster", cluster_rules),
         json!({"apiVersion": RBAC_V1, "kind": "ClusterRoleBinding",
             "metadata": {"name": "lifeboat-dr-cluster"}, "subjects": subjects(o),
             "roleRef": {"apiGroup": rbac_g, "kind": "ClusterRole", "name": "lifeboat-dr-cluster"}}),
@@ -260,7 +280,47 @@ pub fn generate(protections: &[&KubeProtection], o: &RbacOptions) -> Result<Site
         dr.push(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}));
         dr.push(role_binding("lifeboat-dr", ns, o));
     }
+    if csi {
+        // The replicas' namespace: replica PVCs, writer Jobs, the points' snapshots.
+        let mut writers = job_rules();
+        writers.extend([
+            rule(
+                "",
+                &["persistentvolumeclaims".into()],
+                &["get", "create", "patch"],
+            ),
+            rule(
+                SNAP_G,
+                &["volumesnapshots".into()],
+                &["get", "list", "create", "delete"],
+            ),
+            rule(
+                GROUP_G,
+                &["volumegroupsnapshots".into()],
+                &["get", "list", "create", "delete"],
+            ),
+        ]);
+        dr.push(cluster_role("lifeboat-dr-writers", writers));
+        // The movers' namespace is the daemon's own by default, which exists (as at the
+        // primary, no Namespace object for it).
+        for ns in &mover_namespaces {
+            dr.push(role_binding("lifeboat-dr-writers", ns, o));
+        }
+    }
     Ok(SiteRbac { primary, dr })
+}
+
+/// A Job-running role's rules: its Jobs, and their Pods and Events read for node, phase
+/// and why one is stuck.
+fn job_rules() -> Vec<Value> {
+    vec![
+        rule(
+            "batch",
+            &["jobs".into()],
+            &["get", "list", "create", "delete"],
+        ),
+        rule("", &["pods".into(), "events".into()], &["list"]),
+    ]
 }
 
 /// Documents as one multi-document YAML, after a header comment.

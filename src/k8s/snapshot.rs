@@ -259,13 +259,9 @@ pub fn group_label(protection: &str, ns: &str, driver: &str) -> String {
     format!("lb-{}", &h[..20])
 }
 
-/// A valid object name from readable parts: `lifeboat-{protection}-g{gen}-{what}`, cut
-/// and suffixed with a hash where it would exceed `max` (63 for names that become labels
-/// or DNS labels, 253 otherwise).
-pub fn object_name(protection: &str, gen: Gen, what: &str, max: usize) -> String {
-    let full = format!("lifeboat-{protection}-g{}-{what}", gen.0);
-    let clean: String = full
-        .chars()
+/// `s` lowercased, with `-` for every character a Kubernetes name cannot hold.
+pub(super) fn name_chars(s: &str) -> String {
+    s.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' {
                 c.to_ascii_lowercase()
@@ -273,7 +269,15 @@ pub fn object_name(protection: &str, gen: Gen, what: &str, max: usize) -> String
                 '-'
             }
         })
-        .collect();
+        .collect()
+}
+
+/// A valid object name from readable parts: `lifeboat-{protection}-g{gen}-{what}`, cut
+/// and suffixed with a hash where it would exceed `max` (63 for names that become labels
+/// or DNS labels, 253 otherwise).
+pub fn object_name(protection: &str, gen: Gen, what: &str, max: usize) -> String {
+    let full = format!("lifeboat-{protection}-g{}-{what}", gen.0);
+    let clean = name_chars(&full);
     if clean.len() <= max {
         return clean;
     }

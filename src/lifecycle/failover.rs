@@ -12,11 +12,11 @@ use serde_json::Value;
 use super::plan::{self, FailoverPlan, NothingToRecover, Planned};
 use crate::api::{FailoverOptions, FailoverReport, Step};
 use crate::config::{Protection, Role};
-use crate::ids::now_ms;
+use crate::ids::{now_ms, Gen};
 use crate::k8s::bundle::{Bundle, Form};
 use crate::metrics::ErrorKind;
 use crate::replicate::receive::check;
-use crate::replicate::recovery;
+use crate::replicate::{points, recovery};
 use crate::site::dr::Dr;
 use crate::site::status::{age_seconds, volume_statuses};
 use crate::site::UnknownProtection;
@@ -32,6 +32,9 @@ pub enum FailoverError {
     WrongSite(String),
     #[error(transparent)]
     NothingToRecover(#[from] NothingToRecover),
+    /// `--gen` names a point this site does not keep.
+    #[error("{0}")]
+    NotRetained(String),
     /// The DR cluster refused or did not reach the active form.
     #[error("{0:#}")]
     Kubernetes(anyhow::Error),
@@ -45,6 +48,7 @@ impl FailoverError {
         match self {
             FailoverError::Unknown(_) => 404,
             FailoverError::WrongSite(_) | FailoverError::NothingToRecover(_) => 409,
+            FailoverError::NotRetained(_) => 404,
             FailoverError::Kubernetes(_) => 502,
             FailoverError::Local(_) => 500,
         }
@@ -64,11 +68,17 @@ impl FailoverError {
 struct Read<'a> {
     plan: FailoverPlan,
     manifests: Option<(Bundle, Vec<Value>, &'a kube::Client)>,
+    /// The gen recovered (Kubernetes mode).
+    gen: Option<Gen>,
 }
 
 /// Reads everything the plan depends on and checks what it needs, so a failover that
 /// cannot finish fails before it changes anything.
-async fn read<'a>(dr: &'a Dr, prot: &Protection) -> Result<Read<'a>, FailoverError> {
+async fn read<'a>(
+    dr: &'a Dr,
+    prot: &Protection,
+    opts: &FailoverOptions,
+) -> Result<Read<'a>, FailoverError> {
     let (rec, pending) = dr
         .store
         .step(&prot.name, |s, p| Ok((s.record(p)?, s.commits(p)?)))
@@ -78,12 +88,34 @@ async fn read<'a>(dr: &'a Dr, prot: &Protection) -> Result<Read<'a>, FailoverErr
         .last()
         .map(|c| c.point.point.gen)
         .or(rec.point_gen());
-    let manifests = match (&prot.kubernetes, newest) {
+    let chosen = match opts.gen.map(Gen) {
+        None => None,
+        Some(_) if points::csi_replicas(prot).is_none() => {
+            return Err(FailoverError::Local(anyhow::anyhow!(
+                "--gen recovers an older retained recovery point; protection {} keeps only its newest (its replicas are not CSI replica PVCs)",
+                prot.name
+            )))
+        }
+        Some(g) => match rec.recovery_point(g) {
+            Some(p) => Some(p.point.point),
+            None => {
+                let kept: Vec<String> =
+                    rec.points.iter().map(|p| p.point.point.gen.to_string()).collect();
+                return Err(FailoverError::NotRetained(format!(
+                    "gen {g} of protection {} is not a retained recovery point (kept: {})",
+                    prot.name,
+                    if kept.is_empty() { "none".into() } else { kept.join(", ") }
+                )));
+            }
+        },
+    };
+    let gen = chosen.map(|p| p.gen).or(newest);
+    let manifests = match (&prot.kubernetes, gen) {
         (Some(_), Some(gen)) => {
             let client = dr
                 .kube(prot.name.as_str())
                 .map_err(FailoverError::Kubernetes)?;
-            let (b, objs) =
+            let (b, objs, _) =
                 crate::lifecycle::standby::objects(dr.shared(), &prot.name, gen, Form::Active)
                     .await
                     .map_err(FailoverError::Local)?;
@@ -95,8 +127,12 @@ async fn read<'a>(dr: &'a Dr, prot: &Protection) -> Result<Read<'a>, FailoverErr
         .kubernetes
         .as_ref()
         .map(|_| manifests.as_ref().map_or(&[][..], |(_, o, _)| &o[..]));
-    let plan = plan::plan(prot.name.as_str(), &rec, &pending, objects)?;
-    Ok(Read { plan, manifests })
+    let plan = plan::plan(prot.name.as_str(), &rec, &pending, objects, chosen)?;
+    Ok(Read {
+        plan,
+        manifests,
+        gen: prot.kubernetes.as_ref().and(gen),
+    })
 }
 
 pub async fn failover(
@@ -110,7 +146,7 @@ pub async fn failover(
     }
     let prot = dr.protection(name)?.clone();
     let result = if opts.dry_run {
-        dry_run(dr, &prot, started).await
+        dry_run(dr, &prot, opts, started).await
     } else {
         run(dr, &prot, opts, started).await
     };
@@ -125,9 +161,10 @@ pub async fn failover(
 async fn dry_run(
     dr: &Dr,
     prot: &Protection,
+    opts: &FailoverOptions,
     started: Instant,
 ) -> Result<FailoverReport, FailoverError> {
-    let read = read(dr, prot).await?;
+    let read = read(dr, prot, opts).await?;
     let rec = dr
         .store
         .record(&prot.name)
@@ -161,8 +198,10 @@ async fn run(
     // Read under the lock: no cycle can commit past the plan's point any more.
     let Read {
         mut plan,
-        manifests,
-    } = read(dr, prot).await?;
+        mut manifests,
+        gen,
+    } = read(dr, prot, opts).await?;
+    let mut restores = Vec::new();
     let mut steps = Vec::new();
     let mut problems = Vec::new();
     // Objects the server refused: their workloads are not waited for.
@@ -189,6 +228,30 @@ async fn run(
                     .map_err(FailoverError::Local)?;
             }
             Planned::Apply { .. } => {
+                if points::csi_replicas(prot).is_some() {
+                    // After the redo of the Confirm step: the newest gen is a point now.
+                    let gen = gen.expect("planned with a gen");
+                    let (b, objs, r) = crate::lifecycle::standby::objects(
+                        dr.shared(),
+                        &prot.name,
+                        gen,
+                        Form::Active,
+                    )
+                    .await
+                    .map_err(FailoverError::Local)?;
+                    if r.is_empty() && !b.volumes.is_empty() {
+                        return Err(FailoverError::Local(anyhow::anyhow!(
+                            "gen {gen} of protection {} has no recovery point to restore its PVCs from",
+                            prot.name
+                        )));
+                    }
+                    let client = manifests.as_ref().expect("planned with manifests").2;
+                    crate::k8s::replicas::create_restores(client, &r)
+                        .await
+                        .map_err(FailoverError::Kubernetes)?;
+                    restores = r;
+                    manifests = Some((b, objs, client));
+                }
                 let (b, objs, client) = manifests.as_ref().expect("planned with manifests");
                 // Standby applies must not race the active form.
                 let _apply = dr.manifests_lock.lock().await;
@@ -241,6 +304,14 @@ async fn run(
         });
         at = Instant::now();
     }
+    if let Some((_, _, client)) = manifests.as_ref() {
+        // The PVCs are bound (or still restoring): the restore objects of the bound ones
+        // go; the point keeps its snapshots (their contents are Retain).
+        match crate::k8s::replicas::delete_restores(client, &restores).await {
+            Ok(kept) => problems.extend(kept),
+            Err(e) => problems.push(format!("restore snapshots not removed: {e:#}")),
+        }
+    }
     drop(locked);
     let rec = dr
         .store
@@ -262,6 +333,10 @@ async fn run(
 
 /// The fence beside every replica, where losing the state store does not lose it.
 async fn write_fences(prot: &Protection, rec: &ProtectionRecord) -> anyhow::Result<()> {
+    if crate::replicate::points::csi_replicas(prot).is_some() {
+        // Replica PVCs have no directory beside them: the state store holds the fence.
+        return Ok(());
+    }
     let group = check::group(prot, rec);
     let f = Fence {
         protection: prot.name.to_string(),

@@ -86,11 +86,14 @@ pub fn plan(
     rec: &ProtectionRecord,
     pending: &[CommitRecord],
     objects: Option<&[Value]>,
+    chosen: Option<Point>,
 ) -> Result<FailoverPlan, NothingToRecover> {
-    let point = pending
+    let newest = pending
         .last()
         .map(|c| c.point.point)
         .or(rec.point.as_ref().map(|p| p.point));
+    // An older retained recovery point, where one was asked for (CSI replicas).
+    let point = chosen.or(newest);
     let already = rec.failed_over.is_some();
     let epoch = if already {
         rec.epoch
@@ -262,7 +265,7 @@ mod tests {
             },
         ];
         for row in rows {
-            let p = plan("p", &row.rec, &row.pending, row.objects).unwrap();
+            let p = plan("p", &row.rec, &row.pending, row.objects, None).unwrap();
             let texts: Vec<String> = p.steps.iter().map(Planned::describe).collect();
             assert_eq!(texts, row.steps);
             assert_eq!(p.epoch, Epoch(row.epoch));
@@ -270,7 +273,7 @@ mod tests {
         }
         // Kubernetes mode with no consistent point has nothing to apply.
         assert_eq!(
-            plan("p", &at(None), &[], Some(&objs)),
+            plan("p", &at(None), &[], Some(&objs), None),
             Err(NothingToRecover("p".into()))
         );
     }

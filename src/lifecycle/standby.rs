@@ -6,49 +6,77 @@
 
 use std::sync::Arc;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{Exported, KubeStatus};
 use crate::ids::{Gen, ProtectionName};
 use crate::k8s::apply::{self, ApplyReport};
-use crate::k8s::bundle::{dr_objects, Bundle, Form};
+use crate::k8s::bundle::{dr_objects, Backing, Bundle, Form};
+use crate::k8s::restore::Restore;
 use crate::metrics::ErrorKind;
 use crate::site::dr::Dr;
 use crate::site::Shared;
+use std::collections::BTreeMap;
 
-/// The bundle committed with `gen`. Reads the store: call it on a blocking thread.
-fn bundle(shared: &Shared, prot: &ProtectionName, gen: Gen) -> Result<Bundle> {
-    let store = shared.store.blocking();
-    let bytes = store.manifests(prot, gen)?.ok_or_else(|| {
-        let kept = store
-            .manifest_gens(prot)
-            .unwrap_or_default()
-            .iter()
-            .map(|g| g.to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
-        anyhow!("no manifest bundle of gen {gen} for protection {prot} (kept: {kept})")
-    })?;
-    Bundle::decode(&bytes).with_context(|| format!("manifest bundle of gen {gen}"))
-}
-
-/// The objects of `gen` in `form`, with PVCs bound to this site's replicas.
+/// The objects of `gen` in `form`, with PVCs bound to this site's replicas (host-path) or,
+/// in the active form with CSI replicas, restored from recovery point `gen`'s snapshots
+/// through the returned restore objects.
 pub async fn objects(
     shared: &Arc<Shared>,
     prot: &ProtectionName,
     gen: Gen,
     form: Form,
-) -> Result<(Bundle, Vec<serde_json::Value>)> {
+) -> Result<(Bundle, Vec<serde_json::Value>, Vec<Restore>)> {
     let kp = shared.kube_protection(prot.as_str())?.clone();
     let (s, p) = (shared.clone(), prot.clone());
-    let b = tokio::task::spawn_blocking(move || bundle(&s, &p, gen))
-        .await
-        .context("read the manifest bundle")??;
-    let objs = dr_objects(&b, prot.as_str(), form, &kp.standby_patches, |ns, pvc| {
-        kp.path_of(ns, pvc)
-    });
-    Ok((b, objs))
+    let (b, rec) = tokio::task::spawn_blocking(move || {
+        anyhow::Ok((s.bundle(&p, gen)?, s.store.blocking().record(&p)?))
+    })
+    .await
+    .context("read the manifest bundle")??;
+    if kp.csi.is_none() {
+        let path = |ns: &str, pvc: &str| kp.path_of(ns, pvc);
+        let objs = dr_objects(
+            &b,
+            prot.as_str(),
+            form,
+            &kp.standby_patches,
+            Backing::HostPath(&path),
+        );
+        return Ok((b, objs, Vec::new()));
+    }
+    // Active form of a gen that is not a retained point (yet): PVCs without a source;
+    // failover checks that the point exists before it applies.
+    let restores = match (form, rec.recovery_point(gen)) {
+        (Form::Active, Some(point)) => {
+            crate::k8s::restore::restores(prot.as_str(), gen, &b.volumes, &point.snapshots)
+        }
+        _ => Vec::new(),
+    };
+    let point = rec.recovery_point(gen);
+    let from: BTreeMap<(String, String), (String, u64)> = restores
+        .iter()
+        .map(|r| {
+            let size = point
+                .and_then(|p| {
+                    b.volumes
+                        .iter()
+                        .find(|(_, v)| v.namespace == r.namespace && v.name == r.pvc)
+                        .and_then(|(vol, _)| p.snapshots.get(vol.as_str()))
+                })
+                .map_or(0, |s| s.size);
+            ((r.namespace.clone(), r.pvc.clone()), (r.name.clone(), size))
+        })
+        .collect();
+    let objs = dr_objects(
+        &b,
+        prot.as_str(),
+        form,
+        &kp.standby_patches,
+        Backing::Snapshots(&from),
+    );
+    Ok((b, objs, restores))
 }
 
 /// The manifests of `gen` (default: the consistent gen) in the active form, or in the
@@ -71,7 +99,7 @@ pub async fn export(
             .with_context(|| format!("protection {prot} has no consistent point yet"))?,
     };
     let form = if standby { Form::Standby } else { Form::Active };
-    let (b, mut objects) = objects(shared, &name, gen, form).await?;
+    let (b, mut objects, _) = objects(shared, &name, gen, form).await?;
     if !secrets {
         crate::k8s::bundle::redact_secrets(&mut objects);
     }
@@ -109,7 +137,7 @@ pub async fn apply_standby(dr: &Dr, prot: &ProtectionName) {
             return Ok(None);
         };
         let gen = point.point.gen;
-        let (b, objs) = objects(dr.shared(), prot, gen, Form::Standby).await?;
+        let (b, objs, _) = objects(dr.shared(), prot, gen, Form::Standby).await?;
         let client = dr.kube(prot.as_str())?;
         let report = apply::apply(client, prot.as_str(), &b, &objs).await?;
         Ok(Some((gen, report, b)))

@@ -58,21 +58,42 @@ pub struct Job {
     pub refine: bool,
 }
 
+pub mod write;
+
 /// Connects to the DR site as this site (the pair's mutual TLS) and says hello.
 async fn connect(job: &Job) -> Result<quinn::Connection> {
-    let tls = crate::net::tls::mover_client_config(&job.tls)?;
-    let ep = crate::net::quic::client_endpoint(job.peer, tls)?;
+    connect_as(
+        &job.tls,
+        job.peer,
+        &job.server_name,
+        &job.site,
+        SiteRole::Primary,
+    )
+    .await
+}
+
+/// Connects to the DR daemon at `peer` with the certificate in `tls`, saying `site` and
+/// `role` in the hello.
+async fn connect_as(
+    tls: &TlsFiles,
+    peer: SocketAddr,
+    server_name: &str,
+    site: &str,
+    role: SiteRole,
+) -> Result<quinn::Connection> {
+    let tls = crate::net::tls::mover_client_config(tls)?;
+    let ep = crate::net::quic::client_endpoint(peer, tls)?;
     let conn = ep
-        .connect(job.peer, &job.server_name)
-        .with_context(|| format!("connect to the DR site {} ({})", job.peer, job.server_name))?
+        .connect(peer, server_name)
+        .with_context(|| format!("connect to the DR site {peer} ({server_name})"))?
         .await
-        .with_context(|| format!("connect to the DR site {} ({})", job.peer, job.server_name))?;
+        .with_context(|| format!("connect to the DR site {peer} ({server_name})"))?;
     let (send, recv) = conn.open_bi().await?;
     let (mut w, mut r) = (FrameWriter::new(send), FrameReader::new(recv));
     w.send(&Msg::Hello {
         version: PROTOCOL_VERSION,
-        site: job.site.clone(),
-        role: SiteRole::Primary,
+        site: site.to_string(),
+        role,
     })
     .await?;
     match r.expect("HelloAck").await? {

@@ -24,7 +24,7 @@ use crate::net::limit::RateLimit;
 /// ALPN of the replication protocol; a client offering anything else gets no connection.
 pub const ALPN: &[u8] = b"lifeboat/1";
 /// Bumped on any incompatible change of [`Msg`].
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// The largest frame: one chunk at the largest chunk size plus its header.
 pub const MAX_FRAME: usize = MAX_CHUNK_SIZE as usize + 4096;
 
@@ -207,6 +207,22 @@ pub enum Msg {
         volume: String,
         root: ChunkHash,
     },
+    /// Kubernetes mode, DR site: a writer (a Job attaching the replica PVC, with the DR
+    /// site's own certificate) asks its daemon for the staging log of `volume` of the
+    /// committed gen `gen`.
+    Fetch {
+        protection: String,
+        gen: Gen,
+        volume: String,
+    },
+    /// The next bytes of the staging log.
+    LogPart {
+        bytes: ByteBuf,
+    },
+    /// The log ended after `bytes` bytes.
+    LogEnd {
+        bytes: u64,
+    },
 }
 
 impl Msg {
@@ -232,6 +248,9 @@ impl Msg {
             Msg::BlockHashes { .. } => "BlockHashes",
             Msg::Join { .. } => "Join",
             Msg::Staged { .. } => "Staged",
+            Msg::Fetch { .. } => "Fetch",
+            Msg::LogPart { .. } => "LogPart",
+            Msg::LogEnd { .. } => "LogEnd",
         }
     }
 }

@@ -30,6 +30,12 @@ pub enum Opening {
         volume: String,
         chunk_size: u32,
     },
+    /// A DR writer's request for a committed gen's staging log of one volume.
+    Fetch {
+        protection: String,
+        gen: crate::ids::Gen,
+        volume: String,
+    },
 }
 
 impl TryFrom<Msg> for Opening {
@@ -58,6 +64,15 @@ impl TryFrom<Msg> for Opening {
                 cycle,
                 volume,
                 chunk_size,
+            }),
+            Msg::Fetch {
+                protection,
+                gen,
+                volume,
+            } => Ok(Opening::Fetch {
+                protection,
+                gen,
+                volume,
             }),
             other => Err(other.kind()),
         }

@@ -6,11 +6,14 @@
 //! - [`receive`]: the DR site: [`receive::machine`] and [`receive::intake`] (pure), the
 //!   cycle stream, staging, hash answers.
 //! - [`recovery`]: what a restart, a cycle or a failover finishes or discards first.
+//! - [`points`]: that redo where the DR replicas are PVCs: writer Jobs, then the
+//!   recovery point's snapshots.
 //!
 //! The wire itself (frames, [`crate::net::wire::Msg`]) is in [`crate::net`].
 
 pub mod error;
 pub mod messages;
+pub mod points;
 pub mod receive;
 pub mod recovery;
 pub mod send;

@@ -16,6 +16,7 @@ use crate::engine::chunk::{Geometry, RootHasher};
 use crate::engine::scan::{scan_file, ScanOptions};
 use crate::failpoint;
 use crate::ids::{ChunkHash, ProtectionName};
+use crate::replicate::points;
 use crate::replicate::receive::check;
 use crate::site::dr::{Dr, Locked};
 use crate::site::Shared;
@@ -57,8 +58,16 @@ pub async fn recover_primary(shared: &Shared) -> Result<()> {
 /// gen) is not retried forever: its volumes are marked for repair and the next cycle
 /// resyncs them by hash exchange.
 pub async fn finish_pending(dr: &Dr, locked: &Locked<'_>, prot: &Protection) -> Result<()> {
-    let (config, prot) = (dr.config.clone(), prot.clone());
     debug_assert_eq!(locked.name(), &prot.name);
+    if points::csi_replicas(prot).is_some() {
+        let name = prot.name.clone();
+        for commit in dr.store.run(move |s| s.commits(&name)).await? {
+            tracing::info!(gen = %commit.point.point.gen, "finishing a committed gen on the replica PVCs (redo)");
+            points::redo(dr, prot, commit).await?;
+        }
+        return Ok(());
+    }
+    let (config, prot) = (dr.config.clone(), prot.clone());
     dr.store
         .run(move |s| {
             for commit in s.commits(&prot.name)? {
@@ -77,6 +86,9 @@ pub async fn redo_commit(
     prot: &Protection,
     commit: CommitRecord,
 ) -> Result<()> {
+    if points::csi_replicas(prot).is_some() {
+        return points::redo(dr, prot, commit).await;
+    }
     let (config, prot) = (dr.config.clone(), prot.clone());
     dr.store
         .run(move |s| redo_blocking(s, &config, &prot, &commit))
@@ -169,7 +181,12 @@ pub async fn discard_staging(dr: &Dr, _locked: &Locked<'_>, prot: &Protection) -
                 .iter()
                 .flat_map(|p| p.volumes.keys().map(|v| v.as_str()))
                 .chain(staged.iter().map(String::as_str));
-            for v in &prot.with_volumes(known).volumes {
+            // CSI replicas are PVCs: no fresh replica file is ever made.
+            let group = match points::csi_replicas(&prot) {
+                Some(_) => prot.with_volumes(std::iter::empty()),
+                None => prot.with_volumes(known),
+            };
+            for v in &group.volumes {
                 let fresh = replica::fresh_path(&v.path);
                 match std::fs::remove_file(&fresh) {
                     Ok(()) => {}
@@ -182,7 +199,7 @@ pub async fn discard_staging(dr: &Dr, _locked: &Locked<'_>, prot: &Protection) -
         .await
 }
 
-fn remove_dir(dir: &Path) -> Result<()> {
+pub(crate) fn remove_dir(dir: &Path) -> Result<()> {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

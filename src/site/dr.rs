@@ -246,6 +246,8 @@ pub struct Dr {
     /// Protections whose standby manifests are to be applied; the daemon's standby task
     /// takes them.
     pub standby: StandbyQueue,
+    /// Writer Jobs of every protection at once (`[kubernetes] max_movers`).
+    pub writers: tokio::sync::Semaphore,
 }
 
 /// Protections whose standby manifests wait to be applied. A set: a protection that
@@ -292,8 +294,15 @@ impl Dr {
             .iter()
             .map(|p| (p.name.clone(), ProtectionLock::new(p.name.clone())))
             .collect();
+        let max = shared
+            .config
+            .kubernetes
+            .as_ref()
+            .and_then(|k| k.max_movers)
+            .unwrap_or(crate::k8s::DEFAULT_MAX_MOVERS);
         Dr {
             shared,
+            writers: tokio::sync::Semaphore::new(max),
             locks,
             manifests_lock: tokio::sync::Mutex::new(()),
             standby: StandbyQueue::default(),

@@ -11,11 +11,12 @@ pub mod status;
 
 use std::sync::atomic::AtomicBool;
 
-use anyhow::Result;
+use anyhow::{anyhow, Context, Result};
 
 use crate::api::ErrorReport;
 use crate::config::{Config, Protection};
-use crate::ids::now_ms;
+use crate::ids::{now_ms, Gen, ProtectionName};
+use crate::k8s::bundle::Bundle;
 use crate::metrics::{ErrorKind, Metrics};
 use crate::store::{StateStore, Store};
 use status::Live;
@@ -72,6 +73,22 @@ impl Shared {
         let mut shared = Shared::new(config, store);
         shared.kube = kube;
         Ok(shared)
+    }
+
+    /// The bundle committed with `gen`. Reads the store: call it on a blocking thread.
+    pub fn bundle(&self, prot: &ProtectionName, gen: Gen) -> Result<Bundle> {
+        let store = self.store.blocking();
+        let bytes = store.manifests(prot, gen)?.ok_or_else(|| {
+            let kept = store
+                .manifest_gens(prot)
+                .unwrap_or_default()
+                .iter()
+                .map(|g| g.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            anyhow!("no manifest bundle of gen {gen} for protection {prot} (kept: {kept})")
+        })?;
+        Bundle::decode(&bytes).with_context(|| format!("manifest bundle of gen {gen}"))
     }
 
     /// A protection by name, or an error listing the ones this site has.

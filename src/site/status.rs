@@ -101,6 +101,7 @@ impl Shared {
             consistent_gen: point.map(|p| p.gen.0),
             consistent_taken_at_ms: point.map(|p| p.taken_at_ms),
             consistent_age_seconds: point.map(|p| age_seconds(p.taken_at_ms)),
+            points: rec.points.iter().map(|p| p.point.point.gen.0).collect(),
             rpo_target_seconds: p.rpo_target.as_secs_f64(),
             activity: if live.activity.is_empty() {
                 "idle".into()

@@ -24,8 +24,8 @@ use crate::ids::{Gen, ProtectionName, VolumeName};
 pub use face::StateStore;
 use records::{decode, json};
 pub use records::{
-    CommitRecord, FailoverRecord, FenceRecord, PointRecord, ProtectionRecord, Reconciled,
-    StagedVolume, VolumeRecord,
+    CommitRecord, FailoverRecord, FenceRecord, PointRecord, PointSnapshot, ProtectionRecord,
+    Reconciled, RecoveryPoint, StagedVolume, VolumeRecord,
 };
 use schema::*;
 
@@ -100,14 +100,23 @@ impl Batch {
         ));
         self
     }
-    /// A gen's manifest bundle; bundles older than the last [`MANIFEST_GENS_KEPT`] go.
-    pub fn put_manifests(&mut self, prot: &ProtectionName, gen: Gen, bundle: Vec<u8>) -> &mut Self {
+    /// A gen's manifest bundle; bundles older than the last [`MANIFEST_GENS_KEPT`] gens
+    /// and than `oldest_point` (the oldest recovery point kept) go.
+    pub fn put_manifests(
+        &mut self,
+        prot: &ProtectionName,
+        gen: Gen,
+        bundle: Vec<u8>,
+        oldest_point: Option<Gen>,
+    ) -> &mut Self {
         let p = prot.as_str();
-        if gen.0 > MANIFEST_GENS_KEPT {
+        let floor = Gen((gen.0 + 1).saturating_sub(MANIFEST_GENS_KEPT));
+        let floor = oldest_point.map_or(floor, |o| o.min(floor));
+        if floor.0 > 0 {
             self.ops.push(Op::DeleteRange(
                 CF_MANIFESTS,
                 commit_key(p, Gen(0)),
-                commit_key(p, Gen(gen.0 - MANIFEST_GENS_KEPT + 1)),
+                commit_key(p, floor),
             ));
         }
         self.ops

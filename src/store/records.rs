@@ -13,6 +13,8 @@ use super::schema::RECORD_VERSION;
 use crate::ids::{ChunkHash, Epoch, Gen, Point, VolumeName};
 use crate::volume::stamp::Stamp;
 
+pub use crate::k8s::restore::PointSnapshot;
+
 /// Geometry and root of one volume at a point.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct VolumeRecord {
@@ -35,6 +37,18 @@ impl PointRecord {
             .get(volume)
             .filter(|v| v.chunk_size == chunk_size)
     }
+}
+
+/// A recovery point kept at the DR site: a consistent gen and, with CSI replicas, the
+/// snapshot of each replica taken once every volume of the gen was written and flushed.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct RecoveryPoint {
+    pub point: PointRecord,
+    #[serde(default)]
+    pub snapshots: BTreeMap<VolumeName, PointSnapshot>,
+    /// Pinned against pruning.
+    #[serde(default)]
+    pub held: bool,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -73,6 +87,9 @@ pub struct ProtectionRecord {
     /// Primary: re-protected after a fence; the DR site's newer epoch is adopted once.
     #[serde(default)]
     pub reprotect: bool,
+    /// DR, CSI replicas: the recovery points kept, oldest first; the last is `point`'s.
+    #[serde(default)]
+    pub points: Vec<RecoveryPoint>,
 }
 
 impl Default for ProtectionRecord {
@@ -87,6 +104,7 @@ impl Default for ProtectionRecord {
             replicas: BTreeMap::new(),
             repair: BTreeMap::new(),
             reprotect: false,
+            points: Vec::new(),
         }
     }
 }
@@ -155,6 +173,32 @@ impl ProtectionRecord {
         for v in &commit.repaired {
             self.repair.remove(v);
         }
+    }
+
+    /// Adds the newest recovery point and prunes the oldest unheld ones beyond `keep`
+    /// (the newest is never pruned); returns those pruned, whose snapshots go next.
+    pub fn add_point(&mut self, point: RecoveryPoint, keep: usize) -> Vec<RecoveryPoint> {
+        let gen = point.point.point.gen;
+        self.points.retain(|p| p.point.point.gen != gen);
+        self.points.push(point);
+        self.points.sort_by_key(|p| p.point.point.gen);
+        let mut pruned = Vec::new();
+        let mut excess = self.points.len().saturating_sub(keep.max(1));
+        let mut i = 0;
+        while excess > 0 && i + 1 < self.points.len() {
+            if self.points[i].held {
+                i += 1;
+            } else {
+                pruned.push(self.points.remove(i));
+                excess -= 1;
+            }
+        }
+        pruned
+    }
+
+    /// The recovery point of `gen`, if it is kept.
+    pub fn recovery_point(&self, gen: Gen) -> Option<&RecoveryPoint> {
+        self.points.iter().find(|p| p.point.point.gen == gen)
     }
 
     /// DR: a fence found beside the replicas (the state store was lost or restored):

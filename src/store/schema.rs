@@ -10,7 +10,7 @@
 //! | `index` | protection NUL volume NUL gen(u64 BE) segment(u64 BE) | packed chunk hashes ([`crate::engine::index::Segment`]) |
 //! | `commits` | protection NUL gen(u64 BE) | [`CommitRecord`](super::CommitRecord) JSON: the DR site's group-commit record; while it exists the gen's staged chunks must be (re)applied |
 //! | `staged` | protection NUL gen(u64 BE) NUL volume | [`StagedVolume`](super::StagedVolume) JSON: a verified, fsynced staging log of one volume of an uncommitted gen |
-//! | `manifests` | protection NUL gen(u64 BE) | a gen's Kubernetes manifest bundle ([`crate::k8s::bundle::Bundle::encode`]: version byte, zstd JSON); written in the gen's commit batch, the last [`MANIFEST_GENS_KEPT`] gens kept |
+//! | `manifests` | protection NUL gen(u64 BE) | a gen's Kubernetes manifest bundle (`Bundle::encode` in src/k8s/bundle.rs: version byte, zstd JSON); written in the gen's commit batch, the last [`MANIFEST_GENS_KEPT`] gens kept |
 //!
 //! Index gens: the primary keeps the index of its point (the base) and of its tentative gen
 //! (written during the scan); [`SCRATCH`] holds hashes fetched from, or scanned for, a peer

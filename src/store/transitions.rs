@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Result};
 
 use super::{
-    Batch, CommitRecord, PointRecord, ProtectionRecord, Reconciled, StagedVolume, Store,
-    VolumeRecord,
+    records::RecoveryPoint, Batch, CommitRecord, PointRecord, ProtectionRecord, Reconciled,
+    StagedVolume, Store, VolumeRecord,
 };
 use crate::ids::{Epoch, Gen, Point, ProtectionName, VolumeName};
 use crate::store::schema::SCRATCH;
@@ -165,7 +165,8 @@ impl Store {
         let mut b = Batch::default();
         b.put_commit(prot, commit);
         if let Some(m) = manifests {
-            b.put_manifests(prot, gen, m);
+            let oldest = self.record(prot)?.points.first().map(|p| p.point.point.gen);
+            b.put_manifests(prot, gen, m, oldest);
         }
         for v in commit.logs.keys() {
             b.delete_staged(prot, gen, v.as_str());
@@ -181,14 +182,32 @@ impl Store {
         commit: &CommitRecord,
         stamps: BTreeMap<VolumeName, Stamp>,
     ) -> Result<ProtectionRecord> {
+        self.finish_redo_with_point(prot, commit, stamps, None)
+            .map(|(rec, _)| rec)
+    }
+
+    /// As [`Self::finish_redo`], recording the gen's recovery point (CSI replicas) in the
+    /// same batch; returns the points pruned beyond `keep`, whose snapshots the caller
+    /// deletes (a crash before that leaves them to the next sweep).
+    pub fn finish_redo_with_point(
+        &self,
+        prot: &ProtectionName,
+        commit: &CommitRecord,
+        stamps: BTreeMap<VolumeName, Stamp>,
+        point: Option<(RecoveryPoint, usize)>,
+    ) -> Result<(ProtectionRecord, Vec<RecoveryPoint>)> {
         let gen = commit.point.point.gen;
         let mut rec = self.record(prot)?;
         rec.finish_gen(commit, stamps);
+        let pruned = match point {
+            Some((p, keep)) => rec.add_point(p, keep),
+            None => Vec::new(),
+        };
         let mut b = Batch::default();
         self.drop_index_except(prot, &[gen], &mut b)?;
         b.delete_commit(prot, gen);
         self.put_record(prot, &rec, b)?;
-        Ok(rec)
+        Ok((rec, pruned))
     }
 
     /// Drops the staged volumes of uncommitted gens and their partial indexes; returns the

@@ -225,7 +225,12 @@ pub fn install(fresh: &Path, replica: &Path) -> Result<()> {
 
 /// Applies the staging log at `log` to the replica at `replica` and fsyncs it.
 pub fn apply(log: &Path, replica: &Path) -> Result<ApplyStats> {
-    let mut reader = StagingReader::open(log)?;
+    apply_from(StagingReader::open(log)?, replica)
+}
+
+/// Applies a staging log read from `reader` to the replica at `replica` and fsyncs it.
+pub fn apply_from(mut reader: StagingReader, replica: &Path) -> Result<ApplyStats> {
+    let log = reader.path().to_path_buf();
     let geometry = reader.geometry;
     let f = open_replica(replica)?;
     let is_file = f.metadata()?.is_file();

@@ -140,7 +140,7 @@ impl StagingWriter {
 
 /// Reads a staging log back, verifying every record against its hash.
 pub struct StagingReader {
-    input: BufReader<File>,
+    input: BufReader<Box<dyn Read + Send>>,
     path: PathBuf,
     pub geometry: Geometry,
 }
@@ -148,7 +148,13 @@ pub struct StagingReader {
 impl StagingReader {
     pub fn open(path: &Path) -> Result<Self> {
         let f = File::open(path).with_context(|| format!("open staging log {}", path.display()))?;
-        let mut input = BufReader::with_capacity(1 << 20, f);
+        Self::from_reader(Box::new(f), path)
+    }
+
+    /// A log read from `input` (a DR writer's, streamed from its daemon); `path` names
+    /// it in errors.
+    pub fn from_reader(input: Box<dyn Read + Send>, path: &Path) -> Result<Self> {
+        let mut input = BufReader::with_capacity(1 << 20, input);
         let mut header = [0u8; 20];
         input
             .read_exact(&mut header)
@@ -163,6 +169,10 @@ impl StagingReader {
             path: path.to_path_buf(),
             geometry: Geometry::new(size, chunk_size.max(1)),
         })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     pub fn next_record(&mut self) -> Result<Option<Record>> {

@@ -34,8 +34,13 @@ const LABEL_1123: &str = "a lowercase RFC 1123 label must consist of lower case 
 const LABEL_1035: &str = "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic character, and end with an alphanumeric character (e.g. 'my-name',  or 'abc-123', regex used for validation is '[a-z]([-a-z0-9]*[a-z0-9])?')";
 
 fn is_label_1123(s: &str) -> bool {
+    s.len() <= 63 && matches_label_1123(s)
+}
+
+/// The label regex alone: a subdomain's parts have no length limit of their own
+/// (apimachinery's IsDNS1123Subdomain checks only the whole name's 253).
+fn matches_label_1123(s: &str) -> bool {
     !s.is_empty()
-        && s.len() <= 63
         && s.chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !s.starts_with('-')
@@ -43,7 +48,7 @@ fn is_label_1123(s: &str) -> bool {
 }
 
 fn is_subdomain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_label_1123)
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(matches_label_1123)
 }
 
 /// A label key's name part or a label value (the value may also be empty).

@@ -2,8 +2,10 @@
 //! API server with its cluster ([`super::cluster`]: a CSI driver, snapshot controller,
 //! kubelet running mover Jobs as processes), a storage class and snapshot classes, the
 //! PVCs of a [`Spec`] filled with random bytes, the RBAC `lifeboat rbac` makes for the
-//! config, the movers' TLS Secret, and both daemons over real QUIC and TLS. The DR site
-//! writes host-path replicas under `replicas/{namespace}/{pvc}.img`.
+//! config, the movers' TLS Secret, and both daemons over real QUIC and TLS. The DR site has
+//! a cluster of its own (`dr_csi`): replica PVCs written by writer Jobs and snapshotted
+//! into recovery points; otherwise it writes host-path replicas under
+//! `replicas/{namespace}/{pvc}.img`.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -31,6 +33,37 @@ pub struct Spec {
     pub kube_lines: String,
     pub nodes: usize,
     pub concurrency: usize,
+    /// The DR site's replicas are PVCs of its own cluster (else host-path files).
+    pub dr_csi: bool,
+    /// More lines of the DR site's `[protection]` (after its name), e.g. `keep = 5`.
+    pub dr_protection: String,
+}
+
+/// The DR cluster's storage and snapshot classes (its replicas' driver).
+fn dr_fixtures(spec: &Spec) -> String {
+    let mut docs = vec![format!(
+        r#"
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {{name: fast}}
+provisioner: {DRIVER}
+reclaimPolicy: Delete
+---
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshotClass
+metadata:
+  name: rbd-snap
+  annotations: {{snapshot.storage.kubernetes.io/is-default-class: "true"}}
+driver: {DRIVER}
+deletionPolicy: Delete
+"#
+    )];
+    if spec.group_class {
+        docs.push(format!(
+            "apiVersion: groupsnapshot.storage.k8s.io/v1beta1\nkind: VolumeGroupSnapshotClass\nmetadata: {{name: rbd-group}}\ndriver: {DRIVER}\ndeletionPolicy: Delete\n"
+        ));
+    }
+    docs.join("---\n")
 }
 
 fn fixtures(spec: &Spec) -> String {
@@ -79,6 +112,8 @@ pub struct Sites {
     pub primary_api: KubeApi,
     pub dr_api: KubeApi,
     pub cluster: Cluster,
+    /// The DR site's cluster (`dr_csi`).
+    pub dr_cluster: Option<Cluster>,
     _kdir: tempfile::TempDir,
 }
 
@@ -89,23 +124,24 @@ impl Sites {
         let kdir = tempfile::tempdir().unwrap();
         let primary_api = KubeApi::start(kdir.path(), "primary");
         let dr_api = KubeApi::start(kdir.path(), "dr");
-        let cluster = Cluster::start(
-            &primary_api,
-            Options {
-                root: kdir.path().join("csi"),
-                drivers: vec![Driver {
-                    name: DRIVER.into(),
-                    snapshots: spec.snapshots,
-                    group_snapshots: true,
-                    ready_delay: std::time::Duration::from_millis(200),
-                }],
-                binary: PathBuf::from(env!("CARGO_BIN_EXE_lifeboat")),
-                image: IMAGE.into(),
-                node_cpu_m: 2000,
-                nodes: spec.nodes,
-                group_version: "v1beta1",
-            },
-        );
+        let options = |root: &str, snapshots: bool| Options {
+            root: kdir.path().join(root),
+            drivers: vec![Driver {
+                name: DRIVER.into(),
+                snapshots,
+                group_snapshots: true,
+                ready_delay: std::time::Duration::from_millis(200),
+            }],
+            binary: PathBuf::from(env!("CARGO_BIN_EXE_lifeboat")),
+            image: IMAGE.into(),
+            node_cpu_m: 2000,
+            nodes: spec.nodes,
+            group_version: "v1beta1",
+        };
+        let cluster = Cluster::start(&primary_api, options("csi", spec.snapshots));
+        let dr_cluster = spec
+            .dr_csi
+            .then(|| Cluster::start(&dr_api, options("dr-csi", true)));
         let kube = |api: &KubeApi| {
             format!(
                 "[kubernetes]\nkubeconfig = \"{}\"\n",
@@ -120,10 +156,20 @@ impl Sites {
             volumes: vec![],
             start: false,
             primary_tail: format!("{primary_sel}{}{}\n", kube(&primary_api), spec.kube_lines),
-            dr_tail: format!(
-                "[protection.kubernetes]\nvolume_path = \"replicas/{{namespace}}/{{pvc}}.img\"\n{}",
-                kube(&dr_api)
-            ),
+            dr_protection: spec.dr_protection.clone(),
+            dr_tail: if spec.dr_csi {
+                format!(
+                    "[protection.kubernetes]\n[protection.kubernetes.mover]\nimage = \"{IMAGE}\"\nconcurrency = {}\n{}\n{}",
+                    spec.concurrency,
+                    spec.mover,
+                    kube(&dr_api)
+                )
+            } else {
+                format!(
+                    "[protection.kubernetes]\nvolume_path = \"replicas/{{namespace}}/{{pvc}}.img\"\n{}",
+                    kube(&dr_api)
+                )
+            },
             ..Default::default()
         });
         // The RBAC `lifeboat rbac` makes for this config, as an administrator applied it.
@@ -154,6 +200,13 @@ impl Sites {
         primary_api.seed(serde_json::json!({"apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": "lifeboat-tls", "namespace": "lifeboat"},
         "stringData": {"ca.pem": read("ca.pem"), "site.pem": read("primary.pem"), "site.key": read("primary.key")}}));
+        if spec.dr_csi {
+            dr_api.create_yaml(&dr_fixtures(spec));
+            // The DR site's own pair TLS, which its writers present to it.
+            dr_api.seed(serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "lifeboat-tls", "namespace": "lifeboat"},
+            "stringData": {"ca.pem": read("ca.pem"), "site.pem": read("dr.pem"), "site.key": read("dr.key")}}));
+        }
         // Every PVC provisioned, with data.
         for (i, p) in spec.pvcs.iter().enumerate() {
             let f = wait_for(|| Cluster::backing_file(&primary_api, "prod", p));
@@ -165,6 +218,7 @@ impl Sites {
             primary_api,
             dr_api,
             cluster,
+            dr_cluster,
             _kdir: kdir,
         }
     }

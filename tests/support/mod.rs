@@ -252,6 +252,8 @@ pub struct PairOptions {
     pub primary_tail: String,
     /// Appended to the DR site's config.
     pub dr_tail: String,
+    /// Extra lines for the DR site's `[[protection]]` table.
+    pub dr_protection: String,
 }
 
 impl Default for PairOptions {
@@ -266,6 +268,7 @@ impl Default for PairOptions {
             primary_peer: "",
             primary_tail: String::new(),
             dr_tail: String::new(),
+            dr_protection: String::new(),
         }
     }
 }
@@ -307,7 +310,7 @@ impl Pair {
         let primary_cfg = d.join("primary.toml");
         fs::write(&primary_cfg, format!("[site]\nname = \"primary\"\nrole = \"primary\"\nstate_dir = \"pstate\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/primary.pem\"\nkey = \"certs/primary.key\"\n[peer]\naddress = \"127.0.0.1:{peer_port}\"\nserver_name = \"dr\"\n{}\n[control]\naddress = \"127.0.0.1:{pctl}\"\n{}", opts.primary_peer, prot(opts.primary_protection, &pvols) + &opts.primary_tail)).unwrap();
         let dr_cfg = d.join("dr.toml");
-        fs::write(&dr_cfg, format!("[site]\nname = \"dr\"\nrole = \"dr\"\nstate_dir = \"dstate\"\n{}\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/dr.pem\"\nkey = \"certs/dr.key\"\n[listen]\naddress = \"127.0.0.1:{quic}\"\n[control]\naddress = \"127.0.0.1:{dctl}\"\n{}", opts.dr_site, prot("", &dvols) + &opts.dr_tail)).unwrap();
+        fs::write(&dr_cfg, format!("[site]\nname = \"dr\"\nrole = \"dr\"\nstate_dir = \"dstate\"\n{}\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/dr.pem\"\nkey = \"certs/dr.key\"\n[listen]\naddress = \"127.0.0.1:{quic}\"\n[control]\naddress = \"127.0.0.1:{dctl}\"\n{}", opts.dr_site, prot(&opts.dr_protection, &dvols) + &opts.dr_tail)).unwrap();
         let site = |name: &'static str, config: PathBuf, port: u16, state: &str| SiteProc {
             name,
             config,

@@ -137,6 +137,11 @@ async fn checks(
     prot: &Protection,
     rec: &ProtectionRecord,
 ) -> Result<(), ReceiveError> {
+    if crate::replicate::points::csi_replicas(prot).is_some() {
+        // Replica PVCs are not files this daemon can stat; their recovery points are
+        // snapshots, which nothing writes after they are cut.
+        return Ok(());
+    }
     let group = check::group(prot, rec);
     let r = rec.clone();
     let (fence, damaged) = tokio::task::spawn_blocking(move || {
@@ -406,7 +411,11 @@ async fn receive_volume(
     // No replica and no base: every chunk comes, so build the replica itself beside its
     // path instead of a log to copy later. Not for a mover's attempt: a superseded one
     // may still be writing while its successor starts, so each has a log of its own.
-    let fresh = attempt.is_none() && {
+    let csi = dr
+        .config
+        .protection(locked.name().as_str())
+        .is_some_and(|p| crate::replicate::points::csi_replicas(p).is_some());
+    let fresh = attempt.is_none() && !csi && {
         let (p, v, path) = (locked.name().clone(), volume.clone(), replica.clone());
         dr.store
             .run(move |s| {
@@ -428,7 +437,7 @@ async fn receive_volume(
     };
     let target = stage::Target {
         log: log.clone(),
-        replica,
+        replica: (!csi).then_some(replica),
         fresh,
         min_free: dr.config.min_free_space,
     };

@@ -6,6 +6,7 @@
 
 pub mod check;
 pub mod cycle;
+mod fetch;
 pub mod hashes;
 pub mod intake;
 #[cfg(test)]
@@ -69,7 +70,7 @@ async fn connection(dr: Arc<Dr>, incoming: quinn::Incoming, stops: Stops, tracke
         conn.close(1u32.into(), b"lifeboat ALPN required");
         return;
     }
-    let peer = tokio::select! {
+    let (peer, kind) = tokio::select! {
         h = hello(&dr, &conn) => match h {
             Ok(p) => p,
             Err(e) => {
@@ -84,7 +85,10 @@ async fn connection(dr: Arc<Dr>, incoming: quinn::Incoming, stops: Stops, tracke
         },
         _ = stops.accept.cancelled() => return,
     };
-    tracing::info!(%remote, peer = %peer, "primary connected");
+    match kind {
+        PeerKind::Primary => tracing::info!(%remote, peer = %peer, "primary connected"),
+        PeerKind::Writer => tracing::debug!(%remote, "a writer Job connected"),
+    }
     loop {
         let (send, recv) = tokio::select! {
             _ = stops.accept.cancelled() => {
@@ -98,19 +102,24 @@ async fn connection(dr: Arc<Dr>, incoming: quinn::Incoming, stops: Stops, tracke
         };
         let (dr, peer, token) = (dr.clone(), peer.clone(), stops.streams.clone());
         tracker.spawn(async move {
-            stream(
-                &dr,
-                &peer,
-                FrameWriter::new(send),
-                FrameReader::new(recv),
-                &token,
-            )
-            .await
+            let (w, r) = (FrameWriter::new(send), FrameReader::new(recv));
+            match kind {
+                PeerKind::Primary => stream(&dr, &peer, w, r, &token).await,
+                PeerKind::Writer => fetch::serve(&dr, w, r, &token).await,
+            }
         });
     }
 }
 
-async fn hello(dr: &Dr, conn: &quinn::Connection) -> anyhow::Result<String> {
+/// Who connected: the primary (its daemon or a mover), or one of this site's own writer
+/// Jobs (this site's certificate, saying it is a DR site).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerKind {
+    Primary,
+    Writer,
+}
+
+async fn hello(dr: &Dr, conn: &quinn::Connection) -> anyhow::Result<(String, PeerKind)> {
     let (send, recv) = conn.accept_bi().await?;
     let (mut w, mut r) = (FrameWriter::new(send), FrameReader::new(recv));
     let Msg::Hello {
@@ -121,11 +130,14 @@ async fn hello(dr: &Dr, conn: &quinn::Connection) -> anyhow::Result<String> {
     else {
         anyhow::bail!("expected Hello");
     };
-    if let Err(why) = check_peer(dr, conn, &peer, role) {
-        let _ = w.send(&Msg::Refused(Refusal::WrongPeer(why.clone()))).await;
-        w.finish();
-        anyhow::bail!(why);
-    }
+    let kind = match check_peer(dr, conn, &peer, role) {
+        Ok(k) => k,
+        Err(why) => {
+            let _ = w.send(&Msg::Refused(Refusal::WrongPeer(why.clone()))).await;
+            w.finish();
+            anyhow::bail!(why);
+        }
+    };
     w.send(&Msg::HelloAck {
         version: PROTOCOL_VERSION,
         site: dr.config.site_name.clone(),
@@ -137,13 +149,22 @@ async fn hello(dr: &Dr, conn: &quinn::Connection) -> anyhow::Result<String> {
         version == PROTOCOL_VERSION,
         "peer {peer} speaks protocol version {version}, this site {PROTOCOL_VERSION}"
     );
-    Ok(peer)
+    Ok((peer, kind))
 }
 
 /// Whether the connecting site may replicate here: it says it is a primary, and its
-/// certificate is not this site's own and is the configured primary's.
-fn check_peer(dr: &Dr, conn: &quinn::Connection, peer: &str, role: SiteRole) -> Result<(), String> {
+/// certificate is not this site's own and is the configured primary's. A DR site's own
+/// certificate saying it is a DR site is one of its writer Jobs (they may only fetch).
+fn check_peer(
+    dr: &Dr,
+    conn: &quinn::Connection,
+    peer: &str,
+    role: SiteRole,
+) -> Result<PeerKind, String> {
     let ours = &dr.config.site_name;
+    if role == SiteRole::Dr && peer == ours.as_str() && identity::peer_is(conn, ours) {
+        return Ok(PeerKind::Writer);
+    }
     if role != SiteRole::Primary {
         return Err(format!(
             "site {peer} says it is a {role} site, as this site ({ours}) is: one of the two is configured with the wrong role"
@@ -161,7 +182,7 @@ fn check_peer(dr: &Dr, conn: &quinn::Connection, peer: &str, role: SiteRole) -> 
             ));
         }
     }
-    Ok(())
+    Ok(PeerKind::Primary)
 }
 
 /// One stream from the primary: a cycle or a refinement stream, by its first message.
@@ -244,6 +265,12 @@ async fn stream(
                 }
                 None => refuse_late_join(js, &protection, cycle).await,
             }
+        }
+        Opening::Fetch { .. } => {
+            let why = "only this site's own writer Jobs may fetch staging logs".to_string();
+            tracing::warn!(peer, "{why}");
+            let _ = w.send(&Msg::Refused(Refusal::WrongPeer(why))).await;
+            w.finish();
         }
         Opening::Refine {
             protection,

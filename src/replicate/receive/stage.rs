@@ -22,7 +22,9 @@ use crate::volume::staging::StagingWriter;
 pub struct Target {
     /// The staging log, or with `fresh` the new replica file.
     pub log: PathBuf,
-    pub replica: PathBuf,
+    /// `None` for a CSI replica: a PVC the DR writer Job fills from the log, so there is
+    /// nothing here to reserve blocks in or to read for patches.
+    pub replica: Option<PathBuf>,
     pub fresh: bool,
     /// Staging stops before the staging file system has less free space than this.
     pub min_free: u64,
@@ -103,15 +105,22 @@ pub fn stage(
     // A fresh replica's blocks are written, not promised (no reservation), and it has no
     // old chunks for patches; a staged volume patches the replica as it is (the
     // consistent point) and reserves the blocks it will write.
-    let (mut sink, base_file, mut reserver) = if target.fresh {
-        let fresh =
-            FreshReplica::create(&target.replica, geometry.size).map_err(ReceiveError::io)?;
-        (Sink::Fresh(fresh), None, Reserver::none())
-    } else {
-        let log = StagingWriter::create(&target.log, geometry).map_err(ReceiveError::io)?;
-        let reserver = Reserver::open(&target.replica).map_err(ReceiveError::io)?;
-        let base = std::fs::File::open(&target.replica).ok();
-        (Sink::Log(log), base, reserver)
+    let (mut sink, base_file, mut reserver) = match &target.replica {
+        Some(replica) if target.fresh => {
+            let fresh = FreshReplica::create(replica, geometry.size).map_err(ReceiveError::io)?;
+            (Sink::Fresh(fresh), None, Reserver::none())
+        }
+        _ => {
+            let log = StagingWriter::create(&target.log, geometry).map_err(ReceiveError::io)?;
+            let (base, reserver) = match &target.replica {
+                Some(replica) => (
+                    std::fs::File::open(replica).ok(),
+                    Reserver::open(replica).map_err(ReceiveError::io)?,
+                ),
+                None => (None, Reserver::none()),
+            };
+            (Sink::Log(log), base, reserver)
+        }
     };
     let staging_fs = target.log.parent().unwrap_or(&target.log).to_path_buf();
     let mut checked_at = 0u64;
@@ -131,7 +140,8 @@ pub fn stage(
                     reserver
                         .reserve(geometry.offset(index), len)
                         .with_context(|| {
-                            format!("volume {vol}: replica {}", target.replica.display())
+                            let at = target.replica.as_deref().unwrap_or(Path::new(""));
+                            format!("volume {vol}: replica {}", at.display())
                         })
                         .map_err(ReceiveError::io)?;
                 }
