@@ -595,3 +595,115 @@ fn the_sites_mover_limit_holds_over_the_protections_own() {
     assert_eq!(s.cluster.peak.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert_eq!(s.cluster.scheduled.lock().unwrap().len(), PVCS.len());
 }
+
+/// A Deployment of the protected namespace that mounts the block PVC.
+const MYSQL: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: mysql, namespace: prod}\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: mysql}}\n  template:\n    metadata: {labels: {app: mysql}}\n    spec:\n      containers: [{name: mysql, image: mysql:8, volumeDevices: [{name: data, devicePath: /dev/data}]}]\n      volumes: [{name: data, persistentVolumeClaim: {claimName: mysql-data}}]\n";
+
+#[test]
+fn failover_restores_the_pvcs_from_a_retained_point_and_an_older_gen_by_gen() {
+    let mut s = sites(true, "");
+    s.primary_api.create_yaml(MYSQL);
+    // Four gens, each with other data; the DR site keeps the last 3 points (the default).
+    let mut want = std::collections::BTreeMap::new();
+    for i in 0..4u64 {
+        if i > 0 {
+            rewrite_all(&s, 500 + i);
+        }
+        let r = s.pair.sync();
+        let hashes: Vec<String> = s.snapshot_files(r.gen).iter().map(|f| b3(f)).collect();
+        want.insert(r.gen, hashes);
+    }
+    let gens: Vec<u64> = want.keys().copied().collect();
+    let st = s.pair.dr.status();
+    assert_eq!(st.protections[0].points, gens[1..].to_vec(), "{st:?}");
+    // The pruned point's snapshots are gone with it.
+    let pruned = gens[0].to_string();
+    assert!(s
+        .dr_api
+        .all("snapshot.storage.k8s.io", "volumesnapshots")
+        .iter()
+        .all(|v| v["metadata"]["labels"]["lifeboat.dev/gen"] != pruned.as_str()));
+    // Standby: the Deployment at 0 and no PVC in the application's namespace yet.
+    assert_eq!(
+        s.dr_api
+            .get("apps", "deployments", "prod", "mysql")
+            .unwrap()["spec"]["replicas"],
+        0
+    );
+    assert!(s
+        .dr_api
+        .get("", "persistentvolumeclaims", "prod", "mysql-data")
+        .is_none());
+
+    s.pair.primary.kill9();
+    let dr_cfg = s.pair.dr.config.clone();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
+            .args(args)
+            .arg("--config")
+            .arg(&dr_cfg)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    // A pruned gen is named as not retained, with the ones that are.
+    let (ok, text) = run(&["failover", "--protection", support::PROT, "--gen", &pruned]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains(&format!(
+            "gen {pruned} of protection {} is not a retained recovery point",
+            support::PROT
+        )) && text.contains(&gens[1].to_string()),
+        "{text}"
+    );
+    // The oldest retained point: its data, not the newest.
+    let old = gens[1];
+    let (ok, text) = run(&[
+        "failover",
+        "--protection",
+        support::PROT,
+        "--gen",
+        &old.to_string(),
+        "--ready-timeout",
+        "30s",
+    ]);
+    assert!(ok, "{text}\n{}", s.pair.dr.log_text());
+    assert!(text.contains(&format!("recovered gen {old}")), "{text}");
+    let replica = lifeboat::k8s::writer_job::replica_name(support::PROT, "prod.mysql-data");
+    assert!(
+        text.contains(&format!("replica prod.mysql-data: PVC lifeboat/{replica}")),
+        "{text}"
+    );
+    assert!(!text.contains("NOT COMPLETE"), "{text}");
+    for (p, hash) in PVCS.iter().zip(&want[&old]) {
+        let pvc = s
+            .dr_api
+            .get("", "persistentvolumeclaims", "prod", p)
+            .unwrap_or_else(|| panic!("no PVC prod/{p} after failover"));
+        assert_eq!(pvc["spec"]["dataSource"]["kind"], "VolumeSnapshot", "{pvc}");
+        assert!(
+            pvc["spec"]["volumeName"].is_string(),
+            "{p} not bound: {pvc}"
+        );
+        let file = Cluster::backing_file(&s.dr_api, "prod", p).unwrap();
+        assert_eq!(&b3(&file), hash, "PVC {p} is not gen {old}'s data");
+    }
+    assert_ne!(want[&old], want[gens.last().unwrap()]);
+    let mysql = s
+        .dr_api
+        .get("apps", "deployments", "prod", "mysql")
+        .unwrap();
+    assert_eq!(mysql["spec"]["replicas"], 1);
+    assert_eq!(mysql["status"]["readyReplicas"], 1);
+    // The restore snapshots went once their PVCs were bound; the points stay.
+    let left: Vec<Value> = s
+        .dr_api
+        .all("snapshot.storage.k8s.io", "volumesnapshots")
+        .into_iter()
+        .filter(|v| v["metadata"]["namespace"] == "prod")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(s.pair.dr.status().protections[0].role, "failed-over");
+}

@@ -92,10 +92,11 @@ pub async fn apply(
     protection: &str,
     bundle: &Bundle,
     objects: &[Value],
+    host_path: bool,
 ) -> Result<ApplyReport> {
     // What lifeboat applied before: one labelled list per kind and namespace gives both the
     // resourceVersions to tell changed objects from unchanged ones and the prune candidates.
-    // Scope: the bundle's kinds in its namespaces, the PVs lifeboat made, and the bundle's
+    // Scope: the bundle's kinds in its namespaces, the PVs lifeboat made (`host_path`), and the bundle's
     // namespaces (a get of each, for its version only: never pruned, and authorized in that
     // namespace, so the DR role needs no cluster-wide namespace list).
     let lp = ListParams::default().labels(&format!("{PROTECTION_LABEL}={protection}"));
@@ -105,7 +106,11 @@ pub async fn apply(
             scope.push((k.clone(), Some(ns.clone()), true));
         }
     }
-    scope.push((kinds::persistent_volumes(), None, true));
+    // Host-path replicas bind PVCs to PVs lifeboat makes; CSI replicas have none (and
+    // their DR role has no cluster-wide PV list).
+    if host_path {
+        scope.push((kinds::persistent_volumes(), None, true));
+    }
     let mut report = ApplyReport::default();
     // (apiVersion, kind, namespace, name) -> (resourceVersion, its kind if prunable)
     type Key = (String, String, String, String);

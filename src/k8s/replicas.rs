@@ -6,6 +6,7 @@
 //! point that was never recorded, are swept before the next redo.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
 use futures::stream::{self, StreamExt};
@@ -251,25 +252,48 @@ pub async fn create_restores(client: &kube::Client, restores: &[Restore]) -> Res
     Ok(())
 }
 
-/// Deletes the restore objects of PVCs that are bound; returns a note for each PVC still
-/// restoring, whose objects stay until it is (a PVC being restored needs its source).
-pub async fn delete_restores(client: &kube::Client, restores: &[Restore]) -> Result<Vec<String>> {
-    let mut kept = Vec::new();
-    for r in restores {
-        let pvc = api(client, &pvcs_kind(), Some(&r.namespace))
-            .get_opt(&r.pvc)
-            .await
-            .map_err(|e| api_error(e, format!("get PVC {}/{}", r.namespace, r.pvc)))?;
-        let bound = pvc.is_some_and(|p| to_value(p)["status"]["phase"] == "Bound");
-        if !bound {
-            kept.push(format!(
-                "PVC {}/{} is not bound yet: its restore snapshot {}/{} stays until it is",
-                r.namespace, r.pvc, r.namespace, r.name
-            ));
-            continue;
+/// Waits up to `wait` for the restored PVCs to bind, then deletes the restore objects of
+/// those that are; returns a note for each PVC still restoring, whose objects stay until
+/// it is (a PVC being restored needs its source).
+pub async fn delete_restores(
+    client: &kube::Client,
+    restores: &[Restore],
+    wait: Duration,
+) -> Result<Vec<String>> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut unbound: Vec<&Restore> = restores.iter().collect();
+    let mut bound = Vec::new();
+    loop {
+        let mut still = Vec::new();
+        for r in unbound {
+            let pvc = api(client, &pvcs_kind(), Some(&r.namespace))
+                .get_opt(&r.pvc)
+                .await
+                .map_err(|e| api_error(e, format!("get PVC {}/{}", r.namespace, r.pvc)))?;
+            if pvc.is_some_and(|p| to_value(p)["status"]["phase"] == "Bound") {
+                bound.push(r);
+            } else {
+                still.push(r);
+            }
         }
+        unbound = still;
+        if unbound.is_empty() || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for r in bound {
         delete(client, &volume_snapshots(), Some(&r.namespace), &r.name).await?;
         delete(client, &volume_snapshot_contents(), None, &r.name).await?;
     }
+    let kept = unbound
+        .iter()
+        .map(|r| {
+            format!(
+                "PVC {}/{} is not bound yet: its restore snapshot {}/{} stays until it is",
+                r.namespace, r.pvc, r.namespace, r.name
+            )
+        })
+        .collect();
     Ok(kept)
 }

@@ -255,7 +255,8 @@ async fn run(
                 let (b, objs, client) = manifests.as_ref().expect("planned with manifests");
                 // Standby applies must not race the active form.
                 let _apply = dr.manifests_lock.lock().await;
-                let r = crate::k8s::apply::apply(client, prot.name.as_str(), b, objs)
+                let host_path = points::csi_replicas(prot).is_none();
+                let r = crate::k8s::apply::apply(client, prot.name.as_str(), b, objs, host_path)
                     .await
                     .map_err(FailoverError::Kubernetes)?;
                 if !r.failed.is_empty() || !r.recreated.is_empty() {
@@ -307,7 +308,8 @@ async fn run(
     if let Some((_, _, client)) = manifests.as_ref() {
         // The PVCs are bound (or still restoring): the restore objects of the bound ones
         // go; the point keeps its snapshots (their contents are Retain).
-        match crate::k8s::replicas::delete_restores(client, &restores).await {
+        let wait = Duration::from_secs(opts.ready_timeout_secs);
+        match crate::k8s::replicas::delete_restores(client, &restores, wait).await {
             Ok(kept) => problems.extend(kept),
             Err(e) => problems.push(format!("restore snapshots not removed: {e:#}")),
         }
@@ -368,7 +370,7 @@ fn report(
         recovered_gen: point.map(|p| p.gen.0),
         snapshot_taken_at_ms: point.map(|p| p.taken_at_ms),
         age_seconds: point.map(|p| age_seconds(p.taken_at_ms)),
-        replicas: volume_statuses(prot, rec),
+        replicas: volume_statuses(prot, rec, crate::config::Role::Dr),
         already_failed_over: plan.already_failed_over,
         seconds: started.elapsed().as_secs_f64(),
         steps,

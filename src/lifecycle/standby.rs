@@ -139,7 +139,11 @@ pub async fn apply_standby(dr: &Dr, prot: &ProtectionName) {
         let gen = point.point.gen;
         let (b, objs, _) = objects(dr.shared(), prot, gen, Form::Standby).await?;
         let client = dr.kube(prot.as_str())?;
-        let report = apply::apply(client, prot.as_str(), &b, &objs).await?;
+        let host_path = dr
+            .config
+            .protection(prot.as_str())
+            .is_some_and(|p| crate::replicate::points::csi_replicas(p).is_none());
+        let report = apply::apply(client, prot.as_str(), &b, &objs, host_path).await?;
         Ok(Some((gen, report, b)))
     }
     .await;

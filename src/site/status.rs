@@ -89,7 +89,7 @@ impl Shared {
             (Role::Primary, _, _) => ("primary", None),
             (Role::Dr, _, _) => ("dr", None),
         };
-        let volumes = volume_statuses(p, &rec);
+        let volumes = volume_statuses(p, &rec, self.config.role);
         let kubernetes = live
             .kubernetes
             .clone()
@@ -200,7 +200,7 @@ impl Shared {
 }
 
 /// Each volume of `p` with its path and, at the record's point, its size and root.
-pub fn volume_statuses(p: &Protection, rec: &ProtectionRecord) -> Vec<VolumeStatus> {
+pub fn volume_statuses(p: &Protection, rec: &ProtectionRecord, role: Role) -> Vec<VolumeStatus> {
     let p = match &rec.point {
         Some(pt) => p.with_volumes(pt.volumes.keys().map(|v| v.as_str())),
         None => p.clone(),
@@ -214,7 +214,19 @@ pub fn volume_statuses(p: &Protection, rec: &ProtectionRecord) -> Vec<VolumeStat
                 .and_then(|r| r.volumes.get(v.name.as_str()));
             VolumeStatus {
                 name: v.name.to_string(),
-                path: v.path.display().to_string(),
+                // CSI: the primary's volume is its PVC (`namespace.name`); a DR replica
+                // is a PVC of the movers' namespace.
+                path: match (p.kubernetes.as_ref().and_then(|k| k.csi.as_ref()), role) {
+                    (Some(_), Role::Primary) => {
+                        format!("PVC {}", v.name.as_str().replacen('.', "/", 1))
+                    }
+                    (Some(csi), Role::Dr) => format!(
+                        "PVC {}/{}",
+                        csi.mover.namespace,
+                        crate::k8s::writer_job::replica_name(p.name.as_str(), v.name.as_str())
+                    ),
+                    (None, _) => v.path.display().to_string(),
+                },
                 size: vr.map(|r| r.size),
                 root: vr.map(|r| r.root.to_string()),
             }
