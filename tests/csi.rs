@@ -413,8 +413,37 @@ fn a_mover_killed_mid_transfer_is_retried_by_its_job_and_the_gen_commits_whole()
 }
 
 #[test]
-fn every_rule_lifeboat_rbac_makes_for_the_csi_path_is_needed() {
+fn a_writer_killed_mid_write_is_retried_by_its_job_and_the_point_is_whole() {
     let s = sites(true, "");
+    let first = s.pair.sync();
+    let dr = s.dr_cluster.as_ref().unwrap();
+    let before = dr.scheduled.lock().unwrap().len();
+    let point: Vec<String> = s.point_files(first.gen).iter().map(|f| b3(f)).collect();
+    rewrite_all(&s, 4100);
+    std::thread::scope(|sc| {
+        let cycle = sc.spawn(|| s.pair.sync());
+        // kill -9 the first writer (DR cluster) as soon as it runs, before or while it
+        // applies the gen's log to its replica PVC.
+        let key = wait_for(|| dr.pids.lock().unwrap().keys().next().cloned());
+        assert!(dr.kill_pod(&key));
+        let r = cycle.join().unwrap();
+        assert_eq!(r.gen, first.gen + 1);
+        s.assert_replicas_equal_snapshots(r.gen);
+        // The older point was never touched by the writes.
+        let now: Vec<String> = s.point_files(first.gen).iter().map(|f| b3(f)).collect();
+        assert_eq!(now, point);
+    });
+    let runs = dr.scheduled.lock().unwrap().len() - before;
+    assert!(
+        runs > PVCS.len(),
+        "the killed writer ran again: {runs} pods"
+    );
+    s.assert_no_mover_leftovers();
+}
+
+#[test]
+fn every_rule_lifeboat_rbac_makes_for_the_csi_path_is_needed() {
+    let mut s = sites(true, "");
     // Group snapshots, twice (the second sweeps the first), then single snapshots twice.
     s.pair.sync();
     s.pair.sync();
@@ -424,9 +453,28 @@ fn every_rule_lifeboat_rbac_makes_for_the_csi_path_is_needed() {
         "",
         "rbd-group",
     );
+    s.dr_api.delete(
+        "groupsnapshot.storage.k8s.io",
+        "volumegroupsnapshotclasses",
+        "",
+        "rbd-group",
+    );
     s.pair.sync();
     let r = s.pair.sync();
     s.assert_replicas_equal_snapshots(r.gen);
+    // Failover restores the PVCs from the newest point.
+    s.pair.primary.kill9();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
+        .args(["failover", "--protection", support::PROT, "--config"])
+        .arg(&s.pair.dr.config)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !text.contains("NOT COMPLETE"),
+        "{text}"
+    );
     // The CSI path's rules; the others (quiesce, exec) are proven needed by
     // tests/kubernetes.rs's replay of a sync, a rule and a planned failover.
     let unneeded: Vec<String> = support::rbac::unneeded_rules("primary", &s.primary_api)
@@ -436,6 +484,15 @@ fn every_rule_lifeboat_rbac_makes_for_the_csi_path_is_needed() {
                 .iter()
                 .any(|k| u.contains(k))
         })
+        .chain(
+            support::rbac::unneeded_rules("dr", &s.dr_api)
+                .into_iter()
+                .filter(|u| {
+                    ["snapshot", "persistentvolume", "-cluster", "-writers"]
+                        .iter()
+                        .any(|k| u.contains(k))
+                }),
+        )
         .collect();
     assert!(unneeded.is_empty(), "{unneeded:#?}");
 }
@@ -537,6 +594,85 @@ fn kill_9_of_either_daemon_mid_transfer_keeps_the_point_and_ten_cycles_leave_one
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     assert_eq!(counts(), want, "(groups, snapshots, contents, files)");
+    // The DR site keeps exactly its last 3 recovery points (the default `keep`), each whole:
+    // a group snapshot of the replicas, its members, their contents and files.
+    let points = s.pair.dr.status().protections[0].points.clone();
+    assert_eq!(points.len(), 3, "{points:?}");
+    assert_eq!(points.last(), Some(&last.gen));
+    let dr_root = s.dr_cluster.as_ref().unwrap().root.clone();
+    let dr_counts = || {
+        let n = |g: &str, r: &str| s.dr_api.all(g, r).len();
+        (
+            n("groupsnapshot.storage.k8s.io", "volumegroupsnapshots"),
+            n("snapshot.storage.k8s.io", "volumesnapshots"),
+            n("snapshot.storage.k8s.io", "volumesnapshotcontents"),
+            std::fs::read_dir(dr_root.join("snapshots"))
+                .unwrap()
+                .count(),
+        )
+    };
+    let n = 3 * PVCS.len();
+    let want = (3, n, n, n);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while dr_counts() != want && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(dr_counts(), want, "DR (groups, snapshots, contents, files)");
+    for g in points {
+        assert_eq!(s.point_files(g).len(), PVCS.len());
+    }
+}
+
+#[test]
+fn the_dr_daemon_killed_after_writing_or_cutting_a_point_finishes_that_point_on_restart() {
+    let mut s = sites(true, "");
+    let first = s.pair.sync();
+    s.assert_replicas_equal_snapshots(first.gen);
+    for (round, at) in ["dr-written", "dr-point-cut"].into_iter().enumerate() {
+        let point = s.pair.dr.status().protections[0].consistent_gen.unwrap();
+        let before: Vec<String> = s.point_files(point).iter().map(|f| b3(f)).collect();
+        rewrite_all(&s, 9000 + 10 * round as u64);
+        s.pair.dr.stop();
+        s.pair.dr.failpoint = Some(at.into());
+        s.pair.dr.start();
+        let client = s.pair.primary.client();
+        let cycle = std::thread::spawn(move || {
+            client.post::<lifeboat::api::CycleReport>(&format!(
+                "/v1/protections/{}/sync",
+                support::PROT
+            ))
+        });
+        s.pair.dr.wait_failpoint();
+        s.pair.dr.kill9();
+        let _ = cycle.join();
+        // Killed after the gen committed: the newest finished point is untouched.
+        let now: Vec<String> = s.point_files(point).iter().map(|f| b3(f)).collect();
+        assert_eq!(now, before, "point {point} changed by a kill at {at}");
+        s.pair.dr.failpoint = None;
+        s.pair.dr.start();
+        // Recovery finishes the committed gen as a whole point (written again from its
+        // staging log, snapshotted again: what the killed run cut is swept).
+        let p = wait_for(|| {
+            let p = s.pair.dr.status().protections[0].clone();
+            (p.points.last() > Some(&point)).then_some(p)
+        });
+        assert_eq!(p.points.last(), p.consistent_gen.as_ref(), "{at}: {p:?}");
+        let r = s.pair.sync();
+        s.assert_replicas_equal_snapshots(r.gen);
+        for g in &s.pair.dr.status().protections[0].points {
+            assert_eq!(s.point_files(*g).len(), PVCS.len());
+        }
+        let groups = s
+            .dr_api
+            .all("groupsnapshot.storage.k8s.io", "volumegroupsnapshots")
+            .len();
+        assert_eq!(
+            groups,
+            s.pair.dr.status().protections[0].points.len(),
+            "{at}: a group snapshot that is no point was left"
+        );
+    }
+    s.assert_no_mover_leftovers();
 }
 
 #[test]

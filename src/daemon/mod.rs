@@ -117,6 +117,14 @@ pub async fn run(config: Config) -> Result<()> {
             let addr = shared.config.listen.context("a DR site needs [listen]")?;
             let ep = quic::server_endpoint(addr, tls::server_config(&shared.config.tls)?)?;
             tracing::info!(address = %ep.local_addr()?, "listening for the primary (QUIC)");
+            // Cancelled by shutdown is safe: the redo is idempotent and runs again.
+            let (d, stop) = (dr.clone(), tokens.background.clone());
+            background.spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = recovery::recover_csi(d) => {}
+                }
+            });
             // A gen committed before a restart may not have had its manifests applied.
             for p in shared
                 .config

@@ -257,7 +257,7 @@ pub fn generate(protections: &[&KubeProtection], o: &RbacOptions) -> Result<Site
             rule(
                 SNAP_G,
                 &["volumesnapshotcontents".into()],
-                &["get", "list", "create", "delete"],
+                &["get", "list", "create", "patch", "delete"],
             ),
             rule(GROUP_G, &["volumegroupsnapshotclasses".into()], &["list"]),
             rule(GROUP_G, &["volumegroupsnapshotcontents".into()], &["get"]),

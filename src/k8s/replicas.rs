@@ -219,21 +219,31 @@ impl Replicas<'_> {
             .await
     }
 
-    /// Deletes a pruned point's snapshots, and their contents where the class retains them.
+    /// Deletes a pruned point's snapshots and the driver snapshots behind them: each
+    /// content is switched to `deletionPolicy: Delete` first (a Retain class would keep the
+    /// driver snapshot forever), then deleting the VolumeSnapshots lets the snapshot
+    /// controller delete the contents and the driver their snapshots.
     pub async fn delete_point(
         &self,
         gen: Gen,
         snapshots: &BTreeMap<VolumeName, PointSnapshot>,
     ) -> Result<()> {
-        self.snapshotter()
-            .delete_gen(&[self.ns().to_string()], gen)
-            .await?;
         for s in snapshots.values() {
             if let Some(c) = &s.content {
-                delete(&self.client, &volume_snapshot_contents(), None, c).await?;
+                let patch = json!({"spec": {"deletionPolicy": "Delete"}});
+                let r = api(&self.client, &volume_snapshot_contents(), None)
+                    .patch(c, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await;
+                match r {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => return Err(api_error(e, format!("patch VolumeSnapshotContent {c}"))),
+                }
             }
         }
-        Ok(())
+        self.snapshotter()
+            .delete_gen(&[self.ns().to_string()], gen)
+            .await
     }
 }
 

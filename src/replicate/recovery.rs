@@ -5,11 +5,11 @@
 //! point. Runs at start-up, before each cycle at the DR site, and at failover; the DR
 //! steps take the protection's [`Locked`] as proof that nothing else commits meanwhile.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
-
-use std::collections::BTreeMap;
 
 use crate::config::{Config, Protection, Role};
 use crate::engine::chunk::{Geometry, RootHasher};
@@ -27,15 +27,43 @@ pub fn staging_dir(config: &Config, prot: &ProtectionName) -> PathBuf {
     config.staging_dir.join(prot.as_str())
 }
 
-/// Start-up, before the site accepts or sends anything.
+/// Start-up, before the site accepts or sends anything. Protections with CSI replicas are
+/// left to [`recover_csi`]: their redo runs writer Jobs, which fetch from this daemon's
+/// listener.
 pub async fn recover_dr(dr: &Dr) -> Result<()> {
-    for p in &dr.config.protections {
+    for p in dr
+        .config
+        .protections
+        .iter()
+        .filter(|p| points::csi_replicas(p).is_none())
+    {
         let lock = dr.lock_of(p.name.as_str()).expect("a lock per protection");
         let locked = lock.lock().await;
         finish_pending(dr, &locked, p).await?;
         discard_staging(dr, &locked, p).await?;
     }
     Ok(())
+}
+
+/// Start-up with the listener up: finishes the committed gens of CSI replicas as points.
+/// A failure is logged; the protection's next cycle retries it before anything else.
+pub async fn recover_csi(dr: Arc<Dr>) {
+    for p in dr
+        .config
+        .protections
+        .iter()
+        .filter(|p| points::csi_replicas(p).is_some())
+    {
+        let lock = dr.lock_of(p.name.as_str()).expect("a lock per protection");
+        let locked = lock.lock().await;
+        let done = async {
+            finish_pending(&dr, &locked, p).await?;
+            discard_staging(&dr, &locked, p).await
+        };
+        if let Err(e) = done.await {
+            tracing::error!(protection = %p.name, error = %format!("{e:#}"), "could not finish the committed gen; the next cycle retries");
+        }
+    }
 }
 
 /// Start-up at the primary: only the base and the tentative gen keep indexes and snapshots.
