@@ -424,7 +424,8 @@ const NAMESPACE: &str = "namespaces = [\"prod\"]";
 
 #[test]
 fn protecting_a_namespace_mirrors_every_object_scaled_to_zero_with_the_data() {
-    let s = sites(NAMESPACE, "");
+    // The replica files are on one node: its PVs say so.
+    let s = sites(NAMESPACE, "volume_node = \"node-a\"");
     s.sync_and_apply();
     let want = set(&[
         "ServiceAccount/cassandra",
@@ -518,6 +519,11 @@ fn protecting_a_namespace_mirrors_every_object_scaled_to_zero_with_the_data() {
             replica.display().to_string()
         );
         assert_eq!(pv["spec"]["claimRef"]["name"], pvc);
+        let term = &pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0];
+        assert_eq!(
+            term["matchExpressions"][0],
+            serde_json::json!({"key": "kubernetes.io/hostname", "operator": "In", "values": ["node-a"]})
+        );
         assert_eq!(b3(&replica), b3(&primary_volume(&s.pair, pvc)), "{pvc}");
     }
     // Every change lifeboat made at the DR site was a server-side apply.

@@ -162,6 +162,12 @@ impl Validator {
             None => None,
         };
         let csi = k.volume_path.is_none().then(|| self.csi_settings(key, &k));
+        if let (Some(n), true) = (&k.volume_node, csi.is_some() || role != Role::Dr) {
+            self.problem(
+                format!("{key}.volume_node"),
+                format!("{n:?} is set, but only a DR site with volume_path (host-path replicas) uses it; remove it, or set volume_path"),
+            );
+        }
         if let (Some(c), Role::Dr) = (&csi, role) {
             if let Some(a) = &c.mover.connect {
                 if !a.contains(':') {
@@ -212,6 +218,7 @@ impl Validator {
             storage_class_map: k.storage_class_map,
             resource_modifiers,
             volume_path: volume_path.unwrap_or_default(),
+            volume_node: k.volume_node,
             pre_rule: k.pre_rule,
             post_rule: k.post_rule,
             velero_hooks: k.velero_hooks.unwrap_or(true),

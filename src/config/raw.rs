@@ -100,6 +100,9 @@ pub(super) struct RawKubeProtection {
     pub(super) storage_class_map: BTreeMap<String, String>,
     pub(super) resource_modifiers: Option<String>,
     pub(super) volume_path: Option<String>,
+    /// DR site, host-path mode: the node holding the replica files (node affinity of the
+    /// PersistentVolumes).
+    pub(super) volume_node: Option<String>,
     /// A Stork Rule object in the (first) protected namespace, run before the snapshot.
     pub(super) pre_rule: Option<String>,
     pub(super) post_rule: Option<String>,

@@ -170,7 +170,7 @@ pub enum Form {
 }
 
 /// The PersistentVolume that binds a PVC to its replica at `path`.
-pub fn persistent_volume(protection: &str, pvc: &Value, path: &Path) -> Value {
+pub fn persistent_volume(protection: &str, pvc: &Value, path: &Path, node: Option<&str>) -> Value {
     let ns = pvc["metadata"]["namespace"].as_str().unwrap_or("");
     let name = pvc["metadata"]["name"].as_str().unwrap_or("");
     let spec = &pvc["spec"];
@@ -197,6 +197,11 @@ pub fn persistent_volume(protection: &str, pvc: &Value, path: &Path) -> Value {
     if let Some(class) = spec.get("storageClassName") {
         pv["spec"]["storageClassName"] = class.clone();
     }
+    // The files exist on one node only: a pod elsewhere would start on an empty directory.
+    if let Some(node) = node {
+        pv["spec"]["nodeAffinity"] = json!({"required": {"nodeSelectorTerms": [{"matchExpressions": [
+            {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}});
+    }
     pv
 }
 
@@ -217,20 +222,23 @@ pub fn pv_name(protection: &str, ns: &str, pvc: &str) -> String {
     format!("{readable}-{}", &hash[..10])
 }
 
-/// The objects to apply at the DR site, in apply order, each labelled with the protection.
-/// `replica_path` gives the replica of a PVC (namespace, name).
-/// In the standby form, objects of a kind with a standby patch (`patches`, else the
-/// defaults of [`super::standby_patch`]) get it applied.
 /// What the DR site's PVCs are backed by.
 pub enum Backing<'a> {
-    /// Host-path replicas: each PVC is bound to a PersistentVolume naming its replica.
-    HostPath(&'a dyn Fn(&str, &str) -> std::path::PathBuf),
+    /// Host-path replicas: each PVC is bound to a PersistentVolume naming its replica (of
+    /// a PVC's namespace and name), on `node` when given.
+    HostPath {
+        path: &'a dyn Fn(&str, &str) -> std::path::PathBuf,
+        node: Option<&'a str>,
+    },
     /// CSI replicas: no PVC at standby (the recovery points hold the data); at failover
     /// each PVC is restored from the snapshot named for its (namespace, name), of at
     /// least its size.
     Snapshots(&'a BTreeMap<(String, String), (String, u64)>),
 }
 
+/// The objects to apply at the DR site, in apply order, each labelled with the protection.
+/// In the standby form, objects of a kind with a standby patch (`patches`, else the
+/// defaults of [`super::standby_patch`]) get it applied.
 pub fn dr_objects(
     bundle: &Bundle,
     protection: &str,
@@ -279,8 +287,8 @@ pub fn dr_objects(
                 .to_string();
             let name = v["metadata"]["name"].as_str().unwrap_or("").to_string();
             match &backing {
-                Backing::HostPath(replica_path) => {
-                    out.push(persistent_volume(protection, &v, &replica_path(&ns, &name)));
+                Backing::HostPath { path, node } => {
+                    out.push(persistent_volume(protection, &v, &path(&ns, &name), *node));
                     v["spec"]["volumeName"] = json!(pv_name(protection, &ns, &name));
                 }
                 Backing::Snapshots(_) if form == Form::Standby => continue,
@@ -368,7 +376,16 @@ mod tests {
     fn standby_holds_workloads_at_zero_and_active_restores_them() {
         let b = bundle();
         let path = |ns: &str, pvc: &str| std::path::PathBuf::from(format!("/dr/{ns}/{pvc}.img"));
-        let standby = dr_objects(&b, "shop", Form::Standby, &[], Backing::HostPath(&path));
+        let standby = dr_objects(
+            &b,
+            "shop",
+            Form::Standby,
+            &[],
+            Backing::HostPath {
+                path: &path,
+                node: None,
+            },
+        );
         let find =
             |objs: &[Value], kind: &str| objs.iter().find(|o| o["kind"] == kind).cloned().unwrap();
         let sts = find(&standby, "StatefulSet");
@@ -403,7 +420,19 @@ mod tests {
             "{order:?}"
         );
 
-        let active = dr_objects(&b, "shop", Form::Active, &[], Backing::HostPath(&path));
+        let node = Some("node-b");
+        let active = dr_objects(
+            &b,
+            "shop",
+            Form::Active,
+            &[],
+            Backing::HostPath { path: &path, node },
+        );
+        assert_eq!(
+            find(&active, "PersistentVolume")["spec"]["nodeAffinity"]["required"]
+                ["nodeSelectorTerms"][0]["matchExpressions"][0]["values"][0],
+            "node-b"
+        );
         assert_eq!(find(&active, "StatefulSet")["spec"]["replicas"], 3);
         assert_eq!(find(&active, "CronJob")["spec"]["suspend"], false);
         assert!(find(&active, "DaemonSet")["spec"]["template"]["spec"]

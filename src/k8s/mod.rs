@@ -75,6 +75,9 @@ pub struct KubeProtection {
     /// Template with `{namespace}` and `{pvc}`: the PVC's bytes at the primary, its replica
     /// at the DR site.
     pub volume_path: String,
+    /// Host-path mode at the DR site: the node whose disk holds the replica files; each
+    /// PersistentVolume gets a node affinity for it, so pods using the PVC start there.
+    pub volume_node: Option<String>,
     /// Stork Rule objects (in the first protected namespace) run before and after the
     /// group snapshot, through pods/exec.
     pub pre_rule: Option<String>,

@@ -42,7 +42,10 @@ pub async fn objects(
             prot.as_str(),
             form,
             &kp.standby_patches,
-            Backing::HostPath(&path),
+            Backing::HostPath {
+                path: &path,
+                node: kp.volume_node.as_deref(),
+            },
         );
         return Ok((b, objs, Vec::new()));
     }
