@@ -240,14 +240,16 @@ fn a_group_snapshot_is_moved_by_jobs_on_two_nodes_and_the_replicas_equal_the_sna
     }
     let r2 = s.pair.sync();
     s.assert_replicas_equal_snapshots(r2.gen);
-    // 20 random 4 KiB writes per volume: only the chunks holding them travel. (The DR
-    // replicas are PVCs the DR daemon cannot read, so it has no block hashes to offer
-    // and changed chunks go whole.)
+    // 20 random 4 KiB writes per volume: the movers refine changed chunks into their
+    // changed blocks as the daemon does, reading the old chunks from the base gen's
+    // snapshot (the DR replicas are PVCs the DR daemon cannot read), so about 80 blocks
+    // travel, not 80 chunks; the DR writers check each patch against its chunk hash.
+    assert!(r2.refine && r2.refined_chunks > 0, "{r2:?}");
     assert!(
-        r2.chunk_bytes_sent <= r2.bytes_changed + 64 * r2.chunks_sent,
-        "{r2:?}"
+        r2.chunk_bytes_sent < 2 * 80 * 4096,
+        "sent {} for 80 changed blocks",
+        r2.chunk_bytes_sent
     );
-    assert!(r2.chunks_sent <= 80, "{r2:?}");
     // Only the acknowledged gen's snapshots remain; the first gen's went with its files.
     let groups = s
         .primary_api
@@ -842,4 +844,54 @@ fn failover_restores_the_pvcs_from_a_retained_point_and_an_older_gen_by_gen() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
     assert_eq!(s.pair.dr.status().protections[0].role, "failed-over");
+}
+
+#[test]
+fn a_replica_pvc_damaged_out_of_band_is_found_by_its_writer_and_resent_whole() {
+    let s = sites(true, "");
+    let first = s.pair.sync();
+    s.assert_replicas_equal_snapshots(first.gen);
+    // Flip a byte of every chunk of one replica PVC at the DR site: any patch over it no
+    // longer gives the chunk the primary hashed.
+    let damaged = s.replica("mysql-data");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&damaged)
+            .unwrap();
+        for off in (0..SIZE).step_by(65536) {
+            f.write_all_at(&[0xa5], off + 100).unwrap();
+        }
+    }
+    for (i, p) in PVCS.iter().enumerate() {
+        change(
+            &Cluster::backing_file(&s.primary_api, "prod", p).unwrap(),
+            300 + i as u64,
+        );
+    }
+    // The writer finds the patch does not fit the damaged replica; the gen is not
+    // finished on it (no point holds the damage) and its volumes are marked for repair.
+    let e = s.pair.try_sync().unwrap_err();
+    assert!(e.contains("does not hold what the DR index says"), "{e}");
+    assert!(e.contains("prod.mysql-data"), "{e}");
+    assert_eq!(
+        s.pair.dr.status().protections[0].points.last(),
+        Some(&first.gen)
+    );
+    // The next cycle resends the marked volumes whole and commits.
+    let last = s.pair.try_sync().ok();
+    let r = last.expect("a cycle after the damage commits");
+    s.assert_replicas_equal_snapshots(r.gen);
+    let mysql = r
+        .volumes
+        .iter()
+        .find(|v| v.name == "prod.mysql-data")
+        .unwrap();
+    assert_eq!(mysql.chunks_changed, SIZE / 65536, "{r:?}");
+    let st = s.pair.dr.status();
+    for g in &st.protections[0].points {
+        assert_eq!(s.point_files(*g).len(), PVCS.len());
+    }
+    s.assert_no_mover_leftovers();
 }

@@ -55,6 +55,10 @@ pub struct MoverArgs {
     /// Send changed chunks the replica has as their changed 4 KiB blocks.
     #[arg(long)]
     pub refine: bool,
+    /// With --refine: the base gen's snapshot, restored and attached read-only; the old
+    /// chunks are read from it instead of asking the DR site for their block hashes.
+    #[arg(long, requires = "refine")]
+    pub base_device: Option<PathBuf>,
     /// Scratch space for the DR site's hashes of the replica (32 bytes per chunk).
     #[arg(long, default_value = "/tmp")]
     pub scratch: PathBuf,
@@ -114,6 +118,7 @@ pub fn run(a: MoverArgs) -> Result<ExitCode> {
             scratch: a.scratch,
             size: a.size,
             refine: a.refine,
+            base_device: a.base_device,
         };
         Ok(serde_json::to_string(&rt.block_on(mover::send(&job))?)?)
     })();

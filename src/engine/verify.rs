@@ -64,6 +64,11 @@ pub fn patch_data<'a>(
         crate::engine::compress::decompress(data, need as u32)
             .map(Cow::Owned)
             .map_err(bad)
+    } else if data.len() != need {
+        Err(bad(format!(
+            "{} bytes of blocks; its bitmap needs {need}",
+            data.len()
+        )))
     } else {
         Ok(Cow::Borrowed(data))
     }

@@ -17,6 +17,8 @@ use crate::ids::{ChunkHash, CycleId, Gen};
 pub const ALLOW_MODE_CHANGE: &str = "snapshot.storage.kubernetes.io/allow-volume-mode-change";
 /// Where the mover sees its device and TLS material.
 const DEVICE: &str = "/dev/lifeboat-source";
+/// The base gen's snapshot, read for refinement.
+const BASE_DEVICE: &str = "/dev/lifeboat-base";
 pub(super) const TLS_DIR: &str = "/etc/lifeboat/tls";
 const SCRATCH: &str = "/scratch";
 
@@ -70,27 +72,38 @@ pub struct Spec<'a> {
     pub refine: bool,
 }
 
-/// The names of one volume's mover objects.
-pub struct Names {
+/// The names of one snapshot's copy in the movers' namespace and the PVC restored from it.
+pub struct Restored {
     pub content: String,
     pub snapshot: String,
     pub pvc: String,
+}
+
+/// The names of one volume's mover objects: its snapshot's restore, the base gen's (for
+/// refinement), and the Job.
+pub struct Names {
+    pub source: Restored,
+    pub base: Restored,
     pub job: String,
 }
 
 pub fn names(m: &Spec<'_>, cut: &Cut) -> Names {
     let what = format!("{}-{}", cut.pvc.namespace, cut.pvc.name);
+    let restored = |what: &str| Restored {
+        content: object_name(&m.protection, m.gen, &format!("{what}-src"), 253),
+        snapshot: object_name(&m.protection, m.gen, what, 253),
+        pvc: object_name(&m.protection, m.gen, what, 253),
+    };
     // Job names become a label value of their Pods: 63 at most.
     Names {
-        content: object_name(&m.protection, m.gen, &format!("{what}-src"), 253),
-        snapshot: object_name(&m.protection, m.gen, &what, 253),
-        pvc: object_name(&m.protection, m.gen, &what, 253),
+        source: restored(&what),
+        base: restored(&format!("{what}-base")),
         job: object_name(&m.protection, m.gen, &what, 52),
     }
 }
 
-/// The objects of one volume's mover, pure.
-pub fn objects(m: &Spec<'_>, cut: &Cut, n: &Names) -> Result<[Value; 4]> {
+/// A snapshot's copy in the movers' namespace and the Block PVC restored from it, pure.
+fn restore_objects(m: &Spec<'_>, cut: &Cut, n: &Restored) -> Result<([Value; 3], u64)> {
     let ns = &m.settings.namespace;
     let labels = snapshot::labels_for(&m.protection, m.gen);
     let handle = cut
@@ -143,6 +156,14 @@ pub fn objects(m: &Spec<'_>, cut: &Cut, n: &Names) -> Result<[Value; 4]> {
     if let Some(sc) = &cut.pvc.storage_class {
         pvc["spec"]["storageClassName"] = json!(sc);
     }
+    Ok(([content, vs, pvc], size))
+}
+
+/// The objects of one volume's mover in creation order, pure: its snapshot's restore, the
+/// base gen's `base` (with refinement) and the Job.
+pub fn objects(m: &Spec<'_>, cut: &Cut, base: Option<&Cut>, n: &Names) -> Result<Vec<Value>> {
+    let labels = snapshot::labels_for(&m.protection, m.gen);
+    let (mut out, size) = restore_objects(m, cut, &n.source).map(|(o, s)| (o.to_vec(), s))?;
     let mut args = vec![
         "mover".to_string(),
         format!("--device={DEVICE}"),
@@ -161,25 +182,33 @@ pub fn objects(m: &Spec<'_>, cut: &Cut, n: &Names) -> Result<[Value; 4]> {
     if m.compress {
         args.push("--compress".into());
     }
+    let mut devices = vec![JobDevice {
+        name: "device",
+        path: DEVICE,
+        claim: &n.source.pvc,
+        read_only: true,
+    }];
     if m.refine {
         args.push("--refine".into());
+        if let Some(base) = base {
+            out.extend(restore_objects(m, base, &n.base)?.0);
+            args.push(format!("--base-device={BASE_DEVICE}"));
+            devices.push(JobDevice {
+                name: "base",
+                path: BASE_DEVICE,
+                claim: &n.base.pvc,
+                read_only: true,
+            });
+        }
     }
-    let job = job_object(
-        &n.job,
-        &labels,
-        m.settings,
-        args,
-        JobDevice {
-            path: DEVICE,
-            claim: &n.pvc,
-            read_only: true,
-        },
-    );
-    Ok([content, vs, pvc, job])
+    out.push(job_object(&n.job, &labels, m.settings, args, &devices));
+    Ok(out)
 }
 
 /// The PVC a mover or writer Job attaches as a raw device.
 pub(super) struct JobDevice<'a> {
+    /// The pod's volume name.
+    pub name: &'a str,
     pub path: &'a str,
     pub claim: &'a str,
     pub read_only: bool,
@@ -193,9 +222,16 @@ pub(super) fn job_object(
     labels: &Value,
     s: &MoverSettings,
     args: Vec<String>,
-    device: JobDevice<'_>,
+    devices: &[JobDevice<'_>],
 ) -> Value {
     let ns = &s.namespace;
+    let mut volumes: Vec<Value> = devices
+        .iter()
+        .map(|d| json!({"name": d.name, "persistentVolumeClaim": {"claimName": d.claim, "readOnly": d.read_only}}))
+        .collect();
+    volumes
+        .push(json!({"name": "tls", "secret": {"secretName": s.tls_secret, "defaultMode": 288}}));
+    volumes.push(json!({"name": "scratch", "emptyDir": {}}));
     let mut limits = json!({"memory": s.memory_limit});
     if let Some(c) = &s.cpu_limit {
         limits["cpu"] = json!(c);
@@ -226,17 +262,16 @@ pub(super) fn job_object(
                             "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
                             "capabilities": {"drop": ["ALL"]},
                         },
-                        "volumeDevices": [{"name": "device", "devicePath": device.path}],
+                        "volumeDevices": devices
+                            .iter()
+                            .map(|d| json!({"name": d.name, "devicePath": d.path}))
+                            .collect::<Vec<_>>(),
                         "volumeMounts": [
                             {"name": "tls", "mountPath": TLS_DIR, "readOnly": true},
                             {"name": "scratch", "mountPath": SCRATCH},
                         ],
                     }],
-                    "volumes": [
-                        {"name": "device", "persistentVolumeClaim": {"claimName": device.claim, "readOnly": device.read_only}},
-                        {"name": "tls", "secret": {"secretName": s.tls_secret, "defaultMode": 288}},
-                        {"name": "scratch", "emptyDir": {}},
-                    ],
+                    "volumes": volumes,
                 },
             },
         },
@@ -251,7 +286,7 @@ mod tests {
     #[test]
     fn a_mover_runs_restricted_with_its_device_and_the_mode_change_allowed() {
         let settings = MoverSettings::default();
-        let client_free = |cut: &Cut| {
+        let client_free = |cut: &Cut, base: Option<&Cut>| {
             let m = Spec {
                 protection: "shop".into(),
                 gen: Gen(3),
@@ -265,7 +300,7 @@ mod tests {
                 refine: true,
             };
             let n = names(&m, cut);
-            objects(&m, cut, &n).unwrap()
+            objects(&m, cut, base, &n).unwrap()
         };
         let mut cut = Cut {
             pvc: Pvc {
@@ -283,7 +318,7 @@ mod tests {
             handle: Some("snap-123".into()),
             restore_size: Some(1 << 30),
         };
-        let [content, _vs, pvc, job] = client_free(&cut);
+        let [content, _vs, pvc, job] = <[Value; 4]>::try_from(client_free(&cut, None)).unwrap();
         assert_eq!(
             content["metadata"]["annotations"][ALLOW_MODE_CHANGE],
             "true"
@@ -308,9 +343,29 @@ mod tests {
             args.contains(&"--volume=db-dr.data-0") && args.contains(&"--cycle=0000000000000abc")
         );
         assert!(job["metadata"]["name"].as_str().unwrap().len() <= 52);
+        // With the base gen's snapshot: it is restored too and attached read-only as the
+        // mover's base device.
+        let mut base = cut.clone();
+        base.handle = Some("snap-122".into());
+        let objs = client_free(&cut, Some(&base));
+        assert_eq!(objs.len(), 7);
+        assert_eq!(objs[3]["spec"]["source"]["snapshotHandle"], "snap-122");
+        assert_ne!(objs[3]["metadata"]["name"], objs[0]["metadata"]["name"]);
+        let job = &objs[6];
+        let c = &job["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(c["volumeDevices"][1]["devicePath"], BASE_DEVICE);
+        assert!(c["args"]
+            .to_string()
+            .contains("--base-device=/dev/lifeboat-base"));
+        let vols = &job["spec"]["template"]["spec"]["volumes"];
+        assert_eq!(
+            vols[1]["persistentVolumeClaim"]["claimName"],
+            objs[5]["metadata"]["name"]
+        );
+        assert_eq!(vols[1]["persistentVolumeClaim"]["readOnly"], true);
         // A Block source needs no mode change.
         cut.pvc.mode = VolumeMode::Block;
-        let [content, ..] = client_free(&cut);
+        let content = &client_free(&cut, None)[0];
         assert!(content["metadata"]["annotations"][ALLOW_MODE_CHANGE].is_null());
     }
 }

@@ -28,6 +28,9 @@ use crate::ids::Gen;
 pub struct Movers<'a> {
     pub client: kube::Client,
     pub spec: Spec<'a>,
+    /// The base gen's cuts, when this daemon cut it (refinement reads them as the
+    /// replica's old chunks); a PVC without one sends its changed chunks whole.
+    pub bases: &'a [Cut],
     /// The site's movers at once, over all protections.
     pub site: &'a tokio::sync::Semaphore,
 }
@@ -98,17 +101,27 @@ async fn move_one(m: &Movers<'_>, cut: &Cut, events: &(dyn Fn(Event<'_>) + Sync)
     events(Event::Started(cut));
     let n = mover_job::names(&m.spec, cut);
     let result = async {
-        let [content, vs, pvc, job] = mover_job::objects(&m.spec, cut, &n)?;
+        let base = m.bases.iter().find(|b| b.pvc.id() == cut.pvc.id());
         let ns = m.spec.settings.namespace.as_str();
-        create(&m.client, &volume_snapshot_contents(), None, content).await?;
-        create(&m.client, &volume_snapshots(), Some(ns), vs).await?;
-        create(&m.client, &pvcs_kind(), Some(ns), pvc).await?;
-        create(&m.client, &jobs(), Some(ns), job).await?;
+        for o in mover_job::objects(&m.spec, cut, base, &n)? {
+            match o["kind"].as_str() {
+                Some("VolumeSnapshotContent") => {
+                    create(&m.client, &volume_snapshot_contents(), None, o).await?
+                }
+                Some("VolumeSnapshot") => {
+                    create(&m.client, &volume_snapshots(), Some(ns), o).await?
+                }
+                Some("PersistentVolumeClaim") => {
+                    create(&m.client, &pvcs_kind(), Some(ns), o).await?
+                }
+                _ => create(&m.client, &jobs(), Some(ns), o).await?,
+            }
+        }
         let watched = Watched {
             client: &m.client,
             ns,
             job: &n.job,
-            pvc: &n.pvc,
+            pvc: &n.source.pvc,
             stuck_after: m.spec.settings.stuck_after,
         };
         watch(&watched, &|state| match state {
@@ -175,12 +188,14 @@ pub(super) async fn create(
 }
 
 async fn cleanup(client: &kube::Client, ns: &str, n: &mover_job::Names) {
-    let steps: [(Kind, Option<&str>, &str); 4] = [
-        (jobs(), Some(ns), &n.job),
-        (pvcs_kind(), Some(ns), &n.pvc),
-        (volume_snapshots(), Some(ns), &n.snapshot),
-        (volume_snapshot_contents(), None, &n.content),
-    ];
+    let mut steps: Vec<(Kind, Option<&str>, &str)> = vec![(jobs(), Some(ns), &n.job)];
+    for r in [&n.source, &n.base] {
+        steps.extend([
+            (pvcs_kind(), Some(ns), r.pvc.as_str()),
+            (volume_snapshots(), Some(ns), r.snapshot.as_str()),
+            (volume_snapshot_contents(), None, r.content.as_str()),
+        ]);
+    }
     for (kind, ns, name) in steps {
         if let Err(e) = delete(client, &kind, ns, name).await {
             tracing::warn!(error = %format!("{e:#}"), "could not remove a mover's object; the next cycle's sweep retries");

@@ -30,6 +30,10 @@ pub struct Written {
     pub zero_chunks: u64,
     pub patched_chunks: u64,
     pub bytes_written: u64,
+    /// The replica did not hold what a patch was made against (chunk and why): the
+    /// writer stopped before that patch, and the volume needs a resync.
+    #[serde(default)]
+    pub diverged: Option<String>,
 }
 
 /// A Kubernetes name for `what` of `protection`: lowercase, `-` for anything else, a hash
@@ -113,11 +117,12 @@ pub fn writer_job(w: &WriterSpec<'_>, volume: &str) -> Value {
         &labels,
         w.settings,
         args,
-        JobDevice {
+        &[JobDevice {
+            name: "device",
             path: DEVICE,
             claim: &replica_name(w.protection, volume),
             read_only: false,
-        },
+        }],
     )
 }
 

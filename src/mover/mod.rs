@@ -56,6 +56,8 @@ pub struct Job {
     pub size: Option<u64>,
     /// Send changed chunks the replica has as their changed 4 KiB blocks.
     pub refine: bool,
+    /// The base gen's snapshot as a device: what the replica holds, read for refinement.
+    pub base_device: Option<PathBuf>,
 }
 
 pub mod write;
@@ -196,12 +198,21 @@ pub async fn send(job: &Job) -> Result<Outcome> {
     // The daemon's own chunk writer, refinement included: a changed chunk the replica
     // has travels as its changed 4 KiB blocks.
     let mut counts = crate::api::CycleReport::default();
+    let base = match &job.base_device {
+        Some(p) => {
+            Some(Arc::new(File::open(p).with_context(|| {
+                format!("open the base device {}", p.display())
+            })?))
+        }
+        None => None,
+    };
     let sent = stream_chunks(
         rx,
         &Side {
             conn: &conn,
             limit: None,
             refine: job.refine,
+            base,
         },
         &Target {
             protection: &job.protection,

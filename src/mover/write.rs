@@ -121,7 +121,22 @@ pub async fn write(job: &WriteJob) -> Result<Written> {
         .await
         .map_err(|e| anyhow!("the apply panicked: {e}"))?;
     fed?;
-    let stats = stats?;
+    let stats = match stats {
+        Ok(s) => s,
+        // Not a failure to retry: running again would find the same bytes. Reported as
+        // the outcome, so the daemon resyncs the volume.
+        Err(e) if e.downcast_ref::<replica::Diverged>().is_some() => {
+            w.finish();
+            conn.close(0u32.into(), b"writer done");
+            return Ok(Written {
+                volume: job.volume.clone(),
+                gen: job.gen.0,
+                diverged: Some(format!("{e:#}")),
+                ..Default::default()
+            });
+        }
+        Err(e) => return Err(e),
+    };
     w.finish();
     conn.close(0u32.into(), b"writer done");
     Ok(Written {
@@ -132,5 +147,6 @@ pub async fn write(job: &WriteJob) -> Result<Written> {
         zero_chunks: stats.zero_chunks,
         patched_chunks: stats.patched_chunks,
         bytes_written: stats.bytes_written,
+        diverged: None,
     })
 }

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 use crate::config::Protection;
 use crate::failpoint;
@@ -116,6 +116,28 @@ pub async fn redo(dr: &Dr, prot: &Protection, commit: CommitRecord) -> Result<()
     reps.ensure(&volumes).await?;
     let logs: Vec<String> = commit.logs.keys().map(|v| v.to_string()).collect();
     let written = reps.write(gen, &logs).await?;
+    let diverged: Vec<String> = written
+        .iter()
+        .filter_map(|w| w.diverged.as_ref().map(|d| format!("{}: {d}", w.volume)))
+        .collect();
+    if !diverged.is_empty() {
+        // The replica PVCs are not what the index says: the gen cannot be finished on
+        // them. Its volumes are marked for repair (the next cycle sends them whole,
+        // without base hashes) and the newest point stays the previous gen's.
+        let why = format!(
+            "gen {gen} could not be written: a replica PVC does not hold what the DR index says ({})",
+            diverged.join("; ")
+        );
+        tracing::error!("{why}; the gen's volumes are resent on the next cycle");
+        let (dir, reason) = (staging_dir(&dr.config, &name), why.clone());
+        dr.store
+            .run(move |s| {
+                s.abandon_commit(&name, &commit, &reason)?;
+                remove_dir(&dir)
+            })
+            .await?;
+        bail!("{why}; its volumes are marked for repair and resent whole by the next cycle");
+    }
     let bytes: u64 = written.iter().map(|w| w.bytes_written).sum();
     tracing::info!(%gen, volumes = written.len(), bytes, "replica PVCs written");
     failpoint::hit("dr-written");

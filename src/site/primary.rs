@@ -15,6 +15,9 @@ pub struct Primary {
     pub background: TaskTracker,
     /// Mover Jobs of every protection at once (`[kubernetes] max_movers`).
     pub movers: Arc<tokio::sync::Semaphore>,
+    /// Per protection, the CSI snapshots of the gen it last acknowledged: the next
+    /// cycle's base, which its movers read for refinement.
+    pub csi_bases: std::sync::Mutex<std::collections::HashMap<String, crate::k8s::cut::CutSet>>,
 }
 
 impl Deref for Primary {
@@ -37,6 +40,7 @@ impl Primary {
             peer,
             background,
             movers: Arc::new(tokio::sync::Semaphore::new(max)),
+            csi_bases: Default::default(),
         }
     }
 

@@ -229,6 +229,16 @@ pub fn apply(log: &Path, replica: &Path) -> Result<ApplyStats> {
 }
 
 /// Applies a staging log read from `reader` to the replica at `replica` and fsyncs it.
+/// A patch that does not give its chunk over the replica's bytes: the replica is not what
+/// the index says it holds (changed out of band, or left part-written by an abandoned
+/// gen). Nothing of the patch was written.
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}")]
+pub struct Diverged {
+    pub chunk: u64,
+    pub reason: String,
+}
+
 pub fn apply_from(mut reader: StagingReader, replica: &Path) -> Result<ApplyStats> {
     let log = reader.path().to_path_buf();
     let geometry = reader.geometry;
@@ -275,11 +285,14 @@ pub fn apply_from(mut reader: StagingReader, replica: &Path) -> Result<ApplyStat
                     format!("read chunk {index} of replica {}", replica.display())
                 })?;
                 let place = verify::patch(index, &hash, &mut chunk, &mask, &data).map_err(|e| {
-                    anyhow::anyhow!(
-                        "{}: {e} (a patch over replica {}); refusing to apply it",
-                        log.display(),
-                        replica.display()
-                    )
+                    anyhow::Error::new(Diverged {
+                        chunk: index,
+                        reason: format!(
+                            "{}: {e} (a patch over replica {}); refusing to apply it",
+                            log.display(),
+                            replica.display()
+                        ),
+                    })
                 })?;
                 for (dst, src) in place {
                     f.write_all_at(&data[src], off + dst.start as u64)

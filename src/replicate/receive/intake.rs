@@ -22,6 +22,24 @@ use crate::store::VolumeRecord;
 pub trait ReplicaChunks {
     /// `None` when this site has no replica to read.
     fn chunk(&self, offset: u64, len: u32) -> Option<std::io::Result<Vec<u8>>>;
+    /// The replica is written elsewhere (a CSI replica PVC, by its writer Job), which
+    /// checks each patch against its chunk hash before it writes it; a patch is staged
+    /// with only its blocks checked here.
+    fn patched_by_writer(&self) -> bool {
+        false
+    }
+}
+
+/// A CSI replica: no bytes here, patches checked by the writer Job.
+pub struct WriterReplica;
+
+impl ReplicaChunks for WriterReplica {
+    fn chunk(&self, _offset: u64, _len: u32) -> Option<std::io::Result<Vec<u8>>> {
+        None
+    }
+    fn patched_by_writer(&self) -> bool {
+        true
+    }
 }
 
 impl ReplicaChunks for Option<std::fs::File> {
@@ -211,6 +229,9 @@ where
                 let blocks =
                     verify::patch_data(index, len, mask, data, compressed).map_err(rejected)?;
                 let Some(chunk) = replica.chunk(self.geometry.offset(index), len) else {
+                    if replica.patched_by_writer() {
+                        return Ok(Verified::Patch(&mask[..], blocks));
+                    }
                     return Err(rejected(verify::Rejected::Patch {
                         index,
                         reason: "this site has no replica to patch".into(),

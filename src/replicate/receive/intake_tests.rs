@@ -22,6 +22,8 @@ const SIZE: u64 = 8 << 20; // 128 chunks
 struct Dr {
     replica: Option<Vec<u8>>,
     base: Vec<ChunkHash>,
+    /// A CSI replica: patches are checked by its writer.
+    writer: bool,
 }
 
 impl ReplicaChunks for Dr {
@@ -31,6 +33,9 @@ impl ReplicaChunks for Dr {
             r[offset as usize..offset as usize + len as usize].to_vec()
         ))
     }
+    fn patched_by_writer(&self) -> bool {
+        self.writer
+    }
 }
 
 fn dr() -> Dr {
@@ -39,6 +44,7 @@ fn dr() -> Dr {
     Dr {
         replica: Some(replica),
         base,
+        writer: false,
     }
 }
 
@@ -263,6 +269,37 @@ fn a_patch_with_no_replica_to_complete_is_refused() {
         )],
     ));
     assert!(m.contains("no replica to patch"), "{m}");
+}
+
+#[test]
+fn a_patch_for_a_replica_its_writer_completes_is_staged_with_its_blocks_checked() {
+    let mut dr = dr();
+    let old = dr.replica.take().unwrap()[2 * CS as usize..3 * CS as usize].to_vec();
+    dr.writer = true;
+    let mut new = old.clone();
+    new[4100] ^= 0xff;
+    let p = refine::diff(&new, &refine::block_hashes(&old)).unwrap();
+    let mut hashes = dr.base.clone();
+    hashes[2] = ChunkHash::of(&new);
+    let patch = |data: Vec<u8>| {
+        chunk(
+            2,
+            hashes[2],
+            Payload::Patch {
+                mask: ByteBuf::from(p.mask.clone()),
+                data: ByteBuf::from(data),
+            },
+        )
+    };
+    let end = VolumeMsg::End {
+        volume: "v1".into(),
+        chunk_count: 128,
+        root: root_of(&hashes),
+    };
+    assert!(feed(&dr, &[patch(p.data.clone()), end]).unwrap().is_some());
+    // Its blocks are still checked here: a patch short of its bitmap's blocks is refused.
+    let (m, _) = refusal(feed(&dr, &[patch(p.data[..100].to_vec())]));
+    assert!(m.contains("patch 2"), "{m}");
 }
 
 #[test]

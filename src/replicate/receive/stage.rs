@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use tokio::sync::mpsc;
 
-use super::intake::{Intake, Step, Verified};
+use super::intake::{Intake, ReplicaChunks, Step, Verified, WriterReplica};
 use crate::engine::chunk::Geometry;
 use crate::failpoint;
 use crate::ids::{ChunkHash, Gen, ProtectionName, VolumeName};
@@ -89,6 +89,24 @@ impl Sink {
     }
 }
 
+/// What patches are checked against: the replica file here, or a CSI replica's writer.
+enum Base {
+    File(Option<std::fs::File>),
+    Writer(WriterReplica),
+}
+
+impl ReplicaChunks for Base {
+    fn chunk(&self, offset: u64, len: u32) -> Option<std::io::Result<Vec<u8>>> {
+        match self {
+            Base::File(f) => f.chunk(offset, len),
+            Base::Writer(w) => w.chunk(offset, len),
+        }
+    }
+    fn patched_by_writer(&self) -> bool {
+        matches!(self, Base::Writer(_))
+    }
+}
+
 /// Stages one volume from `rx` until its `End`; returns its record at the new gen.
 #[allow(clippy::too_many_arguments)]
 pub fn stage(
@@ -105,19 +123,19 @@ pub fn stage(
     // A fresh replica's blocks are written, not promised (no reservation), and it has no
     // old chunks for patches; a staged volume patches the replica as it is (the
     // consistent point) and reserves the blocks it will write.
-    let (mut sink, base_file, mut reserver) = match &target.replica {
+    let (mut sink, base, mut reserver) = match &target.replica {
         Some(replica) if target.fresh => {
             let fresh = FreshReplica::create(replica, geometry.size).map_err(ReceiveError::io)?;
-            (Sink::Fresh(fresh), None, Reserver::none())
+            (Sink::Fresh(fresh), Base::File(None), Reserver::none())
         }
         _ => {
             let log = StagingWriter::create(&target.log, geometry).map_err(ReceiveError::io)?;
             let (base, reserver) = match &target.replica {
                 Some(replica) => (
-                    std::fs::File::open(replica).ok(),
+                    Base::File(std::fs::File::open(replica).ok()),
                     Reserver::open(replica).map_err(ReceiveError::io)?,
                 ),
-                None => (None, Reserver::none()),
+                None => (Base::Writer(WriterReplica), Reserver::none()),
             };
             (Sink::Log(log), base, reserver)
         }
@@ -127,7 +145,7 @@ pub fn stage(
     let failpoint_name = format!("dr-staging:{vol}");
     let mut put = |no, seg| store.write_segment(prot, vol, gen, no, &seg);
     while let Some(msg) = rx.blocking_recv() {
-        match intake.handle(&msg, &base_file, &mut put)? {
+        match intake.handle(&msg, &base, &mut put)? {
             Step::Stage {
                 index,
                 hash,

@@ -119,12 +119,15 @@ pub async fn discard(p: &Planned, gen: Gen) {
     }
 }
 
-/// Moves every volume of the set through mover Jobs joining cycle `cycle`.
+/// Moves every volume of the set through mover Jobs joining cycle `cycle`; `bases` are the
+/// base gen's cuts, read by the movers for refinement.
+#[allow(clippy::too_many_arguments)]
 pub async fn send(
     primary: &Primary,
     prot: &Protection,
     csi: &CsiSettings,
     set: &CutSet,
+    bases: &[crate::k8s::cut::Cut],
     cycle: CycleId,
     conn: &quinn::Connection,
     report: &mut CycleReport,
@@ -137,6 +140,7 @@ pub async fn send(
         .ok_or_else(|| k8s(anyhow::anyhow!("a primary without [peer]")))?;
     let m = Movers {
         client: primary.kube(name).map_err(k8s)?.clone(),
+        bases,
         spec: Spec {
             protection: name.to_string(),
             gen: set.gen,

@@ -218,10 +218,33 @@ async fn cycle(primary: &Primary, prot: &Protection) -> Result<CycleReport, Cycl
         conn: &conn,
         limit: primary.peer.limit.clone(),
         refine,
+        base: None,
     };
     let mut volumes = BTreeMap::new();
     if let (Some((c, p)), Some(set)) = (&csi, &cut) {
-        match csi::send(primary, prot, c, set, point.cycle, &conn, &mut report).await {
+        // The base gen's cuts, if this daemon cut and acknowledged that very gen (after a
+        // restart it did not: the first cycle then sends changed chunks whole).
+        let base_gen = plan.base.as_ref().map(|b| b.point.gen);
+        let bases = primary
+            .csi_bases
+            .lock()
+            .expect("csi bases")
+            .get(name.as_str())
+            .filter(|b| Some(b.gen) == base_gen)
+            .map(|b| b.cuts.clone())
+            .unwrap_or_default();
+        match csi::send(
+            primary,
+            prot,
+            c,
+            set,
+            &bases,
+            point.cycle,
+            &conn,
+            &mut report,
+        )
+        .await
+        {
             Ok(v) => volumes = v,
             Err(e) => {
                 csi::discard(p, gen).await;
@@ -303,6 +326,14 @@ async fn cycle(primary: &Primary, prot: &Protection) -> Result<CycleReport, Cycl
         .step(name, |s, p| s.acknowledge(p))
         .await
         .map_err(CycleError::store)?;
+    if let Some(set) = &cut {
+        // The next cycle's movers read this gen's snapshots as the replicas' old chunks.
+        primary
+            .csi_bases
+            .lock()
+            .expect("csi bases")
+            .insert(name.to_string(), set.clone());
+    }
     if let Some((_, p)) = &csi {
         // The acknowledged gen's snapshots stay (the next gen's base); older ones go.
         if let Err(e) = p.snapshotter.sweep(&p.namespaces, &[gen]).await {

@@ -41,6 +41,10 @@ pub struct Side<'a> {
     pub conn: &'a quinn::Connection,
     pub limit: Option<Arc<RateLimit>>,
     pub refine: bool,
+    /// A mover's base device (the base gen's snapshot, restored): refinement reads the
+    /// replica's old chunks from it instead of asking the DR site, which may hold its
+    /// replicas where it cannot read them (CSI replica PVCs).
+    pub base: Option<Arc<std::fs::File>>,
 }
 
 fn method_name(m: Method) -> String {
@@ -305,7 +309,8 @@ pub async fn stream_chunks(
 ) -> Result<u64, CycleError> {
     // Refinement: a second stream asks the DR site for block hashes of each changed chunk
     // the replica has, ahead of the chunk writer, which turns the answers into patches.
-    let (mut ask, mut answers) = if side.refine {
+    let local = side.refine && side.base.is_some();
+    let (mut ask, mut answers) = if side.refine && !local {
         let (send, recv) = side.conn.open_bi().await.map_err(CycleError::link)?;
         let mut rw = FrameWriter::new(send).with_limit(side.limit.clone());
         rw.send(&Msg::RefineOpen {
@@ -322,7 +327,8 @@ pub async fn stream_chunks(
     let (qtx, mut qrx) = mpsc::channel::<(Scanned, bool)>(REFINE_WINDOW);
     let requester = async move {
         while let Some(s) = rx.recv().await {
-            let asked = ask.is_some() && s.based && matches!(s.content, Content::Data(_));
+            let asked =
+                (local || ask.is_some()) && s.based && matches!(s.content, Content::Data(_));
             if let Some(rw) = ask.as_mut() {
                 if asked {
                     rw.queue(&Msg::BlockHashRequest { index: s.index }).await?;
@@ -348,6 +354,21 @@ pub async fn stream_chunks(
                 Content::Zero => {
                     report.zero_chunks_sent += 1;
                     Payload::Zero
+                }
+                Content::Data(b) if asked && local => {
+                    let base = side.base.clone().expect("a local base");
+                    let geometry = Geometry::new(t.size, t.chunk_size);
+                    let (off, len) = (geometry.offset(s.index), geometry.len(s.index));
+                    // A base shorter than the chunk (the volume grew) gives no hashes: the
+                    // chunk goes whole.
+                    let theirs = tokio::task::spawn_blocking(move || {
+                        crate::volume::replica::read_chunk(&base, off, len)
+                            .map(|c| refine::block_hashes(&c))
+                            .unwrap_or_default()
+                    })
+                    .await
+                    .map_err(|e| CycleError::Io(anyhow::anyhow!("read the base chunk: {e}")))?;
+                    encode_refined(b, &theirs, t.compression, report)
                 }
                 Content::Data(b) if asked => {
                     let rr = answers.as_mut().expect("asked on the refine stream");
