@@ -895,3 +895,47 @@ fn a_replica_pvc_damaged_out_of_band_is_found_by_its_writer_and_resent_whole() {
     }
     s.assert_no_mover_leftovers();
 }
+
+#[test]
+fn a_mover_that_stops_progressing_gives_up_named_in_status_and_the_next_cycle_completes() {
+    // Movers give up after 2 s without progress (and Pending movers after 2 s as well).
+    let s = sites(true, "stuck_after = \"2s\"");
+    let first = s.pair.sync();
+    rewrite_all(&s, 5100);
+    let dr_pid = s.pair.dr.pid().unwrap() as i32;
+    let outcome = std::thread::scope(|sc| {
+        let cycle = sc.spawn(|| s.pair.try_sync());
+        // The DR daemon stops answering (SIGSTOP) while the first mover runs.
+        wait_for(|| s.cluster.pids.lock().unwrap().keys().next().cloned());
+        unsafe { libc::kill(dr_pid, libc::SIGSTOP) };
+        let outcome = cycle.join().unwrap();
+        unsafe { libc::kill(dr_pid, libc::SIGCONT) };
+        outcome
+    });
+    // The cycle fails (by the stalled movers, or by the primary's own link to the DR site
+    // timing out first); each mover that gave up is named in status with why.
+    let e = outcome.unwrap_err();
+    let st = s.pair.primary.status();
+    let movers = st.protections[0]
+        .kubernetes
+        .clone()
+        .unwrap_or_default()
+        .movers;
+    let stalled: Vec<_> = movers
+        .iter()
+        .filter(|m| m.phase == "failed")
+        .filter(|m| {
+            m.reason
+                .as_deref()
+                .is_some_and(|r| r.contains("no progress for 2s"))
+        })
+        .collect();
+    assert!(!stalled.is_empty(), "{e}\n{movers:?}");
+    assert_eq!(
+        s.pair.dr.status().protections[0].consistent_gen,
+        Some(first.gen)
+    );
+    let r = s.pair.sync();
+    s.assert_replicas_equal_snapshots(r.gen);
+    s.assert_no_mover_leftovers();
+}

@@ -59,6 +59,10 @@ pub struct MoverArgs {
     /// chunks are read from it instead of asking the DR site for their block hashes.
     #[arg(long, requires = "refine")]
     pub base_device: Option<PathBuf>,
+    /// Fail when nothing moves for this long (no hashes received, nothing scanned), e.g.
+    /// `5m`: a hung device or a DR site that stopped answering.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub stall_after: Option<std::time::Duration>,
     /// Scratch space for the DR site's hashes of the replica (32 bytes per chunk).
     #[arg(long, default_value = "/tmp")]
     pub scratch: PathBuf,
@@ -119,8 +123,12 @@ pub fn run(a: MoverArgs) -> Result<ExitCode> {
             size: a.size,
             refine: a.refine,
             base_device: a.base_device,
+            stall_after: a.stall_after,
         };
-        Ok(serde_json::to_string(&rt.block_on(mover::send(&job))?)?)
+        let moved = rt.block_on(mover::send(&job));
+        // A read stuck in the kernel keeps its blocking thread: do not wait for it.
+        rt.shutdown_background();
+        Ok(serde_json::to_string(&moved?)?)
     })();
     match outcome {
         Ok(json) => {

@@ -177,6 +177,7 @@ pub fn objects(m: &Spec<'_>, cut: &Cut, base: Option<&Cut>, n: &Names) -> Result
         format!("--volume={}", cut.pvc.volume),
         format!("--chunk-size={}", m.chunk_size),
         format!("--scratch={SCRATCH}"),
+        format!("--stall-after={}s", m.settings.stuck_after.as_secs().max(1)),
         "--result=/dev/termination-log".to_string(),
     ];
     if m.compress {

@@ -20,7 +20,7 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -58,6 +58,9 @@ pub struct Job {
     pub refine: bool,
     /// The base gen's snapshot as a device: what the replica holds, read for refinement.
     pub base_device: Option<PathBuf>,
+    /// Fail, naming where it stood, when nothing moves for this long (no hash bytes
+    /// received, no bytes scanned): a hung device or a DR site that stopped answering.
+    pub stall_after: Option<std::time::Duration>,
 }
 
 pub mod write;
@@ -108,8 +111,43 @@ async fn connect_as(
     }
 }
 
-/// Moves the volume: join, take the DR site's hashes, scan and send, wait for `Staged`.
+/// Moves the volume (see [`move_volume`]), failing if it stops progressing for
+/// `job.stall_after`.
 pub async fn send(job: &Job) -> Result<Outcome> {
+    let activity = Arc::new(AtomicU64::new(0));
+    let Some(after) = job.stall_after else {
+        return move_volume(job, &activity).await;
+    };
+    tokio::select! {
+        r = move_volume(job, &activity) => r,
+        e = stalled(&activity, after) => Err(e),
+    }
+}
+
+/// Returns once `activity` has not changed for `after`.
+async fn stalled(activity: &AtomicU64, after: std::time::Duration) -> anyhow::Error {
+    let tick = (after / 4).max(std::time::Duration::from_millis(100));
+    let (mut last, mut since) = (
+        activity.load(Ordering::Relaxed),
+        tokio::time::Instant::now(),
+    );
+    loop {
+        tokio::time::sleep(tick).await;
+        let now = activity.load(Ordering::Relaxed);
+        if now != last {
+            (last, since) = (now, tokio::time::Instant::now());
+        } else if since.elapsed() >= after {
+            return anyhow!(
+                "no progress for {} ({now} bytes of hashes and volume handled): the device or the DR site stopped answering",
+                humantime::format_duration(after)
+            );
+        }
+    }
+}
+
+/// Moves the volume: join, take the DR site's hashes, scan and send, wait for `Staged`.
+/// Every hash byte received and volume byte scanned is counted in `activity`.
+async fn move_volume(job: &Job, activity: &Arc<AtomicU64>) -> Result<Outcome> {
     let conn = connect(job).await?;
     let (send, recv) = conn.open_bi().await?;
     let (mut w, mut r) = (FrameWriter::new(send), FrameReader::new(recv));
@@ -135,6 +173,7 @@ pub async fn send(job: &Job) -> Result<Outcome> {
         loop {
             match r.expect("HashEnd").await? {
                 Msg::HashSegment { segment, packed } => {
+                    activity.fetch_add(packed.len() as u64 + 1, Ordering::Relaxed);
                     f.write_all(&segment.to_le_bytes())?;
                     f.write_all(&(packed.len() as u32).to_le_bytes())?;
                     f.write_all(&packed)?;
@@ -168,8 +207,7 @@ pub async fn send(job: &Job) -> Result<Outcome> {
     .await?;
     let (tx, rx) = mpsc::channel::<Scanned>(16);
     let (device, compress, refine) = (job.device.clone(), job.compress, job.refine);
-    let progress = Arc::new(AtomicU64::new(0));
-    let p2 = progress.clone();
+    let p2 = activity.clone();
     let scan = tokio::task::spawn_blocking(move || -> Result<_> {
         let mut cursor = BaseCursor::new(SegmentFile::open(&hashes)?);
         let mut root = RootHasher::new(geometry);
