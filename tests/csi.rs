@@ -623,6 +623,18 @@ fn kill_9_of_either_daemon_mid_transfer_keeps_the_point_and_ten_cycles_leave_one
     for g in points {
         assert_eq!(s.point_files(g).len(), PVCS.len());
     }
+    let m = s.pair.dr.metrics();
+    let sel = |n: &str| format!("{n}{{protection=\"{}\"}}", support::PROT);
+    assert_eq!(
+        support::metric(&m, &sel("lifeboat_recovery_points")),
+        Some(3.0)
+    );
+    let oldest = support::metric(&m, &sel("lifeboat_recovery_point_oldest_age_seconds")).unwrap();
+    let rpo = support::metric(&m, &sel("lifeboat_rpo_seconds")).unwrap();
+    assert!(
+        oldest > rpo,
+        "the oldest point {oldest}s, the newest {rpo}s"
+    );
 }
 
 #[test]

@@ -188,6 +188,16 @@ impl Shared {
                     .with_label_values(&[name])
                     .set(pt.gen.0 as i64);
             }
+            if let Some(oldest) = rec.points.first() {
+                self.metrics
+                    .recovery_points
+                    .with_label_values(&[name])
+                    .set(rec.points.len() as i64);
+                self.metrics
+                    .oldest_point_age
+                    .with_label_values(&[name])
+                    .set(age_seconds(oldest.point.point.taken_at_ms));
+            }
         }
         if let Some(peer) = &self.config.peer {
             self.metrics
