@@ -951,3 +951,82 @@ fn a_mover_that_stops_progressing_gives_up_named_in_status_and_the_next_cycle_co
     s.assert_replicas_equal_snapshots(r.gen);
     s.assert_no_mover_leftovers();
 }
+
+#[test]
+fn a_held_point_survives_pruning_until_released_and_points_lists_it() {
+    let s = Sites::start(&Spec {
+        pvcs: PVCS.iter().map(|p| p.to_string()).collect(),
+        block: vec!["mysql-data".into()],
+        size: SIZE,
+        group_class: true,
+        mover: String::new(),
+        snapshots: true,
+        kube_lines: String::new(),
+        nodes: 2,
+        concurrency: 2,
+        dr_csi: true,
+        dr_protection: "keep = 2".into(),
+    });
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
+            .args(args)
+            .args(["--protection", support::PROT, "--config"])
+            .arg(&s.pair.dr.config)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let first = s.pair.sync();
+    let held: Vec<String> = s.point_files(first.gen).iter().map(|f| b3(f)).collect();
+    let (ok, text) = cli(&["hold", "--gen", &first.gen.to_string()]);
+    assert!(ok && text.contains("held"), "{text}");
+    // A gen that is not kept is named with the kept ones.
+    let (ok, text) = cli(&["hold", "--gen", "99"]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("gen 99 of protection p is not a kept recovery point (kept: 1)"),
+        "{text}"
+    );
+    let mut last = first.gen;
+    for i in 0..3 {
+        rewrite_all(&s, 600 + i);
+        last = s.pair.sync().gen;
+    }
+    // keep = 2 with the first gen held: each commit prunes the oldest point not held, so
+    // the held gen and the newest remain, the held one's data untouched.
+    assert_eq!(
+        s.pair.dr.status().protections[0].points,
+        vec![first.gen, last]
+    );
+    let now: Vec<String> = s.point_files(first.gen).iter().map(|f| b3(f)).collect();
+    assert_eq!(now, held);
+    let (ok, text) = cli(&["points"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("2 recovery point(s), keep = 2"), "{text}");
+    let held_line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{} ", first.gen)))
+        .unwrap_or_else(|| panic!("no line for gen {}: {text}", first.gen));
+    assert!(held_line.trim_end().ends_with("held"), "{text}");
+    let (ok, json) = cli(&["points", "--output", "json"]);
+    assert!(ok, "{json}");
+    let r: lifeboat::api::PointsReport = serde_json::from_str(&json).unwrap();
+    assert_eq!(r.points.len(), 2);
+    assert!(r.points[0].held && !r.points[1].held);
+    assert_eq!(r.points[0].volumes, PVCS.len());
+    assert_eq!(r.points[0].size_bytes, SIZE * PVCS.len() as u64);
+    // Released, it goes with the next commit, snapshots and all.
+    let (ok, text) = cli(&["release", "--gen", &first.gen.to_string()]);
+    assert!(ok, "{text}");
+    rewrite_all(&s, 700);
+    let newest = s.pair.sync().gen;
+    assert_eq!(s.pair.dr.status().protections[0].points, vec![last, newest]);
+    let old = first.gen.to_string();
+    assert!(s
+        .dr_api
+        .all("groupsnapshot.storage.k8s.io", "volumegroupsnapshots")
+        .iter()
+        .all(|g| g["metadata"]["labels"]["lifeboat.dev/gen"] != old.as_str()));
+}

@@ -273,3 +273,25 @@ pub struct Exported {
     /// The gens whose manifests this site keeps.
     pub kept: Vec<u64>,
 }
+
+/// One recovery point the DR site keeps.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct PointInfo {
+    pub gen: u64,
+    /// When the gen's group snapshot was taken at the primary.
+    pub taken_at_ms: u64,
+    pub age_seconds: f64,
+    pub volumes: usize,
+    /// The snapshots' restore sizes, summed.
+    pub size_bytes: u64,
+    /// Pinned: pruning passes it by.
+    pub held: bool,
+}
+
+/// The recovery points of a protection, oldest first (the newest is the failover default).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct PointsReport {
+    pub protection: String,
+    pub keep: usize,
+    pub points: Vec<PointInfo>,
+}

@@ -20,9 +20,9 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use commands::{client, export, failover, planned_steps, rbac, reprotect, show};
-pub use render::{human_bytes, render_cycle, render_failover, render_status};
+pub use render::{human_bytes, render_cycle, render_failover, render_points, render_status};
 
-use crate::api::{CycleReport, FailoverOptions, SiteStatus};
+use crate::api::{CycleReport, FailoverOptions, PointsReport, SiteStatus};
 use crate::config;
 
 #[derive(Parser, Debug)]
@@ -132,6 +132,35 @@ pub enum Command {
         #[arg(short, long)]
         protection: String,
     },
+    /// List the recovery points the DR site keeps (gen, when taken, age, size, held),
+    /// oldest first; `failover --gen N` recovers any of them.
+    Points {
+        #[command(flatten)]
+        target: Target,
+        #[arg(short, long)]
+        protection: String,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Pin recovery point --gen against pruning (it stays beyond `keep` until released),
+    /// e.g. the last point before a suspected corruption.
+    Hold {
+        #[command(flatten)]
+        target: Target,
+        #[arg(short, long)]
+        protection: String,
+        #[arg(long)]
+        gen: u64,
+    },
+    /// Unpin a held recovery point: the next commit prunes it if it is beyond `keep`.
+    Release {
+        #[command(flatten)]
+        target: Target,
+        #[arg(short, long)]
+        protection: String,
+        #[arg(long)]
+        gen: u64,
+    },
     /// Write a gen's DR-ready manifests (Kubernetes protections) as YAML files, one per
     /// object, numbered in apply order: for review, or to commit to a GitOps repository.
     Export {
@@ -207,6 +236,13 @@ pub fn init_tracing(cli: &Cli) {
         .with_ansi(colour)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// `hold` or `release` a recovery point through the DR daemon.
+fn hold(target: &Target, protection: &str, gen: u64, action: &str) -> Result<ExitCode> {
+    let path = format!("/v1/protections/{protection}/points/{gen}/{action}");
+    let r: PointsReport = client(target)?.post(&path)?;
+    show(Output::Text, &r, render_points)
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -308,6 +344,25 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Command::Points {
+            target,
+            protection,
+            output,
+        } => {
+            let r: PointsReport =
+                client(&target)?.get(&format!("/v1/protections/{protection}/points"))?;
+            show(output, &r, render_points)
+        }
+        Command::Hold {
+            target,
+            protection,
+            gen,
+        } => hold(&target, &protection, gen, "hold"),
+        Command::Release {
+            target,
+            protection,
+            gen,
+        } => hold(&target, &protection, gen, "release"),
         Command::Reprotect { target, protection } => {
             for line in reprotect(&target, &protection)? {
                 println!("{line}");

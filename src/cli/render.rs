@@ -1,7 +1,8 @@
-//! The text form of the reports: status, a cycle, a failover; the Kustomize snippet of
+//! The text form of the reports: status, a cycle, a failover, the recovery points; the
+//! Kustomize snippet of
 //! `lifeboat certs --kubernetes`.
 
-use crate::api::{CycleReport, FailoverReport, KubeStatus, SiteStatus};
+use crate::api::{CycleReport, FailoverReport, KubeStatus, PointsReport, SiteStatus};
 
 /// What each overlay's kustomization.yaml holds to make the TLS Secret from the files
 /// `certs --kubernetes` wrote (deploy/kubernetes/primary and dr have it already).
@@ -233,6 +234,43 @@ fn render_kube(k: &KubeStatus) -> String {
     }
     for w in &k.warnings {
         out += &format!("  warning: {w}\n");
+    }
+    out
+}
+
+/// `lifeboat points`: one line per kept point, oldest first.
+pub fn render_points(r: &PointsReport) -> String {
+    if r.points.is_empty() {
+        return format!(
+            "protection {}: no recovery points kept here (CSI replicas keep them; keep = {})\n",
+            r.protection, r.keep
+        );
+    }
+    let mut out = format!(
+        "protection {}: {} recovery point(s), keep = {} (the newest is the failover default)\n  {:>6}  {:<20}  {:>10}  {:>7}  {:>10}  held\n",
+        r.protection,
+        r.points.len(),
+        r.keep,
+        "gen",
+        "taken (UTC)",
+        "age",
+        "volumes",
+        "size"
+    );
+    for p in &r.points {
+        let taken = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(p.taken_at_ms),
+        );
+        let age = humantime::format_duration(std::time::Duration::from_secs(p.age_seconds as u64));
+        out += &format!(
+            "  {:>6}  {:<20}  {:>10}  {:>7}  {:>10}  {}\n",
+            p.gen,
+            taken.to_string().trim_end_matches('Z').replace('T', " "),
+            age.to_string(),
+            p.volumes,
+            human_bytes(p.size_bytes),
+            if p.held { "held" } else { "" }
+        );
     }
     out
 }

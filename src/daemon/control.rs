@@ -69,6 +69,11 @@ pub fn router(ctx: RoleCtx, callers: Arc<Callers>) -> Router {
         .route("/v1/protections/{name}/manifests", get(manifests))
         .route("/v1/protections/{name}/quiesce", post(quiesce))
         .route("/v1/protections/{name}/reprotect", post(reprotect_now))
+        .route("/v1/protections/{name}/points", get(points_list))
+        .route(
+            "/v1/protections/{name}/points/{gen}/{action}",
+            post(points_hold),
+        )
         .layer(axum::middleware::from_fn_with_state(callers, auth::guard))
         .with_state(ctx)
 }
@@ -192,6 +197,50 @@ async fn manifests(
     match standby::export(c.shared(), &name, q.gen, q.standby, q.secrets).await {
         Ok(m) => Json(m).into_response(),
         Err(e) => err(StatusCode::NOT_FOUND, format!("{e:#}"), None),
+    }
+}
+
+/// The DR site's recovery points of a protection.
+async fn points_list(State(c): State<RoleCtx>, Path(name): Path<String>) -> Response {
+    let RoleCtx::Dr(dr) = &c else {
+        return not_here(c.shared(), &name, "recovery points are kept at the DR site");
+    };
+    match crate::lifecycle::points::list(dr, &name).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => err(
+            StatusCode::from_u16(e.http_status()).expect("valid status"),
+            e.to_string(),
+            None,
+        ),
+    }
+}
+
+/// Pins (`hold`) or unpins (`release`) a recovery point against pruning.
+async fn points_hold(
+    State(c): State<RoleCtx>,
+    Path((name, gen, action)): Path<(String, u64, String)>,
+) -> Response {
+    let RoleCtx::Dr(dr) = &c else {
+        return not_here(c.shared(), &name, "recovery points are kept at the DR site");
+    };
+    let held = match action.as_str() {
+        "hold" => true,
+        "release" => false,
+        other => {
+            return err(
+                StatusCode::NOT_FOUND,
+                format!("unknown point action {other:?}; expected hold or release"),
+                None,
+            )
+        }
+    };
+    match crate::lifecycle::points::hold(dr, &name, gen, held).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => err(
+            StatusCode::from_u16(e.http_status()).expect("valid status"),
+            e.to_string(),
+            None,
+        ),
     }
 }
 

@@ -1,9 +1,10 @@
 //! The DR lifecycle around replication: the DR site's [`standby`] manifests, [`failover`]
-//! (the [`plan`] and its run), the primary's half of a [`planned`] failover, and
-//! [`reprotect`] after a failover.
+//! (the [`plan`] and its run), the primary's half of a [`planned`] failover,
+//! [`reprotect`] after a failover, and the recovery [`points`] an operator lists and holds.
 
 pub mod failover;
 pub mod plan;
 pub mod planned;
+pub mod points;
 pub mod reprotect;
 pub mod standby;

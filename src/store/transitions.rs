@@ -251,6 +251,22 @@ impl Store {
         Ok(rec)
     }
 
+    /// Pins (or unpins) recovery point `gen` against pruning.
+    pub fn hold_point(
+        &self,
+        prot: &ProtectionName,
+        gen: Gen,
+        held: bool,
+    ) -> Result<ProtectionRecord> {
+        let mut rec = self.record(prot)?;
+        let Some(p) = rec.points.iter_mut().find(|p| p.point.point.gen == gen) else {
+            bail!("protection {prot} has no recovery point of gen {gen}");
+        };
+        p.held = held;
+        self.put_record(prot, &rec, Batch::default())?;
+        Ok(rec)
+    }
+
     /// Replicas found changed outside lifeboat: the next cycle repairs them.
     pub fn mark_repair(
         &self,
