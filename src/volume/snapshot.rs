@@ -192,22 +192,52 @@ pub fn open_volume(path: &Path) -> Result<File> {
     Ok(f)
 }
 
-/// Copies `size` bytes, leaving holes where the source reads as zeros.
+/// Copies `size` bytes, leaving holes where the source reads as zeros. Only the source's
+/// data ranges are read (SEEK_DATA / SEEK_HOLE), so a sparse volume costs what its data
+/// costs, not its size; a source that cannot say (a block device) is read whole.
 fn sparse_copy(src: &File, dest: &File, size: u64) -> Result<()> {
     let mut buf = vec![0u8; 1 << 20];
-    let mut off = 0u64;
-    while off < size {
-        let n = ((size - off) as usize).min(buf.len());
-        src.read_exact_at(&mut buf[..n], off)
-            .with_context(|| format!("read source at byte {off}"))?;
-        if !is_zero(&buf[..n]) {
-            dest.write_all_at(&buf[..n], off)
-                .with_context(|| format!("write snapshot at byte {off}"))?;
+    let mut at = 0u64;
+    while at < size {
+        let Some((start, end)) = next_data(src, at, size)? else {
+            break;
+        };
+        let mut off = start;
+        while off < end {
+            let n = ((end - off) as usize).min(buf.len());
+            src.read_exact_at(&mut buf[..n], off)
+                .with_context(|| format!("read source at byte {off}"))?;
+            if !is_zero(&buf[..n]) {
+                dest.write_all_at(&buf[..n], off)
+                    .with_context(|| format!("write snapshot at byte {off}"))?;
+            }
+            off += n as u64;
         }
-        off += n as u64;
+        at = end;
     }
     dest.set_len(size).context("size snapshot")?;
     Ok(())
+}
+
+/// The next range of `f` at or after `at` that may hold data, cut at `size`; None when
+/// only holes follow. Where the file system or device cannot tell, everything may.
+fn next_data(f: &File, at: u64, size: u64) -> Result<Option<(u64, u64)>> {
+    let fd = f.as_raw_fd();
+    let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+    if data < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(Some((at, size))),
+            _ => Err(anyhow::Error::new(e).context(format!("find data after byte {at}"))),
+        };
+    }
+    let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+    if hole < 0 {
+        return Ok(Some((data as u64, size)));
+    }
+    let (start, end) = ((data as u64).min(size), (hole as u64).min(size));
+    Ok((start < end).then_some((start, end)))
 }
 
 #[cfg(test)]
@@ -230,5 +260,56 @@ mod tests {
         // Auto falls back to copy where reflink is unsupported (and reflinks where it is).
         let (_, m) = snapshot_volume(&src, &dest, SnapshotMode::Auto).unwrap();
         assert_eq!(fs::read(&dest).unwrap(), data, "method {m:?}");
+    }
+
+    /// Bytes this thread has read through read syscalls so far.
+    fn thread_read_bytes() -> u64 {
+        fs::read_to_string("/proc/thread-self/io")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("rchar: "))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_copy_snapshot_of_a_sparse_volume_reads_its_data_not_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("sparse");
+        let f = File::create(&src).unwrap();
+        let size = 1u64 << 30;
+        f.set_len(size).unwrap();
+        // 3 MiB of data in three places of a 1 GiB file.
+        let mut want = Vec::new();
+        for (i, off) in [0u64, 400 << 20, size - (1 << 20)].into_iter().enumerate() {
+            let block = vec![i as u8 + 1; 1 << 20];
+            f.write_all_at(&block, off).unwrap();
+            want.push((off, block));
+        }
+        drop(f);
+        let dest = dir.path().join("snap");
+        let before = thread_read_bytes();
+        let (got, method) = snapshot_volume(&src, &dest, SnapshotMode::Copy).unwrap();
+        let read = thread_read_bytes() - before;
+        assert_eq!((got, method), (size, Method::Copy));
+        assert!(
+            read < 16 << 20,
+            "read {read} bytes of a 1 GiB volume holding 3 MiB"
+        );
+        let d = File::open(&dest).unwrap();
+        assert_eq!(d.metadata().unwrap().len(), size);
+        for (off, block) in want {
+            let mut back = vec![0u8; block.len()];
+            d.read_exact_at(&mut back, off).unwrap();
+            assert_eq!(back, block, "at {off}");
+        }
+        // The holes read as zeros, and stay holes.
+        let mut gap = vec![1u8; 1 << 20];
+        d.read_exact_at(&mut gap, 200 << 20).unwrap();
+        assert!(is_zero(&gap));
+        use std::os::unix::fs::MetadataExt;
+        assert!(d.metadata().unwrap().blocks() * 512 < 16 << 20);
     }
 }
