@@ -1,6 +1,9 @@
 //! The shipped alert rules as Prometheus reads them: `promtool check rules` accepts
 //! deploy/alerts.yaml, `promtool test rules` passes deploy/alerts_test.yaml, and that file
-//! tests every alert (each firing, and quiet where it should be).
+//! tests every alert (each firing, and quiet where it should be). And what the page shows
+//! during a transfer: progress, pending bytes and an ETA.
+
+mod support;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -75,4 +78,45 @@ fn every_shipped_alert_has_a_unit_test_that_fires_it_and_one_that_does_not() {
         quiet,
         "alerts without a test where they stay quiet"
     );
+}
+
+#[test]
+fn a_running_transfer_shows_its_progress_pending_bytes_and_an_eta_then_clears() {
+    let mut pair = support::Pair::new(support::PairOptions {
+        volumes: vec![("v1", 16 << 20), ("v2", 16 << 20), ("v3", 16 << 20)],
+        ..Default::default()
+    });
+    let sel = |n: &str| format!("{n}{{protection=\"{}\"}}", support::PROT);
+    // Stopped in the middle of v2: v1 sent, v2 begun, v3 to come.
+    pair.primary.stop();
+    pair.primary.failpoint = Some("primary-sending:v2".into());
+    pair.primary.start();
+    let client = pair.primary.client();
+    let cycle = std::thread::spawn(move || {
+        client
+            .post::<lifeboat::api::CycleReport>(&format!("/v1/protections/{}/sync", support::PROT))
+    });
+    pair.primary.wait_failpoint();
+    let m = pair.primary.metrics();
+    let get = |n: &str| support::metric(&m, &sel(n)).unwrap_or_else(|| panic!("{n} in\n{m}"));
+    assert_eq!(get("lifeboat_cycle_running"), 1.0);
+    let done = get("lifeboat_cycle_progress_bytes");
+    let pending = get("lifeboat_cycle_pending_bytes");
+    let total = (48u64 << 20) as f64;
+    assert!(
+        done >= (16 << 20) as f64 && done < (32 << 20) as f64,
+        "{done}"
+    );
+    assert_eq!(done + pending, total);
+    let eta = get("lifeboat_cycle_eta_seconds");
+    assert!(eta.is_finite() && eta > 0.0, "{eta}");
+    pair.primary.kill9();
+    let _ = cycle.join();
+    pair.primary.failpoint = None;
+    pair.primary.start();
+    pair.sync();
+    let m = pair.primary.metrics();
+    let get = |n: &str| support::metric(&m, &sel(n)).unwrap_or_else(|| panic!("{n} in\n{m}"));
+    assert_eq!(get("lifeboat_cycle_running"), 0.0);
+    assert_eq!(get("lifeboat_cycle_pending_bytes"), 0.0);
 }

@@ -159,6 +159,7 @@ pub async fn run(
                 Err(r)
             }
         };
+        primary.live.update(&name, |l| l.transfer = None);
         primary.live.activity(&name, "idle");
         for p in pending {
             let _ = p.reply.send(answer.clone());

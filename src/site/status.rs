@@ -20,10 +20,34 @@ pub struct LiveProtection {
     pub activity: String,
     /// Bytes done of the volume in progress, and its size.
     pub progress: Option<(std::sync::Arc<std::sync::atomic::AtomicU64>, u64)>,
+    /// The running cycle's transfer, from its start to the cycle's end.
+    pub transfer: Option<Transfer>,
     pub last_cycle: Option<CycleReport>,
     pub last_error: Option<ErrorReport>,
     pub last_refusal: Option<ErrorReport>,
     pub kubernetes: Option<KubeStatus>,
+}
+
+/// A cycle's transfer as far as it got: what `lifeboat_cycle_pending_bytes` and the ETA
+/// are computed from.
+#[derive(Debug, Clone)]
+pub struct Transfer {
+    pub started: std::time::Instant,
+    /// Bytes of the gen's volumes to scan (all of them, changed or not).
+    pub total: u64,
+    /// Bytes of the volumes already sent.
+    pub done: u64,
+}
+
+impl LiveProtection {
+    /// Bytes of the transfer done, the volume in progress included.
+    pub fn transferred(&self) -> Option<(u64, &Transfer)> {
+        let t = self.transfer.as_ref()?;
+        let current = self.progress.as_ref().map_or(0, |(done, size)| {
+            done.load(std::sync::atomic::Ordering::Relaxed).min(*size)
+        });
+        Some(((t.done + current).min(t.total), t))
+    }
 }
 
 #[derive(Default)]
@@ -188,6 +212,30 @@ impl Shared {
                     .with_label_values(&[name])
                     .set(pt.gen.0 as i64);
             }
+            let live = self.live.get(name);
+            let (running, done, pending, eta) = match live.transferred() {
+                Some((done, t)) => {
+                    let pending = t.total - done;
+                    let rate = done as f64 / t.started.elapsed().as_secs_f64().max(0.001);
+                    // No rate yet (nothing scanned): no estimate rather than infinity.
+                    let eta = if done > 0 {
+                        pending as f64 / rate
+                    } else {
+                        f64::NAN
+                    };
+                    (1, done, pending, eta)
+                }
+                None => (0, 0, 0, 0.0),
+            };
+            let m = &self.metrics;
+            m.cycle_running.with_label_values(&[name]).set(running);
+            m.cycle_progress_bytes
+                .with_label_values(&[name])
+                .set(done as i64);
+            m.cycle_pending_bytes
+                .with_label_values(&[name])
+                .set(pending as i64);
+            m.cycle_eta_seconds.with_label_values(&[name]).set(eta);
             if let Some(oldest) = rec.points.first() {
                 self.metrics
                     .recovery_points

@@ -213,6 +213,11 @@ pub async fn send(
             });
         }
         movers::Event::Done(mv) => {
+            primary.live.update(name, |l| {
+                if let Some(t) = l.transfer.as_mut() {
+                    t.done += mv.outcome.size;
+                }
+            });
             metrics.movers_running.with_label_values(&[name]).dec();
             metrics.movers.with_label_values(&[name, "ok"]).inc();
             metrics

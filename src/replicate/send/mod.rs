@@ -221,6 +221,14 @@ async fn cycle(primary: &Primary, prot: &Protection) -> Result<CycleReport, Cycl
         base: None,
     };
     let mut volumes = BTreeMap::new();
+    let total = snap.volumes.iter().map(|v| v.size).sum();
+    primary.live.update(name.as_str(), |l| {
+        l.transfer = Some(crate::site::status::Transfer {
+            started: Instant::now(),
+            total,
+            done: 0,
+        })
+    });
     if let (Some((c, p)), Some(set)) = (&csi, &cut) {
         // The base gen's cuts, if this daemon cut and acknowledged that very gen (after a
         // restart it did not: the first cycle then sends changed chunks whole).
@@ -279,6 +287,11 @@ async fn cycle(primary: &Primary, prot: &Protection) -> Result<CycleReport, Cycl
             .await?;
             volumes.insert(v.name.clone(), vrec);
             report.volumes.push(vrep);
+            primary.live.update(name.as_str(), |l| {
+                if let Some(t) = l.transfer.as_mut() {
+                    t.done += v.size;
+                }
+            });
         }
     }
     let transfer_seconds = transfer_started.elapsed().as_secs_f64();
