@@ -120,3 +120,78 @@ fn a_running_transfer_shows_its_progress_pending_bytes_and_an_eta_then_clears() 
     assert_eq!(get("lifeboat_cycle_running"), 0.0);
     assert_eq!(get("lifeboat_cycle_pending_bytes"), 0.0);
 }
+
+/// The metric names the daemon registers (src/metrics.rs), with a histogram's series.
+fn registered() -> BTreeSet<String> {
+    let src =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/metrics.rs"))
+            .unwrap();
+    let name = regex::Regex::new(r#"(Histogram)?Opts::new\("(lifeboat_[a-z_]+)""#).unwrap();
+    let mut out = BTreeSet::new();
+    for c in name.captures_iter(&src) {
+        let n = c[2].to_string();
+        if c.get(1).is_some() {
+            for s in ["_bucket", "_sum", "_count"] {
+                out.insert(format!("{n}{s}"));
+            }
+        }
+        out.insert(n);
+    }
+    assert!(out.len() > 20, "{out:?}");
+    out
+}
+
+#[test]
+fn every_grafana_panel_queries_series_the_daemon_exports_in_valid_promql() {
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy().join("grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let exprs: Vec<String> = dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().clone())
+        .map(|t| t["expr"].as_str().unwrap().to_string())
+        .collect();
+    assert!(exprs.len() >= 12, "{exprs:?}");
+    let known = registered();
+    let ident = regex::Regex::new(r"lifeboat_[a-z_]+").unwrap();
+    for e in &exprs {
+        let used: Vec<&str> = ident.find_iter(e).map(|m| m.as_str()).collect();
+        assert!(!used.is_empty(), "{e}: queries no lifeboat series");
+        for m in used {
+            assert!(
+                known.contains(m),
+                "{e}: {m} is not a series lifeboat exports"
+            );
+        }
+    }
+    // The page covers what matters most: RPO, pending bytes, points, certificates.
+    for must in [
+        "lifeboat_rpo_seconds",
+        "lifeboat_cycle_pending_bytes",
+        "lifeboat_recovery_points",
+        "lifeboat_certificate_expiry_timestamp_seconds",
+    ] {
+        assert!(
+            exprs.iter().any(|e| e.contains(must)),
+            "no panel shows {must}"
+        );
+    }
+    // Each query parses as PromQL: promtool checks them as recording rules.
+    let dir = tempfile::tempdir().unwrap();
+    let rules: Vec<Value> = exprs
+        .iter()
+        .enumerate()
+        .map(|(i, e)| serde_json::json!({"record": format!("dashboard:query_{i}"), "expr": e}))
+        .collect();
+    let file = dir.path().join("dashboard-rules.json");
+    std::fs::write(
+        &file,
+        serde_json::json!({"groups": [{"name": "dashboard", "rules": rules}]}).to_string(),
+    )
+    .unwrap();
+    let out = promtool(&["check", "rules", file.to_str().unwrap()]);
+    assert!(out.contains("SUCCESS"), "{out}");
+}
