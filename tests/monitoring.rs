@@ -195,3 +195,155 @@ fn every_grafana_panel_queries_series_the_daemon_exports_in_valid_promql() {
     let out = promtool(&["check", "rules", file.to_str().unwrap()]);
     assert!(out.contains("SUCCESS"), "{out}");
 }
+
+/// Debian's `prometheus` on loopback, scraping `targets` every second and evaluating
+/// `rules` every second; stopped when dropped.
+struct Prometheus {
+    child: std::process::Child,
+    api: lifeboat::api::client::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Prometheus {
+    fn start(targets: &[&str], rules: &str) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("rules.yaml"), rules).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = serde_json::json!({
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": ["rules.yaml"],
+            "scrape_configs": [{"job_name": "lifeboat", "static_configs": [{"targets": targets}]}],
+        });
+        std::fs::write(dir.path().join("prometheus.yml"), config.to_string()).unwrap();
+        let child = Command::new("prometheus")
+            .current_dir(dir.path())
+            .arg("--config.file=prometheus.yml")
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("log")).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("prometheus: {e}; install the Debian package prometheus"));
+        let p = Prometheus {
+            child,
+            api: lifeboat::api::client::Client::at(&format!("127.0.0.1:{port}")),
+            _dir: dir,
+        };
+        p.until("every target up", || {
+            let up = p.query("up == 1").ok()?;
+            (up.len() == targets.len()).then_some(())
+        });
+        p
+    }
+
+    /// The instant vector of `q`, as Prometheus's HTTP API answers it (an error while it
+    /// starts).
+    fn query(&self, q: &str) -> anyhow::Result<Vec<Value>> {
+        let enc: String = q
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' | b'-' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let v: Value = self.api.get(&format!("/api/v1/query?query={enc}"))?;
+        Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
+    }
+
+    fn value(&self, q: &str) -> Option<f64> {
+        self.query(q)
+            .ok()?
+            .first()
+            .and_then(|s| s["value"][1].as_str()?.parse().ok())
+    }
+
+    fn until<T>(&self, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            assert!(std::time::Instant::now() < deadline, "never: {what}");
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    }
+}
+
+#[test]
+fn a_real_prometheus_sees_the_rpo_grow_while_the_primary_is_dead_and_the_alerts_fire() {
+    let mut pair = support::Pair::new(support::PairOptions {
+        dr_protection: "rpo_target = \"2s\"".into(),
+        ..Default::default()
+    });
+    pair.sync();
+    // The shipped rules, with their `for` shortened so that a test sees them fire.
+    let rules = std::fs::read_to_string(deploy().join("alerts.yaml")).unwrap();
+    let rules = regex::Regex::new(r"for: \d+m")
+        .unwrap()
+        .replace_all(&rules, "for: 1s")
+        .into_owned();
+    let (primary, dr) = (pair.primary.control.clone(), pair.dr.control.clone());
+    let prom = Prometheus::start(&[&primary, &dr], &rules);
+    let firing = |alert: &str, instance: &str| {
+        prom.query(&format!(
+            "ALERTS{{alertname=\"{alert}\", alertstate=\"firing\", instance=\"{instance}\"}}"
+        ))
+        .is_ok_and(|v| v.len() == 1)
+    };
+
+    // The DR site goes down: the primary's link alert fires.
+    pair.dr.kill9();
+    prom.until("LifeboatPeerDisconnected fires at the primary", || {
+        firing("LifeboatPeerDisconnected", &primary).then_some(())
+    });
+    pair.dr.start();
+    pair.sync();
+
+    // The primary dies: at the DR site the RPO keeps growing, past its target.
+    pair.primary.kill9();
+    let rpo = |p: &Prometheus| {
+        p.value(&format!(
+            "lifeboat_rpo_seconds{{instance=\"{dr}\", protection=\"{}\"}}",
+            support::PROT
+        ))
+    };
+    let first = prom.until("an RPO sample after the kill", || rpo(&prom));
+    prom.until("the RPO grows while the primary is dead", || {
+        rpo(&prom).filter(|r| *r >= first + 3.0)
+    });
+    prom.until("LifeboatRpoTargetMissed fires at the DR site", || {
+        firing("LifeboatRpoTargetMissed", &dr).then_some(())
+    });
+
+    // Failover: the DR site's epoch moves on, seen by Prometheus.
+    let out = Command::new(env!("CARGO_BIN_EXE_lifeboat"))
+        .args(["failover", "--protection", support::PROT, "--config"])
+        .arg(&pair.dr.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    prom.until("the failed-over epoch is scraped", || {
+        prom.value(&format!("lifeboat_epoch{{instance=\"{dr}\"}}"))
+            .filter(|e| *e == 2.0)
+    });
+}
