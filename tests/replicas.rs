@@ -242,3 +242,92 @@ fn a_killed_dr_site_shows_as_disconnected_without_a_cycle() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
+
+fn verify(pair: &Pair, extra: &[&str]) -> (bool, lifeboat::api::VerifyReport) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
+        .args(["verify", "--protection", PROT, "--output", "json"])
+        .args(extra)
+        .arg("--config")
+        .arg(&pair.dr.config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let report = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{e}: {text}{}", String::from_utf8_lossy(&out.stderr)));
+    (out.status.success(), report)
+}
+
+#[test]
+fn verify_names_the_chunk_ranges_flipped_in_a_replica_and_the_next_cycle_repairs_them() {
+    let pair = Pair::new(PairOptions {
+        volumes: vec![("v1", 8 << 20), ("v2", 4 << 20)],
+        ..Default::default()
+    });
+    pair.sync();
+    let (ok, clean) = verify(&pair, &[]);
+    assert!(
+        ok && clean.volumes.iter().all(|v| v.divergent.is_empty()),
+        "{clean:?}"
+    );
+    // Flip bytes in chunk 3, across chunks 10 and 11, and in chunk 40 of v1's replica
+    // (chunk 40 the primary also changes next).
+    let replica = pair.replica("v1");
+    let f = OpenOptions::new().write(true).open(&replica).unwrap();
+    for off in [3 * 65536 + 100, 10 * 65536 + 65530, 40 * 65536 + 7] {
+        f.write_all_at(b"not lifeboat's bytes", off).unwrap();
+    }
+    drop(f);
+    // Report only first: named by range, nothing marked.
+    let (ok, r) = verify(&pair, &["--no-repair"]);
+    assert!(!ok);
+    let v1 = r.volumes.iter().find(|v| v.volume == "v1").unwrap();
+    assert_eq!(v1.divergent, vec![(3, 3), (10, 11), (40, 40)], "{r:?}");
+    assert_eq!(v1.divergent_bytes, 4 * 65536);
+    assert!(!r.marked_for_repair);
+    let v2 = r.volumes.iter().find(|v| v.volume == "v2").unwrap();
+    assert!(v2.divergent.is_empty());
+    // Then marked; the next cycle resends what differs and the replica is the primary's.
+    let (_, r) = verify(&pair, &[]);
+    assert!(r.marked_for_repair);
+    {
+        let f = OpenOptions::new()
+            .write(true)
+            .open(pair.volume("v1"))
+            .unwrap();
+        f.write_all_at(&[9u8; 4096], 40 * 65536).unwrap();
+    }
+    let c = pair.sync();
+    assert_eq!(pair.replica_hashes(), pair.snapshot_hashes(c.gen));
+    let (ok, r) = verify(&pair, &[]);
+    assert!(
+        ok && r.volumes.iter().all(|v| v.divergent.is_empty()),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn verify_of_clean_replicas_reports_nothing_while_cycles_run() {
+    let pair = Pair::new(PairOptions {
+        volumes: vec![("v1", 8 << 20)],
+        ..Default::default()
+    });
+    pair.sync();
+    std::thread::scope(|s| {
+        let cycles = s.spawn(|| {
+            for i in 0..4 {
+                pair.change_all(30, 100 + i);
+                pair.sync();
+            }
+        });
+        let mut runs = 0;
+        while !cycles.is_finished() || runs < 2 {
+            let (ok, r) = verify(&pair, &["--no-repair"]);
+            assert!(
+                ok && r.volumes.iter().all(|v| v.divergent.is_empty()),
+                "{r:?}"
+            );
+            runs += 1;
+        }
+        cycles.join().unwrap();
+    });
+}

@@ -295,3 +295,24 @@ pub struct PointsReport {
     pub keep: usize,
     pub points: Vec<PointInfo>,
 }
+
+/// One replica as `lifeboat verify` read it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct VolumeVerify {
+    pub volume: String,
+    pub path: String,
+    pub chunks: u64,
+    /// Chunk index ranges (inclusive) whose bytes differ from the DR index.
+    pub divergent: Vec<(u64, u64)>,
+    pub divergent_bytes: u64,
+}
+
+/// What `lifeboat verify` found in the replicas of the consistent point.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct VerifyReport {
+    pub protection: String,
+    pub gen: u64,
+    pub volumes: Vec<VolumeVerify>,
+    /// The divergent volumes were marked: the next cycle resyncs them.
+    pub marked_for_repair: bool,
+}

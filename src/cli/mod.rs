@@ -20,9 +20,11 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use commands::{client, export, failover, planned_steps, rbac, reprotect, show};
-pub use render::{human_bytes, render_cycle, render_failover, render_points, render_status};
+pub use render::{
+    human_bytes, render_cycle, render_failover, render_points, render_status, render_verify,
+};
 
-use crate::api::{CycleReport, FailoverOptions, PointsReport, SiteStatus};
+use crate::api::{CycleReport, FailoverOptions, PointsReport, SiteStatus, VerifyReport};
 use crate::config;
 
 #[derive(Parser, Debug)]
@@ -139,6 +141,21 @@ pub enum Command {
         target: Target,
         #[arg(short, long)]
         protection: String,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// At the DR site: re-read every replica of the consistent point and compare its
+    /// chunks with the DR index, naming each divergent chunk range. Divergent volumes are
+    /// marked for repair (the next cycle resyncs them) unless --no-repair. Exits 1 when
+    /// anything differs. Waits for a running cycle of the protection.
+    Verify {
+        #[command(flatten)]
+        target: Target,
+        #[arg(short, long)]
+        protection: String,
+        /// Only report; leave the volumes as they are.
+        #[arg(long)]
+        no_repair: bool,
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -352,6 +369,22 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let r: PointsReport =
                 client(&target)?.get(&format!("/v1/protections/{protection}/points"))?;
             show(output, &r, render_points)
+        }
+        Command::Verify {
+            target,
+            protection,
+            no_repair,
+            output,
+        } => {
+            let path = format!("/v1/protections/{protection}/verify?repair={}", !no_repair);
+            let r: VerifyReport = client(&target)?.post(&path)?;
+            show(output, &r, render_verify)?;
+            let clean = r.volumes.iter().all(|v| v.divergent.is_empty());
+            Ok(if clean {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Hold {
             target,

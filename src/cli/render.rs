@@ -2,7 +2,7 @@
 //! Kustomize snippet of
 //! `lifeboat certs --kubernetes`.
 
-use crate::api::{CycleReport, FailoverReport, KubeStatus, PointsReport, SiteStatus};
+use crate::api::{CycleReport, FailoverReport, KubeStatus, PointsReport, SiteStatus, VerifyReport};
 
 /// What each overlay's kustomization.yaml holds to make the TLS Secret from the files
 /// `certs --kubernetes` wrote (deploy/kubernetes/primary and dr have it already).
@@ -271,6 +271,44 @@ pub fn render_points(r: &PointsReport) -> String {
             human_bytes(p.size_bytes),
             if p.held { "held" } else { "" }
         );
+    }
+    out
+}
+
+/// `lifeboat verify`: per replica, clean or each divergent chunk range.
+pub fn render_verify(r: &VerifyReport) -> String {
+    let mut out = format!("protection {}: replicas of gen {}\n", r.protection, r.gen);
+    for v in &r.volumes {
+        if v.divergent.is_empty() {
+            out += &format!(
+                "  {}: {} chunks, all equal to the DR index\n",
+                v.volume, v.chunks
+            );
+            continue;
+        }
+        let ranges: Vec<String> = v
+            .divergent
+            .iter()
+            .map(|(a, b)| {
+                if a == b {
+                    a.to_string()
+                } else {
+                    format!("{a}-{b}")
+                }
+            })
+            .collect();
+        out += &format!(
+            "  {} ({}): {} of {} chunks DIFFER ({}): chunks {}\n",
+            v.volume,
+            v.path,
+            v.divergent.iter().map(|(a, b)| b - a + 1).sum::<u64>(),
+            v.chunks,
+            human_bytes(v.divergent_bytes),
+            ranges.join(", ")
+        );
+    }
+    if r.marked_for_repair {
+        out += "marked for repair: the next cycle resyncs them by hash exchange\n";
     }
     out
 }

@@ -70,6 +70,7 @@ pub fn router(ctx: RoleCtx, callers: Arc<Callers>) -> Router {
         .route("/v1/protections/{name}/quiesce", post(quiesce))
         .route("/v1/protections/{name}/reprotect", post(reprotect_now))
         .route("/v1/protections/{name}/points", get(points_list))
+        .route("/v1/protections/{name}/verify", post(verify_now))
         .route(
             "/v1/protections/{name}/points/{gen}/{action}",
             post(points_hold),
@@ -197,6 +198,40 @@ async fn manifests(
     match standby::export(c.shared(), &name, q.gen, q.standby, q.secrets).await {
         Ok(m) => Json(m).into_response(),
         Err(e) => err(StatusCode::NOT_FOUND, format!("{e:#}"), None),
+    }
+}
+
+#[derive(Deserialize)]
+struct VerifyQuery {
+    /// Mark divergent volumes for repair (the default).
+    #[serde(default = "yes")]
+    repair: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Re-reads the replicas against the DR index (DR site).
+async fn verify_now(
+    State(c): State<RoleCtx>,
+    Path(name): Path<String>,
+    Query(q): Query<VerifyQuery>,
+) -> Response {
+    let RoleCtx::Dr(dr) = &c else {
+        return not_here(
+            c.shared(),
+            &name,
+            "verify runs at the DR site, on its replicas",
+        );
+    };
+    match crate::lifecycle::verify::verify(dr, &name, q.repair).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => err(
+            StatusCode::from_u16(e.http_status()).expect("valid status"),
+            e.to_string(),
+            None,
+        ),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The DR lifecycle around replication: the DR site's [`standby`] manifests, [`failover`]
 //! (the [`plan`] and its run), the primary's half of a [`planned`] failover,
-//! [`reprotect`] after a failover, and the recovery [`points`] an operator lists and holds.
+//! [`reprotect`] after a failover, the recovery [`points`] an operator lists and holds, and
+//! [`verify`] of the replicas against the DR index.
 
 pub mod failover;
 pub mod plan;
@@ -8,3 +9,4 @@ pub mod planned;
 pub mod points;
 pub mod reprotect;
 pub mod standby;
+pub mod verify;

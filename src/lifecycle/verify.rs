@@ -1,0 +1,156 @@
+//! `lifeboat verify` at the DR site: re-reads each replica of the consistent point and
+//! compares its chunks with the DR index, naming each divergent chunk range. Divergent
+//! volumes are marked for repair, so the next cycle resyncs them by hash exchange and the
+//! primary resends what differs. It runs under the protection's lock, so a cycle's apply
+//! is never read half-written (and waits for it).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+
+use crate::api::{VerifyReport, VolumeVerify};
+use crate::engine::chunk::Geometry;
+use crate::engine::diff::BaseCursor;
+use crate::engine::scan::{scan_file, Content, ScanOptions};
+use crate::ids::VolumeName;
+use crate::replicate::receive::check;
+use crate::site::dr::Dr;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("{0}")]
+    NotHere(String),
+    #[error("{0:#}")]
+    Failed(anyhow::Error),
+}
+
+impl VerifyError {
+    pub fn http_status(&self) -> u16 {
+        match self {
+            VerifyError::NotHere(_) => 404,
+            VerifyError::Failed(_) => 500,
+        }
+    }
+}
+
+/// Consecutive indices as inclusive ranges.
+fn ranges(indices: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &i in indices {
+        match out.last_mut() {
+            Some((_, last)) if *last + 1 == i => *last = i,
+            _ => out.push((i, i)),
+        }
+    }
+    out
+}
+
+/// Verifies every replica of `name`'s consistent point; with `repair`, marks the
+/// divergent volumes for the next cycle to resync.
+pub async fn verify(dr: &Dr, name: &str, repair: bool) -> Result<VerifyReport, VerifyError> {
+    let prot = dr
+        .protection(name)
+        .map_err(|e| VerifyError::NotHere(e.to_string()))?
+        .clone();
+    if crate::replicate::points::csi_replicas(&prot).is_some() {
+        return Err(VerifyError::NotHere(format!(
+            "protection {name} keeps its replicas in PVCs, which this daemon cannot read; verify works on local and host-path replicas"
+        )));
+    }
+    let lock = dr.lock_of(name).expect("a lock per protection");
+    let _locked = lock.lock().await;
+    let rec = dr
+        .store
+        .record(&prot.name)
+        .await
+        .map_err(VerifyError::Failed)?;
+    let Some(point) = rec.point.clone() else {
+        return Err(VerifyError::NotHere(format!(
+            "protection {name} has no consistent point yet: nothing to verify"
+        )));
+    };
+    let group = check::group(&prot, &rec);
+    dr.live
+        .activity(name, format!("verify of gen {}", point.point.gen));
+    let store = dr.store.blocking().clone();
+    let (p, gen) = (prot.name.clone(), point.point.gen);
+    let volumes = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<VolumeVerify>> {
+        let mut out = Vec::new();
+        for (vol, vr) in &point.volumes {
+            let Some(v) = group.volume(vol.as_str()) else {
+                continue;
+            };
+            let geometry = Geometry::new(vr.size, vr.chunk_size);
+            let mut cursor = BaseCursor::new(store.index(&p, vol, gen));
+            let mut divergent = Vec::new();
+            let progress = AtomicU64::new(0);
+            let stats = scan_file(
+                &v.path,
+                geometry,
+                |i| cursor.hash_at(i),
+                |s| {
+                    if !matches!(s.content, Content::Unchanged) {
+                        divergent.push(s.index);
+                    }
+                    Ok(())
+                },
+                &progress,
+                ScanOptions::default(),
+            )?;
+            let bytes = divergent.iter().map(|&i| geometry.len(i) as u64).sum();
+            out.push(VolumeVerify {
+                volume: vol.to_string(),
+                path: v.path.display().to_string(),
+                chunks: stats.chunks,
+                divergent: ranges(&divergent),
+                divergent_bytes: bytes,
+            });
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| VerifyError::Failed(anyhow::anyhow!("verify panicked: {e}")))?
+    .map_err(VerifyError::Failed);
+    dr.live.activity(name, "idle");
+    let volumes = volumes?;
+    let found: BTreeMap<VolumeName, String> = volumes
+        .iter()
+        .filter(|v| !v.divergent.is_empty())
+        .filter_map(|v| {
+            let why = format!(
+                "verify found {} bytes in {} chunk range(s) that differ from the DR index",
+                v.divergent_bytes,
+                v.divergent.len()
+            );
+            VolumeName::new(&v.volume).ok().map(|n| (n, why))
+        })
+        .collect();
+    for v in volumes.iter().filter(|v| !v.divergent.is_empty()) {
+        tracing::error!(protection = name, volume = %v.volume, ranges = ?v.divergent, "replica differs from the DR index");
+    }
+    let marked = repair && !found.is_empty();
+    if marked {
+        let p = prot.name.clone();
+        dr.store
+            .run(move |s| s.mark_repair(&p, found))
+            .await
+            .map_err(VerifyError::Failed)?;
+    }
+    Ok(VerifyReport {
+        protection: name.to_string(),
+        gen: gen.0,
+        volumes,
+        marked_for_repair: marked,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn consecutive_chunks_make_one_range() {
+        assert_eq!(
+            super::ranges(&[1, 2, 3, 7, 9, 10]),
+            vec![(1, 3), (7, 7), (9, 10)]
+        );
+        assert!(super::ranges(&[]).is_empty());
+    }
+}
