@@ -466,17 +466,9 @@ fn every_rule_lifeboat_rbac_makes_for_the_csi_path_is_needed() {
     s.assert_replicas_equal_snapshots(r.gen);
     // Failover restores the PVCs from the newest point.
     s.pair.primary.kill9();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
-        .args(["failover", "--protection", support::PROT, "--config"])
-        .arg(&s.pair.dr.config)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && !text.contains("NOT COMPLETE"),
-        "{text}"
-    );
+    let (ok, out, err) = s.pair.dr.cli(&["failover", "--protection", support::PROT]);
+    let text = out + &err;
+    assert!(ok && !text.contains("NOT COMPLETE"), "{text}");
     // The CSI path's rules; the others (quiesce, exec) are proven needed by
     // tests/kubernetes.rs's replay of a sync, a rule and a planned failover.
     let unneeded: Vec<String> = support::rbac::unneeded_rules("primary", &s.primary_api)
@@ -721,13 +713,7 @@ fn a_mover_whose_pvc_cannot_be_provisioned_is_named_with_the_event_in_status_and
                 && m.reason.as_deref().is_some_and(|r| r.contains("not found"))),
         "{movers:?}"
     );
-    let text = std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
-        .arg("status")
-        .arg("--config")
-        .arg(&s.pair.primary.config)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&text.stdout);
+    let (_, text, _) = s.pair.primary.cli(&["status"]);
     assert!(text.contains("mover prod/data-cassandra-0"), "{text}");
     assert_eq!(
         s.pair.dr.status().protections[0].consistent_gen,
@@ -786,17 +772,9 @@ fn failover_restores_the_pvcs_from_a_retained_point_and_an_older_gen_by_gen() {
         .is_none());
 
     s.pair.primary.kill9();
-    let dr_cfg = s.pair.dr.config.clone();
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
-            .args(args)
-            .arg("--config")
-            .arg(&dr_cfg)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.success(), text)
+        let (ok, out, err) = s.pair.dr.cli(args);
+        (ok, out + &err)
     };
     // A pruned gen is named as not retained, with the ones that are.
     let (ok, text) = run(&["failover", "--protection", support::PROT, "--gen", &pruned]);
@@ -968,15 +946,9 @@ fn a_held_point_survives_pruning_until_released_and_points_lists_it() {
         dr_protection: "keep = 2".into(),
     });
     let cli = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
-            .args(args)
-            .args(["--protection", support::PROT, "--config"])
-            .arg(&s.pair.dr.config)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.success(), text)
+        let args = [args, &["--protection", support::PROT]].concat();
+        let (ok, out, err) = s.pair.dr.cli(&args);
+        (ok, out + &err)
     };
     let first = s.pair.sync();
     let held: Vec<String> = s.point_files(first.gen).iter().map(|f| b3(f)).collect();

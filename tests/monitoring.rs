@@ -332,16 +332,8 @@ fn a_real_prometheus_sees_the_rpo_grow_while_the_primary_is_dead_and_the_alerts_
     });
 
     // Failover: the DR site's epoch moves on, seen by Prometheus.
-    let out = Command::new(env!("CARGO_BIN_EXE_lifeboat"))
-        .args(["failover", "--protection", support::PROT, "--config"])
-        .arg(&pair.dr.config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, _, err) = pair.dr.cli(&["failover", "--protection", support::PROT]);
+    assert!(ok, "{err}");
     prom.until("the failed-over epoch is scraped", || {
         prom.value(&format!("lifeboat_epoch{{instance=\"{dr}\"}}"))
             .filter(|e| *e == 2.0)

@@ -244,17 +244,10 @@ fn a_killed_dr_site_shows_as_disconnected_without_a_cycle() {
 }
 
 fn verify(pair: &Pair, extra: &[&str]) -> (bool, lifeboat::api::VerifyReport) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
-        .args(["verify", "--protection", PROT, "--output", "json"])
-        .args(extra)
-        .arg("--config")
-        .arg(&pair.dr.config)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let report = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("{e}: {text}{}", String::from_utf8_lossy(&out.stderr)));
-    (out.status.success(), report)
+    let args = [&["verify", "--protection", PROT, "--output", "json"], extra].concat();
+    let (ok, text, err) = pair.dr.cli(&args);
+    let report = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}{err}"));
+    (ok, report)
 }
 
 #[test]

@@ -90,13 +90,16 @@ pub fn run(a: MoverArgs) -> Result<ExitCode> {
             .next()
             .with_context(|| format!("--peer {:?} resolves to no address", a.peer))?;
         let rt = tokio::runtime::Runtime::new()?;
+        let link = mover::DrLink {
+            peer,
+            server_name: a.server_name,
+            site: a.site,
+            tls: tls_files(&a.tls_dir),
+        };
         if write {
             let job = mover::write::WriteJob {
                 device: a.device,
-                peer,
-                server_name: a.server_name,
-                site: a.site,
-                tls: tls_files(&a.tls_dir),
+                link,
                 protection: a.protection,
                 gen: crate::ids::Gen(a.gen.context("--write needs --gen")?),
                 volume: a.volume,
@@ -110,10 +113,7 @@ pub fn run(a: MoverArgs) -> Result<ExitCode> {
             .with_context(|| format!("--cycle {c:?}: expected 16 hex digits"))?;
         let job = Job {
             device: a.device,
-            peer,
-            server_name: a.server_name,
-            site: a.site,
-            tls: tls_files(&a.tls_dir),
+            link,
             protection: a.protection,
             cycle,
             volume: a.volume,

@@ -169,12 +169,26 @@ pub struct Volume {
 }
 
 impl Config {
+    /// Mover (primary) or writer (DR site) Jobs of every protection at once.
+    pub fn max_movers(&self) -> usize {
+        self.kubernetes
+            .as_ref()
+            .and_then(|k| k.max_movers)
+            .unwrap_or(crate::k8s::DEFAULT_MAX_MOVERS)
+    }
+
     pub fn protection(&self, name: &str) -> Option<&Protection> {
         self.protections.iter().find(|p| p.name.as_str() == name)
     }
 }
 
 impl Protection {
+    /// The CSI data path's settings: snapshots and movers at the primary, replica PVCs,
+    /// writers and recovery points at the DR site.
+    pub fn csi(&self) -> Option<&crate::k8s::CsiSettings> {
+        self.kubernetes.as_ref().and_then(|k| k.csi.as_ref())
+    }
+
     pub fn volume(&self, name: &str) -> Option<&Volume> {
         self.volumes.iter().find(|v| v.name.as_str() == name)
     }

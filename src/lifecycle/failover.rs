@@ -16,7 +16,7 @@ use crate::ids::{now_ms, Gen};
 use crate::k8s::bundle::{Bundle, Form};
 use crate::metrics::ErrorKind;
 use crate::replicate::receive::check;
-use crate::replicate::{points, recovery};
+use crate::replicate::recovery;
 use crate::site::dr::Dr;
 use crate::site::status::{age_seconds, volume_statuses};
 use crate::site::UnknownProtection;
@@ -90,7 +90,7 @@ async fn read<'a>(
         .or(rec.point_gen());
     let chosen = match opts.gen.map(Gen) {
         None => None,
-        Some(_) if points::csi_replicas(prot).is_none() => {
+        Some(_) if prot.csi().is_none() => {
             return Err(FailoverError::Local(anyhow::anyhow!(
                 "--gen recovers an older retained recovery point; protection {} keeps only its newest (its replicas are not CSI replica PVCs)",
                 prot.name
@@ -228,7 +228,7 @@ async fn run(
                     .map_err(FailoverError::Local)?;
             }
             Planned::Apply { .. } => {
-                if points::csi_replicas(prot).is_some() {
+                if prot.csi().is_some() {
                     // After the redo of the Confirm step: the newest gen is a point now.
                     let gen = gen.expect("planned with a gen");
                     let (b, objs, r) = crate::lifecycle::standby::objects(
@@ -255,7 +255,7 @@ async fn run(
                 let (b, objs, client) = manifests.as_ref().expect("planned with manifests");
                 // Standby applies must not race the active form.
                 let _apply = dr.manifests_lock.lock().await;
-                let host_path = points::csi_replicas(prot).is_none();
+                let host_path = prot.csi().is_none();
                 let r = crate::k8s::apply::apply(client, prot.name.as_str(), b, objs, host_path)
                     .await
                     .map_err(FailoverError::Kubernetes)?;
@@ -335,7 +335,7 @@ async fn run(
 
 /// The fence beside every replica, where losing the state store does not lose it.
 async fn write_fences(prot: &Protection, rec: &ProtectionRecord) -> anyhow::Result<()> {
-    if crate::replicate::points::csi_replicas(prot).is_some() {
+    if prot.csi().is_some() {
         // Replica PVCs have no directory beside them: the state store holds the fence.
         return Ok(());
     }

@@ -145,7 +145,7 @@ pub async fn apply_standby(dr: &Dr, prot: &ProtectionName) {
         let host_path = dr
             .config
             .protection(prot.as_str())
-            .is_some_and(|p| crate::replicate::points::csi_replicas(p).is_none());
+            .is_some_and(|p| p.csi().is_none());
         let report = apply::apply(client, prot.as_str(), &b, &objs, host_path).await?;
         Ok(Some((gen, report, b)))
     }

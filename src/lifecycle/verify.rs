@@ -51,7 +51,7 @@ pub async fn verify(dr: &Dr, name: &str, repair: bool) -> Result<VerifyReport, V
         .protection(name)
         .map_err(|e| VerifyError::NotHere(e.to_string()))?
         .clone();
-    if crate::replicate::points::csi_replicas(&prot).is_some() {
+    if prot.csi().is_some() {
         return Err(VerifyError::NotHere(format!(
             "protection {name} keeps its replicas in PVCs, which this daemon cannot read; verify works on local and host-path replicas"
         )));

@@ -36,15 +36,21 @@ use crate::net::tls::TlsFiles;
 use crate::net::wire::{FrameReader, FrameWriter, Msg, SiteRole, PROTOCOL_VERSION};
 use crate::replicate::send::volume::{stream_chunks, Side, Target};
 
+/// How a mover or writer reaches the DR daemon: its peer address and certificate name,
+/// this site's name said in the hello, and the pair's TLS files.
+#[derive(Debug, Clone)]
+pub struct DrLink {
+    pub peer: SocketAddr,
+    pub server_name: String,
+    pub site: String,
+    pub tls: TlsFiles,
+}
+
 /// What the daemon tells a mover (its Job's arguments).
 #[derive(Debug, Clone)]
 pub struct Job {
     pub device: PathBuf,
-    pub peer: SocketAddr,
-    pub server_name: String,
-    /// This (primary) site's name, said in the hello.
-    pub site: String,
-    pub tls: TlsFiles,
+    pub link: DrLink,
     pub protection: String,
     pub cycle: CycleId,
     pub volume: String,
@@ -65,28 +71,11 @@ pub struct Job {
 
 pub mod write;
 
-/// Connects to the DR site as this site (the pair's mutual TLS) and says hello.
-async fn connect(job: &Job) -> Result<quinn::Connection> {
-    connect_as(
-        &job.tls,
-        job.peer,
-        &job.server_name,
-        &job.site,
-        SiteRole::Primary,
-    )
-    .await
-}
-
-/// Connects to the DR daemon at `peer` with the certificate in `tls`, saying `site` and
+/// Connects to the DR daemon over `link` (the pair's mutual TLS), saying this site and
 /// `role` in the hello.
-async fn connect_as(
-    tls: &TlsFiles,
-    peer: SocketAddr,
-    server_name: &str,
-    site: &str,
-    role: SiteRole,
-) -> Result<quinn::Connection> {
-    let tls = crate::net::tls::mover_client_config(tls)?;
+async fn connect_as(link: &DrLink, role: SiteRole) -> Result<quinn::Connection> {
+    let (peer, server_name, site) = (link.peer, link.server_name.as_str(), link.site.as_str());
+    let tls = crate::net::tls::mover_client_config(&link.tls)?;
     let ep = crate::net::quic::client_endpoint(peer, tls)?;
     let conn = ep
         .connect(peer, server_name)
@@ -148,7 +137,7 @@ async fn stalled(activity: &AtomicU64, after: std::time::Duration) -> anyhow::Er
 /// Moves the volume: join, take the DR site's hashes, scan and send, wait for `Staged`.
 /// Every hash byte received and volume byte scanned is counted in `activity`.
 async fn move_volume(job: &Job, activity: &Arc<AtomicU64>) -> Result<Outcome> {
-    let conn = connect(job).await?;
+    let conn = connect_as(&job.link, SiteRole::Primary).await?;
     let (send, recv) = conn.open_bi().await?;
     let (mut w, mut r) = (FrameWriter::new(send), FrameReader::new(recv));
     w.send(&Msg::Join {

@@ -7,7 +7,6 @@
 //! only once every writer of the gen succeeded.
 
 use std::io::Read;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::mpsc as std_mpsc;
 
@@ -15,7 +14,6 @@ use anyhow::{anyhow, bail, Result};
 
 use crate::ids::Gen;
 pub use crate::k8s::writer_job::Written;
-use crate::net::tls::TlsFiles;
 use crate::net::wire::{FrameReader, FrameWriter, Msg, SiteRole};
 use crate::volume::replica;
 use crate::volume::staging::StagingReader;
@@ -24,11 +22,8 @@ use crate::volume::staging::StagingReader;
 #[derive(Debug, Clone)]
 pub struct WriteJob {
     pub device: PathBuf,
-    /// The DR daemon's peer address as the writer reaches it, and its certificate name.
-    pub peer: SocketAddr,
-    pub server_name: String,
-    pub site: String,
-    pub tls: TlsFiles,
+    /// The DR daemon as the writer reaches it; the site is this (DR) site.
+    pub link: super::DrLink,
     pub protection: String,
     pub gen: Gen,
     pub volume: String,
@@ -60,14 +55,7 @@ impl Read for Incoming {
 
 /// Fetches the staging log and applies it to the device.
 pub async fn write(job: &WriteJob) -> Result<Written> {
-    let conn = super::connect_as(
-        &job.tls,
-        job.peer,
-        &job.server_name,
-        &job.site,
-        SiteRole::Dr,
-    )
-    .await?;
+    let conn = super::connect_as(&job.link, SiteRole::Dr).await?;
     let (send, recv) = conn.open_bi().await?;
     let (mut w, mut r) = (FrameWriter::new(send), FrameReader::new(recv));
     w.send(&Msg::Fetch {

@@ -20,11 +20,6 @@ use crate::replicate::recovery::{remove_dir, staging_dir};
 use crate::site::dr::Dr;
 use crate::store::{CommitRecord, RecoveryPoint};
 
-/// The CSI settings of a protection whose DR replicas are PVCs.
-pub fn csi_replicas(prot: &Protection) -> Option<&CsiSettings> {
-    prot.kubernetes.as_ref().and_then(|k| k.csi.as_ref())
-}
-
 /// Where the writers reach this daemon: `[protection.kubernetes.mover] connect`, else the
 /// peer listen address when it names one host.
 fn writer_address(dr: &Dr, csi: &CsiSettings) -> Result<String> {
@@ -87,7 +82,7 @@ fn replica_volumes(dr: &Dr, prot: &Protection, commit: &CommitRecord) -> Vec<Rep
 
 /// Applies a committed gen to the replica PVCs and records its recovery point.
 pub async fn redo(dr: &Dr, prot: &Protection, commit: CommitRecord) -> Result<()> {
-    let csi = csi_replicas(prot).expect("CSI replicas");
+    let csi = prot.csi().expect("CSI replicas");
     let gen = commit.point.point.gen;
     let name = prot.name.clone();
     if let Some((v, log)) = commit.logs.iter().find(|(_, l)| !l.exists()) {

@@ -31,12 +31,7 @@ pub fn staging_dir(config: &Config, prot: &ProtectionName) -> PathBuf {
 /// left to [`recover_csi`]: their redo runs writer Jobs, which fetch from this daemon's
 /// listener.
 pub async fn recover_dr(dr: &Dr) -> Result<()> {
-    for p in dr
-        .config
-        .protections
-        .iter()
-        .filter(|p| points::csi_replicas(p).is_none())
-    {
+    for p in dr.config.protections.iter().filter(|p| p.csi().is_none()) {
         let lock = dr.lock_of(p.name.as_str()).expect("a lock per protection");
         let locked = lock.lock().await;
         finish_pending(dr, &locked, p).await?;
@@ -48,12 +43,7 @@ pub async fn recover_dr(dr: &Dr) -> Result<()> {
 /// Start-up with the listener up: finishes the committed gens of CSI replicas as points.
 /// A failure is logged; the protection's next cycle retries it before anything else.
 pub async fn recover_csi(dr: Arc<Dr>) {
-    for p in dr
-        .config
-        .protections
-        .iter()
-        .filter(|p| points::csi_replicas(p).is_some())
-    {
+    for p in dr.config.protections.iter().filter(|p| p.csi().is_some()) {
         let lock = dr.lock_of(p.name.as_str()).expect("a lock per protection");
         let locked = lock.lock().await;
         let done = async {
@@ -87,7 +77,7 @@ pub async fn recover_primary(shared: &Shared) -> Result<()> {
 /// resyncs them by hash exchange.
 pub async fn finish_pending(dr: &Dr, locked: &Locked<'_>, prot: &Protection) -> Result<()> {
     debug_assert_eq!(locked.name(), &prot.name);
-    if points::csi_replicas(prot).is_some() {
+    if prot.csi().is_some() {
         let name = prot.name.clone();
         for commit in dr.store.run(move |s| s.commits(&name)).await? {
             tracing::info!(gen = %commit.point.point.gen, "finishing a committed gen on the replica PVCs (redo)");
@@ -114,7 +104,7 @@ pub async fn redo_commit(
     prot: &Protection,
     commit: CommitRecord,
 ) -> Result<()> {
-    if points::csi_replicas(prot).is_some() {
+    if prot.csi().is_some() {
         return points::redo(dr, prot, commit).await;
     }
     let (config, prot) = (dr.config.clone(), prot.clone());
@@ -210,7 +200,7 @@ pub async fn discard_staging(dr: &Dr, _locked: &Locked<'_>, prot: &Protection) -
                 .flat_map(|p| p.volumes.keys().map(|v| v.as_str()))
                 .chain(staged.iter().map(String::as_str));
             // CSI replicas are PVCs: no fresh replica file is ever made.
-            let group = match points::csi_replicas(&prot) {
+            let group = match prot.csi() {
                 Some(_) => prot.with_volumes(std::iter::empty()),
                 None => prot.with_volumes(known),
             };

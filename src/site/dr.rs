@@ -294,12 +294,7 @@ impl Dr {
             .iter()
             .map(|p| (p.name.clone(), ProtectionLock::new(p.name.clone())))
             .collect();
-        let max = shared
-            .config
-            .kubernetes
-            .as_ref()
-            .and_then(|k| k.max_movers)
-            .unwrap_or(crate::k8s::DEFAULT_MAX_MOVERS);
+        let max = shared.config.max_movers();
         Dr {
             shared,
             writers: tokio::sync::Semaphore::new(max),

@@ -29,12 +29,7 @@ impl Deref for Primary {
 
 impl Primary {
     pub fn new(shared: Arc<Shared>, peer: PeerLink, background: TaskTracker) -> Primary {
-        let max = shared
-            .config
-            .kubernetes
-            .as_ref()
-            .and_then(|k| k.max_movers)
-            .unwrap_or(crate::k8s::DEFAULT_MAX_MOVERS);
+        let max = shared.config.max_movers();
         Primary {
             shared,
             peer,

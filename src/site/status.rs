@@ -274,7 +274,7 @@ pub fn volume_statuses(p: &Protection, rec: &ProtectionRecord, role: Role) -> Ve
                 name: v.name.to_string(),
                 // CSI: the primary's volume is its PVC (`namespace.name`); a DR replica
                 // is a PVC of the movers' namespace.
-                path: match (p.kubernetes.as_ref().and_then(|k| k.csi.as_ref()), role) {
+                path: match (p.csi(), role) {
                     (Some(_), Role::Primary) => {
                         format!("PVC {}", v.name.as_str().replacen('.', "/", 1))
                     }

@@ -39,8 +39,9 @@ pub struct Spec {
     pub dr_protection: String,
 }
 
-/// The DR cluster's storage and snapshot classes (its replicas' driver).
-fn dr_fixtures(spec: &Spec) -> String {
+/// A cluster's storage and snapshot classes of the driver (the DR cluster's are its
+/// replicas').
+fn classes(spec: &Spec) -> String {
     let mut docs = vec![format!(
         r#"
 apiVersion: storage.k8s.io/v1
@@ -67,32 +68,10 @@ deletionPolicy: Delete
 }
 
 fn fixtures(spec: &Spec) -> String {
-    let mut docs = vec![format!(
-        r#"
-apiVersion: v1
-kind: Namespace
-metadata: {{name: prod}}
----
-apiVersion: storage.k8s.io/v1
-kind: StorageClass
-metadata: {{name: fast}}
-provisioner: {DRIVER}
-reclaimPolicy: Delete
----
-apiVersion: snapshot.storage.k8s.io/v1
-kind: VolumeSnapshotClass
-metadata:
-  name: rbd-snap
-  annotations: {{snapshot.storage.kubernetes.io/is-default-class: "true"}}
-driver: {DRIVER}
-deletionPolicy: Delete
-"#
-    )];
-    if spec.group_class {
-        docs.push(format!(
-            "apiVersion: groupsnapshot.storage.k8s.io/v1beta1\nkind: VolumeGroupSnapshotClass\nmetadata: {{name: rbd-group}}\ndriver: {DRIVER}\ndeletionPolicy: Delete\n"
-        ));
-    }
+    let mut docs = vec![
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: prod}\n".to_string(),
+        classes(spec),
+    ];
     let size = spec.size;
     for p in &spec.pvcs {
         let mode = if spec.block.contains(p) {
@@ -201,7 +180,7 @@ impl Sites {
         "metadata": {"name": "lifeboat-tls", "namespace": "lifeboat"},
         "stringData": {"ca.pem": read("ca.pem"), "site.pem": read("primary.pem"), "site.key": read("primary.key")}}));
         if spec.dr_csi {
-            dr_api.create_yaml(&dr_fixtures(spec));
+            dr_api.create_yaml(&classes(spec));
             // The DR site's own pair TLS, which its writers present to it.
             dr_api.seed(serde_json::json!({"apiVersion": "v1", "kind": "Secret",
             "metadata": {"name": "lifeboat-tls", "namespace": "lifeboat"},

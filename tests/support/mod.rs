@@ -95,6 +95,22 @@ pub struct SiteProc {
 }
 
 impl SiteProc {
+    /// Runs `lifeboat ARGS --config <this site's config>`: whether it succeeded, its
+    /// stdout and its stderr.
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_lifeboat"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     pub fn client(&self) -> Client {
         Client::at(&self.control).with_token(self.token.clone())
     }

@@ -137,7 +137,7 @@ async fn checks(
     prot: &Protection,
     rec: &ProtectionRecord,
 ) -> Result<(), ReceiveError> {
-    if crate::replicate::points::csi_replicas(prot).is_some() {
+    if prot.csi().is_some() {
         // Replica PVCs are not files this daemon can stat; their recovery points are
         // snapshots, which nothing writes after they are cut.
         return Ok(());
@@ -414,7 +414,7 @@ async fn receive_volume(
     let csi = dr
         .config
         .protection(locked.name().as_str())
-        .is_some_and(|p| crate::replicate::points::csi_replicas(p).is_some());
+        .is_some_and(|p| p.csi().is_some());
     let fresh = attempt.is_none() && !csi && {
         let (p, v, path) = (locked.name().clone(), volume.clone(), replica.clone());
         dr.store

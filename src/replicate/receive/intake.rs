@@ -30,18 +30,6 @@ pub trait ReplicaChunks {
     }
 }
 
-/// A CSI replica: no bytes here, patches checked by the writer Job.
-pub struct WriterReplica;
-
-impl ReplicaChunks for WriterReplica {
-    fn chunk(&self, _offset: u64, _len: u32) -> Option<std::io::Result<Vec<u8>>> {
-        None
-    }
-    fn patched_by_writer(&self) -> bool {
-        true
-    }
-}
-
 impl ReplicaChunks for Option<std::fs::File> {
     fn chunk(&self, offset: u64, len: u32) -> Option<std::io::Result<Vec<u8>>> {
         self.as_ref()

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use tokio::sync::mpsc;
 
-use super::intake::{Intake, ReplicaChunks, Step, Verified, WriterReplica};
+use super::intake::{Intake, ReplicaChunks, Step, Verified};
 use crate::engine::chunk::Geometry;
 use crate::failpoint;
 use crate::ids::{ChunkHash, Gen, ProtectionName, VolumeName};
@@ -89,21 +89,22 @@ impl Sink {
     }
 }
 
-/// What patches are checked against: the replica file here, or a CSI replica's writer.
+/// What patches are checked against: the replica file here, or (a CSI replica, no bytes
+/// here) the writer Job that applies them.
 enum Base {
     File(Option<std::fs::File>),
-    Writer(WriterReplica),
+    Writer,
 }
 
 impl ReplicaChunks for Base {
     fn chunk(&self, offset: u64, len: u32) -> Option<std::io::Result<Vec<u8>>> {
         match self {
             Base::File(f) => f.chunk(offset, len),
-            Base::Writer(w) => w.chunk(offset, len),
+            Base::Writer => None,
         }
     }
     fn patched_by_writer(&self) -> bool {
-        matches!(self, Base::Writer(_))
+        matches!(self, Base::Writer)
     }
 }
 
@@ -135,7 +136,7 @@ pub fn stage(
                     Base::File(std::fs::File::open(replica).ok()),
                     Reserver::open(replica).map_err(ReceiveError::io)?,
                 ),
-                None => (Base::Writer(WriterReplica), Reserver::none()),
+                None => (Base::Writer, Reserver::none()),
             };
             (Sink::Log(log), base, reserver)
         }

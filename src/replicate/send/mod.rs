@@ -128,7 +128,7 @@ async fn cycle(primary: &Primary, prot: &Protection) -> Result<CycleReport, Cycl
     let prot = &selected.group;
     // The CSI data path: the PVCs and classes are read, and earlier gens' leftovers
     // removed, before the barrier.
-    let csi = match prot.kubernetes.as_ref().and_then(|k| k.csi.as_ref()) {
+    let csi = match prot.csi() {
         Some(c) => {
             let keep = rec.point.as_ref().map(|p| p.point.gen);
             Some((
