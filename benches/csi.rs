@@ -55,6 +55,7 @@ fn main() {
         concurrency,
         dr_csi: true,
         dr_protection: String::new(),
+        cbt: false,
     });
     let t = Instant::now();
     let c1 = s.pair.sync();

@@ -26,6 +26,25 @@ fn sites(group_class: bool, mover: &str) -> Sites {
     sites_with(group_class, mover, true, "")
 }
 
+/// Sites whose driver offers changed block tracking (a SnapshotMetadata service), with
+/// `size`-byte volumes on XFS.
+fn cbt_sites(size: u64, mover: &str) -> Sites {
+    Sites::start(&Spec {
+        pvcs: PVCS.iter().map(|p| p.to_string()).collect(),
+        block: vec!["mysql-data".into()],
+        size,
+        group_class: true,
+        mover: mover.into(),
+        snapshots: true,
+        kube_lines: String::new(),
+        nodes: 2,
+        concurrency: 2,
+        dr_csi: true,
+        dr_protection: String::new(),
+        cbt: true,
+    })
+}
+
 /// As [`sites`]; `snapshots`: whether the driver supports snapshots at all; `kube_lines`:
 /// more lines of the primary's `[kubernetes]`.
 fn sites_with(group_class: bool, mover: &str, snapshots: bool, kube_lines: &str) -> Sites {
@@ -41,6 +60,7 @@ fn sites_with(group_class: bool, mover: &str, snapshots: bool, kube_lines: &str)
         concurrency: 2,
         dr_csi: true,
         dr_protection: String::new(),
+        cbt: false,
     })
 }
 
@@ -477,6 +497,9 @@ fn every_rule_lifeboat_rbac_makes_for_the_csi_path_is_needed() {
             ["snapshot", "persistentvolume", "-cluster", "-movers"]
                 .iter()
                 .any(|k| u.contains(k))
+                // Changed block tracking's rules are proven needed by the CBT test.
+                && !u.contains("lifeboat-mover")
+                && !u.contains("snapshotmetadataservices")
         })
         .chain(
             support::rbac::unneeded_rules("dr", &s.dr_api)
@@ -944,6 +967,7 @@ fn a_held_point_survives_pruning_until_released_and_points_lists_it() {
         concurrency: 2,
         dr_csi: true,
         dr_protection: "keep = 2".into(),
+        cbt: false,
     });
     let cli = |args: &[&str]| {
         let args = [args, &["--protection", support::PROT]].concat();
@@ -1001,4 +1025,174 @@ fn a_held_point_survives_pruning_until_released_and_points_lists_it() {
         .all("groupsnapshot.storage.k8s.io", "volumegroupsnapshots")
         .iter()
         .all(|g| g["metadata"]["labels"]["lifeboat.dev/gen"] != old.as_str()));
+}
+
+/// Chunks a changed block answer leaves out that a mover reads anyway, at most.
+const SAMPLED: u64 = lifeboat::mover::cbt::MIN_SAMPLE;
+
+#[test]
+fn with_changed_block_tracking_movers_read_only_the_reported_ranges_and_the_replicas_are_exact() {
+    let size = 32 << 20;
+    let s = cbt_sites(size, "");
+    // mysql-data holds 1 MiB in a sparse 32 MiB (written where it starts at 4 MiB).
+    let mysql = Cluster::backing_file(&s.primary_api, "prod", "mysql-data").unwrap();
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&mysql)
+            .unwrap();
+        f.set_len(0).unwrap();
+        f.set_len(size).unwrap();
+    }
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::OpenOptions::new()
+            .write(true)
+            .open(&mysql)
+            .unwrap(),
+        &vec![0xa5; 1 << 20],
+        4 << 20,
+    )
+    .unwrap();
+    // First sync: no base, so each mover asks for the allocated ranges.
+    let r1 = s.pair.sync();
+    s.assert_replicas_equal_snapshots(r1.gen);
+    for v in &r1.volumes {
+        assert_eq!(v.cbt, "allocated", "{v:?}");
+    }
+    let m = r1
+        .volumes
+        .iter()
+        .find(|v| v.name.ends_with("mysql-data"))
+        .unwrap();
+    assert!(
+        m.bytes_read <= (1 << 20) + SAMPLED * 65536,
+        "read {} of a volume holding 1 MiB",
+        m.bytes_read
+    );
+    let gen1 = s.snapshot_files(r1.gen);
+    // 20 random 4 KiB writes per volume: each mover asks for the delta against the base
+    // gen's snapshot (its CSI handle) and reads only the chunks it names, plus the sample.
+    for (i, p) in PVCS.iter().enumerate() {
+        change(
+            &Cluster::backing_file(&s.primary_api, "prod", p).unwrap(),
+            300 + i as u64,
+        );
+    }
+    let r2 = s.pair.sync();
+    s.assert_replicas_equal_snapshots(r2.gen);
+    for v in &r2.volumes {
+        assert_eq!(v.cbt, "delta", "{v:?}");
+        assert!(v.cbt_fallback.is_none(), "{v:?}");
+        // XFS may remap more than the 4 KiB written (its copy-on-write extent hint), so a
+        // write can name two chunks.
+        assert!(
+            v.bytes_read <= (2 * 20 + SAMPLED) * 65536,
+            "{}: read {} bytes for 20 writes",
+            v.name,
+            v.bytes_read
+        );
+        assert!(v.chunks_changed >= 1 && v.chunks_changed <= 20, "{v:?}");
+    }
+    let read: u64 = r2.volumes.iter().map(|v| v.bytes_read).sum();
+    assert!(read < 4 * size / 4, "read {read} of {}", 4 * size);
+    // The service was asked for deltas against gen 1's handles, by the movers' own
+    // ServiceAccount with the service's audience, and answered each.
+    let calls = s.cbt.as_ref().unwrap().calls();
+    let deltas: Vec<_> = calls
+        .iter()
+        .filter(|c| c.method == "GetMetadataDelta")
+        .collect();
+    assert_eq!(deltas.len(), 4, "{calls:?}");
+    for c in &deltas {
+        assert!(c.result.is_ok(), "{c:?}");
+        assert_eq!(c.namespace, "lifeboat");
+        let base = PathBuf::from(c.base.as_deref().unwrap());
+        assert!(gen1.contains(&base), "{c:?} names no gen 1 snapshot");
+    }
+    let text = s.pair.primary.metrics();
+    assert_eq!(
+        support::metric(
+            &text,
+            &format!(
+                "lifeboat_mover_cbt_total{{protection=\"{}\",result=\"delta\"}}",
+                support::PROT
+            )
+        ),
+        Some(4.0),
+        "{text}"
+    );
+    // The rules this needs: the daemon's get of the SnapshotMetadataService, and the
+    // movers' get of their snapshot (the service's SubjectAccessReview).
+    let unneeded: Vec<String> = support::rbac::unneeded_rules("primary", &s.primary_api)
+        .into_iter()
+        .filter(|u| u.contains("snapshotmetadataservices") || u.contains("lifeboat-mover"))
+        .collect();
+    assert!(unneeded.is_empty(), "{unneeded:#?}");
+    s.assert_no_mover_leftovers();
+}
+
+#[test]
+fn a_tracker_that_misses_changes_or_fails_is_caught_and_the_volume_is_read_whole() {
+    let size = 16 << 20;
+    // A quarter of the unlisted chunks (64 at most here) read to check each answer.
+    let s = cbt_sites(size, "cbt_sample = 0.25");
+    let svc = s.cbt.as_ref().unwrap();
+    s.pair.sync();
+    // A tracker that drops all but the first range of each delta: the sample finds a
+    // chunk it left out that differs from the replica, and the mover reads everything.
+    // (150 writes touch about 115 of the 256 chunks: the chance that 64 sampled chunks
+    // miss every one dropped is below 1e-15.)
+    svc.set_mode(support::cbt::Mode::Lie);
+    for (i, p) in PVCS.iter().enumerate() {
+        let f = Cluster::backing_file(&s.primary_api, "prod", p).unwrap();
+        support::scatter_writes(&f, 150, 65536, 400 + i as u64);
+    }
+    let r = s.pair.sync();
+    s.assert_replicas_equal_snapshots(r.gen);
+    for v in &r.volumes {
+        assert_eq!(v.cbt, "full", "{v:?}");
+        let why = v.cbt_fallback.as_deref().unwrap_or_default();
+        assert!(
+            why.contains("GetMetadataDelta left chunk") && why.contains("differs from the replica"),
+            "{why}"
+        );
+        assert!(v.bytes_read >= size, "{v:?}");
+    }
+    let text = s.pair.primary.metrics();
+    let mismatch = format!(
+        "lifeboat_mover_cbt_total{{protection=\"{}\",result=\"mismatch\"}}",
+        support::PROT
+    );
+    assert_eq!(support::metric(&text, &mismatch), Some(4.0), "{text}");
+    // A service that does not answer: named, and the volume read whole.
+    svc.set_mode(support::cbt::Mode::Fail);
+    for (i, p) in PVCS.iter().enumerate() {
+        change(
+            &Cluster::backing_file(&s.primary_api, "prod", p).unwrap(),
+            500 + i as u64,
+        );
+    }
+    let r = s.pair.sync();
+    s.assert_replicas_equal_snapshots(r.gen);
+    for v in &r.volumes {
+        assert_eq!(v.cbt, "full", "{v:?}");
+        let why = v.cbt_fallback.as_deref().unwrap_or_default();
+        assert!(why.contains("GetMetadataDelta: Unavailable"), "{why}");
+    }
+    // Honest again: deltas are used again.
+    svc.set_mode(support::cbt::Mode::Honest);
+    for (i, p) in PVCS.iter().enumerate() {
+        change(
+            &Cluster::backing_file(&s.primary_api, "prod", p).unwrap(),
+            600 + i as u64,
+        );
+    }
+    let r = s.pair.sync();
+    s.assert_replicas_equal_snapshots(r.gen);
+    assert!(
+        r.volumes.iter().all(|v| v.cbt == "delta"),
+        "{:?}",
+        r.volumes
+    );
+    s.assert_no_mover_leftovers();
 }

@@ -536,7 +536,27 @@ fn check_site(site: &str, role: SiteRole, dir: &Path, objects: &[Value]) -> Conf
 
     // The service account is bound: cluster-wide at the DR site, in every protected
     // namespace at the primary.
-    let sa = one(&kinds, "ServiceAccount", &at);
+    // The daemon's account; at the primary also the movers' (for changed block tracking),
+    // which holds no API token and nothing but `get` on the movers' snapshots.
+    let accounts = kinds.get("ServiceAccount").map_or(0, Vec::len);
+    assert_eq!(
+        accounts,
+        if role == SiteRole::Primary { 2 } else { 1 },
+        "{at}"
+    );
+    let sa = named(&kinds, "ServiceAccount", "lifeboat")
+        .unwrap_or_else(|| panic!("{at}: no ServiceAccount lifeboat"));
+    if role == SiteRole::Primary {
+        let mover = named(&kinds, "ServiceAccount", "lifeboat-mover")
+            .unwrap_or_else(|| panic!("{at}: no ServiceAccount lifeboat-mover"));
+        assert_eq!(mover["automountServiceAccountToken"], false, "{at}");
+        let role = named(&kinds, "ClusterRole", "lifeboat-mover").expect("its role");
+        assert_eq!(
+            role["rules"],
+            serde_json::json!([{"apiGroups": ["snapshot.storage.k8s.io"], "resources": ["volumesnapshots"], "verbs": ["get"]}]),
+            "{at}"
+        );
+    }
     let binds_sa = |b: &Value| {
         items(&b["subjects"]).iter().any(|s| {
             s["kind"] == "ServiceAccount"

@@ -50,7 +50,7 @@ pub struct Phases {
     pub commit: f64,
 }
 
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
 pub struct VolumeReport {
     pub name: String,
     pub size: u64,
@@ -59,6 +59,15 @@ pub struct VolumeReport {
     pub chunks_changed: u64,
     pub bytes_changed: u64,
     pub chunk_bytes_sent: u64,
+    /// Bytes read from the snapshot (CSI movers: what changed block tracking left to read).
+    #[serde(default)]
+    pub bytes_read: u64,
+    /// CSI movers' changed block tracking: `delta`, `allocated`, `full` (asked, but not
+    /// used: see `cbt_fallback`) or empty (not offered).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cbt: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cbt_fallback: Option<String>,
 }
 
 /// One finished cycle, as the primary saw it.
@@ -173,6 +182,12 @@ pub struct MoverStatus {
     pub bytes_scanned: u64,
     pub bytes_sent: u64,
     pub seconds: f64,
+    /// Bytes it read from the device, and its changed block tracking (as in
+    /// [`VolumeReport`]).
+    #[serde(default)]
+    pub bytes_read: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cbt: String,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

@@ -240,7 +240,7 @@ pub enum Command {
     /// Kubernetes mode, run by the primary's daemon as a Job (not by hand): move one
     /// volume of a running cycle from its snapshot, attached as a block device, to the
     /// DR site over the pair's mutual TLS, and write the outcome as JSON to --result.
-    Mover(mover::MoverArgs),
+    Mover(Box<mover::MoverArgs>),
 }
 
 pub fn init_tracing(cli: &Cli) {
@@ -436,6 +436,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             out.as_deref(),
         ),
         Command::Demo(args) => demo::run(args),
-        Command::Mover(args) => mover::run(args),
+        Command::Mover(args) => mover::run(*args),
     }
 }

@@ -63,6 +63,29 @@ pub struct MoverArgs {
     /// `5m`: a hung device or a DR site that stopped answering.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub stall_after: Option<std::time::Duration>,
+    /// Changed block tracking: the driver's SnapshotMetadata service, HOST:PORT. With it,
+    /// only the ranges it reports are read (a sample of the others is checked).
+    #[arg(long, requires_all = ["cbt_ca", "cbt_token", "cbt_namespace", "cbt_snapshot"])]
+    pub cbt_address: Option<String>,
+    /// The service's CA bundle, base64 of PEM (its SnapshotMetadataService's caCert).
+    #[arg(long)]
+    pub cbt_ca: Option<String>,
+    /// The audience-scoped ServiceAccount token file (a projected volume).
+    #[arg(long)]
+    pub cbt_token: Option<PathBuf>,
+    /// The namespace and name of this snapshot's VolumeSnapshot.
+    #[arg(long)]
+    pub cbt_namespace: Option<String>,
+    #[arg(long)]
+    pub cbt_snapshot: Option<String>,
+    /// The base gen's snapshot handle: ask for the delta against it (else the allocated
+    /// ranges).
+    #[arg(long)]
+    pub cbt_base_id: Option<String>,
+    /// The share of the chunks the answer leaves out that are read anyway, to catch a
+    /// tracker that misses changes.
+    #[arg(long, default_value_t = 0.01)]
+    pub cbt_sample: f64,
     /// Scratch space for the DR site's hashes of the replica (32 bytes per chunk).
     #[arg(long, default_value = "/tmp")]
     pub scratch: PathBuf,
@@ -111,6 +134,18 @@ pub fn run(a: MoverArgs) -> Result<ExitCode> {
         let cycle = u64::from_str_radix(c, 16)
             .map(CycleId)
             .with_context(|| format!("--cycle {c:?}: expected 16 hex digits"))?;
+        let cbt = match a.cbt_address {
+            Some(address) => Some(mover::cbt::CbtJob {
+                address,
+                ca_pem: mover::cbt::decode_ca(a.cbt_ca.as_deref().unwrap_or_default())?,
+                token_file: a.cbt_token.unwrap_or_default(),
+                namespace: a.cbt_namespace.unwrap_or_default(),
+                snapshot: a.cbt_snapshot.unwrap_or_default(),
+                base_id: a.cbt_base_id,
+                sample: a.cbt_sample,
+            }),
+            None => None,
+        };
         let job = Job {
             device: a.device,
             link,
@@ -124,6 +159,7 @@ pub fn run(a: MoverArgs) -> Result<ExitCode> {
             refine: a.refine,
             base_device: a.base_device,
             stall_after: a.stall_after,
+            cbt,
         };
         let moved = rt.block_on(mover::send(&job));
         // A read stuck in the kernel keeps its blocking thread: do not wait for it.

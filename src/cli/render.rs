@@ -209,12 +209,22 @@ fn render_kube(k: &KubeStatus) -> String {
                 0.0
             };
             line += &format!(
-                ", {} read, {} sent in {:.1}s ({}/s)",
+                ", {} scanned, {} sent in {:.1}s ({}/s)",
                 human_bytes(m.bytes_scanned),
                 human_bytes(m.bytes_sent),
                 m.seconds,
                 human_bytes(rate as u64)
             );
+            match m.cbt.as_str() {
+                "" => {}
+                "full" => line += ", changed block tracking not used (see the cycle report)",
+                how => {
+                    line += &format!(
+                        ", {} read ({how} from changed block tracking)",
+                        human_bytes(m.bytes_read)
+                    )
+                }
+            }
         }
         if let Some(r) = &m.reason {
             line += &format!(": {r}");

@@ -39,6 +39,13 @@ impl Validator {
                 "is 0; expected how many movers of the protection may run at once, e.g. 4",
             );
         }
+        let cbt_sample = m.and_then(|m| m.cbt_sample).unwrap_or(d.cbt_sample);
+        if !(0.0..=1.0).contains(&cbt_sample) {
+            self.problem(
+                format!("{key}.mover.cbt_sample"),
+                format!("is {cbt_sample}; expected the share of the chunks a changed block answer leaves out that are read anyway, from 0 to 1, e.g. 0.01"),
+            );
+        }
         let pick = |v: Option<&String>, d: &String| v.cloned().unwrap_or_else(|| d.clone());
         CsiSettings {
             wanted: crate::k8s::snapshot::Wanted {
@@ -58,6 +65,12 @@ impl Validator {
                 tls_secret: pick(m.and_then(|m| m.tls_secret.as_ref()), &d.tls_secret),
                 stuck_after,
                 connect: m.and_then(|m| m.connect.clone()),
+                cbt: m.and_then(|m| m.cbt).unwrap_or(d.cbt),
+                cbt_sample: cbt_sample.clamp(0.0, 1.0),
+                service_account: pick(
+                    m.and_then(|m| m.service_account.as_ref()),
+                    &d.service_account,
+                ),
             },
         }
     }

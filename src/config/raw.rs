@@ -134,6 +134,9 @@ pub(super) struct RawMover {
     pub(super) stuck_after: Option<String>,
     /// DR site: the address its writers reach this daemon at (HOST:PORT).
     pub(super) connect: Option<String>,
+    pub(super) cbt: Option<bool>,
+    pub(super) cbt_sample: Option<f64>,
+    pub(super) service_account: Option<String>,
 }
 
 /// `[[protection.kubernetes.standby_patch]]`.

@@ -6,6 +6,7 @@ pub mod compress;
 pub mod diff;
 pub mod extents;
 pub mod index;
+pub mod narrow;
 pub mod refine;
 pub mod scan;
 pub mod verify;

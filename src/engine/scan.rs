@@ -17,6 +17,7 @@ use rayon::prelude::*;
 use crate::engine::chunk::{is_zero, zero_hash, Geometry};
 use crate::engine::compress;
 use crate::engine::extents;
+use crate::engine::narrow::{Narrow, Unlisted};
 use crate::ids::ChunkHash;
 
 /// Bytes read per batch; the batch is hashed in parallel.
@@ -55,6 +56,9 @@ pub struct ScanOptions<'a> {
     /// Keep chunks the base had raw (uncompressed): they are refined into block patches,
     /// which are compressed instead.
     pub raw_if_based: bool,
+    /// A changed block tracking answer: only its chunks are read, the others are the
+    /// base's or zeros as it says (see [`crate::engine::narrow`]).
+    pub narrow: Option<&'a Narrow>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -71,6 +75,10 @@ pub struct ScanStats {
     pub compressed_chunks: u64,
     /// Raw bytes of compressed chunks minus their compressed size.
     pub compression_saved: u64,
+    /// Bytes actually read from the snapshot.
+    pub bytes_read: u64,
+    /// Chunks a changed block tracking answer left out (not read).
+    pub unlisted_chunks: u64,
 }
 
 /// Size of a regular file or block device.
@@ -139,8 +147,11 @@ struct Batch {
     first: u64,
     // None marks a chunk in a hole.
     bufs: Vec<Option<Vec<u8>>>,
-    // Chunks whose extents the base snapshot shares: unchanged, not read.
+    // Chunks whose extents the base snapshot shares, or that a changed-block list leaves
+    // out of a delta: unchanged, not read.
     shared: Vec<bool>,
+    // Bytes read for the batch.
+    read: u64,
 }
 
 /// Finds the chunks of a batch that share their extents with the base snapshot; turns
@@ -202,6 +213,7 @@ pub fn scan_file(
     std::thread::scope(|scope| -> Result<()> {
         let file = &file;
         let base_snapshot = options.base_snapshot.and_then(|p| File::open(p).ok());
+        let narrow = options.narrow;
         scope.spawn(move || {
             let mut holes = Holes::new(file);
             let mut shared_extents = Shared {
@@ -211,11 +223,19 @@ pub fn scan_file(
             let mut first = 0;
             while first < total {
                 let last = (first + per_batch).min(total);
-                let shared = shared_extents.batch(geometry, first, last);
+                let mut shared = shared_extents.batch(geometry, first, last);
                 let mut bufs = Vec::with_capacity((last - first) as usize);
+                let mut read = 0;
                 for i in first..last {
                     let off = geometry.offset(i);
                     let len = geometry.len(i) as usize;
+                    let unlisted = narrow.filter(|n| !n.listed.contains(i));
+                    if let Some(n) = unlisted {
+                        // Left out of a delta: the base's; of the allocated ranges: zeros.
+                        shared[(i - first) as usize] |= n.unlisted == Unlisted::Base;
+                        bufs.push(None);
+                        continue;
+                    }
                     if shared[(i - first) as usize] || holes.is_hole(off, off + len as u64) {
                         bufs.push(None);
                         continue;
@@ -225,6 +245,7 @@ pub fn scan_file(
                         let _ = tx.send(Err(e));
                         return;
                     }
+                    read += len as u64;
                     bufs.push(Some(buf));
                 }
                 if tx
@@ -232,6 +253,7 @@ pub fn scan_file(
                         first,
                         bufs,
                         shared,
+                        read,
                     }))
                     .is_err()
                 {
@@ -243,6 +265,7 @@ pub fn scan_file(
 
         for batch in rx {
             let mut batch = batch.with_context(|| format!("read {}", path.display()))?;
+            stats.bytes_read += batch.read;
             // Unread chunks are holes unless their extents are shared with the base.
             let batch_holes: Vec<bool> = batch
                 .bufs
@@ -277,14 +300,17 @@ pub fn scan_file(
                         Some(h) => {
                             // Unchanged by construction, so whether it is zero never matters.
                             *slot = (h, false);
-                            stats.shared_chunks += 1;
-                            stats.shared_bytes += geometry.len(index) as u64;
+                            if options.narrow.is_none_or(|n| n.listed.contains(index)) {
+                                stats.shared_chunks += 1;
+                                stats.shared_bytes += geometry.len(index) as u64;
+                            }
                         }
                         None => {
                             // Not in the base index after all (a grown volume): read it.
                             let mut buf = vec![0u8; geometry.len(index) as usize];
                             file.read_exact_at(&mut buf, geometry.offset(index))
                                 .with_context(|| format!("read {}", path.display()))?;
+                            stats.bytes_read += buf.len() as u64;
                             *slot = if is_zero(&buf) {
                                 (zero_hash(buf.len() as u32), true)
                             } else {
@@ -322,7 +348,9 @@ pub fn scan_file(
                 let len = geometry.len(index) as u64;
                 stats.chunks += 1;
                 stats.bytes_scanned += len;
-                if batch_holes.get(k).copied().unwrap_or(false) {
+                if options.narrow.is_some_and(|n| !n.listed.contains(index)) {
+                    stats.unlisted_chunks += 1;
+                } else if batch_holes.get(k).copied().unwrap_or(false) {
                     stats.hole_chunks += 1;
                 }
                 match &content {
@@ -419,5 +447,80 @@ mod tests {
         )
         .unwrap();
         assert_eq!(again.chunks_changed, 0);
+    }
+
+    #[test]
+    fn a_narrowed_scan_reads_only_the_listed_chunks() {
+        use crate::engine::narrow::RangeSet;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v");
+        let cs = 4096u32;
+        let g = Geometry::new(cs as u64 * 16, cs);
+        std::fs::write(&p, vec![5u8; g.size as usize]).unwrap();
+        let progress = AtomicU64::new(0);
+        let mut hashes = Vec::new();
+        scan_file(
+            &p,
+            g,
+            |_| Ok(None),
+            |s| {
+                hashes.push(s.hash);
+                Ok(())
+            },
+            &progress,
+            ScanOptions::default(),
+        )
+        .unwrap();
+        // Chunks 3 and 9 change; the delta lists 3 and 4 (4 rewritten with the same bytes).
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(b"new", 3 * 4096 + 10).unwrap();
+        f.write_all_at(b"new", 9 * 4096).unwrap();
+        let mut r = RangeSet::new(g, g.size);
+        r.push(3 * 4096, 2 * 4096).unwrap();
+        let narrow = r.finish(Unlisted::Base);
+        let mut changed = Vec::new();
+        let stats = scan_file(
+            &p,
+            g,
+            |i| Ok(hashes.get(i as usize).copied()),
+            |s| {
+                if !matches!(s.content, Content::Unchanged) {
+                    changed.push(s.index);
+                }
+                Ok(())
+            },
+            &progress,
+            ScanOptions {
+                narrow: Some(&narrow),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        // Trusting the list: 9 is missed, which is what the mover's sample is for.
+        assert_eq!(changed, vec![3]);
+        assert_eq!(stats.bytes_read, 2 * 4096);
+        assert_eq!(stats.unlisted_chunks, 14);
+        assert_eq!(stats.shared_chunks, 0);
+        // Allocated ranges of a first sync: the unlisted chunks are zeros, unread.
+        let mut r = RangeSet::new(g, g.size);
+        r.push(0, 4096).unwrap();
+        let narrow = r.finish(Unlisted::Zero);
+        let mut zeros = 0;
+        let stats = scan_file(
+            &p,
+            g,
+            |_| Ok(None),
+            |s| {
+                zeros += matches!(s.content, Content::Zero) as u64;
+                Ok(())
+            },
+            &progress,
+            ScanOptions {
+                narrow: Some(&narrow),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!((zeros, stats.bytes_read), (15, 4096));
     }
 }

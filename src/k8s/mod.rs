@@ -6,6 +6,7 @@
 
 pub mod apply;
 pub mod bundle;
+pub mod cbt;
 pub mod closure;
 pub mod collect;
 pub mod cut;
@@ -121,6 +122,14 @@ pub struct MoverSettings {
     pub stuck_after: std::time::Duration,
     /// DR site: where its writers reach this daemon (HOST:PORT); None: the listen address.
     pub connect: Option<String>,
+    /// Use the driver's SnapshotMetadata service (changed block tracking) where the
+    /// cluster has one: movers read only the ranges it reports.
+    pub cbt: bool,
+    /// The share of the chunks a changed block answer leaves out that movers read anyway.
+    pub cbt_sample: f64,
+    /// The movers' ServiceAccount when they call the SnapshotMetadata service (its token,
+    /// projected with the service's audience, is what the service authorizes).
+    pub service_account: String,
 }
 
 impl Default for MoverSettings {
@@ -136,6 +145,9 @@ impl Default for MoverSettings {
             tls_secret: "lifeboat-tls".into(),
             stuck_after: std::time::Duration::from_secs(300),
             connect: None,
+            cbt: true,
+            cbt_sample: 0.01,
+            service_account: "lifeboat-mover".into(),
         }
     }
 }

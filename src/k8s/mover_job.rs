@@ -21,6 +21,10 @@ const DEVICE: &str = "/dev/lifeboat-source";
 const BASE_DEVICE: &str = "/dev/lifeboat-base";
 pub(super) const TLS_DIR: &str = "/etc/lifeboat/tls";
 const SCRATCH: &str = "/scratch";
+/// The projected ServiceAccount token for the SnapshotMetadata service.
+const CBT_TOKEN_DIR: &str = "/var/run/lifeboat/cbt";
+/// Tokens live 10 minutes (the shortest the API allows); the kubelet renews them.
+const CBT_TOKEN_SECONDS: u64 = 600;
 
 /// A mover's result, as the daemon reads it from the termination message (at most 4 KiB).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +46,21 @@ pub struct Outcome {
     pub refined_chunks: u64,
     #[serde(default)]
     pub refine_saved_bytes: u64,
+    /// Bytes read from the device (the scan's and the changed block check's).
+    #[serde(default)]
+    pub bytes_read: u64,
+    /// Changed block tracking: `delta` or `allocated` (only the ranges the driver's
+    /// SnapshotMetadata service reported were read), `full` (it was asked, but its answer
+    /// failed or did not hold: see `cbt_fallback`), empty (not offered).
+    #[serde(default)]
+    pub cbt: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cbt_fallback: Option<String>,
+    /// The answer left out a chunk that had changed (a lying or broken tracker).
+    #[serde(default)]
+    pub cbt_mismatch: bool,
+    #[serde(default)]
+    pub cbt_ranges: u64,
 }
 
 impl Outcome {
@@ -70,6 +89,8 @@ pub struct Spec<'a> {
     pub chunk_size: u32,
     pub compress: bool,
     pub refine: bool,
+    /// The drivers' SnapshotMetadata services (changed block tracking), by driver.
+    pub cbt: std::collections::BTreeMap<String, super::cbt::Service>,
 }
 
 /// The names of one snapshot's copy in the movers' namespace and the PVC restored from it.
@@ -202,8 +223,52 @@ pub fn objects(m: &Spec<'_>, cut: &Cut, base: Option<&Cut>, n: &Names) -> Result
             });
         }
     }
-    out.push(job_object(&n.job, &labels, m.settings, args, &devices));
+    let service = (m.settings.cbt)
+        .then(|| cut.pvc.driver.as_ref().and_then(|d| m.cbt.get(d)))
+        .flatten();
+    let mut job = job_object(&n.job, &labels, m.settings, args, &devices);
+    if let Some(service) = service {
+        cbt_access(&mut job, m, service, &n.source.snapshot, base);
+    }
+    out.push(job);
     Ok(out)
+}
+
+/// Lets a mover call the SnapshotMetadata service: its arguments (the movers' copy of the
+/// snapshot as the target, the base gen's handle for a delta) and a token of the movers'
+/// ServiceAccount projected with the service's audience (a short-lived token the kubelet
+/// renews; no Secret, no API access: the Pod still mounts no API token).
+fn cbt_access(
+    job: &mut Value,
+    m: &Spec<'_>,
+    s: &super::cbt::Service,
+    target: &str,
+    base: Option<&Cut>,
+) {
+    let pod = &mut job["spec"]["template"]["spec"];
+    pod["serviceAccountName"] = json!(m.settings.service_account);
+    pod["volumes"].as_array_mut().expect("volumes").push(json!({
+        "name": "cbt-token",
+        "projected": {"sources": [{"serviceAccountToken": {
+            "audience": s.audience, "expirationSeconds": CBT_TOKEN_SECONDS, "path": "token",
+        }}]},
+    }));
+    let c = &mut pod["containers"][0];
+    c["volumeMounts"]
+        .as_array_mut()
+        .expect("mounts")
+        .push(json!({"name": "cbt-token", "mountPath": CBT_TOKEN_DIR, "readOnly": true}));
+    let args = c["args"].as_array_mut().expect("args");
+    let mut push = |a: String| args.push(json!(a));
+    push(format!("--cbt-address={}", s.address));
+    push(format!("--cbt-ca={}", s.ca_cert));
+    push(format!("--cbt-token={CBT_TOKEN_DIR}/token"));
+    push(format!("--cbt-namespace={}", m.settings.namespace));
+    push(format!("--cbt-snapshot={target}"));
+    push(format!("--cbt-sample={}", m.settings.cbt_sample));
+    if let Some(h) = base.and_then(|b| b.handle.as_deref()) {
+        push(format!("--cbt-base-id={h}"));
+    }
 }
 
 /// The PVC a mover or writer Job attaches as a raw device.
@@ -299,6 +364,7 @@ mod tests {
                 chunk_size: 65536,
                 compress: true,
                 refine: true,
+                cbt: Default::default(),
             };
             let n = names(&m, cut);
             objects(&m, cut, base, &n).unwrap()
@@ -368,5 +434,79 @@ mod tests {
         cut.pvc.mode = VolumeMode::Block;
         let content = &client_free(&cut, None)[0];
         assert!(content["metadata"]["annotations"][ALLOW_MODE_CHANGE].is_null());
+    }
+
+    #[test]
+    fn with_a_snapshot_metadata_service_the_mover_gets_its_address_and_an_audience_token() {
+        let settings = MoverSettings::default();
+        let service = crate::k8s::cbt::Service {
+            address: "sms.rbd:6443".into(),
+            audience: "rbd-cbt".into(),
+            ca_cert: "Q0E=".into(),
+        };
+        let m = Spec {
+            protection: "shop".into(),
+            gen: Gen(3),
+            cycle: CycleId(1),
+            settings: &settings,
+            peer: "dr:7420".into(),
+            server_name: "dr".into(),
+            site: "primary".into(),
+            chunk_size: 65536,
+            compress: false,
+            refine: false,
+            cbt: [("rbd.csi.ceph.com".to_string(), service)].into(),
+        };
+        let cut = Cut {
+            pvc: Pvc {
+                namespace: "db".into(),
+                name: "data-0".into(),
+                volume: "db.data-0".into(),
+                storage_class: None,
+                mode: VolumeMode::Block,
+                pv: None,
+                driver: Some("rbd.csi.ceph.com".into()),
+                phase: "Bound".into(),
+            },
+            snapshot: "s".into(),
+            content: Some("c".into()),
+            handle: Some("snap-9".into()),
+            restore_size: Some(1 << 20),
+        };
+        let mut base = cut.clone();
+        base.handle = Some("snap-8".into());
+        let n = names(&m, &cut);
+        let objs = objects(&m, &cut, Some(&base), &n).unwrap();
+        let pod = &objs.last().unwrap()["spec"]["template"]["spec"];
+        assert_eq!(pod["serviceAccountName"], "lifeboat-mover");
+        // Still no API token: only the audience-scoped one.
+        assert_eq!(pod["automountServiceAccountToken"], false);
+        let token = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "cbt-token")
+            .unwrap();
+        assert_eq!(
+            token["projected"]["sources"][0]["serviceAccountToken"]["audience"],
+            "rbd-cbt"
+        );
+        let args = pod["containers"][0]["args"].to_string();
+        for a in [
+            "--cbt-address=sms.rbd:6443",
+            "--cbt-base-id=snap-8",
+            "--cbt-namespace=lifeboat",
+            &format!("--cbt-snapshot={}", n.source.snapshot),
+            "--cbt-token=/var/run/lifeboat/cbt/token",
+        ] {
+            assert!(args.contains(a), "{a} not in {args}");
+        }
+        // Another driver's PVC, or cbt = false: no access at all.
+        let mut other = cut.clone();
+        other.pvc.driver = Some("ebs.csi.aws.com".into());
+        let objs = objects(&m, &other, None, &names(&m, &other)).unwrap();
+        let pod = &objs.last().unwrap()["spec"]["template"]["spec"];
+        assert!(pod["serviceAccountName"].is_null());
+        assert!(!pod.to_string().contains("cbt"));
     }
 }

@@ -119,9 +119,15 @@ pub fn generate(protections: &[&KubeProtection], o: &RbacOptions) -> Result<Site
     let (mut namespaces, mut dr_namespaces) = (Vec::new(), Vec::new());
     let mut stork = false;
     let mut mover_namespaces = Vec::new();
+    // (namespace, name) of the movers' ServiceAccount where they call SnapshotMetadata.
+    let mut cbt_accounts: Vec<(String, String)> = Vec::new();
     for kp in protections {
         if let Some(c) = &kp.csi {
             mover_namespaces.push(c.mover.namespace.clone());
+            let account = (c.mover.namespace.clone(), c.mover.service_account.clone());
+            if c.mover.cbt && !cbt_accounts.contains(&account) {
+                cbt_accounts.push(account);
+            }
         }
         for k in collected(kp)? {
             kinds.push((k.group, k.plural));
@@ -193,6 +199,15 @@ pub fn generate(protections: &[&KubeProtection], o: &RbacOptions) -> Result<Site
             rule(GROUP_G, &["volumegroupsnapshotclasses".into()], &["list"]),
             rule(GROUP_G, &["volumegroupsnapshotcontents".into()], &["get"]),
         ];
+        let mut cluster = cluster;
+        if !cbt_accounts.is_empty() {
+            // Changed block tracking (src/k8s/cbt.rs): each driver's service, by name.
+            cluster.push(rule(
+                super::cbt::CBT_GROUP,
+                &["snapshotmetadataservices".into()],
+                &["get"],
+            ));
+        }
         primary.push(cluster_role("lifeboat-primary-cluster", cluster));
         primary.push(json!({"apiVersion": RBAC_V1, "kind": "ClusterRoleBinding",
             "metadata": {"name": "lifeboat-primary-cluster"}, "subjects": subjects(o),
@@ -217,6 +232,24 @@ pub fn generate(protections: &[&KubeProtection], o: &RbacOptions) -> Result<Site
                 .iter()
                 .map(|ns| role_binding("lifeboat-primary-movers", ns, o)),
         );
+        // The movers' own identity, for the SnapshotMetadata service only: the sidecar
+        // authorizes a caller that may get the target VolumeSnapshot (the movers' copy in
+        // their namespace). No API token is mounted in a mover; the projected token's
+        // audience is the service's.
+        if !cbt_accounts.is_empty() {
+            primary.push(cluster_role(
+                "lifeboat-mover",
+                vec![rule(SNAP_G, &["volumesnapshots".into()], &["get"])],
+            ));
+        }
+        for (ns, sa) in &cbt_accounts {
+            primary.push(json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                "metadata": {"name": sa, "namespace": ns}, "automountServiceAccountToken": false}));
+            let mut b = role_binding("lifeboat-mover", ns, o);
+            b["metadata"]["name"] = json!(sa);
+            b["subjects"] = json!([{"kind": "ServiceAccount", "name": sa, "namespace": ns}]);
+            primary.push(b);
+        }
     }
 
     // The DR site: apply, prune and wait (src/k8s/apply.rs).

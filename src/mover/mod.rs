@@ -67,8 +67,11 @@ pub struct Job {
     /// Fail, naming where it stood, when nothing moves for this long (no hash bytes
     /// received, no bytes scanned): a hung device or a DR site that stopped answering.
     pub stall_after: Option<std::time::Duration>,
+    /// The driver's SnapshotMetadata service: read only the ranges it reports.
+    pub cbt: Option<cbt::CbtJob>,
 }
 
+pub mod cbt;
 pub mod write;
 
 /// Connects to the DR daemon over `link` (the pair's mutual TLS), saying this site and
@@ -194,6 +197,10 @@ async fn move_volume(job: &Job, activity: &Arc<AtomicU64>) -> Result<Outcome> {
         chunk_size: job.chunk_size,
     })
     .await?;
+    let narrow = match &job.cbt {
+        Some(c) => narrowed(job, c, geometry, &hashes, &mut out).await?,
+        None => None,
+    };
     let (tx, rx) = mpsc::channel::<Scanned>(16);
     let (device, compress, refine) = (job.device.clone(), job.compress, job.refine);
     let p2 = activity.clone();
@@ -217,6 +224,7 @@ async fn move_volume(job: &Job, activity: &Arc<AtomicU64>) -> Result<Outcome> {
                 compress,
                 // Refined chunks are compressed as patches instead.
                 raw_if_based: refine,
+                narrow: narrow.as_ref(),
                 ..Default::default()
             },
         )?;
@@ -282,9 +290,81 @@ async fn move_volume(job: &Job, activity: &Arc<AtomicU64>) -> Result<Outcome> {
     out.chunks = stats.chunks;
     out.chunks_changed = stats.chunks_changed;
     out.bytes_scanned = stats.bytes_scanned;
+    out.bytes_read += stats.bytes_read;
     out.bytes_changed = stats.bytes_changed;
     out.chunk_bytes_sent = sent;
     Ok(out)
+}
+
+/// Asks the SnapshotMetadata service which chunks to read and checks a sample of the
+/// others against the DR site's hashes (`hashes`); `None` (scan everything) when the
+/// service fails or the answer does not hold, with why in `out`. Only an unreadable
+/// device is an error.
+async fn narrowed(
+    job: &Job,
+    c: &cbt::CbtJob,
+    geometry: Geometry,
+    hashes: &std::path::Path,
+    out: &mut Outcome,
+) -> Result<Option<crate::engine::narrow::Narrow>> {
+    let call = if c.base_id.is_some() {
+        "GetMetadataDelta"
+    } else {
+        "GetMetadataAllocated"
+    };
+    let fallback = |out: &mut Outcome, why: String| {
+        tracing::warn!(volume = %job.volume, "changed block tracking not used: {why}");
+        out.cbt = "full".into();
+        out.cbt_fallback = Some(why.chars().take(600).collect());
+    };
+    let answer = match cbt::ask(c, geometry).await {
+        Ok(a) => a,
+        Err(e) => {
+            fallback(out, format!("{e:#}; scanned the whole volume"));
+            return Ok(None);
+        }
+    };
+    out.cbt_ranges = answer.ranges;
+    let (device, hashes, share) = (job.device.clone(), hashes.to_path_buf(), c.sample);
+    // A different sample every cycle, so no chunk stays unchecked for long.
+    let seed = job.cycle.0
+        ^ u64::from_le_bytes(
+            blake3::hash(job.volume.as_bytes()).as_bytes()[..8]
+                .try_into()
+                .expect("8 bytes"),
+        );
+    let (narrow, checked) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mut cursor = BaseCursor::new(SegmentFile::open(&hashes)?);
+        let checked = cbt::check(&device, geometry, &answer.narrow, share, seed, |i| {
+            cursor.hash_at(i)
+        })?;
+        Ok((answer.narrow, checked))
+    })
+    .await??;
+    let (read, mismatch) = checked;
+    out.bytes_read += read;
+    if let Some(m) = mismatch {
+        let what = match narrow.unlisted {
+            crate::engine::narrow::Unlisted::Base => "differs from the replica",
+            crate::engine::narrow::Unlisted::Zero => "is not zeros",
+        };
+        out.cbt_mismatch = true;
+        fallback(
+            out,
+            format!(
+                "{call} left chunk {} out, but it {what} (found by reading {} sampled chunks); scanned the whole volume",
+                m.chunk, m.sampled
+            ),
+        );
+        return Ok(None);
+    }
+    out.cbt = if c.base_id.is_some() {
+        "delta"
+    } else {
+        "allocated"
+    }
+    .into();
+    Ok(Some(narrow))
 }
 
 /// The scratch file's segments in order, as the base cursor pulls them.

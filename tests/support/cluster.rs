@@ -84,7 +84,19 @@ pub struct Cluster {
     /// The most pods that ran at once.
     pub peak: Arc<std::sync::atomic::AtomicUsize>,
     pub root: PathBuf,
+    /// ServiceAccount tokens the kubelet projected into Pods (what a TokenReview knows).
+    pub tokens: Tokens,
 }
+
+/// A projected ServiceAccount token: who it names and for which audience.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issued {
+    pub namespace: String,
+    pub service_account: String,
+    pub audience: String,
+}
+
+pub type Tokens = Arc<Mutex<HashMap<String, Issued>>>;
 
 impl Drop for Cluster {
     fn drop(&mut self) {
@@ -159,6 +171,7 @@ struct World {
     scheduled: Arc<Mutex<Vec<(String, String)>>>,
     peak: Arc<std::sync::atomic::AtomicUsize>,
     seq: u64,
+    tokens: Tokens,
 }
 
 impl Cluster {
@@ -221,7 +234,9 @@ impl Cluster {
         let scheduled = Arc::new(Mutex::new(Vec::new()));
         let root = opts.root.clone();
         let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let tokens: Tokens = Default::default();
         let mut world = World {
+            tokens: tokens.clone(),
             peak: peak.clone(),
             opts,
             hold_ready: hold_ready.clone(),
@@ -250,6 +265,7 @@ impl Cluster {
             scheduled,
             peak,
             root,
+            tokens,
         }
     }
 
@@ -1034,6 +1050,45 @@ impl World {
                         files.push((
                             m["mountPath"].as_str().unwrap().into(),
                             sdir.display().to_string(),
+                        ));
+                    }
+                } else if let Some(sources) = v["projected"]["sources"].as_array() {
+                    // Only ServiceAccount tokens: the Pod's account must exist (the
+                    // ServiceAccount admission plugin refuses the Pod otherwise).
+                    let sa = pod["spec"]["serviceAccountName"]
+                        .as_str()
+                        .unwrap_or("default");
+                    if st
+                        .get_object("", "serviceaccounts", &ns(&pod), sa)
+                        .is_none()
+                    {
+                        waiting = true;
+                        continue;
+                    }
+                    let pdir = dir.join(vname);
+                    std::fs::create_dir_all(&pdir).unwrap();
+                    for src in sources {
+                        let t = &src["serviceAccountToken"];
+                        let Some(path) = t["path"].as_str() else {
+                            continue;
+                        };
+                        self.seq += 1;
+                        let token = format!("sa-token-{}-{}", self.seq, uid(&pod));
+                        self.tokens.lock().unwrap().insert(
+                            token.clone(),
+                            Issued {
+                                namespace: ns(&pod),
+                                service_account: sa.to_string(),
+                                // No audience: the API server's own.
+                                audience: t["audience"].as_str().unwrap_or("api").to_string(),
+                            },
+                        );
+                        std::fs::write(pdir.join(path), token).unwrap();
+                    }
+                    if let Some(m) = mount {
+                        files.push((
+                            m["mountPath"].as_str().unwrap().into(),
+                            pdir.display().to_string(),
                         ));
                     }
                 } else if v["emptyDir"].is_object() {

@@ -37,7 +37,13 @@ pub struct Spec {
     pub dr_csi: bool,
     /// More lines of the DR site's `[protection]` (after its name), e.g. `keep = 5`.
     pub dr_protection: String,
+    /// The primary's driver offers changed block tracking: a SnapshotMetadata service
+    /// ([`super::cbt`]), its volumes on XFS so snapshots share extents.
+    pub cbt: bool,
 }
+
+/// The audience of the stand-in SnapshotMetadata service.
+pub const CBT_AUDIENCE: &str = "rbd-cbt";
 
 /// A cluster's storage and snapshot classes of the driver (the DR cluster's are its
 /// replicas').
@@ -93,6 +99,8 @@ pub struct Sites {
     pub cluster: Cluster,
     /// The DR site's cluster (`dr_csi`).
     pub dr_cluster: Option<Cluster>,
+    pub cbt: Option<super::cbt::MetadataService>,
+    _xfs: Option<super::relay::Xfs>,
     _kdir: tempfile::TempDir,
 }
 
@@ -103,8 +111,26 @@ impl Sites {
         let kdir = tempfile::tempdir().unwrap();
         let primary_api = KubeApi::start(kdir.path(), "primary");
         let dr_api = KubeApi::start(kdir.path(), "dr");
+        // Changed block tracking compares extents: the primary's volumes on a reflink file
+        // system.
+        let xfs = spec.cbt.then(|| {
+            super::relay::Xfs::mount(
+                &kdir.path().join("xfs.img"),
+                &kdir.path().join("xfs"),
+                1 << 30,
+            )
+            .expect("an XFS file system for the CBT stand-in")
+        });
+        let csi_root = match &xfs {
+            Some(x) => x.mnt.join("csi"),
+            None => kdir.path().join("csi"),
+        };
         let options = |root: &str, snapshots: bool| Options {
-            root: kdir.path().join(root),
+            root: if root == "csi" {
+                csi_root.clone()
+            } else {
+                kdir.path().join(root)
+            },
             drivers: vec![Driver {
                 name: DRIVER.into(),
                 snapshots,
@@ -118,6 +144,14 @@ impl Sites {
             group_version: "v1beta1",
         };
         let cluster = Cluster::start(&primary_api, options("csi", spec.snapshots));
+        let cbt = spec.cbt.then(|| {
+            super::cbt::MetadataService::start(
+                &primary_api,
+                cluster.tokens.clone(),
+                DRIVER,
+                CBT_AUDIENCE,
+            )
+        });
         let dr_cluster = spec
             .dr_csi
             .then(|| Cluster::start(&dr_api, options("dr-csi", true)));
@@ -198,6 +232,8 @@ impl Sites {
             dr_api,
             cluster,
             dr_cluster,
+            cbt,
+            _xfs: xfs,
             _kdir: kdir,
         }
     }

@@ -1488,6 +1488,21 @@ impl KubeApi {
         self.state.lock().unwrap().policy()
     }
 
+    /// A SubjectAccessReview as a component outside the server makes one (a CSI sidecar
+    /// authorizing its caller): RBAC's answer, recorded with the server's own decisions.
+    pub fn subject_access_review(&self, u: &User, a: &rbac::Attrs) -> Result<(), String> {
+        let mut st = self.state.lock().unwrap();
+        let r = st.policy().authorize(u, a);
+        st.checks.push(Check {
+            user: u.clone(),
+            attrs: a.clone(),
+            or_holds: None,
+            in_handler: false,
+            allowed: r.is_ok(),
+        });
+        r
+    }
+
     pub fn add_type(&self, group: &str, version: &str, kind: &str, plural: &str, namespaced: bool) {
         self.state
             .lock()

@@ -15,6 +15,7 @@ use lifeboat::api::{CycleReport, SiteStatus};
 use rand::{Rng, RngCore, SeedableRng};
 
 pub mod apirules;
+pub mod cbt;
 pub mod cluster;
 pub mod csisite;
 pub mod kubeapi;

@@ -138,8 +138,19 @@ pub async fn send(
         .peer
         .as_ref()
         .ok_or_else(|| k8s(anyhow::anyhow!("a primary without [peer]")))?;
+    let client = primary.kube(name).map_err(k8s)?.clone();
+    let cbt = if csi.mover.cbt {
+        let drivers: Vec<String> = set
+            .cuts
+            .iter()
+            .filter_map(|c| c.pvc.driver.clone())
+            .collect();
+        crate::k8s::cbt::discover(&client, &drivers).await
+    } else {
+        Default::default()
+    };
     let m = Movers {
-        client: primary.kube(name).map_err(k8s)?.clone(),
+        client,
         bases,
         spec: Spec {
             protection: name.to_string(),
@@ -152,6 +163,7 @@ pub async fn send(
             chunk_size: prot.chunk_size,
             compress: prot.compression,
             refine: report.refine,
+            cbt,
         },
         site: &primary.movers,
     };
@@ -237,7 +249,20 @@ pub async fn send(
                 m.bytes_scanned = mv.outcome.bytes_scanned;
                 m.bytes_sent = mv.outcome.chunk_bytes_sent;
                 m.seconds = seconds;
+                m.bytes_read = mv.outcome.bytes_read;
+                m.cbt = mv.outcome.cbt.clone();
             });
+            if !mv.outcome.cbt.is_empty() {
+                let result = match (mv.outcome.cbt.as_str(), mv.outcome.cbt_mismatch) {
+                    ("full", true) => "mismatch",
+                    ("full", false) => "failed",
+                    (used, _) => used,
+                };
+                metrics.mover_cbt.with_label_values(&[name, result]).inc();
+            }
+            if let Some(why) = &mv.outcome.cbt_fallback {
+                tracing::warn!(volume = %mv.volume, "changed block tracking not used: {why}");
+            }
             tracing::info!(volume = %mv.volume, node, sent = mv.outcome.chunk_bytes_sent, "mover done");
             primary.live.activity(
                 name,
@@ -306,6 +331,9 @@ pub async fn send(
             chunks_changed: o.chunks_changed,
             bytes_changed: o.bytes_changed,
             chunk_bytes_sent: o.chunk_bytes_sent,
+            bytes_read: o.bytes_read,
+            cbt: o.cbt.clone(),
+            cbt_fallback: o.cbt_fallback.clone(),
         });
         records.insert(
             volume,

@@ -202,6 +202,7 @@ pub async fn send_volume(
                 base_snapshot: base_snapshot.as_deref(),
                 compress: compression,
                 raw_if_based,
+                narrow: None,
             },
         )?;
         if let Some((no, seg)) = builder.finish() {
@@ -282,6 +283,8 @@ pub async fn send_volume(
             chunks_changed: stats.chunks_changed,
             bytes_changed: stats.bytes_changed,
             chunk_bytes_sent: sent,
+            bytes_read: stats.bytes_read,
+            ..Default::default()
         },
     ))
 }
