@@ -117,7 +117,7 @@ impl Sites {
             super::relay::Xfs::mount(
                 &kdir.path().join("xfs.img"),
                 &kdir.path().join("xfs"),
-                1 << 30,
+                2 << 30,
             )
             .expect("an XFS file system for the CBT stand-in")
         });
