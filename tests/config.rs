@@ -90,7 +90,6 @@ fn every_malformed_config_gets_an_error_naming_its_key() {
         ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]\nselector = \"app in cassandra\"\nvolume_path = \"/v/{pvc}\"", "protection[0].kubernetes.selector"),
         ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]\nnamespace_map = { prod = \"DR!\" }\nvolume_path = \"/v/{pvc}\"", "protection[0].kubernetes.namespace_map.prod"),
         ("interval = \"30s\"", "interval = \"30s\"\nkeep = 0", "protection[0].keep"),
-        ("interval = \"30s\"", "interval = \"30s\"\nkeep = 5", "protection[0].keep"),
         ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]\nvolume_path = \"/v/{pvc}\"\nvolume_node = \"node-a\"", "protection[0].kubernetes.volume_node"),
         ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]\nresource_modifiers = \"/nonexistent.yaml\"\nvolume_path = \"/v/{pvc}\"", "protection[0].kubernetes.resource_modifiers"),
         ("interval = \"30s\"", "interval = \"30s\"\npre = [\"sync\"]\n[protection.kubernetes]\nnamespaces = [\"prod\"]\nvolume_path = \"/v/{pvc}\"", "protection[0].pre"),

@@ -324,3 +324,195 @@ fn verify_of_clean_replicas_reports_nothing_while_cycles_run() {
         cycles.join().unwrap();
     });
 }
+
+/// A pair keeping `keep` recovery points at the DR site, its replicas (and so its points)
+/// on XFS.
+fn keeping(keep: usize) -> (Pair, relay::Xfs) {
+    let mut pair = Pair::new(PairOptions {
+        volumes: vec![("v1", 4 << 20), ("v2", 2 << 20)],
+        start: false,
+        dr_protection: format!("keep = {keep}"),
+        ..Default::default()
+    });
+    let d = pair.dir.path().to_path_buf();
+    let xfs = relay::Xfs::mount(&d.join("xfs.img"), &d.join("xfs"), 512 << 20).unwrap();
+    std::fs::remove_dir(d.join("replicas")).unwrap();
+    std::fs::create_dir(d.join("xfs/replicas")).unwrap();
+    std::os::unix::fs::symlink(d.join("xfs/replicas"), d.join("replicas")).unwrap();
+    pair.start();
+    (pair, xfs)
+}
+
+/// The gens of the point directories under `root`, in order.
+fn point_dirs(root: &std::path::Path) -> Vec<u64> {
+    let mut dirs: Vec<u64> = std::fs::read_dir(root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// blake3 of point `gen`'s v1 and v2.
+fn point_hashes(root: &std::path::Path, gen: u64) -> Vec<String> {
+    ["v1", "v2"]
+        .iter()
+        .map(|v| b3(&root.join(gen.to_string()).join(format!("{v}.img"))))
+        .collect()
+}
+
+#[test]
+fn file_replicas_keep_k_reflink_points_a_held_one_survives_and_failover_recovers_the_oldest() {
+    let (mut pair, _xfs) = keeping(5);
+    let cli = |pair: &Pair, args: &[&str]| {
+        let args = [args, &["--protection", PROT]].concat();
+        let (ok, out, err) = pair.dr.cli(&args);
+        (ok, out + &err)
+    };
+    // What each gen holds, as the primary had it when the cycle cut it.
+    let mut held_by_gen = std::collections::BTreeMap::new();
+    for i in 0..8u64 {
+        if i > 0 {
+            pair.change_all(6, 70 + i);
+        }
+        let gen = pair.sync().gen;
+        held_by_gen.insert(gen, pair.volume_hashes());
+        if i == 1 {
+            let (ok, text) = cli(&pair, &["hold", "--gen", &gen.to_string()]);
+            assert!(ok, "{text}");
+        }
+    }
+    let gens: Vec<u64> = held_by_gen.keys().copied().collect();
+    let held = gens[1];
+    // Five points: the held one, older than the rest, survives pruning beside the newest
+    // four.
+    let kept: Vec<u64> = pair.dr.status().protections[0].points.clone();
+    let mut want: Vec<u64> = vec![held];
+    want.extend(&gens[gens.len() - 4..]);
+    assert_eq!(kept, want, "held gen {held} and the newest four (keep = 5)");
+    // Each point's files equal the primary's volumes at its gen, by blake3.
+    let root = pair.dir.path().join("replicas/.lifeboat-points").join(PROT);
+    for g in &kept {
+        let files = point_hashes(&root, *g);
+        assert_eq!(files, held_by_gen[g], "point {g}");
+    }
+    // Nothing else is left in the points' directory.
+    let dirs = point_dirs(&root);
+    assert_eq!(dirs, kept);
+    let (ok, text) = cli(&pair, &["points"]);
+    assert!(
+        ok && text.contains(&held.to_string()) && text.contains("held"),
+        "{text}"
+    );
+    // Released, the held point goes with the next cycle.
+    let (ok, text) = cli(&pair, &["release", "--gen", &held.to_string()]);
+    assert!(ok, "{text}");
+    pair.change_all(6, 99);
+    let last = pair.sync().gen;
+    held_by_gen.insert(last, pair.volume_hashes());
+    let kept: Vec<u64> = pair.dr.status().protections[0].points.clone();
+    assert_eq!(kept.len(), 5, "{kept:?}");
+    assert!(!kept.contains(&held) && !root.join(held.to_string()).exists());
+    // A gen that is not kept is refused, naming the kept ones.
+    pair.primary.kill9();
+    let (ok, text) = cli(&pair, &["failover", "--gen", &held.to_string()]);
+    assert!(
+        !ok && text.contains("not a retained recovery point"),
+        "{text}"
+    );
+    // Failover to the oldest kept point: the replicas hold that gen's data.
+    let oldest = kept[0];
+    let (ok, text) = cli(&pair, &["failover", "--gen", &oldest.to_string()]);
+    assert!(ok, "{text}");
+    assert!(text.contains(&format!("recovery point {oldest}")), "{text}");
+    assert_eq!(pair.replica_hashes(), held_by_gen[&oldest]);
+}
+
+#[test]
+fn a_dr_daemon_killed_after_cutting_a_point_files_finishes_it_whole_at_restart() {
+    let (mut pair, _xfs) = keeping(3);
+    let mut by_gen = std::collections::BTreeMap::new();
+    for i in 0..2 {
+        pair.change_all(6, 200 + i);
+        let gen = pair.sync().gen;
+        by_gen.insert(gen, pair.volume_hashes());
+    }
+    // Killed after the point's files are cut, before the point is recorded.
+    pair.change_all(6, 210);
+    pair.dr.stop();
+    pair.dr.failpoint = Some("dr-point-cut".into());
+    pair.dr.start();
+    let client = pair.primary.client();
+    let pending = std::thread::spawn(move || {
+        client
+            .post::<lifeboat::api::CycleReport>(&format!("/v1/protections/{PROT}/sync"))
+            .map_err(|e| format!("{e:#}"))
+    });
+    pair.dr.wait_failpoint();
+    pair.dr.kill9();
+    assert!(
+        pending.join().unwrap().is_err(),
+        "no acknowledgement was sent"
+    );
+    pair.dr.failpoint = None;
+    pair.dr.start();
+    // The restart's redo finished the committed gen and its point.
+    let status = pair.dr.status();
+    let gen = status.protections[0].consistent_gen.unwrap();
+    by_gen.insert(gen, pair.volume_hashes());
+    assert_eq!(status.protections[0].points, vec![1, 2, 3]);
+    for _ in 0..3 {
+        pair.change_all(6, 300 + by_gen.len() as u64);
+        let gen = pair.sync().gen;
+        by_gen.insert(gen, pair.volume_hashes());
+    }
+    let kept = pair.dr.status().protections[0].points.clone();
+    assert_eq!(kept, vec![4, 5, 6]);
+    let root = pair.dir.path().join("replicas/.lifeboat-points").join(PROT);
+    let dirs = point_dirs(&root);
+    assert_eq!(dirs, kept, "only the kept points' files remain");
+    for g in &kept {
+        let files = point_hashes(&root, *g);
+        assert_eq!(files, by_gen[g], "point {g}");
+    }
+}
+
+#[test]
+fn keeping_points_of_replicas_on_a_file_system_without_reflink_refuses_to_start_naming_it() {
+    let pair = Pair::new(PairOptions {
+        start: false,
+        dr_protection: "keep = 3".into(),
+        ..Default::default()
+    });
+    let dir = pair.dir.path().join("replicas");
+    if lifeboat::volume::points::probe(&dir).is_ok() {
+        return; // this temp dir shares extents: nothing to refuse
+    }
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
+        .args(["run", "--config"])
+        .arg(&pair.dr.config)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the DR daemon started with keep = 3 on a file system without reflink");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains("keep = 3")
+            && err.contains("needs a file system that shares extents")
+            && err.contains(&dir.display().to_string()),
+        "{err}"
+    );
+}

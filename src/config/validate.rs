@@ -424,11 +424,6 @@ impl Validator {
                 format!("{key}.keep"),
                 "is 0; expected how many recovery points the DR site keeps, at least 1",
             );
-        } else if keep > 1 && !csi {
-            self.problem(
-                format!("{key}.keep"),
-                format!("is {keep}; this build keeps older recovery points only in Kubernetes mode with CSI replicas (no volume_path); local and host-path replicas keep the newest point: set keep = 1"),
-            );
         }
         Protection {
             keep: keep.max(1),

@@ -38,11 +38,34 @@ pub fn prepare(config: &Config) -> Result<()> {
     }
     // Each role makes only the directories it writes.
     match config.role {
-        Role::Dr => create(&config.staging_dir, "staging_dir")?,
+        Role::Dr => {
+            create(&config.staging_dir, "staging_dir")?;
+            points_possible(config)?;
+        }
         Role::Primary => {
             for p in &config.protections {
                 create(&p.snapshot_dir, "snapshot_dir")?;
             }
+        }
+    }
+    Ok(())
+}
+
+/// File replicas keeping more than one recovery point need a file system that shares
+/// extents: refused at start, naming the directory, rather than at the first point.
+fn points_possible(config: &Config) -> Result<()> {
+    for p in config
+        .protections
+        .iter()
+        .filter(|p| p.keep > 1 && p.csi().is_none())
+    {
+        let mut dirs: Vec<&Path> = p.volumes.iter().filter_map(|v| v.path.parent()).collect();
+        dirs.sort();
+        dirs.dedup();
+        for d in dirs {
+            create_private_dir(d).with_context(|| format!("create {}", d.display()))?;
+            crate::volume::points::probe(d)
+                .with_context(|| format!("protection {}: keep = {}", p.name, p.keep))?;
         }
     }
     Ok(())

@@ -90,21 +90,22 @@ async fn read<'a>(
         .or(rec.point_gen());
     let chosen = match opts.gen.map(Gen) {
         None => None,
-        Some(_) if prot.csi().is_none() => {
-            return Err(FailoverError::Local(anyhow::anyhow!(
-                "--gen recovers an older retained recovery point; protection {} keeps only its newest (its replicas are not CSI replica PVCs)",
-                prot.name
-            )))
-        }
         Some(g) => match rec.recovery_point(g) {
             Some(p) => Some(p.point.point),
             None => {
-                let kept: Vec<String> =
-                    rec.points.iter().map(|p| p.point.point.gen.to_string()).collect();
+                let kept: Vec<String> = rec
+                    .points
+                    .iter()
+                    .map(|p| p.point.point.gen.to_string())
+                    .collect();
                 return Err(FailoverError::NotRetained(format!(
                     "gen {g} of protection {} is not a retained recovery point (kept: {})",
                     prot.name,
-                    if kept.is_empty() { "none".into() } else { kept.join(", ") }
+                    if kept.is_empty() {
+                        format!("only the newest, gen {}; set keep above 1 at the DR site to keep older ones", newest.map_or("none".into(), |g| g.to_string()))
+                    } else {
+                        kept.join(", ")
+                    }
                 )));
             }
         },
@@ -224,6 +225,11 @@ async fn run(
                     .map_err(FailoverError::Local)?;
                 failing.kept();
                 write_fences(prot, &rec)
+                    .await
+                    .map_err(FailoverError::Local)?;
+            }
+            Planned::Restore { gen, .. } => {
+                restore_files(dr, prot, *gen)
                     .await
                     .map_err(FailoverError::Local)?;
             }
@@ -378,4 +384,25 @@ fn report(
         dry_run,
         problems: Vec::new(),
     }
+}
+
+/// Puts each file replica back to point `gen`'s clone (the newest point's files are the
+/// replicas themselves).
+async fn restore_files(dr: &Dr, prot: &Protection, gen: Gen) -> anyhow::Result<()> {
+    let rec = dr.store.record(&prot.name).await?;
+    let point = rec
+        .recovery_point(gen)
+        .ok_or_else(|| anyhow::anyhow!("recovery point {gen} is no longer kept"))?
+        .clone();
+    let group = prot.with_volumes(point.files.keys().map(|v| v.as_str()));
+    tokio::task::spawn_blocking(move || {
+        for v in &group.volumes {
+            let file = &point.files[&v.name];
+            anyhow::Context::with_context(crate::volume::points::restore(file, &v.path), || {
+                format!("put replica {} back to recovery point {gen}", v.name)
+            })?;
+        }
+        Ok(())
+    })
+    .await?
 }

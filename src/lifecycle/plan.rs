@@ -19,6 +19,8 @@ pub enum Planned {
     Confirm { pending: usize },
     /// Raise the epoch so the old primary is refused (already raised: nothing changes).
     Fence { from: Epoch, to: Epoch },
+    /// File replicas: put each replica back to an older recovery point's clone.
+    Restore { gen: Gen, volumes: usize },
     /// Apply the gen's manifests in the active form.
     Apply {
         gen: Gen,
@@ -43,6 +45,9 @@ impl Planned {
                 format!("the old primary is fenced already (epoch {to})")
             }
             Planned::Fence { from, to } => format!("fence the old primary (epoch {from} -> {to})"),
+            Planned::Restore { gen, volumes } => format!(
+                "put the {volumes} replica(s) back to recovery point {gen} (reflink clones of its files)"
+            ),
             Planned::Apply {
                 gen,
                 objects,
@@ -109,6 +114,16 @@ pub fn plan(
             to: epoch,
         },
     ];
+    // An older point of file replicas: its clones replace the replicas (CSI points are
+    // restored into PVCs by the apply instead).
+    if let Some(pt) = chosen.filter(|c| Some(c.gen) != newest.map(|n| n.gen)) {
+        if let Some(p) = rec.recovery_point(pt.gen).filter(|p| !p.files.is_empty()) {
+            steps.push(Planned::Restore {
+                gen: pt.gen,
+                volumes: p.files.len(),
+            });
+        }
+    }
     let kubernetes = match (objects, point) {
         (Some(objs), Some(pt)) => {
             let k = active_form(objs, pt.gen);
@@ -276,5 +291,35 @@ mod tests {
             plan("p", &at(None), &[], Some(&objs), None),
             Err(NothingToRecover("p".into()))
         );
+    }
+
+    #[test]
+    fn an_older_point_of_file_replicas_is_restored_before_the_fence_ends() {
+        let file_point = |gen: u64| crate::store::RecoveryPoint {
+            point: pr(gen),
+            snapshots: BTreeMap::new(),
+            held: false,
+            files: [(
+                crate::ids::VolumeName::new("v1").unwrap(),
+                std::path::PathBuf::from(format!("/r/.lifeboat-points/p/{gen}/v1.img")),
+            )]
+            .into(),
+        };
+        let rec = ProtectionRecord {
+            point: Some(pr(4)),
+            points: vec![file_point(2), file_point(3), file_point(4)],
+            ..Default::default()
+        };
+        let texts = |chosen: u64| {
+            let p = plan("p", &rec, &[], None, Some(pr(chosen).point)).unwrap();
+            assert_eq!(p.point.map(|p| p.gen), Some(Gen(chosen)));
+            p.steps.iter().map(Planned::describe).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            texts(2).last().unwrap(),
+            "put the 1 replica(s) back to recovery point 2 (reflink clones of its files)"
+        );
+        // The newest point is the replicas themselves: nothing to put back.
+        assert!(!texts(4).iter().any(|t| t.starts_with("put")));
     }
 }

@@ -42,8 +42,13 @@ fn report(name: &ProtectionName, keep: usize, rec: &ProtectionRecord) -> PointsR
                 gen: p.point.point.gen.0,
                 taken_at_ms: p.point.point.taken_at_ms,
                 age_seconds: age_seconds(p.point.point.taken_at_ms),
-                volumes: p.snapshots.len(),
-                size_bytes: p.snapshots.values().map(|s| s.size).sum(),
+                // CSI snapshots, or file clones (as large as their gen's volumes).
+                volumes: p.snapshots.len() + p.files.len(),
+                size_bytes: if p.files.is_empty() {
+                    p.snapshots.values().map(|s| s.size).sum()
+                } else {
+                    p.point.volumes.values().map(|v| v.size).sum()
+                },
                 held: p.held,
             })
             .collect(),

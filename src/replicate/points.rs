@@ -145,6 +145,7 @@ pub async fn redo(dr: &Dr, prot: &Protection, commit: CommitRecord) -> Result<()
         point: commit.point.clone(),
         snapshots,
         held: false,
+        files: BTreeMap::new(),
     };
     let (keep, dir) = (prot.keep, staging_dir(&dr.config, &name));
     let pruned = dr

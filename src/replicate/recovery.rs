@@ -15,12 +15,13 @@ use crate::config::{Config, Protection, Role};
 use crate::engine::chunk::{Geometry, RootHasher};
 use crate::engine::scan::{scan_file, ScanOptions};
 use crate::failpoint;
-use crate::ids::{ChunkHash, ProtectionName};
+use crate::ids::{ChunkHash, Gen, ProtectionName, VolumeName};
 use crate::replicate::points;
 use crate::replicate::receive::check;
 use crate::site::dr::{Dr, Locked};
 use crate::site::Shared;
-use crate::store::{CommitRecord, Store};
+use crate::store::{CommitRecord, RecoveryPoint, Store};
+use crate::volume::points as file_points;
 use crate::volume::{replica, snapshot};
 
 pub fn staging_dir(config: &Config, prot: &ProtectionName) -> PathBuf {
@@ -182,8 +183,56 @@ fn redo_blocking(
             stamps.insert(v.name.clone(), stamp);
         }
     }
+    if prot.keep > 1 {
+        return finish_with_point(store, config, prot, commit, stamps);
+    }
     store.finish_redo(&prot.name, commit, stamps)?;
     remove_dir(&staging_dir(config, &prot.name))
+}
+
+/// File replicas keeping `keep` points: gen N's replicas are cloned into point N, which is
+/// recorded with the gen in one synced batch; the pruned points' files go after.
+fn finish_with_point(
+    store: &Store,
+    config: &Config,
+    prot: &Protection,
+    commit: &CommitRecord,
+    stamps: BTreeMap<VolumeName, crate::volume::stamp::Stamp>,
+) -> Result<()> {
+    let gen = commit.point.point.gen;
+    let all = prot.with_volumes(commit.point.volumes.keys().map(|v| v.as_str()));
+    let replicas: Vec<(VolumeName, std::path::PathBuf)> = all
+        .volumes
+        .iter()
+        .map(|v| (v.name.clone(), v.path.clone()))
+        .collect();
+    let kept: Vec<Gen> = store
+        .record(&prot.name)?
+        .points
+        .iter()
+        .map(|p| p.point.point.gen)
+        .collect();
+    let paths: Vec<_> = replicas.iter().map(|(_, p)| p.clone()).collect();
+    file_points::sweep(prot.name.as_str(), &paths, &kept)?;
+    let files = file_points::cut(prot.name.as_str(), gen, &replicas)
+        .with_context(|| format!("cut recovery point {gen}"))?;
+    failpoint::hit("dr-point-cut");
+    let point = RecoveryPoint {
+        point: commit.point.clone(),
+        snapshots: BTreeMap::new(),
+        held: false,
+        files,
+    };
+    let (_, pruned) =
+        store.finish_redo_with_point(&prot.name, commit, stamps, Some((point, prot.keep)))?;
+    remove_dir(&staging_dir(config, &prot.name))?;
+    for p in pruned {
+        tracing::info!(gen = %p.point.point.gen, "recovery point pruned");
+        if let Err(e) = file_points::remove(&p.files) {
+            tracing::warn!(gen = %p.point.point.gen, error = %format!("{e:#}"), "could not remove a pruned point's files; the next point's sweep retries");
+        }
+    }
+    Ok(())
 }
 
 /// Drops staged volumes of uncommitted gens, their logs, their fresh replicas and their

@@ -49,6 +49,9 @@ pub struct RecoveryPoint {
     /// Pinned against pruning.
     #[serde(default)]
     pub held: bool,
+    /// File replicas (local and host-path mode): each volume's reflink clone.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<VolumeName, std::path::PathBuf>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -87,7 +90,8 @@ pub struct ProtectionRecord {
     /// Primary: re-protected after a fence; the DR site's newer epoch is adopted once.
     #[serde(default)]
     pub reprotect: bool,
-    /// DR, CSI replicas: the recovery points kept, oldest first; the last is `point`'s.
+    /// DR: the recovery points kept (CSI replicas, or file replicas with `keep` above 1),
+    /// oldest first; the last is `point`'s.
     #[serde(default)]
     pub points: Vec<RecoveryPoint>,
 }

@@ -130,7 +130,7 @@ pub fn remove(dirs: Vec<PathBuf>) -> Result<()> {
 
 const FICLONE: libc::c_ulong = 0x4004_9409;
 
-fn reflink(src: &File, dest: &File) -> std::io::Result<()> {
+pub(crate) fn reflink(src: &File, dest: &File) -> std::io::Result<()> {
     let rc = unsafe { libc::ioctl(dest.as_raw_fd(), FICLONE as _, src.as_raw_fd()) };
     if rc == 0 {
         Ok(())
