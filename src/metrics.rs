@@ -80,6 +80,10 @@ pub struct Metrics {
     pub movers: IntCounterVec,
     pub mover_sent_bytes: IntCounterVec,
     pub mover_cbt: IntCounterVec,
+    /// DR site: drills by result, when one last passed, and the recovery time it measured.
+    pub drills: IntCounterVec,
+    pub drill_last_success: GaugeVec,
+    pub drill_seconds: GaugeVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -123,6 +127,9 @@ impl Metrics {
             movers_running: reg(&r, IntGaugeVec::new(Opts::new("lifeboat_mover_running", "Mover Jobs of the protection running now"), p).unwrap()),
             movers: reg(&r, IntCounterVec::new(Opts::new("lifeboat_mover_total", "Mover Jobs ended, by result (ok, failed, stuck, unschedulable)"), &["protection", "result"]).unwrap()),
             mover_sent_bytes: reg(&r, IntCounterVec::new(Opts::new("lifeboat_mover_sent_bytes_total", "Chunk bytes the protection's movers sent to the DR site"), p).unwrap()),
+            drills: reg(&r, IntCounterVec::new(Opts::new("lifeboat_drills_total", "Drills of the protection's recovery points, by result (passed, failed)"), &["protection", "result"]).unwrap()),
+            drill_last_success: reg(&r, GaugeVec::new(Opts::new("lifeboat_drill_last_success_timestamp_seconds", "When a drill of the protection last passed (Unix time)"), p).unwrap()),
+            drill_seconds: reg(&r, GaugeVec::new(Opts::new("lifeboat_drill_seconds", "Recovery time the last passed drill measured: cloning the point and the check, in seconds"), p).unwrap()),
             mover_cbt: reg(&r, IntCounterVec::new(Opts::new("lifeboat_mover_cbt_total", "Movers that asked the driver's SnapshotMetadata service, by result: delta or allocated (only its ranges read), failed (the call failed: whole volume read), mismatch (a sampled chunk it left out had changed: whole volume read)"), &["protection", "result"]).unwrap()),
             tls_reloads: reg(&r, IntCounterVec::new(Opts::new("lifeboat_tls_reloads_total", "TLS material reloads (SIGHUP) by result; a failed one keeps the material in use"), &["result"]).unwrap()),
             registry: r,

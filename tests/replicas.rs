@@ -516,3 +516,147 @@ fn keeping_points_of_replicas_on_a_file_system_without_reflink_refuses_to_start_
         "{err}"
     );
 }
+
+#[test]
+fn a_drill_checks_a_copy_of_the_point_while_gens_commit_and_leaves_nothing() {
+    let (pair, _xfs) = keeping(3);
+    let gen1 = pair.sync().gen;
+    let at_gen1 = pair.volume_hashes();
+    let out = pair.dir.path().join("drill-out");
+    std::fs::create_dir(&out).unwrap();
+    let go = out.join("go");
+    // The check copies what it sees, writes into its copy, then waits for the test.
+    let check = format!(
+        "cp \"$LIFEBOAT_DRILL_VOLUME_V1\" {o}/v1.seen && echo gen=$LIFEBOAT_DRILL_GEN > {o}/env && printf DRILL | dd of=\"$LIFEBOAT_DRILL_VOLUME_V1\" conv=notrunc 2>/dev/null && while [ ! -e {go} ]; do sleep 0.05; done; echo checked",
+        o = out.display(),
+        go = go.display()
+    );
+    let config = pair.dr.config.clone();
+    let drill = std::thread::spawn(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
+            .args(["drill", "--protection", PROT, "--check", &check, "--config"])
+            .arg(&config)
+            .output()
+    });
+    let seen = out.join("v1.seen");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !out.join("env").exists() {
+        assert!(std::time::Instant::now() < deadline, "the check never ran");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Replication goes on while the check runs: two gens commit.
+    for seed in [41, 42] {
+        pair.change_all(8, seed);
+        pair.sync();
+    }
+    assert_eq!(
+        pair.dr.status().protections[0].consistent_gen,
+        Some(gen1 + 2)
+    );
+    std::fs::write(&go, b"").unwrap();
+    let o = drill.join().unwrap().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && text.contains("PASSED"), "{text}");
+    assert!(
+        text.contains("recovery time measured") && text.contains("| checked"),
+        "{text}"
+    );
+    // The check saw gen 1's data (the newest point when the drill began).
+    assert_eq!(b3(&seen), at_gen1[0]);
+    assert_eq!(
+        std::fs::read_to_string(out.join("env")).unwrap().trim(),
+        format!("gen={gen1}")
+    );
+    // Its write reached no replica, point or primary volume.
+    assert_eq!(pair.replica_hashes(), pair.volume_hashes());
+    let root = pair.dir.path().join("replicas/.lifeboat-points").join(PROT);
+    assert_eq!(point_hashes(&root, gen1), at_gen1);
+    let mut head = [0u8; 5];
+    for f in [pair.volume("v1"), pair.replica("v1")] {
+        std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&f).unwrap(), &mut head, 0)
+            .unwrap();
+        assert_ne!(&head, b"DRILL", "{}", f.display());
+    }
+    // Nothing of the drill is left, and it is on record.
+    let drills = pair.dir.path().join("replicas/.lifeboat-drills").join(PROT);
+    assert_eq!(std::fs::read_dir(&drills).unwrap().count(), 0);
+    let m = pair.dr.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            &format!("lifeboat_drills_total{{protection=\"{PROT}\",result=\"passed\"}}")
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            &format!("lifeboat_drill_last_success_timestamp_seconds{{protection=\"{PROT}\"}}")
+        )
+        .unwrap()
+            > 0.0
+    );
+
+    // A failing check fails the drill (exit 1), and leaves nothing either.
+    let (ok, out, err) = pair.dr.cli(&[
+        "drill",
+        "--protection",
+        PROT,
+        "--gen",
+        &(gen1 + 1).to_string(),
+        "--check",
+        "echo broken; exit 3",
+    ]);
+    assert!(
+        !ok && out.contains("FAILED") && out.contains("check exited 3") && out.contains("| broken"),
+        "{out}{err}"
+    );
+    assert_eq!(std::fs::read_dir(&drills).unwrap().count(), 0);
+    // A gen that is not kept is named.
+    let (ok, out, err) = pair.dr.cli(&["drill", "--protection", PROT, "--gen", "99"]);
+    assert!(!ok && (out + &err).contains("not a kept recovery point"));
+}
+
+#[test]
+fn a_dr_daemon_killed_during_a_drill_sweeps_its_copies_at_restart() {
+    let (mut pair, _xfs) = keeping(2);
+    pair.sync();
+    let go = pair.dir.path().join("go");
+    let check = format!("while [ ! -e {} ]; do sleep 0.05; done", go.display());
+    let config = pair.dr.config.clone();
+    let drill = std::thread::spawn(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
+            .args(["drill", "--protection", PROT, "--check", &check, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    });
+    let drills = pair.dir.path().join("replicas/.lifeboat-drills").join(PROT);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::read_dir(&drills).map_or(0, |d| d.count()) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the drill never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    pair.dr.kill9();
+    std::fs::write(&go, b"").unwrap();
+    let o = drill.join().unwrap();
+    assert!(
+        !o.status.success(),
+        "the drill cannot end without its daemon"
+    );
+    pair.dr.start();
+    assert_eq!(
+        std::fs::read_dir(&drills).unwrap().count(),
+        0,
+        "the restart swept the copies"
+    );
+    // Replication goes on (once the primary has noticed the old connection is gone).
+    pair.change_all(4, 77);
+    let synced = (0..5).any(|_| pair.try_sync().is_ok());
+    assert!(synced);
+    assert_eq!(pair.replica_hashes(), pair.volume_hashes());
+}

@@ -331,3 +331,45 @@ pub struct VerifyReport {
     /// The divergent volumes were marked: the next cycle resyncs them.
     pub marked_for_repair: bool,
 }
+
+/// A drill started at the DR site: where its copies of the recovery point are.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct DrillStarted {
+    pub protection: String,
+    /// GEN-MILLISECONDS, to end it with.
+    pub id: String,
+    pub gen: u64,
+    /// Volume -> its copy.
+    pub files: std::collections::BTreeMap<String, String>,
+    /// `reflink`, or `copy` where the file system cannot share extents.
+    pub method: String,
+    pub clone_seconds: f64,
+}
+
+/// A drill ended: its copies removed, or kept (`--keep`) where they are.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct DrillEnded {
+    pub id: String,
+    pub removed: bool,
+    pub kept: Vec<String>,
+}
+
+/// What `lifeboat drill` reports.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct DrillReport {
+    pub started: DrillStarted,
+    /// Each step and its seconds; their sum is the drill's measured recovery time.
+    pub steps: Vec<Step>,
+    pub rto_seconds: f64,
+    pub check: Option<DrillCheck>,
+    pub passed: bool,
+    pub ended: DrillEnded,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct DrillCheck {
+    pub command: String,
+    pub exit_code: Option<i32>,
+    /// The end of its output (stdout and stderr), at most 4 KiB.
+    pub output: String,
+}

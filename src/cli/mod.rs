@@ -9,6 +9,7 @@
 
 mod commands;
 pub mod demo;
+mod drill;
 mod mover;
 mod render;
 
@@ -159,6 +160,12 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// At the DR site, while replication goes on: copy a recovery point (the newest, or
+    /// --gen N) beside the replicas by reflink, run --check against the copies, remove
+    /// them (unless --keep). Reports each step's time (the recovery time the drill
+    /// measured); exits 1 when the check fails. Nothing the check writes reaches a replica,
+    /// a point or the primary.
+    Drill(Box<drill::DrillArgs>),
     /// Pin recovery point --gen against pruning (it stays beyond `keep` until released),
     /// e.g. the last point before a suspected corruption.
     Hold {
@@ -386,6 +393,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Command::Drill(args) => drill::run(*args),
         Command::Hold {
             target,
             protection,

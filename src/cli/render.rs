@@ -322,3 +322,41 @@ pub fn render_verify(r: &VerifyReport) -> String {
     }
     out
 }
+
+pub fn render_drill(r: &crate::api::DrillReport) -> String {
+    let mut out = format!(
+        "drill {} of protection {}, recovery point {}: {}\n",
+        r.started.id,
+        r.started.protection,
+        r.started.gen,
+        if r.passed { "PASSED" } else { "FAILED" }
+    );
+    for s in &r.steps {
+        out += &format!("  {:>8.2}s  {}\n", s.seconds, s.what);
+    }
+    out += &format!(
+        "  recovery time measured: {:.2}s (copy and check)\n",
+        r.rto_seconds
+    );
+    if let Some(c) = &r.check {
+        match c.exit_code {
+            Some(code) => out += &format!("  check exited {code}\n"),
+            None => out += "  check killed at its timeout\n",
+        }
+        for line in c
+            .output
+            .lines()
+            .rev()
+            .take(20)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+        {
+            out += &format!("    | {line}\n");
+        }
+    }
+    for k in &r.ended.kept {
+        out += &format!("  kept: {k}\n");
+    }
+    out
+}

@@ -71,6 +71,8 @@ pub fn router(ctx: RoleCtx, callers: Arc<Callers>) -> Router {
         .route("/v1/protections/{name}/reprotect", post(reprotect_now))
         .route("/v1/protections/{name}/points", get(points_list))
         .route("/v1/protections/{name}/verify", post(verify_now))
+        .route("/v1/protections/{name}/drills", post(drill_start))
+        .route("/v1/protections/{name}/drills/{id}/end", post(drill_end))
         .route(
             "/v1/protections/{name}/points/{gen}/{action}",
             post(points_hold),
@@ -226,6 +228,66 @@ async fn verify_now(
         );
     };
     match crate::lifecycle::verify::verify(dr, &name, q.repair).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => err(
+            StatusCode::from_u16(e.http_status()).expect("valid status"),
+            e.to_string(),
+            None,
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+struct DrillQuery {
+    gen: Option<u64>,
+}
+
+/// Clones a recovery point for a drill (DR site).
+async fn drill_start(
+    State(c): State<RoleCtx>,
+    Path(name): Path<String>,
+    Query(q): Query<DrillQuery>,
+) -> Response {
+    let RoleCtx::Dr(dr) = &c else {
+        return not_here(
+            c.shared(),
+            &name,
+            "drills run at the DR site, on its recovery points",
+        );
+    };
+    match crate::lifecycle::drill::start(dr, &name, q.gen).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => err(
+            StatusCode::from_u16(e.http_status()).expect("valid status"),
+            e.to_string(),
+            None,
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+struct DrillEndQuery {
+    passed: bool,
+    #[serde(default)]
+    seconds: f64,
+    #[serde(default)]
+    keep: bool,
+}
+
+/// Ends a drill: records its result, removes its copies (unless kept).
+async fn drill_end(
+    State(c): State<RoleCtx>,
+    Path((name, id)): Path<(String, String)>,
+    Query(q): Query<DrillEndQuery>,
+) -> Response {
+    let RoleCtx::Dr(dr) = &c else {
+        return not_here(
+            c.shared(),
+            &name,
+            "drills run at the DR site, on its recovery points",
+        );
+    };
+    match crate::lifecycle::drill::end(dr, &name, &id, q.passed, q.seconds, q.keep).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => err(
             StatusCode::from_u16(e.http_status()).expect("valid status"),

@@ -114,6 +114,18 @@ pub async fn run(config: Config) -> Result<()> {
             recovery::recover_dr(&dr)
                 .await
                 .context("recover what the previous run left in flight")?;
+            for p in dr.config.protections.iter().filter(|p| p.csi().is_none()) {
+                // Counters from 0, so "no drill ever passed" is a series an alert can see.
+                for result in ["passed", "failed"] {
+                    dr.metrics
+                        .drills
+                        .with_label_values(&[p.name.as_str(), result])
+                        .inc_by(0);
+                }
+                crate::lifecycle::drill::sweep(&dr, p)
+                    .await
+                    .with_context(|| format!("remove what unfinished drills of {} left", p.name))?;
+            }
             let addr = shared.config.listen.context("a DR site needs [listen]")?;
             let ep = quic::server_endpoint(addr, tls::server_config(&shared.config.tls)?)?;
             tracing::info!(address = %ep.local_addr()?, "listening for the primary (QUIC)");

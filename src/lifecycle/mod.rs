@@ -3,6 +3,7 @@
 //! [`reprotect`] after a failover, the recovery [`points`] an operator lists and holds, and
 //! [`verify`] of the replicas against the DR index.
 
+pub mod drill;
 pub mod failover;
 pub mod plan;
 pub mod planned;
