@@ -227,14 +227,7 @@ async fn verify_now(
             "verify runs at the DR site, on its replicas",
         );
     };
-    match crate::lifecycle::verify::verify(dr, &name, q.repair).await {
-        Ok(r) => Json(r).into_response(),
-        Err(e) => err(
-            StatusCode::from_u16(e.http_status()).expect("valid status"),
-            e.to_string(),
-            None,
-        ),
-    }
+    answer(crate::lifecycle::verify::verify(dr, &name, q.repair).await)
 }
 
 #[derive(Deserialize)]
@@ -255,14 +248,7 @@ async fn drill_start(
             "drills run at the DR site, on its recovery points",
         );
     };
-    match crate::lifecycle::drill::start(dr, &name, q.gen).await {
-        Ok(r) => Json(r).into_response(),
-        Err(e) => err(
-            StatusCode::from_u16(e.http_status()).expect("valid status"),
-            e.to_string(),
-            None,
-        ),
-    }
+    answer(crate::lifecycle::drill::start(dr, &name, q.gen).await)
 }
 
 #[derive(Deserialize)]
@@ -287,7 +273,12 @@ async fn drill_end(
             "drills run at the DR site, on its recovery points",
         );
     };
-    match crate::lifecycle::drill::end(dr, &name, &id, q.passed, q.seconds, q.keep).await {
+    answer(crate::lifecycle::drill::end(dr, &name, &id, q.passed, q.seconds, q.keep).await)
+}
+
+/// A lifecycle call's report, or its error with the status the error names.
+fn answer<T: serde::Serialize, E: Statused>(r: Result<T, E>) -> Response {
+    match r {
         Ok(r) => Json(r).into_response(),
         Err(e) => err(
             StatusCode::from_u16(e.http_status()).expect("valid status"),
@@ -297,19 +288,32 @@ async fn drill_end(
     }
 }
 
+/// Errors of the lifecycle calls, each knowing its HTTP status.
+trait Statused: std::fmt::Display {
+    fn http_status(&self) -> u16;
+}
+
+macro_rules! statused {
+    ($($t:ty),*) => {$(
+        impl Statused for $t {
+            fn http_status(&self) -> u16 {
+                <$t>::http_status(self)
+            }
+        }
+    )*};
+}
+statused!(
+    crate::lifecycle::verify::VerifyError,
+    crate::lifecycle::points::PointsError,
+    crate::lifecycle::drill::DrillError
+);
+
 /// The DR site's recovery points of a protection.
 async fn points_list(State(c): State<RoleCtx>, Path(name): Path<String>) -> Response {
     let RoleCtx::Dr(dr) = &c else {
         return not_here(c.shared(), &name, "recovery points are kept at the DR site");
     };
-    match crate::lifecycle::points::list(dr, &name).await {
-        Ok(r) => Json(r).into_response(),
-        Err(e) => err(
-            StatusCode::from_u16(e.http_status()).expect("valid status"),
-            e.to_string(),
-            None,
-        ),
-    }
+    answer(crate::lifecycle::points::list(dr, &name).await)
 }
 
 /// Pins (`hold`) or unpins (`release`) a recovery point against pruning.
@@ -331,14 +335,7 @@ async fn points_hold(
             )
         }
     };
-    match crate::lifecycle::points::hold(dr, &name, gen, held).await {
-        Ok(r) => Json(r).into_response(),
-        Err(e) => err(
-            StatusCode::from_u16(e.http_status()).expect("valid status"),
-            e.to_string(),
-            None,
-        ),
-    }
+    answer(crate::lifecycle::points::hold(dr, &name, gen, held).await)
 }
 
 /// Re-protect after a failover, at either site.

@@ -134,15 +134,9 @@ pub async fn start(dr: &Dr, name: &str, gen: Option<u64>) -> Result<DrillStarted
         match rec.recovery_point(chosen).filter(|p| !p.files.is_empty()) {
             Some(p) => p.files.clone().into_iter().collect(),
             None => {
-                let kept: Vec<String> = rec
-                    .points
-                    .iter()
-                    .map(|p| p.point.point.gen.to_string())
-                    .collect();
                 return Err(DrillError::NotKept(format!(
-                    "gen {chosen} of protection {name} is not a kept recovery point (kept: {}; the newest is {})",
-                    if kept.is_empty() { "none".into() } else { kept.join(", ") },
-                    newest.point.gen
+                    "gen {chosen} of protection {name} is not a kept recovery point (kept: {})",
+                    rec.kept_points_text()
                 )));
             }
         }

@@ -93,19 +93,10 @@ async fn read<'a>(
         Some(g) => match rec.recovery_point(g) {
             Some(p) => Some(p.point.point),
             None => {
-                let kept: Vec<String> = rec
-                    .points
-                    .iter()
-                    .map(|p| p.point.point.gen.to_string())
-                    .collect();
                 return Err(FailoverError::NotRetained(format!(
                     "gen {g} of protection {} is not a retained recovery point (kept: {})",
                     prot.name,
-                    if kept.is_empty() {
-                        format!("only the newest, gen {}; set keep above 1 at the DR site to keep older ones", newest.map_or("none".into(), |g| g.to_string()))
-                    } else {
-                        kept.join(", ")
-                    }
+                    rec.kept_points_text()
                 )));
             }
         },

@@ -200,6 +200,23 @@ impl ProtectionRecord {
         pruned
     }
 
+    /// The kept points' gens for an error that names them: "2, 5, 6", or what is kept
+    /// when no older point is.
+    pub fn kept_points_text(&self) -> String {
+        let kept: Vec<String> = self
+            .points
+            .iter()
+            .map(|p| p.point.point.gen.to_string())
+            .collect();
+        match (kept.is_empty(), self.point_gen()) {
+            (false, _) => kept.join(", "),
+            (true, Some(g)) => format!(
+                "only the newest, gen {g}; set keep above 1 at the DR site to keep older ones"
+            ),
+            (true, None) => "none".into(),
+        }
+    }
+
     /// The recovery point of `gen`, if it is kept.
     pub fn recovery_point(&self, gen: Gen) -> Option<&RecoveryPoint> {
         self.points.iter().find(|p| p.point.point.gen == gen)
