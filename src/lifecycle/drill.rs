@@ -73,7 +73,7 @@ fn replicas(prot: &Protection, volumes: &[VolumeName]) -> Vec<(VolumeName, PathB
 
 /// Clones `src` to `dest`: reflink, else a copy when the file system has room for it.
 fn clone_or_copy(src: &Path, dest: &Path) -> Result<&'static str> {
-    match crate::volume::points::restore(src, dest) {
+    match crate::volume::points::clone_file(src, dest) {
         Ok(()) => return Ok("reflink"),
         Err(e) => tracing::debug!(error = %format!("{e:#}"), "no reflink for the drill; copying"),
     }
@@ -141,18 +141,18 @@ pub async fn start(dr: &Dr, name: &str, gen: Option<u64>) -> Result<DrillStarted
             }
         }
     };
+    // Each copy goes beside its replica (host-path ones included), on its file system: a
+    // reflink needs one, and `end` and the start-up sweep look there.
+    let vols: Vec<VolumeName> = sources.iter().map(|(v, _)| v.clone()).collect();
+    let replica_of: BTreeMap<VolumeName, PathBuf> = replicas(&prot, &vols).into_iter().collect();
     let id = format!("{}-{}", chosen.0, now_ms());
-    let (p, id2) = (prot.clone(), id.clone());
+    let (name2, id2) = (prot.name.to_string(), id.clone());
     let copied = tokio::task::spawn_blocking(move || -> Result<_> {
         let mut files = BTreeMap::new();
         let mut method = "reflink";
         for (v, src) in &sources {
-            // Beside the replica, on its file system: a reflink needs one.
-            let replica = p
-                .volume(v.as_str())
-                .map(|x| x.path.clone())
-                .unwrap_or_else(|| src.clone());
-            let dir = dir_of(&replica, p.name.as_str(), &id2);
+            let replica = replica_of.get(v).unwrap_or(src);
+            let dir = dir_of(replica, &name2, &id2);
             crate::volume::create_private_dir(&dir)
                 .with_context(|| format!("create {}", dir.display()))?;
             let file = src

@@ -30,8 +30,9 @@ pub fn root(replica: &Path, protection: &str) -> PathBuf {
         .join(protection)
 }
 
-/// Clones `src` to `dest` (through a temporary name), fsynced.
-fn clone_file(src: &Path, dest: &Path) -> Result<()> {
+/// Clones `src` to `dest` by reflink (through a temporary name), fsynced; fails, naming
+/// `dest`'s directory, where the file system cannot share extents.
+pub fn clone_file(src: &Path, dest: &Path) -> Result<()> {
     let tmp = dest.with_extension("partial");
     let s = File::open(src).with_context(|| format!("open {}", src.display()))?;
     let d = OpenOptions::new()
