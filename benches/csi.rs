@@ -44,7 +44,7 @@ fn main() {
     let writes = size / 4096 / 100;
     println!("{pvcs} PVCs of {} MiB over {nodes} nodes, at most {concurrency} movers; 1% = {writes} random 4 KiB writes per volume", size >> 20);
 
-    let s = Sites::start(&Spec {
+    let spec = |cbt: bool| Spec {
         pvcs: names.clone(),
         block: names.iter().step_by(2).cloned().collect(),
         size,
@@ -56,16 +56,21 @@ fn main() {
         concurrency,
         dr_csi: true,
         dr_protection: String::new(),
-        cbt: false,
-    });
+        cbt,
+    };
+    // 1% random 4 KiB writes to every PVC, the same in each run.
+    let change = |s: &Sites| {
+        for (i, n) in names.iter().enumerate() {
+            let f = support::cluster::Cluster::backing_file(&s.primary_api, "prod", n).unwrap();
+            scatter_writes(&f, writes, 65536, 5000 + i as u64);
+        }
+    };
+    let s = Sites::start(&spec(false));
     let t = Instant::now();
     let c1 = s.pair.sync();
     let csi_initial = t.elapsed().as_secs_f64();
     let peak_initial = s.cluster.peak.load(std::sync::atomic::Ordering::SeqCst);
-    for (i, n) in names.iter().enumerate() {
-        let f = support::cluster::Cluster::backing_file(&s.primary_api, "prod", n).unwrap();
-        scatter_writes(&f, writes, 65536, 5000 + i as u64);
-    }
+    change(&s);
     let t = Instant::now();
     let c2 = s.pair.sync();
     let csi_incr = t.elapsed().as_secs_f64();
@@ -76,25 +81,9 @@ fn main() {
 
     // The same again with changed block tracking (the SnapshotMetadata stand-in, volumes on
     // XFS): what the movers read, and the incremental cycle's time.
-    let s = Sites::start(&Spec {
-        pvcs: names.clone(),
-        block: names.iter().step_by(2).cloned().collect(),
-        size,
-        group_class: true,
-        mover: String::new(),
-        snapshots: true,
-        kube_lines: format!("max_movers = {concurrency}"),
-        nodes,
-        concurrency,
-        dr_csi: true,
-        dr_protection: String::new(),
-        cbt: true,
-    });
+    let s = Sites::start(&spec(true));
     let b1 = s.pair.sync();
-    for (i, n) in names.iter().enumerate() {
-        let f = support::cluster::Cluster::backing_file(&s.primary_api, "prod", n).unwrap();
-        scatter_writes(&f, writes, 65536, 5000 + i as u64);
-    }
+    change(&s);
     let t = Instant::now();
     let b2 = s.pair.sync();
     let cbt_incr = t.elapsed().as_secs_f64();

@@ -26,22 +26,33 @@ fn sites(group_class: bool, mover: &str) -> Sites {
     sites_with(group_class, mover, true, "")
 }
 
-/// Sites whose driver offers changed block tracking (a SnapshotMetadata service), with
-/// `size`-byte volumes on XFS.
-fn cbt_sites(size: u64, mover: &str) -> Sites {
-    Sites::start(&Spec {
+/// The four PVCs (mysql-data in Block mode) of `SIZE` over two nodes, CSI replicas at
+/// the DR site.
+fn spec() -> Spec {
+    Spec {
         pvcs: PVCS.iter().map(|p| p.to_string()).collect(),
         block: vec!["mysql-data".into()],
-        size,
+        size: SIZE,
         group_class: true,
-        mover: mover.into(),
+        mover: String::new(),
         snapshots: true,
         kube_lines: String::new(),
         nodes: 2,
         concurrency: 2,
         dr_csi: true,
         dr_protection: String::new(),
+        cbt: false,
+    }
+}
+
+/// Sites whose driver offers changed block tracking (a SnapshotMetadata service), with
+/// `size`-byte volumes on XFS.
+fn cbt_sites(size: u64, mover: &str) -> Sites {
+    Sites::start(&Spec {
+        size,
+        mover: mover.into(),
         cbt: true,
+        ..spec()
     })
 }
 
@@ -49,18 +60,11 @@ fn cbt_sites(size: u64, mover: &str) -> Sites {
 /// more lines of the primary's `[kubernetes]`.
 fn sites_with(group_class: bool, mover: &str, snapshots: bool, kube_lines: &str) -> Sites {
     Sites::start(&Spec {
-        pvcs: PVCS.iter().map(|p| p.to_string()).collect(),
-        block: vec!["mysql-data".into()],
-        size: SIZE,
         group_class,
         mover: mover.into(),
         snapshots,
         kube_lines: kube_lines.into(),
-        nodes: 2,
-        concurrency: 2,
-        dr_csi: true,
-        dr_protection: String::new(),
-        cbt: false,
+        ..spec()
     })
 }
 
@@ -956,18 +960,8 @@ fn a_mover_that_stops_progressing_gives_up_named_in_status_and_the_next_cycle_co
 #[test]
 fn a_held_point_survives_pruning_until_released_and_points_lists_it() {
     let s = Sites::start(&Spec {
-        pvcs: PVCS.iter().map(|p| p.to_string()).collect(),
-        block: vec!["mysql-data".into()],
-        size: SIZE,
-        group_class: true,
-        mover: String::new(),
-        snapshots: true,
-        kube_lines: String::new(),
-        nodes: 2,
-        concurrency: 2,
-        dr_csi: true,
         dr_protection: "keep = 2".into(),
-        cbt: false,
+        ..spec()
     });
     let cli = |args: &[&str]| {
         let args = [args, &["--protection", support::PROT]].concat();

@@ -517,6 +517,22 @@ fn keeping_points_of_replicas_on_a_file_system_without_reflink_refuses_to_start_
     );
 }
 
+/// `lifeboat drill --check CHECK` at the DR site, in a thread (the check may wait for
+/// the test).
+fn drill_in_background(
+    pair: &Pair,
+    check: String,
+) -> std::thread::JoinHandle<std::process::Output> {
+    let config = pair.dr.config.clone();
+    std::thread::spawn(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
+            .args(["drill", "--protection", PROT, "--check", &check, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    })
+}
+
 #[test]
 fn a_drill_checks_a_copy_of_the_point_while_gens_commit_and_leaves_nothing() {
     let (pair, _xfs) = keeping(3);
@@ -531,13 +547,7 @@ fn a_drill_checks_a_copy_of_the_point_while_gens_commit_and_leaves_nothing() {
         o = out.display(),
         go = go.display()
     );
-    let config = pair.dr.config.clone();
-    let drill = std::thread::spawn(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
-            .args(["drill", "--protection", PROT, "--check", &check, "--config"])
-            .arg(&config)
-            .output()
-    });
+    let drill = drill_in_background(&pair, check);
     let seen = out.join("v1.seen");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !out.join("env").exists() {
@@ -554,7 +564,7 @@ fn a_drill_checks_a_copy_of_the_point_while_gens_commit_and_leaves_nothing() {
         Some(gen1 + 2)
     );
     std::fs::write(&go, b"").unwrap();
-    let o = drill.join().unwrap().unwrap();
+    let o = drill.join().unwrap();
     let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success() && text.contains("PASSED"), "{text}");
     assert!(
@@ -624,14 +634,7 @@ fn a_dr_daemon_killed_during_a_drill_sweeps_its_copies_at_restart() {
     pair.sync();
     let go = pair.dir.path().join("go");
     let check = format!("while [ ! -e {} ]; do sleep 0.05; done", go.display());
-    let config = pair.dr.config.clone();
-    let drill = std::thread::spawn(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_lifeboat"))
-            .args(["drill", "--protection", PROT, "--check", &check, "--config"])
-            .arg(&config)
-            .output()
-            .unwrap()
-    });
+    let drill = drill_in_background(&pair, check);
     let drills = pair.dir.path().join("replicas/.lifeboat-drills").join(PROT);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while std::fs::read_dir(&drills).map_or(0, |d| d.count()) == 0 {

@@ -121,16 +121,9 @@ impl Sites {
             )
             .expect("an XFS file system for the CBT stand-in")
         });
-        let csi_root = match &xfs {
-            Some(x) => x.mnt.join("csi"),
-            None => kdir.path().join("csi"),
-        };
-        let options = |root: &str, snapshots: bool| Options {
-            root: if root == "csi" {
-                csi_root.clone()
-            } else {
-                kdir.path().join(root)
-            },
+        let csi_root = xfs.as_ref().map_or(kdir.path(), |x| &x.mnt).join("csi");
+        let options = |root: PathBuf, snapshots: bool| Options {
+            root,
             drivers: vec![Driver {
                 name: DRIVER.into(),
                 snapshots,
@@ -143,7 +136,7 @@ impl Sites {
             nodes: spec.nodes,
             group_version: "v1beta1",
         };
-        let cluster = Cluster::start(&primary_api, options("csi", spec.snapshots));
+        let cluster = Cluster::start(&primary_api, options(csi_root.clone(), spec.snapshots));
         let cbt = spec.cbt.then(|| {
             super::cbt::MetadataService::start(
                 &primary_api,
@@ -154,7 +147,7 @@ impl Sites {
         });
         let dr_cluster = spec
             .dr_csi
-            .then(|| Cluster::start(&dr_api, options("dr-csi", true)));
+            .then(|| Cluster::start(&dr_api, options(kdir.path().join("dr-csi"), true)));
         let kube = |api: &KubeApi| {
             format!(
                 "[kubernetes]\nkubeconfig = \"{}\"\n",
