@@ -90,6 +90,11 @@ fn every_malformed_config_gets_an_error_naming_its_key() {
         ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]\nselector = \"app in cassandra\"\nvolume_path = \"/v/{pvc}\"", "protection[0].kubernetes.selector"),
         ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]\nnamespace_map = { prod = \"DR!\" }\nvolume_path = \"/v/{pvc}\"", "protection[0].kubernetes.namespace_map.prod"),
         ("interval = \"30s\"", "interval = \"30s\"\nkeep = 0", "protection[0].keep"),
+        ("interval = \"30s\"", "interval = \"30s\"\nkeep_for = \"a week\"", "protection[0].keep_for"),
+        ("interval = \"30s\"", "interval = \"30s\"\napply_delay = \"0s\"", "protection[0].apply_delay"),
+        // Three points 30 s apart reach back 1 minute, not 15.
+        ("interval = \"30s\"", "interval = \"30s\"\nkeep = 3\napply_delay = \"15m\"", "protection[0].apply_delay"),
+        ("interval = \"30s\"", "interval = \"30s\"\nkeep_for = \"10m\"\napply_delay = \"15m\"", "protection[0].apply_delay"),
         ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]\nvolume_path = \"/v/{pvc}\"\nvolume_node = \"node-a\"", "protection[0].kubernetes.volume_node"),
         ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]\nresource_modifiers = \"/nonexistent.yaml\"\nvolume_path = \"/v/{pvc}\"", "protection[0].kubernetes.resource_modifiers"),
         ("interval = \"30s\"", "interval = \"30s\"\npre = [\"sync\"]\n[protection.kubernetes]\nnamespaces = [\"prod\"]\nvolume_path = \"/v/{pvc}\"", "protection[0].pre"),

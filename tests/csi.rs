@@ -40,7 +40,8 @@ fn spec() -> Spec {
         nodes: 2,
         concurrency: 2,
         dr_csi: true,
-        dr_protection: String::new(),
+        // Three points: what the tests below count on (the default keeps a day's worth).
+        dr_protection: "keep = 3".into(),
         cbt: false,
     }
 }
@@ -615,7 +616,7 @@ fn kill_9_of_either_daemon_mid_transfer_keeps_the_point_and_ten_cycles_leave_one
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     assert_eq!(counts(), want, "(groups, snapshots, contents, files)");
-    // The DR site keeps exactly its last 3 recovery points (the default `keep`), each whole:
+    // The DR site keeps exactly its last 3 recovery points (`keep = 3`), each whole:
     // a group snapshot of the replicas, its members, their contents and files.
     let points = s.pair.dr.status().protections[0].points.clone();
     assert_eq!(points.len(), 3, "{points:?}");
@@ -766,7 +767,7 @@ const MYSQL: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: mys
 fn failover_restores_the_pvcs_from_a_retained_point_and_an_older_gen_by_gen() {
     let mut s = sites(true, "");
     s.primary_api.create_yaml(MYSQL);
-    // Four gens, each with other data; the DR site keeps the last 3 points (the default).
+    // Four gens, each with other data; the DR site keeps the last 3 points (`keep = 3`).
     let mut want = std::collections::BTreeMap::new();
     for i in 0..4u64 {
         if i > 0 {

@@ -328,10 +328,15 @@ fn verify_of_clean_replicas_reports_nothing_while_cycles_run() {
 /// A pair keeping `keep` recovery points at the DR site, its replicas (and so its points)
 /// on XFS.
 fn keeping(keep: usize) -> (Pair, relay::Xfs) {
+    keeping_with(&format!("keep = {keep}"))
+}
+
+/// As [`keeping`], with these lines in the DR site's `[[protection]]`.
+fn keeping_with(lines: &str) -> (Pair, relay::Xfs) {
     let mut pair = Pair::new(PairOptions {
         volumes: vec![("v1", 4 << 20), ("v2", 2 << 20)],
         start: false,
-        dr_protection: format!("keep = {keep}"),
+        dr_protection: lines.into(),
         ..Default::default()
     });
     let d = pair.dir.path().to_path_buf();
@@ -429,6 +434,54 @@ fn file_replicas_keep_k_reflink_points_a_held_one_survives_and_failover_recovers
 }
 
 #[test]
+fn by_default_points_are_kept_and_apply_delay_makes_an_older_one_the_failover_default() {
+    // No keep: the default keeps a day's worth (the newest 12 whole) on XFS.
+    let (mut pair, _xfs) = keeping_with("apply_delay = \"3s\"");
+    let cli = |pair: &Pair, args: &[&str]| {
+        let args = [args, &["--protection", PROT]].concat();
+        let (ok, out, err) = pair.dr.cli(&args);
+        (ok, out + &err)
+    };
+    let mut by_gen = std::collections::BTreeMap::new();
+    let first = pair.sync().gen;
+    by_gen.insert(first, pair.volume_hashes());
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    for i in 0..2 {
+        pair.change_all(6, 400 + i);
+        let gen = pair.sync().gen;
+        by_gen.insert(gen, pair.volume_hashes());
+    }
+    let (ok, json) = cli(&pair, &["points", "--output", "json"]);
+    assert!(ok, "{json}");
+    let r: lifeboat::api::PointsReport = serde_json::from_str(&json).unwrap();
+    let gens: Vec<u64> = r.points.iter().map(|p| p.gen).collect();
+    assert_eq!(gens, by_gen.keys().copied().collect::<Vec<_>>(), "{r:?}");
+    // The default is the newest point at least 3 s old (the ages are the report's own).
+    let want = r
+        .points
+        .iter()
+        .rev()
+        .find(|p| p.age_seconds >= 3.0)
+        .map_or(first, |p| p.gen);
+    assert_eq!(r.failover_default, Some(want), "{r:?}");
+    assert_ne!(
+        want,
+        *gens.last().unwrap(),
+        "the newest is younger than the delay"
+    );
+    let (_, text) = cli(&pair, &["points"]);
+    assert!(text.contains("(apply_delay)"), "{text}");
+    // A failover (the primary gone) recovers that point unless told --latest.
+    pair.primary.kill9();
+    let (ok, text) = cli(&pair, &["failover", "--dry-run", "--latest"]);
+    assert!(ok && !text.contains("recovery point"), "{text}");
+    let (ok, text) = cli(&pair, &["failover"]);
+    assert!(ok, "{text}");
+    assert!(text.contains(&format!("recovery point {want}")), "{text}");
+    assert_eq!(pair.replica_hashes(), by_gen[&want]);
+}
+
+#[test]
 fn a_dr_daemon_killed_after_cutting_a_point_files_finishes_it_whole_at_restart() {
     let (mut pair, _xfs) = keeping(3);
     let mut by_gen = std::collections::BTreeMap::new();
@@ -478,7 +531,8 @@ fn a_dr_daemon_killed_after_cutting_a_point_files_finishes_it_whole_at_restart()
 }
 
 #[test]
-fn keeping_points_of_replicas_on_a_file_system_without_reflink_refuses_to_start_naming_it() {
+fn keeping_points_of_replicas_on_a_file_system_without_reflink_refuses_to_start_naming_it_and_the_default_keeps_the_newest(
+) {
     let pair = Pair::new(PairOptions {
         start: false,
         dr_protection: "keep = 3".into(),
@@ -515,6 +569,18 @@ fn keeping_points_of_replicas_on_a_file_system_without_reflink_refuses_to_start_
             && err.contains(&dir.display().to_string()),
         "{err}"
     );
+    // The default (a day's worth) falls back to the newest point there, saying why.
+    let pair = Pair::new(PairOptions::default());
+    let gen = pair.sync().gen;
+    let log = pair.dr.log_text();
+    assert!(
+        log.contains("only the newest recovery point is kept")
+            && log.contains(&pair.dir.path().join("replicas").display().to_string()),
+        "{log}"
+    );
+    let st = pair.dr.status();
+    assert_eq!(st.protections[0].consistent_gen, Some(gen));
+    assert!(!pair.dir.path().join("replicas/.lifeboat-points").exists());
 }
 
 /// `lifeboat drill --check CHECK` at the DR site, in a thread (the check may wait for

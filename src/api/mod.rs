@@ -263,14 +263,17 @@ pub struct FailoverOptions {
     pub dry_run: bool,
     /// How long to wait for the workloads to report ready replicas.
     pub ready_timeout_secs: u64,
-    /// Recover this retained recovery point instead of the newest (CSI replicas).
+    /// Recover this retained recovery point instead of the default.
     pub gen: Option<u64>,
+    /// Recover the newest point even where `apply_delay` makes an older one the default.
+    pub latest: bool,
 }
 
 impl Default for FailoverOptions {
     fn default() -> Self {
         FailoverOptions {
             gen: None,
+            latest: false,
             dry_run: false,
             ready_timeout_secs: 300,
         }
@@ -308,6 +311,14 @@ pub struct PointInfo {
 pub struct PointsReport {
     pub protection: String,
     pub keep: usize,
+    /// `keep_for`: the window the points are spread over.
+    #[serde(default)]
+    pub keep_for_seconds: Option<u64>,
+    #[serde(default)]
+    pub apply_delay_seconds: Option<u64>,
+    /// The gen a failover recovers unless told otherwise.
+    #[serde(default)]
+    pub failover_default: Option<u64>,
     pub points: Vec<PointInfo>,
 }
 

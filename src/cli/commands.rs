@@ -70,6 +70,9 @@ pub(super) fn failover(
     if let Some(g) = opts.gen {
         path.push_str(&format!("&gen={g}"));
     }
+    if opts.latest {
+        path.push_str("&latest=true");
+    }
     match client.post::<FailoverReport>(&path) {
         Ok(r) => Ok(r),
         Err(e) if e.downcast_ref::<Unreachable>().is_some() && target.config.is_some() => {

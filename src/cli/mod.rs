@@ -107,10 +107,14 @@ pub enum Command {
         /// How long to wait for workloads to report ready replicas.
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         ready_timeout: Duration,
-        /// Recover this retained recovery point (`lifeboat status` lists them) instead of
-        /// the newest. CSI replicas only.
-        #[arg(long, conflicts_with = "planned")]
+        /// Recover this retained recovery point (`lifeboat points` lists them) instead of
+        /// the default: the newest, or with `apply_delay` the newest that old.
+        #[arg(long, conflicts_with_all = ["planned", "latest"])]
         gen: Option<u64>,
+        /// Recover the newest point even where `apply_delay` makes an older one the
+        /// default.
+        #[arg(long, conflicts_with = "planned")]
+        latest: bool,
         /// The primary is reachable: scale its workloads down and run a final cycle first,
         /// so nothing written before is lost. Needs --primary.
         #[arg(long, requires = "primary")]
@@ -344,6 +348,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             dry_run,
             ready_timeout,
             gen,
+            latest,
             planned,
             primary,
             primary_token_file,
@@ -351,6 +356,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let opts = FailoverOptions {
                 gen,
+                latest,
                 dry_run,
                 ready_timeout_secs: ready_timeout.as_secs().max(1),
             };

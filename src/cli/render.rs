@@ -250,17 +250,29 @@ fn render_kube(k: &KubeStatus) -> String {
 
 /// `lifeboat points`: one line per kept point, oldest first.
 pub fn render_points(r: &PointsReport) -> String {
+    let secs = |s: u64| humantime::format_duration(std::time::Duration::from_secs(s));
+    let rule = match r.keep_for_seconds {
+        Some(w) => format!("keep = {} over {}", r.keep, secs(w)),
+        None => format!("keep = {}", r.keep),
+    };
+    let default = match (r.failover_default, r.apply_delay_seconds) {
+        (Some(g), Some(d)) => format!(
+            "failover default: gen {g}, the newest at least {} old (apply_delay)",
+            secs(d)
+        ),
+        (Some(g), None) => format!("failover default: gen {g}, the newest"),
+        (None, _) => "nothing to fail over to yet".into(),
+    };
     if r.points.is_empty() {
         return format!(
-            "protection {}: no recovery points kept here (CSI replicas keep them; keep = {})\n",
-            r.protection, r.keep
+            "protection {}: no older recovery points kept here ({rule}); {default}\n",
+            r.protection
         );
     }
     let mut out = format!(
-        "protection {}: {} recovery point(s), keep = {} (the newest is the failover default)\n  {:>6}  {:<20}  {:>10}  {:>7}  {:>10}  held\n",
+        "protection {}: {} recovery point(s), {rule}; {default}\n  {:>6}  {:<20}  {:>10}  {:>7}  {:>10}  held\n",
         r.protection,
         r.points.len(),
-        r.keep,
         "gen",
         "taken (UTC)",
         "age",

@@ -143,7 +143,94 @@ pub struct Protection {
     pub kubernetes: Option<crate::k8s::KubeProtection>,
     pub volumes: Vec<Volume>,
     /// DR site: recovery points kept (the newest is the consistent point).
-    pub keep: usize,
+    pub keep: Keep,
+    /// DR site: a point becomes the failover default only once it is this old.
+    pub apply_delay: Option<Duration>,
+}
+
+/// DR site: which recovery points are kept (`store::retention` applies it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keep {
+    /// At most this many.
+    pub count: usize,
+    /// Spread over this window; older ones go.
+    pub window: Option<Duration>,
+    /// The newest this many stay whole, whatever the spreading.
+    pub recent: usize,
+    /// Neither `keep` nor `keep_for` was set: a day's worth where the replicas allow
+    /// older points, else the newest only (see `Keep::newest_only`).
+    pub by_default: bool,
+}
+
+/// The default window: a day.
+pub const DEFAULT_KEEP_FOR: Duration = Duration::from_secs(24 * 3600);
+/// Points spread over the default day at most: one an hour.
+pub const DEFAULT_KEEP_SLOTS: usize = 24;
+/// The newest points kept whole by default (an hour at a 5-minute interval).
+pub const DEFAULT_RECENT: usize = 12;
+/// Points a `keep_for` without `keep` spreads over its window at most.
+pub const KEEP_FOR_MAX: usize = 1000;
+
+impl Keep {
+    /// `keep`, `keep_for`, `apply_delay` and the interval as written. The count defaults
+    /// to every cycle of the window (bounded), the window to a day when neither is set;
+    /// the points an `apply_delay` can choose (and two more) stay whole.
+    pub fn new(
+        count: Option<usize>,
+        window: Option<Duration>,
+        interval: Duration,
+        delay: Option<Duration>,
+    ) -> Keep {
+        let cycles =
+            |d: Duration| (d.as_secs_f64() / interval.as_secs_f64().max(0.001)).ceil() as usize;
+        let delayed = delay.map_or(0, |d| cycles(d).saturating_add(2));
+        match (count, window) {
+            (Some(c), None) => Keep {
+                count: c,
+                window: None,
+                recent: 0,
+                by_default: false,
+            },
+            (Some(c), Some(w)) => Keep {
+                count: c,
+                window: Some(w),
+                recent: delayed.min(c),
+                by_default: false,
+            },
+            (None, Some(w)) => Keep {
+                count: delayed + cycles(w).min(KEEP_FOR_MAX),
+                window: Some(w),
+                recent: delayed,
+                by_default: false,
+            },
+            (None, None) => {
+                let recent = delayed.max(DEFAULT_RECENT);
+                Keep {
+                    count: recent + cycles(DEFAULT_KEEP_FOR).min(DEFAULT_KEEP_SLOTS),
+                    window: Some(DEFAULT_KEEP_FOR),
+                    recent,
+                    by_default: true,
+                }
+            }
+        }
+    }
+
+    /// The newest point only: where the replicas' file system cannot share extents and
+    /// nothing asked for more.
+    pub fn newest_only() -> Keep {
+        Keep {
+            count: 1,
+            window: None,
+            recent: 0,
+            by_default: true,
+        }
+    }
+
+    /// The oldest a kept point can be: what an `apply_delay` must stay under.
+    pub fn reach(&self, interval: Duration) -> Duration {
+        self.window
+            .unwrap_or(interval * (self.count.saturating_sub(1)) as u32)
+    }
 }
 
 /// Sub-chunk refinement (see [`crate::engine::refine`]).

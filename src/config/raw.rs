@@ -169,6 +169,8 @@ pub(super) struct RawProtection {
     pub(super) compression: Option<String>,
     pub(super) refine: Option<String>,
     pub(super) keep: Option<usize>,
+    pub(super) keep_for: Option<String>,
+    pub(super) apply_delay: Option<String>,
     pub(super) kubernetes: Option<RawKubeProtection>,
     #[serde(default, rename = "volume")]
     pub(super) volumes: Vec<RawVolume>,

@@ -124,3 +124,34 @@ fn a_key_open_to_others_is_a_problem_for_run_only() {
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     load_for_run(&file).unwrap();
 }
+
+#[test]
+fn the_default_keeps_a_day_at_the_interval_and_keep_for_fills_its_window() {
+    let keep = |lines: &str| {
+        let text = GOOD.replace("interval = \"30s\"", lines);
+        let p = parse(&text, Path::new("/etc/lifeboat/dr.toml")).unwrap();
+        let k = p.protections[0].keep;
+        (k.count, k.window.map(|w| w.as_secs()), k.by_default)
+    };
+    let day = Some(24 * 3600);
+    // Every cycle of the day, or one an hour when that is too many.
+    // The newest 12 whole, and over the day every cycle or one an hour.
+    assert_eq!(keep("interval = \"2h\""), (24, day, true));
+    assert_eq!(keep("interval = \"1h\""), (36, day, true));
+    assert_eq!(keep("interval = \"30s\""), (36, day, true));
+    assert_eq!(keep("keep = 5"), (5, None, false));
+    assert_eq!(
+        keep("keep_for = \"1h\"\ninterval = \"30s\""),
+        (120, Some(3600), false)
+    );
+    assert_eq!(keep("keep_for = \"30d\""), (1000, Some(30 * 86400), false));
+    assert_eq!(
+        keep("keep = 24\nkeep_for = \"48h\""),
+        (24, Some(48 * 3600), false)
+    );
+    let text = GOOD.replace("chunk_size = \"64KiB\"", "apply_delay = \"15m\"");
+    let p = parse(&text, Path::new("/etc/lifeboat/dr.toml")).unwrap();
+    assert_eq!(p.protections[0].apply_delay, Some(Duration::from_secs(900)));
+    // Every point of the delay (30 at 30 s) and two more stay whole.
+    assert_eq!(p.protections[0].keep.recent, 32);
+}

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use super::paths::{PathUse, Use};
 use super::raw::{RawConfig, RawProtection};
-use super::{Config, Peer, Problem, Protection, Refine, Role, SnapshotMode, Volume};
+use super::{
+    Config, Keep, Peer, Problem, Protection, Refine, Role, SnapshotMode, Volume, DEFAULT_KEEP_FOR,
+};
 use crate::engine::chunk::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use crate::ids::{ProtectionName, VolumeName};
 use crate::net::tls::TlsFiles;
@@ -42,9 +44,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map(|b| b.as_u64())
         .map_err(|e| format!("{s:?} is not a size ({e}); expected e.g. \"64KiB\", \"1MiB\""))
 }
-
-/// Recovery points a DR site keeps in CSI mode unless `keep` says.
-pub const DEFAULT_KEEP_CSI: usize = 3;
 
 impl Validator {
     /// One of a fixed set of words; missing means the first (the default). Anything else
@@ -417,16 +416,40 @@ impl Validator {
                 "no [[protection.volume]] is listed; expected at least one (or a [protection.kubernetes] selection)",
             );
         }
-        let csi = kubernetes.as_ref().is_some_and(|k| k.csi.is_some());
-        let keep = p.keep.unwrap_or(if csi { DEFAULT_KEEP_CSI } else { 1 });
-        if keep == 0 {
+        let keep_for = p
+            .keep_for
+            .as_deref()
+            .map(|s| dur(self, "keep_for", &Some(s.to_string()), DEFAULT_KEEP_FOR));
+        let apply_delay = p
+            .apply_delay
+            .as_deref()
+            .map(|s| dur(self, "apply_delay", &Some(s.to_string()), Duration::ZERO));
+        if p.keep == Some(0) {
             self.problem(
                 format!("{key}.keep"),
                 "is 0; expected how many recovery points the DR site keeps, at least 1",
             );
         }
+        let keep = Keep::new(p.keep.map(|k| k.max(1)), keep_for, interval, apply_delay);
+        if let Some(d) = apply_delay.filter(|d| !d.is_zero()) {
+            let reach = keep.reach(interval);
+            if d >= reach {
+                self.problem(
+                    format!("{key}.apply_delay"),
+                    format!(
+                        "is {}, but the points kept reach back {} (keep = {}{}, interval {}); expected a delay shorter than that, or more points kept",
+                        humantime::format_duration(d),
+                        humantime::format_duration(reach),
+                        keep.count,
+                        keep.window.map_or(String::new(), |w| format!(", keep_for {}", humantime::format_duration(w))),
+                        humantime::format_duration(interval),
+                    ),
+                );
+            }
+        }
         Protection {
-            keep: keep.max(1),
+            keep,
+            apply_delay,
             name,
             interval,
             rpo_target,

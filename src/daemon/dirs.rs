@@ -11,14 +11,14 @@
 //!   (per protection and gen) is 0700 ([`crate::volume::create_private_dir`]).
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::config::{Config, Role};
+use crate::config::{Config, Keep, Role};
 use crate::volume::create_private_dir;
 
-pub fn prepare(config: &Config) -> Result<()> {
+pub fn prepare(config: &mut Config) -> Result<()> {
     let state = &config.state_dir;
     match std::fs::metadata(state) {
         Ok(m) if !m.is_dir() => bail!("state_dir {} is not a directory", state.display()),
@@ -52,20 +52,53 @@ pub fn prepare(config: &Config) -> Result<()> {
 }
 
 /// File replicas keeping more than one recovery point need a file system that shares
-/// extents: refused at start, naming the directory, rather than at the first point.
-fn points_possible(config: &Config) -> Result<()> {
+/// extents. Asked for with `keep`/`keep_for`, that is refused at start, naming the
+/// directory, rather than at the first point; the default (a day's worth) falls back to
+/// the newest point only, with a warning that says why.
+fn points_possible(config: &mut Config) -> Result<()> {
     for p in config
         .protections
-        .iter()
-        .filter(|p| p.keep > 1 && p.csi().is_none())
+        .iter_mut()
+        .filter(|p| p.keep.count > 1 && p.csi().is_none())
     {
-        let mut dirs: Vec<&Path> = p.volumes.iter().filter_map(|v| v.path.parent()).collect();
+        let mut dirs: Vec<PathBuf> = p
+            .volumes
+            .iter()
+            .filter_map(|v| v.path.parent().map(Path::to_path_buf))
+            .collect();
         dirs.sort();
         dirs.dedup();
         for d in dirs {
-            create_private_dir(d).with_context(|| format!("create {}", d.display()))?;
-            crate::volume::points::probe(d)
-                .with_context(|| format!("protection {}: keep = {}", p.name, p.keep))?;
+            create_private_dir(&d).with_context(|| format!("create {}", d.display()))?;
+            match crate::volume::points::probe(&d) {
+                Ok(()) => {}
+                Err(e) if p.keep.by_default => {
+                    tracing::warn!(
+                        protection = %p.name,
+                        directory = %d.display(),
+                        error = %format!("{e:#}"),
+                        "only the newest recovery point is kept: older ones are reflink clones beside the replicas, which this file system cannot make (put the replicas on XFS or btrfs, or set keep = 1 to silence this)"
+                    );
+                    p.keep = Keep::newest_only();
+                    if p.apply_delay.is_some() {
+                        bail!("protection {}: apply_delay needs older recovery points, which {} cannot hold (no reflink): put the replicas on XFS or btrfs", p.name, d.display());
+                    }
+                    break;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "protection {}: keep = {}{}",
+                            p.name,
+                            p.keep.count,
+                            p.keep.window.map_or(String::new(), |w| format!(
+                                ", keep_for = {}",
+                                humantime::format_duration(w)
+                            ))
+                        )
+                    })
+                }
+            }
         }
     }
     Ok(())

@@ -93,8 +93,8 @@ struct Tokens {
     control: CancellationToken,
 }
 
-pub async fn run(config: Config) -> Result<()> {
-    dirs::prepare(&config)?;
+pub async fn run(mut config: Config) -> Result<()> {
+    dirs::prepare(&mut config)?;
     let callers = Arc::new(auth::Callers::load(&config.control_clients)?);
     let db = config.state_dir.join("db");
     let store = tokio::task::spawn_blocking(move || Store::open(&db)).await??;

@@ -20,6 +20,7 @@ use crate::replicate::recovery;
 use crate::site::dr::Dr;
 use crate::site::status::{age_seconds, volume_statuses};
 use crate::site::UnknownProtection;
+use crate::store::retention;
 use crate::store::ProtectionRecord;
 use crate::volume::fence::{self, Fence};
 
@@ -84,12 +85,17 @@ async fn read<'a>(
         .step(&prot.name, |s, p| Ok((s.record(p)?, s.commits(p)?)))
         .await
         .map_err(FailoverError::Local)?;
+    let now = now_ms();
     let newest = pending
         .last()
         .map(|c| c.point.point.gen)
         .or(rec.point_gen());
     let chosen = match opts.gen.map(Gen) {
-        None => None,
+        None if opts.latest => None,
+        // With apply_delay, an older point is the default (the newest one that old).
+        None => prot.apply_delay.and_then(|_| {
+            retention::failover_default(&rec.points, prot.apply_delay, now).map(|p| p.point.point)
+        }),
         Some(g) => match rec.recovery_point(g) {
             Some(p) => Some(p.point.point),
             None => {

@@ -2,10 +2,11 @@
 //! `hold` pins one against pruning and `release` unpins it.
 
 use crate::api::{PointInfo, PointsReport};
-use crate::ids::{Gen, ProtectionName};
+use crate::config::Protection;
+use crate::ids::{now_ms, Gen};
 use crate::site::dr::Dr;
 use crate::site::status::age_seconds;
-use crate::store::ProtectionRecord;
+use crate::store::{retention, ProtectionRecord};
 
 /// Why a points call failed; the control API maps each to its status.
 #[derive(Debug, thiserror::Error)]
@@ -31,10 +32,16 @@ impl PointsError {
     }
 }
 
-fn report(name: &ProtectionName, keep: usize, rec: &ProtectionRecord) -> PointsReport {
+fn report(prot: &Protection, rec: &ProtectionRecord) -> PointsReport {
+    let default = retention::failover_default(&rec.points, prot.apply_delay, now_ms())
+        .map(|p| p.point.point.gen)
+        .or(rec.point_gen());
     PointsReport {
-        protection: name.to_string(),
-        keep,
+        protection: prot.name.to_string(),
+        keep: prot.keep.count,
+        keep_for_seconds: prot.keep.window.map(|w| w.as_secs()),
+        apply_delay_seconds: prot.apply_delay.map(|d| d.as_secs()),
+        failover_default: default.map(|g| g.0),
         points: rec
             .points
             .iter()
@@ -65,7 +72,7 @@ pub async fn list(dr: &Dr, name: &str) -> Result<PointsReport, PointsError> {
         .record(&prot.name)
         .await
         .map_err(PointsError::Store)?;
-    Ok(report(&prot.name, prot.keep, &rec))
+    Ok(report(prot, &rec))
 }
 
 /// Pins (`held`) or unpins point `gen` of `name`. Waits for a running cycle of the
@@ -100,5 +107,5 @@ pub async fn hold(dr: &Dr, name: &str, gen: u64, held: bool) -> Result<PointsRep
         .await
         .map_err(PointsError::Store)?;
     tracing::info!(protection = name, gen, held, "recovery point hold changed");
-    Ok(report(&prot.name, prot.keep, &rec))
+    Ok(report(prot, &rec))
 }

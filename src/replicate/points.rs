@@ -4,7 +4,8 @@
 //! with the gen's manifest bundle is recovery point N, recorded with the gen in one synced
 //! batch. The redo is idempotent (a log applied twice gives the same replica), so a
 //! writer or daemon killed mid-way leaves the previous point untouched and is finished
-//! by running it again; points beyond `keep` are pruned after the record is durable.
+//! by running it again; points `keep`/`keep_for` no longer keep are pruned after the
+//! record is durable.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -147,7 +148,10 @@ pub async fn redo(dr: &Dr, prot: &Protection, commit: CommitRecord) -> Result<()
         held: false,
         files: BTreeMap::new(),
     };
-    let (keep, dir) = (prot.keep, staging_dir(&dr.config, &name));
+    let (keep, dir) = (
+        crate::replicate::recovery::retention(prot),
+        staging_dir(&dr.config, &name),
+    );
     let pruned = dr
         .store
         .run(move |s| {

@@ -183,11 +183,20 @@ fn redo_blocking(
             stamps.insert(v.name.clone(), stamp);
         }
     }
-    if prot.keep > 1 {
+    if prot.keep.count > 1 {
         return finish_with_point(store, config, prot, commit, stamps);
     }
     store.finish_redo(&prot.name, commit, stamps)?;
     remove_dir(&staging_dir(config, &prot.name))
+}
+
+/// The DR site's retention rule for `prot`'s recovery points.
+pub fn retention(prot: &Protection) -> crate::store::retention::Retention {
+    crate::store::retention::Retention {
+        count: prot.keep.count,
+        window: prot.keep.window,
+        recent: prot.keep.recent,
+    }
 }
 
 /// File replicas keeping `keep` points: gen N's replicas are cloned into point N, which is
@@ -224,7 +233,7 @@ fn finish_with_point(
         files,
     };
     let (_, pruned) =
-        store.finish_redo_with_point(&prot.name, commit, stamps, Some((point, prot.keep)))?;
+        store.finish_redo_with_point(&prot.name, commit, stamps, Some((point, retention(prot))))?;
     remove_dir(&staging_dir(config, &prot.name))?;
     for p in pruned {
         tracing::info!(gen = %p.point.point.gen, "recovery point pruned");

@@ -8,6 +8,7 @@
 
 pub mod face;
 pub mod records;
+pub mod retention;
 pub mod schema;
 pub mod transitions;
 

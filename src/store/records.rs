@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+use super::retention::Retention;
 use super::schema::RECORD_VERSION;
 use crate::ids::{ChunkHash, Epoch, Gen, Point, VolumeName};
 use crate::volume::stamp::Stamp;
@@ -130,6 +131,21 @@ impl ProtectionRecord {
         self.point.as_ref().map(|p| p.point.gen)
     }
 
+    /// The gens whose indexes the DR site keeps: its consistent point's, and each kept
+    /// point of file replicas' (what `verify --gen` compares a point with).
+    pub fn dr_index_gens(&self) -> Vec<Gen> {
+        let mut gens: Vec<Gen> = self
+            .points
+            .iter()
+            .filter(|p| !p.files.is_empty())
+            .map(|p| p.point.point.gen)
+            .chain(self.point_gen())
+            .collect();
+        gens.sort();
+        gens.dedup();
+        gens
+    }
+
     /// The gens whose indexes the primary must keep: the base and the tentative gen.
     pub fn kept_gens(&self) -> Vec<Gen> {
         self.point
@@ -179,25 +195,19 @@ impl ProtectionRecord {
         }
     }
 
-    /// Adds the newest recovery point and prunes the oldest unheld ones beyond `keep`
-    /// (the newest is never pruned); returns those pruned, whose snapshots go next.
-    pub fn add_point(&mut self, point: RecoveryPoint, keep: usize) -> Vec<RecoveryPoint> {
+    /// Adds the newest recovery point and prunes those `rule` no longer keeps at `now_ms`
+    /// (never the newest, never a held one); returns those pruned, whose snapshots go next.
+    pub fn add_point(
+        &mut self,
+        point: RecoveryPoint,
+        rule: Retention,
+        now_ms: u64,
+    ) -> Vec<RecoveryPoint> {
         let gen = point.point.point.gen;
         self.points.retain(|p| p.point.point.gen != gen);
         self.points.push(point);
         self.points.sort_by_key(|p| p.point.point.gen);
-        let mut pruned = Vec::new();
-        let mut excess = self.points.len().saturating_sub(keep.max(1));
-        let mut i = 0;
-        while excess > 0 && i + 1 < self.points.len() {
-            if self.points[i].held {
-                i += 1;
-            } else {
-                pruned.push(self.points.remove(i));
-                excess -= 1;
-            }
-        }
-        pruned
+        super::retention::prune(&mut self.points, rule, now_ms)
     }
 
     /// The kept points' gens for an error that names them: "2, 5, 6", or what is kept

@@ -14,8 +14,9 @@
 //!
 //! Index gens: the primary keeps the index of its point (the base) and of its tentative gen
 //! (written during the scan); [`SCRATCH`] holds hashes fetched from, or scanned for, a peer
-//! during a resync. The DR site keeps the index of its consistent point, plus the gen being
-//! received. Everything else is garbage and is removed at start-up.
+//! during a resync. The DR site keeps the index of its consistent point and of each kept
+//! recovery point of file replicas (for `verify --gen`), plus the gen being received.
+//! Everything else is garbage and is removed at start-up.
 
 use crate::ids::Gen;
 

@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Result};
 
 use super::{
-    records::RecoveryPoint, Batch, CommitRecord, PointRecord, ProtectionRecord, Reconciled,
-    StagedVolume, Store, VolumeRecord,
+    records::RecoveryPoint, retention::Retention, Batch, CommitRecord, PointRecord,
+    ProtectionRecord, Reconciled, StagedVolume, Store, VolumeRecord,
 };
 use crate::ids::{Epoch, Gen, Point, ProtectionName, VolumeName};
 use crate::store::schema::SCRATCH;
@@ -187,24 +187,24 @@ impl Store {
     }
 
     /// As [`Self::finish_redo`], recording the gen's recovery point (CSI replicas) in the
-    /// same batch; returns the points pruned beyond `keep`, whose snapshots the caller
+    /// same batch; returns the points `rule` prunes, whose snapshots the caller
     /// deletes (a crash before that leaves them to the next sweep).
     pub fn finish_redo_with_point(
         &self,
         prot: &ProtectionName,
         commit: &CommitRecord,
         stamps: BTreeMap<VolumeName, Stamp>,
-        point: Option<(RecoveryPoint, usize)>,
+        point: Option<(RecoveryPoint, Retention)>,
     ) -> Result<(ProtectionRecord, Vec<RecoveryPoint>)> {
         let gen = commit.point.point.gen;
         let mut rec = self.record(prot)?;
         rec.finish_gen(commit, stamps);
         let pruned = match point {
-            Some((p, keep)) => rec.add_point(p, keep),
+            Some((p, rule)) => rec.add_point(p, rule, crate::ids::now_ms()),
             None => Vec::new(),
         };
         let mut b = Batch::default();
-        self.drop_index_except(prot, &[gen], &mut b)?;
+        self.drop_index_except(prot, &rec.dr_index_gens(), &mut b)?;
         b.delete_commit(prot, gen);
         self.put_record(prot, &rec, b)?;
         Ok((rec, pruned))
@@ -223,11 +223,7 @@ impl Store {
         for (gen, vol, _) in &staged {
             b.delete_staged(prot, *gen, vol);
         }
-        self.drop_index_except(
-            prot,
-            &rec.point_gen().into_iter().collect::<Vec<_>>(),
-            &mut b,
-        )?;
+        self.drop_index_except(prot, &rec.dr_index_gens(), &mut b)?;
         self.write(b, true)?;
         Ok(staged.into_iter().map(|(_, v, _)| v).collect())
     }
