@@ -84,6 +84,11 @@ pub struct Metrics {
     pub drills: IntCounterVec,
     pub drill_last_success: GaugeVec,
     pub drill_seconds: GaugeVec,
+    /// DR site: replicas or points found to differ from the DR index (verify, scrub),
+    /// when a scrub pass last found everything equal, and the bytes it re-read.
+    pub verify_failures: IntCounterVec,
+    pub scrub_last_clean: GaugeVec,
+    pub scrub_bytes: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -131,6 +136,9 @@ impl Metrics {
             drill_last_success: reg(&r, GaugeVec::new(Opts::new("lifeboat_drill_last_success_timestamp_seconds", "When a drill of the protection last passed (Unix time)"), p).unwrap()),
             drill_seconds: reg(&r, GaugeVec::new(Opts::new("lifeboat_drill_seconds", "Recovery time the last passed drill measured: cloning the point and the check, in seconds"), p).unwrap()),
             mover_cbt: reg(&r, IntCounterVec::new(Opts::new("lifeboat_mover_cbt_total", "Movers that asked the driver's SnapshotMetadata service, by result: delta or allocated (only its ranges read), failed (the call failed: whole volume read), mismatch (a sampled chunk it left out had changed: whole volume read)"), &["protection", "result"]).unwrap()),
+            verify_failures: reg(&r, IntCounterVec::new(Opts::new("lifeboat_verify_failures_total", "Replicas (or recovery points) that verify or the background scrub found differing from the DR index; a replica is then repaired by the next cycle"), p).unwrap()),
+            scrub_last_clean: reg(&r, GaugeVec::new(Opts::new("lifeboat_scrub_last_clean_timestamp_seconds", "When a full background scrub pass last found every replica equal to the DR index (Unix time)"), p).unwrap()),
+            scrub_bytes: reg(&r, IntCounterVec::new(Opts::new("lifeboat_scrub_read_bytes_total", "Bytes the background scrub re-read from the replicas"), p).unwrap()),
             tls_reloads: reg(&r, IntCounterVec::new(Opts::new("lifeboat_tls_reloads_total", "TLS material reloads (SIGHUP) by result; a failed one keeps the material in use"), &["result"]).unwrap()),
             registry: r,
         }

@@ -92,6 +92,9 @@ fn every_malformed_config_gets_an_error_naming_its_key() {
         ("interval = \"30s\"", "interval = \"30s\"\nkeep = 0", "protection[0].keep"),
         ("interval = \"30s\"", "interval = \"30s\"\nkeep_for = \"a week\"", "protection[0].keep_for"),
         ("interval = \"30s\"", "interval = \"30s\"\napply_delay = \"0s\"", "protection[0].apply_delay"),
+        ("interval = \"30s\"", "interval = \"30s\"\nscrub_every = \"nightly\"", "protection[0].scrub_every"),
+        ("interval = \"30s\"", "interval = \"30s\"\nscrub_rate = \"fast\"", "protection[0].scrub_rate"),
+        ("interval = \"30s\"", "interval = \"30s\"\nscrub_rate = \"0MiB/s\"", "protection[0].scrub_rate"),
         // Three points 30 s apart reach back 1 minute, not 15.
         ("interval = \"30s\"", "interval = \"30s\"\nkeep = 3\napply_delay = \"15m\"", "protection[0].apply_delay"),
         ("interval = \"30s\"", "interval = \"30s\"\nkeep_for = \"10m\"\napply_delay = \"15m\"", "protection[0].apply_delay"),

@@ -298,18 +298,37 @@ fn verify_names_the_chunk_ranges_flipped_in_a_replica_and_the_next_cycle_repairs
     );
 }
 
+/// Scrubbing a pass a second at up to 1 GiB/s: the tests' volumes take milliseconds.
+const SCRUB_FAST: &str = "scrub_every = \"1s\"\nscrub_rate = \"1GiB/s\"";
+
+fn scrub_metric(pair: &Pair, name: &str) -> f64 {
+    metric(
+        &pair.dr.metrics(),
+        &format!("{name}{{protection=\"{PROT}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
 #[test]
-fn verify_of_clean_replicas_reports_nothing_while_cycles_run() {
+fn verify_and_the_scrub_of_clean_replicas_report_nothing_while_cycles_run() {
     let pair = Pair::new(PairOptions {
         volumes: vec![("v1", 8 << 20)],
+        dr_protection: SCRUB_FAST.into(),
         ..Default::default()
     });
     pair.sync();
     std::thread::scope(|s| {
         let cycles = s.spawn(|| {
-            for i in 0..4 {
+            // Until the scrub has read the replica three times over, between and after
+            // cycles that rewrite it.
+            for i in 0..200 {
                 pair.change_all(30, 100 + i);
                 pair.sync();
+                if i >= 4
+                    && scrub_metric(&pair, "lifeboat_scrub_read_bytes_total") > (24 << 20) as f64
+                {
+                    break;
+                }
             }
         });
         let mut runs = 0;
@@ -323,6 +342,66 @@ fn verify_of_clean_replicas_reports_nothing_while_cycles_run() {
         }
         cycles.join().unwrap();
     });
+    assert!(scrub_metric(&pair, "lifeboat_scrub_read_bytes_total") > (24 << 20) as f64);
+    assert_eq!(scrub_metric(&pair, "lifeboat_verify_failures_total"), 0.0);
+    assert!(scrub_metric(&pair, "lifeboat_scrub_last_clean_timestamp_seconds") > 0.0);
+    assert!(pair.dr.status().protections[0].degraded.is_empty());
+}
+
+#[test]
+fn the_background_scrub_finds_bytes_flipped_in_a_replica_and_the_next_cycle_repairs_them() {
+    let pair = Pair::new(PairOptions {
+        volumes: vec![("v1", 8 << 20), ("v2", 4 << 20)],
+        dr_protection: SCRUB_FAST.into(),
+        ..Default::default()
+    });
+    pair.sync();
+    // A clean pass first.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while scrub_metric(&pair, "lifeboat_scrub_last_clean_timestamp_seconds") == 0.0 {
+        assert!(std::time::Instant::now() < deadline, "no clean scrub pass");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // Bytes flipped out of band in chunk 5 of v1's replica (a chunk no cycle changes).
+    let f = OpenOptions::new()
+        .write(true)
+        .open(pair.replica("v1"))
+        .unwrap();
+    f.write_all_at(b"bit rot", 5 * 65536 + 17).unwrap();
+    drop(f);
+    while scrub_metric(&pair, "lifeboat_verify_failures_total") == 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the scrub did not find it"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let st = pair.dr.status();
+    let degraded = &st.protections[0].degraded;
+    assert!(
+        degraded.len() == 1
+            && degraded[0].contains("v1")
+            && degraded[0].contains("scrub found 65536 bytes")
+            && degraded[0].contains("(5, 5)"),
+        "{st:?}"
+    );
+    let log = pair.dr.log_text();
+    assert!(
+        log.contains("scrub: replica differs from the DR index"),
+        "{log}"
+    );
+    // The next cycle resends the chunk; the pass after it is clean again.
+    let c = pair.sync();
+    assert_eq!(pair.replica_hashes(), pair.snapshot_hashes(c.gen));
+    let repaired_at = lifeboat::ids::now_ms() as f64 / 1000.0;
+    while scrub_metric(&pair, "lifeboat_scrub_last_clean_timestamp_seconds") < repaired_at {
+        assert!(
+            std::time::Instant::now() < deadline + std::time::Duration::from_secs(60),
+            "no clean pass after the repair"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(scrub_metric(&pair, "lifeboat_verify_failures_total"), 1.0);
 }
 
 /// A pair keeping `keep` recovery points at the DR site, its replicas (and so its points)
@@ -404,6 +483,35 @@ fn file_replicas_keep_k_reflink_points_a_held_one_survives_and_failover_recovers
     // Nothing else is left in the points' directory.
     let dirs = point_dirs(&root);
     assert_eq!(dirs, kept);
+    // A point damaged out of band is named by verify --gen (and not marked: a point is
+    // not repaired); another point verifies clean.
+    let damaged = kept[2];
+    let f = OpenOptions::new()
+        .write(true)
+        .open(root.join(damaged.to_string()).join("v2.img"))
+        .unwrap();
+    f.write_all_at(b"ransom note", 65536 * 3 + 5).unwrap();
+    drop(f);
+    let (ok, r) = verify(&pair, &["--gen", &damaged.to_string()]);
+    let v2 = r.volumes.iter().find(|v| v.volume == "v2").unwrap();
+    assert!(
+        !ok && v2.divergent == [(3, 3)] && !r.marked_for_repair,
+        "{r:?}"
+    );
+    assert_eq!(r.gen, damaged);
+    let (ok, r) = verify(&pair, &["--gen", &kept[3].to_string()]);
+    assert!(
+        ok && r.volumes.iter().all(|v| v.divergent.is_empty()),
+        "{r:?}"
+    );
+    let (ok, _, err) = pair
+        .dr
+        .cli(&["verify", "--protection", PROT, "--gen", "9999"]);
+    assert!(
+        !ok && err.contains("gen 9999") && err.contains("not a kept recovery point"),
+        "{err}"
+    );
+
     let (ok, text) = cli(&pair, &["points"]);
     assert!(
         ok && text.contains(&held.to_string()) && text.contains("held"),

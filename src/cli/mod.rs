@@ -152,7 +152,8 @@ pub enum Command {
     /// At the DR site: re-read every replica of the consistent point and compare its
     /// chunks with the DR index, naming each divergent chunk range. Divergent volumes are
     /// marked for repair (the next cycle resyncs them) unless --no-repair. Exits 1 when
-    /// anything differs. Waits for a running cycle of the protection.
+    /// anything differs. Waits for a running cycle of the protection. (The daemon also
+    /// scrubs in the background: `scrub_every`, `scrub_rate`.)
     Verify {
         #[command(flatten)]
         target: Target,
@@ -161,6 +162,10 @@ pub enum Command {
         /// Only report; leave the volumes as they are.
         #[arg(long)]
         no_repair: bool,
+        /// Verify this kept recovery point's files (`lifeboat points` lists them)
+        /// instead of the replicas; a damaged point is reported, not repaired.
+        #[arg(long)]
+        gen: Option<u64>,
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -387,9 +392,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             target,
             protection,
             no_repair,
+            gen,
             output,
         } => {
-            let path = format!("/v1/protections/{protection}/verify?repair={}", !no_repair);
+            let mut path = format!("/v1/protections/{protection}/verify?repair={}", !no_repair);
+            if let Some(g) = gen {
+                path += &format!("&gen={g}");
+            }
             let r: VerifyReport = client(&target)?.post(&path)?;
             show(output, &r, render_verify)?;
             let clean = r.volumes.iter().all(|v| v.divergent.is_empty());

@@ -146,7 +146,21 @@ pub struct Protection {
     pub keep: Keep,
     /// DR site: a point becomes the failover default only once it is this old.
     pub apply_delay: Option<Duration>,
+    /// DR site: the background scrub of file replicas (None: off).
+    pub scrub: Option<Scrub>,
 }
+
+/// DR site: re-read each replica against the DR index once every `every`, at most `rate`
+/// bytes a second, a slice at a time between cycles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scrub {
+    pub every: Duration,
+    pub rate: u64,
+}
+
+pub const DEFAULT_SCRUB_EVERY: Duration = Duration::from_secs(24 * 3600);
+/// 16 MiB/s: a TiB of data in about 18 hours, a small share of a disk's bandwidth.
+pub const DEFAULT_SCRUB_RATE: u64 = 16 << 20;
 
 /// DR site: which recovery points are kept (`store::retention` applies it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

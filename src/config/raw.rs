@@ -171,6 +171,8 @@ pub(super) struct RawProtection {
     pub(super) keep: Option<usize>,
     pub(super) keep_for: Option<String>,
     pub(super) apply_delay: Option<String>,
+    pub(super) scrub_every: Option<String>,
+    pub(super) scrub_rate: Option<String>,
     pub(super) kubernetes: Option<RawKubeProtection>,
     #[serde(default, rename = "volume")]
     pub(super) volumes: Vec<RawVolume>,

@@ -10,7 +10,8 @@ use std::time::Duration;
 use super::paths::{PathUse, Use};
 use super::raw::{RawConfig, RawProtection};
 use super::{
-    Config, Keep, Peer, Problem, Protection, Refine, Role, SnapshotMode, Volume, DEFAULT_KEEP_FOR,
+    Config, Keep, Peer, Problem, Protection, Refine, Role, Scrub, SnapshotMode, Volume,
+    DEFAULT_KEEP_FOR, DEFAULT_SCRUB_EVERY, DEFAULT_SCRUB_RATE,
 };
 use crate::engine::chunk::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use crate::ids::{ProtectionName, VolumeName};
@@ -424,6 +425,38 @@ impl Validator {
             .apply_delay
             .as_deref()
             .map(|s| dur(self, "apply_delay", &Some(s.to_string()), Duration::ZERO));
+        let scrub = match p.scrub_every.as_deref().map(str::trim) {
+            Some("off") => None,
+            every => Some(Scrub {
+                every: every.map_or(DEFAULT_SCRUB_EVERY, |s| {
+                    dur(
+                        self,
+                        "scrub_every",
+                        &Some(s.to_string()),
+                        DEFAULT_SCRUB_EVERY,
+                    )
+                }),
+                rate: match p
+                    .scrub_rate
+                    .as_deref()
+                    .map(|r| parse_size(r.trim().trim_end_matches("/s")))
+                {
+                    None => DEFAULT_SCRUB_RATE,
+                    Some(Ok(n)) if n > 0 => n,
+                    Some(Ok(_)) => {
+                        self.problem(format!("{key}.scrub_rate"), "is zero; expected bytes per second such as \"16MiB/s\", or scrub_every = \"off\"");
+                        DEFAULT_SCRUB_RATE
+                    }
+                    Some(Err(e)) => {
+                        self.problem(
+                            format!("{key}.scrub_rate"),
+                            format!("{e}; expected bytes per second such as \"16MiB/s\""),
+                        );
+                        DEFAULT_SCRUB_RATE
+                    }
+                },
+            }),
+        };
         if p.keep == Some(0) {
             self.problem(
                 format!("{key}.keep"),
@@ -450,6 +483,7 @@ impl Validator {
         Protection {
             keep,
             apply_delay,
+            scrub,
             name,
             interval,
             rpo_target,

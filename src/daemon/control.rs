@@ -208,6 +208,8 @@ struct VerifyQuery {
     /// Mark divergent volumes for repair (the default).
     #[serde(default = "yes")]
     repair: bool,
+    /// A kept recovery point's files instead of the replicas.
+    gen: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -227,7 +229,7 @@ async fn verify_now(
             "verify runs at the DR site, on its replicas",
         );
     };
-    answer(crate::lifecycle::verify::verify(dr, &name, q.repair).await)
+    answer(crate::lifecycle::verify::verify(dr, &name, q.repair, q.gen).await)
 }
 
 #[derive(Deserialize)]

@@ -1,17 +1,19 @@
-//! `lifeboat verify` at the DR site: re-reads each replica of the consistent point and
-//! compares its chunks with the DR index, naming each divergent chunk range. Divergent
+//! `lifeboat verify` at the DR site: re-reads each replica of the consistent point (or the
+//! files of a kept recovery point, `--gen`) and compares its chunks with the DR index of
+//! that gen, naming each divergent chunk range. Divergent
 //! volumes are marked for repair, so the next cycle resyncs them by hash exchange and the
 //! primary resends what differs. It runs under the protection's lock, so a cycle's apply
 //! is never read half-written (and waits for it).
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 
 use crate::api::{VerifyReport, VolumeVerify};
 use crate::engine::chunk::Geometry;
 use crate::engine::diff::BaseCursor;
 use crate::engine::scan::{scan_file, Content, ScanOptions};
-use crate::ids::VolumeName;
+use crate::ids::{Gen, VolumeName};
 use crate::replicate::receive::check;
 use crate::site::dr::Dr;
 
@@ -33,7 +35,7 @@ impl VerifyError {
 }
 
 /// Consecutive indices as inclusive ranges.
-fn ranges(indices: &[u64]) -> Vec<(u64, u64)> {
+pub(crate) fn ranges(indices: &[u64]) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
     for &i in indices {
         match out.last_mut() {
@@ -45,8 +47,14 @@ fn ranges(indices: &[u64]) -> Vec<(u64, u64)> {
 }
 
 /// Verifies every replica of `name`'s consistent point; with `repair`, marks the
-/// divergent volumes for the next cycle to resync.
-pub async fn verify(dr: &Dr, name: &str, repair: bool) -> Result<VerifyReport, VerifyError> {
+/// divergent volumes for the next cycle to resync. With `gen`, verifies that kept
+/// recovery point's files instead (a point cannot be repaired: it is reported).
+pub async fn verify(
+    dr: &Dr,
+    name: &str,
+    repair: bool,
+    gen: Option<u64>,
+) -> Result<VerifyReport, VerifyError> {
     let prot = dr
         .protection(name)
         .map_err(|e| VerifyError::NotHere(e.to_string()))?
@@ -69,6 +77,31 @@ pub async fn verify(dr: &Dr, name: &str, repair: bool) -> Result<VerifyReport, V
         )));
     };
     let group = check::group(&prot, &rec);
+    // The files read, and the gen whose index they are compared with.
+    let (point, files): (_, BTreeMap<VolumeName, PathBuf>) = match gen {
+        Some(g) if g != point.point.gen.0 => {
+            let Some(p) = rec.recovery_point(Gen(g)).filter(|p| !p.files.is_empty()) else {
+                return Err(VerifyError::NotHere(format!(
+                    "gen {g} of protection {name} is not a kept recovery point of file replicas (kept: {})",
+                    rec.kept_points_text()
+                )));
+            };
+            (p.point.clone(), p.files.clone())
+        }
+        _ => {
+            let files = point
+                .volumes
+                .keys()
+                .filter_map(|v| {
+                    group
+                        .volume(v.as_str())
+                        .map(|r| (v.clone(), r.path.clone()))
+                })
+                .collect();
+            (point, files)
+        }
+    };
+    let repair = repair && gen.is_none_or(|g| g == rec.point_gen().map_or(0, |p| p.0));
     dr.live
         .activity(name, format!("verify of gen {}", point.point.gen));
     let store = dr.store.blocking().clone();
@@ -76,7 +109,7 @@ pub async fn verify(dr: &Dr, name: &str, repair: bool) -> Result<VerifyReport, V
     let volumes = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<VolumeVerify>> {
         let mut out = Vec::new();
         for (vol, vr) in &point.volumes {
-            let Some(v) = group.volume(vol.as_str()) else {
+            let Some(path) = files.get(vol) else {
                 continue;
             };
             let geometry = Geometry::new(vr.size, vr.chunk_size);
@@ -84,7 +117,7 @@ pub async fn verify(dr: &Dr, name: &str, repair: bool) -> Result<VerifyReport, V
             let mut divergent = Vec::new();
             let progress = AtomicU64::new(0);
             let stats = scan_file(
-                &v.path,
+                path,
                 geometry,
                 |i| cursor.hash_at(i),
                 |s| {
@@ -99,7 +132,7 @@ pub async fn verify(dr: &Dr, name: &str, repair: bool) -> Result<VerifyReport, V
             let bytes = divergent.iter().map(|&i| geometry.len(i) as u64).sum();
             out.push(VolumeVerify {
                 volume: vol.to_string(),
-                path: v.path.display().to_string(),
+                path: path.display().to_string(),
                 chunks: stats.chunks,
                 divergent: ranges(&divergent),
                 divergent_bytes: bytes,
@@ -125,6 +158,7 @@ pub async fn verify(dr: &Dr, name: &str, repair: bool) -> Result<VerifyReport, V
         })
         .collect();
     for v in volumes.iter().filter(|v| !v.divergent.is_empty()) {
+        dr.metrics.verify_failures.with_label_values(&[name]).inc();
         tracing::error!(protection = name, volume = %v.volume, ranges = ?v.divergent, "replica differs from the DR index");
     }
     let marked = repair && !found.is_empty();

@@ -257,10 +257,22 @@ impl Store {
         vol: &VolumeName,
         gen: Gen,
     ) -> impl Iterator<Item = Result<(u64, Segment)>> + '_ {
+        self.index_from(prot, vol, gen, 0)
+    }
+
+    /// As [`Self::index`], from segment `first` on (a scrub slice in the middle).
+    pub fn index_from(
+        &self,
+        prot: &ProtectionName,
+        vol: &VolumeName,
+        gen: Gen,
+        first: u64,
+    ) -> impl Iterator<Item = Result<(u64, Segment)>> + '_ {
         let prefix = index_prefix(prot.as_str(), vol.as_str(), gen);
+        let start = index_key(prot.as_str(), vol.as_str(), gen, first);
         let it = self.db.iterator_cf(
             self.cf(CF_INDEX),
-            IteratorMode::From(&prefix, Direction::Forward),
+            IteratorMode::From(&start, Direction::Forward),
         );
         let plen = prefix.len();
         it.map_while(move |item| match item {

@@ -95,6 +95,16 @@ pub struct ProtectionRecord {
     /// oldest first; the last is `point`'s.
     #[serde(default)]
     pub points: Vec<RecoveryPoint>,
+    /// DR: the background scrub's last full pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scrub: Option<ScrubRecord>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScrubRecord {
+    pub last_pass_ms: u64,
+    /// When a full pass last found every replica equal to the DR index.
+    pub last_clean_ms: Option<u64>,
 }
 
 impl Default for ProtectionRecord {
@@ -108,6 +118,7 @@ impl Default for ProtectionRecord {
             fenced: None,
             replicas: BTreeMap::new(),
             repair: BTreeMap::new(),
+            scrub: None,
             reprotect: false,
             points: Vec::new(),
         }

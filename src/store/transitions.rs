@@ -11,8 +11,10 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Result};
 
 use super::{
-    records::RecoveryPoint, retention::Retention, Batch, CommitRecord, PointRecord,
-    ProtectionRecord, Reconciled, StagedVolume, Store, VolumeRecord,
+    records::{RecoveryPoint, ScrubRecord},
+    retention::Retention,
+    Batch, CommitRecord, PointRecord, ProtectionRecord, Reconciled, StagedVolume, Store,
+    VolumeRecord,
 };
 use crate::ids::{Epoch, Gen, Point, ProtectionName, VolumeName};
 use crate::store::schema::SCRATCH;
@@ -271,6 +273,28 @@ impl Store {
     ) -> Result<ProtectionRecord> {
         let mut rec = self.record(prot)?;
         rec.repair.extend(found);
+        self.put_record(prot, &rec, Batch::default())?;
+        Ok(rec)
+    }
+
+    /// A full scrub pass ended at `at_ms`; `clean`: it found every replica equal to the
+    /// DR index.
+    pub fn record_scrub(
+        &self,
+        prot: &ProtectionName,
+        at_ms: u64,
+        clean: bool,
+    ) -> Result<ProtectionRecord> {
+        let mut rec = self.record(prot)?;
+        let last_clean_ms = if clean {
+            Some(at_ms)
+        } else {
+            rec.scrub.and_then(|s| s.last_clean_ms)
+        };
+        rec.scrub = Some(ScrubRecord {
+            last_pass_ms: at_ms,
+            last_clean_ms,
+        });
         self.put_record(prot, &rec, Batch::default())?;
         Ok(rec)
     }
