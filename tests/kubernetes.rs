@@ -2161,6 +2161,17 @@ fn a_custom_resource_sits_paused_at_the_dr_site_until_failover_and_a_down_aggreg
     );
     s.primary_api.make_unavailable("metrics.k8s.io");
     s.sync_and_apply();
+    // Host-path replicas on a file system without reflink: the default keeps the newest
+    // point only, and leaves no points' directory behind.
+    let replicas = s.pair.dir.path().join("replicas/prod");
+    if lifeboat::volume::points::probe(&replicas).is_err() {
+        assert!(!replicas.join(".lifeboat-points").exists());
+        assert!(s
+            .pair
+            .dr
+            .log_text()
+            .contains("only the newest recovery point is kept"));
+    }
     let log = s.pair.primary.log_text();
     assert!(
         log.contains("API group skipped") && log.contains("metrics.k8s.io"),

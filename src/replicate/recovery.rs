@@ -223,8 +223,23 @@ fn finish_with_point(
         .collect();
     let paths: Vec<_> = replicas.iter().map(|(_, p)| p.clone()).collect();
     file_points::sweep(prot.name.as_str(), &paths, &kept)?;
-    let files = file_points::cut(prot.name.as_str(), gen, &replicas)
-        .with_context(|| format!("cut recovery point {gen}"))?;
+    let files = match file_points::cut(prot.name.as_str(), gen, &replicas) {
+        Ok(files) => files,
+        // The default asked for points where it could keep them: host-path replicas
+        // (known only once the gen names them) on a file system without reflink keep the
+        // newest only, as local ones do (checked at start there).
+        Err(e) if prot.keep.by_default => {
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(protection = %prot.name, error = %format!("{e:#}"), "only the newest recovery point is kept: older ones are reflink clones beside the replicas, which this file system cannot make (put the replicas on XFS or btrfs, or set keep = 1 to silence this)");
+            }
+            file_points::sweep(prot.name.as_str(), &paths, &kept)?;
+            file_points::remove_empty_roots(prot.name.as_str(), &paths);
+            store.finish_redo(&prot.name, commit, stamps)?;
+            return remove_dir(&staging_dir(config, &prot.name));
+        }
+        Err(e) => return Err(e.context(format!("cut recovery point {gen}"))),
+    };
     failpoint::hit("dr-point-cut");
     let point = RecoveryPoint {
         point: commit.point.clone(),

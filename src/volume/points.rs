@@ -115,6 +115,20 @@ pub fn sweep(protection: &str, replicas: &[PathBuf], keep: &[Gen]) -> Result<()>
     Ok(())
 }
 
+/// Removes the points' directories beside `replicas` where no point is left in them
+/// (after a cut the file system refused).
+pub fn remove_empty_roots(protection: &str, replicas: &[PathBuf]) {
+    for r in replicas {
+        let root = root(r, protection);
+        // remove_dir refuses a directory that still holds a point: that one stays.
+        if std::fs::remove_dir(&root).is_ok() {
+            if let Some(parent) = root.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
+        }
+    }
+}
+
 /// Puts `replica` back to the point file `point` (a clone, renamed over it).
 pub fn restore(point: &Path, replica: &Path) -> Result<()> {
     clone_file(point, replica)
