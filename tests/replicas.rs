@@ -176,7 +176,11 @@ fn a_committed_gen_whose_staging_log_is_lost_is_repaired_not_retried_forever() {
         report.volumes
     );
     assert_eq!(pair.replica_hashes(), pair.snapshot_hashes(report.gen));
-    assert!(pair.dr.status().protections[0].degraded.is_empty());
+    let st = pair.dr.status();
+    assert!(st.protections[0].degraded.is_empty());
+    assert!(st.protections[0].last_clean_scrub_ms.is_some(), "{st:?}");
+    let (ok, text, _) = pair.dr.cli(&["status"]);
+    assert!(ok && text.contains("last clean scrub:"), "{text}");
 }
 
 #[test]

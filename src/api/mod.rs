@@ -147,6 +147,9 @@ pub struct ProtectionStatus {
     /// cycle, each with what was found.
     #[serde(default)]
     pub degraded: Vec<String>,
+    /// DR: when a background scrub pass last found every replica equal to the DR index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_clean_scrub_ms: Option<u64>,
     pub volumes: Vec<VolumeStatus>,
     /// Kubernetes mode: what the selection covers (primary) or what was applied (DR).
     #[serde(default, skip_serializing_if = "Option::is_none")]

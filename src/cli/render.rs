@@ -77,6 +77,13 @@ pub fn render_status(s: &SiteStatus) -> String {
                 gens.join(", ")
             );
         }
+        if let Some(ms) = p.last_clean_scrub_ms {
+            let age = std::time::Duration::from_secs(crate::site::status::age_seconds(ms) as u64);
+            out += &format!(
+                "  last clean scrub: {} ago\n",
+                humantime::format_duration(age)
+            );
+        }
         out += &format!("  activity: {}\n", p.activity);
         if let Some(c) = &p.last_cycle {
             out += &format!("  last cycle: {}\n", render_cycle(c));

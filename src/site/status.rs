@@ -137,6 +137,7 @@ impl Shared {
             stopped_because,
             last_refusal: live.last_refusal,
             degraded: rec.repair.values().cloned().collect(),
+            last_clean_scrub_ms: rec.scrub.and_then(|s| s.last_clean_ms),
             volumes,
             kubernetes,
         }
