@@ -77,7 +77,7 @@ fn points_possible(config: &mut Config) -> Result<()> {
                         protection = %p.name,
                         directory = %d.display(),
                         error = %format!("{e:#}"),
-                        "only the newest recovery point is kept: older ones are reflink clones beside the replicas, which this file system cannot make (put the replicas on XFS or btrfs, or set keep = 1 to silence this)"
+                        "{}", crate::volume::points::NEWEST_ONLY
                     );
                     p.keep = Keep::newest_only();
                     if p.apply_delay.is_some() {

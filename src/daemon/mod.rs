@@ -146,15 +146,17 @@ pub async fn run(mut config: Config) -> Result<()> {
             {
                 dr.request_standby(&p.name);
             }
-            for p in dr.config.protections.iter().filter(|p| p.csi().is_none()) {
-                if let Some(scrub) = p.scrub {
-                    background.spawn(crate::lifecycle::scrub::run(
-                        dr.clone(),
-                        p.clone(),
-                        scrub,
-                        tokens.background.clone(),
-                    ));
-                }
+            for p in dr
+                .config
+                .protections
+                .iter()
+                .filter(|p| p.csi().is_none() && p.scrub.is_some())
+            {
+                background.spawn(crate::lifecycle::scrub::run(
+                    dr.clone(),
+                    p.clone(),
+                    tokens.background.clone(),
+                ));
             }
             background.spawn(crate::lifecycle::standby::run(
                 dr.clone(),

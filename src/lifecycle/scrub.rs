@@ -42,10 +42,11 @@ enum Pass {
 }
 
 /// One protection's scrub, until `stop`.
-pub async fn run(dr: Arc<Dr>, prot: Protection, scrub: Scrub, stop: CancellationToken) {
+pub async fn run(dr: Arc<Dr>, prot: Protection, stop: CancellationToken) {
+    let Some(scrub) = prot.scrub else { return };
     let limit = RateLimit::new(scrub.rate);
     loop {
-        let due = match schedule(&dr, &prot).await {
+        let due = match schedule(&dr, &prot, scrub).await {
             Ok(due) => due,
             Err(e) => {
                 tracing::warn!(protection = %prot.name, error = %format!("{e:#}"), "scrub: cannot read the state store; trying again later");
@@ -76,8 +77,8 @@ pub async fn run(dr: Arc<Dr>, prot: Protection, scrub: Scrub, stop: Cancellation
 
 /// When the next pass is due: a period after the last one (or after scrubbing began,
 /// which is recorded the first time so restarts do not push it back).
-async fn schedule(dr: &Dr, prot: &Protection) -> Result<u64> {
-    let every = prot.scrub.map_or(0, |s| s.every.as_millis() as u64);
+async fn schedule(dr: &Dr, prot: &Protection, scrub: Scrub) -> Result<u64> {
+    let every = scrub.every.as_millis() as u64;
     let rec = dr.store.record(&prot.name).await?;
     if let Some(last) = rec.scrub.and_then(|s| s.last_clean_ms) {
         dr.metrics

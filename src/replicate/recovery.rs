@@ -231,7 +231,7 @@ fn finish_with_point(
         Err(e) if prot.keep.by_default => {
             static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
             if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                tracing::warn!(protection = %prot.name, error = %format!("{e:#}"), "only the newest recovery point is kept: older ones are reflink clones beside the replicas, which this file system cannot make (put the replicas on XFS or btrfs, or set keep = 1 to silence this)");
+                tracing::warn!(protection = %prot.name, error = %format!("{e:#}"), "{}", file_points::NEWEST_ONLY);
             }
             file_points::sweep(prot.name.as_str(), &paths, &kept)?;
             file_points::remove_empty_roots(prot.name.as_str(), &paths);

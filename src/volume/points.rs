@@ -134,6 +134,9 @@ pub fn restore(point: &Path, replica: &Path) -> Result<()> {
     clone_file(point, replica)
 }
 
+/// What the DR site logs when the default retention falls back to the newest point only.
+pub const NEWEST_ONLY: &str = "only the newest recovery point is kept: older ones are reflink clones beside the replicas, which this file system cannot make (put the replicas on XFS or btrfs, or set keep = 1 to silence this)";
+
 /// Whether `dir` shares extents (a reflink of a scratch file there works).
 pub fn probe(dir: &Path) -> Result<()> {
     let a = dir.join(".lifeboat-reflink-probe");
