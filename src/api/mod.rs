@@ -141,6 +141,10 @@ pub struct ProtectionStatus {
     pub last_error: Option<ErrorReport>,
     /// Why this site no longer replicates (fenced primary, failed-over DR site).
     pub stopped_because: Option<String>,
+    /// After a failback: which way the protection goes from this site, since when, and
+    /// (at the receiving site) what the failback discarded and where it is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<String>,
     /// DR: the last replication attempt this site refused, and why.
     pub last_refusal: Option<ErrorReport>,
     /// DR: replicas found changed outside lifeboat, waiting for their repair by the next
@@ -386,4 +390,24 @@ pub struct DrillCheck {
     pub exit_code: Option<i32>,
     /// The end of its output (stdout and stderr), at most 4 KiB.
     pub output: String,
+}
+
+/// What `lifeboat failback` did at the old primary.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct FailbackReport {
+    pub protection: String,
+    /// The site that sends the protection from now on (where it failed over).
+    pub sender: String,
+    pub epoch: u64,
+    /// The gen the sender failed over at: the last one both sites had.
+    pub common_gen: Option<u64>,
+    /// The gen the discarded writes were counted against.
+    pub fork_gen: Option<u64>,
+    /// Chunks (and their bytes) written here after `fork_gen`: overwritten by the first
+    /// cycle, kept in `kept` before.
+    pub discarded_chunks: u64,
+    pub discarded_bytes: u64,
+    /// Volume → the file it is kept in, as it was before the failback.
+    pub kept: std::collections::BTreeMap<String, String>,
+    pub done: Vec<String>,
 }

@@ -136,6 +136,35 @@ pub(super) fn planned_steps(
     Ok(steps)
 }
 
+/// A planned failover's last step: the old primary fails back, so it receives from now
+/// on. Its failure is reported as the step, not as the failover's: the application runs
+/// here either way, and `lifeboat failback` there can be run again.
+pub(super) fn planned_failback(
+    primary: &str,
+    token_file: Option<&std::path::Path>,
+    protection: &str,
+) -> Step {
+    let t = std::time::Instant::now();
+    let done = token_file.map(token).transpose().and_then(|tok| {
+        Client::at(primary)
+            .with_token(tok)
+            .post::<crate::api::FailbackReport>(&format!("/v1/protections/{protection}/failback"))
+    });
+    let what = match done {
+        Ok(r) => format!(
+            "the old primary failed back: it receives {protection} from now on ({} chunks of its own discarded)",
+            r.discarded_chunks
+        ),
+        Err(e) => format!(
+            "the old primary did not fail back ({e:#}); run `lifeboat failback --protection {protection}` there"
+        ),
+    };
+    Step {
+        what,
+        seconds: t.elapsed().as_secs_f64(),
+    }
+}
+
 /// Runs `f` on a site's state opened from the config file, for when the daemon is down.
 fn offline<T, F, Fut>(target: &Target, f: F) -> Result<T>
 where

@@ -20,12 +20,15 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use commands::{client, export, failover, planned_steps, rbac, reprotect, show};
+use commands::{client, export, failover, planned_failback, planned_steps, rbac, reprotect, show};
 pub use render::{
-    human_bytes, render_cycle, render_failover, render_points, render_status, render_verify,
+    human_bytes, render_cycle, render_failback, render_failover, render_points, render_status,
+    render_verify,
 };
 
-use crate::api::{CycleReport, FailoverOptions, PointsReport, SiteStatus, VerifyReport};
+use crate::api::{
+    CycleReport, FailbackReport, FailoverOptions, PointsReport, SiteStatus, VerifyReport,
+};
 use crate::config;
 
 #[derive(Parser, Debug)]
@@ -138,6 +141,23 @@ pub enum Command {
         target: Target,
         #[arg(short, long)]
         protection: String,
+    },
+    /// After a failover, at the old primary: the site the protection failed over to (the
+    /// application runs there) sends it from now on, and this site receives it into its own
+    /// volumes, at a higher epoch. Only chunks that differ travel: the first cycle resyncs
+    /// by hash exchange, never a full copy. Writes this site took after the last gen the DR
+    /// site had (the fork) are reported ("N chunks written at SITE after gen G are
+    /// discarded") and kept in `.lifeboat-forks/` beside the volumes before anything
+    /// overwrites them. Then `failover --planned` here brings the application back with
+    /// nothing lost. Both sites need [listen] and [peer], each naming the other.
+    /// Local-mode protections only in this release.
+    Failback {
+        #[command(flatten)]
+        target: Target,
+        #[arg(short, long)]
+        protection: String,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// List the recovery points the DR site keeps (gen, when taken, age, size, held),
     /// oldest first; `failover --gen N` recovers any of them.
@@ -371,6 +391,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
             let mut r = failover(&target, &protection, &opts)?;
             r.steps.splice(0..0, before);
+            // A planned failover of a local protection is a relocate: the old side fails
+            // back at once, so replication goes on in the new direction.
+            if let (true, Some(addr), false, None) = (planned, &primary, dry_run, &r.kubernetes) {
+                r.steps.push(planned_failback(
+                    addr,
+                    primary_token_file.as_deref(),
+                    &protection,
+                ));
+            }
             show(output, &r, render_failover)?;
             // Failed over, but not everything is running: a script must not read success.
             Ok(if r.problems.is_empty() {
@@ -419,6 +448,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             protection,
             gen,
         } => hold(&target, &protection, gen, "release"),
+        Command::Failback {
+            target,
+            protection,
+            output,
+        } => {
+            let r: FailbackReport =
+                client(&target)?.post(&format!("/v1/protections/{protection}/failback"))?;
+            show(output, &r, render_failback)
+        }
         Command::Reprotect { target, protection } => {
             for line in reprotect(&target, &protection)? {
                 println!("{line}");

@@ -94,6 +94,9 @@ pub fn render_status(s: &SiteStatus) -> String {
         if let Some(why) = &p.stopped_because {
             out += &format!("  replication stopped: {why}\n");
         }
+        if let Some(d) = &p.direction {
+            out += &format!("  direction: {d}\n");
+        }
         if let Some(r) = &p.last_refusal {
             out += &format!("  last refusal: {}\n", r.message);
         }
@@ -110,6 +113,15 @@ pub fn render_status(s: &SiteStatus) -> String {
                     .unwrap_or_default()
             );
         }
+    }
+    out
+}
+
+pub fn render_failback(r: &crate::api::FailbackReport) -> String {
+    let mut out = String::new();
+    for line in &r.done {
+        out += line;
+        out += "\n";
     }
     out
 }

@@ -1,5 +1,5 @@
 //! The control API over HTTP: `/metrics`, `/healthz`, `/readyz`, and the JSON status,
-//! sync, failover, manifests and quiesce endpoints that the CLI calls (their types are in
+//! sync, failover, failback, manifests and quiesce endpoints that the CLI calls (their types are in
 //! [`crate::api`]). It binds to loopback by default. Each error answers with the status
 //! code of its cause: 404 for an unknown protection or a request for the other role, 409
 //! for a state conflict (fenced, nothing to recover), 502 when the peer or the cluster
@@ -25,22 +25,20 @@ use crate::site::dr::Dr;
 use crate::site::primary::Primary;
 use crate::site::Shared;
 
-/// The role's context, for the endpoints only one role serves.
+/// What the endpoints reach: the site, its receiving half (a DR site, or a primary with
+/// `[listen]`, which receives a protection after a failback) and its sending half (a
+/// primary, or a DR site with `[peer]`) with each protection's scheduler.
 #[derive(Clone)]
-pub enum RoleCtx {
-    Primary {
-        primary: Arc<Primary>,
-        syncs: Arc<HashMap<String, mpsc::Sender<SyncRequest>>>,
-    },
-    Dr(Arc<Dr>),
+pub struct RoleCtx {
+    pub shared: Arc<Shared>,
+    pub dr: Option<Arc<Dr>>,
+    pub primary: Option<Arc<Primary>>,
+    pub syncs: Arc<HashMap<String, mpsc::Sender<SyncRequest>>>,
 }
 
 impl RoleCtx {
     fn shared(&self) -> &Arc<Shared> {
-        match self {
-            RoleCtx::Primary { primary, .. } => primary.shared(),
-            RoleCtx::Dr(dr) => dr.shared(),
-        }
+        &self.shared
     }
 }
 
@@ -69,6 +67,7 @@ pub fn router(ctx: RoleCtx, callers: Arc<Callers>) -> Router {
         .route("/v1/protections/{name}/manifests", get(manifests))
         .route("/v1/protections/{name}/quiesce", post(quiesce))
         .route("/v1/protections/{name}/reprotect", post(reprotect_now))
+        .route("/v1/protections/{name}/failback", post(failback_now))
         .route("/v1/protections/{name}/points", get(points_list))
         .route("/v1/protections/{name}/verify", post(verify_now))
         .route("/v1/protections/{name}/drills", post(drill_start))
@@ -120,11 +119,7 @@ fn shutting_down() -> Response {
 }
 
 async fn sync(State(c): State<RoleCtx>, Path(name): Path<String>) -> Response {
-    let tx = match &c {
-        RoleCtx::Primary { syncs, .. } => syncs.get(&name),
-        RoleCtx::Dr(_) => None,
-    };
-    let Some(tx) = tx else {
+    let Some(tx) = c.syncs.get(&name) else {
         return not_here(
             c.shared(),
             &name,
@@ -154,7 +149,7 @@ async fn failover_now(
     Path(name): Path<String>,
     Query(opts): Query<FailoverOptions>,
 ) -> Response {
-    let RoleCtx::Dr(dr) = &c else {
+    let Some(dr) = &c.dr else {
         let site = &c.shared().config.site_name;
         return err(
             StatusCode::CONFLICT,
@@ -222,7 +217,7 @@ async fn verify_now(
     Path(name): Path<String>,
     Query(q): Query<VerifyQuery>,
 ) -> Response {
-    let RoleCtx::Dr(dr) = &c else {
+    let Some(dr) = &c.dr else {
         return not_here(
             c.shared(),
             &name,
@@ -243,7 +238,7 @@ async fn drill_start(
     Path(name): Path<String>,
     Query(q): Query<DrillQuery>,
 ) -> Response {
-    let RoleCtx::Dr(dr) = &c else {
+    let Some(dr) = &c.dr else {
         return not_here(
             c.shared(),
             &name,
@@ -268,7 +263,7 @@ async fn drill_end(
     Path((name, id)): Path<(String, String)>,
     Query(q): Query<DrillEndQuery>,
 ) -> Response {
-    let RoleCtx::Dr(dr) = &c else {
+    let Some(dr) = &c.dr else {
         return not_here(
             c.shared(),
             &name,
@@ -312,7 +307,7 @@ statused!(
 
 /// The DR site's recovery points of a protection.
 async fn points_list(State(c): State<RoleCtx>, Path(name): Path<String>) -> Response {
-    let RoleCtx::Dr(dr) = &c else {
+    let Some(dr) = &c.dr else {
         return not_here(c.shared(), &name, "recovery points are kept at the DR site");
     };
     answer(crate::lifecycle::points::list(dr, &name).await)
@@ -323,7 +318,7 @@ async fn points_hold(
     State(c): State<RoleCtx>,
     Path((name, gen, action)): Path<(String, u64, String)>,
 ) -> Response {
-    let RoleCtx::Dr(dr) = &c else {
+    let Some(dr) = &c.dr else {
         return not_here(c.shared(), &name, "recovery points are kept at the DR site");
     };
     let held = match action.as_str() {
@@ -345,9 +340,9 @@ async fn reprotect_now(State(c): State<RoleCtx>, Path(name): Path<String>) -> Re
     if let Err(e) = c.shared().protection(&name) {
         return err(StatusCode::NOT_FOUND, e.to_string(), None);
     }
-    let done = match &c {
-        RoleCtx::Dr(dr) => reprotect::dr(dr, &name).await,
-        RoleCtx::Primary { primary, .. } => reprotect::primary(primary, &name).await,
+    let done = match &c.dr {
+        Some(dr) if !c.shared.configured_primary() => reprotect::dr(dr, &name).await,
+        _ => reprotect::primary(&c.shared, &name).await,
     };
     match done {
         Ok(done) => Json(done).into_response(),
@@ -359,9 +354,28 @@ async fn reprotect_now(State(c): State<RoleCtx>, Path(name): Path<String>) -> Re
     }
 }
 
+/// Failback, at the old primary: the peer sends the protection from now on.
+async fn failback_now(State(c): State<RoleCtx>, Path(name): Path<String>) -> Response {
+    if let Err(e) = c.shared().protection(&name) {
+        return err(StatusCode::NOT_FOUND, e.to_string(), None);
+    }
+    let site = &c.shared.config.site_name;
+    let (Some(primary), Some(dr)) = (&c.primary, &c.dr) else {
+        return err(
+            StatusCode::CONFLICT,
+            format!("site {site} needs [peer] and [listen] for a failback: it asks the peer to send, and receives from it; failback runs at the site the protection failed over from"),
+            None,
+        );
+    };
+    match crate::lifecycle::failback::failback(primary, dr, &name).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => err(StatusCode::CONFLICT, format!("{e:#}"), None),
+    }
+}
+
 /// Planned failover, at the primary: scale the protection's workloads to zero.
 async fn quiesce(State(c): State<RoleCtx>, Path(name): Path<String>) -> Response {
-    let RoleCtx::Primary { primary, .. } = &c else {
+    let Some(primary) = &c.primary else {
         return not_here(c.shared(), &name, "quiesce runs at the primary");
     };
     match planned::quiesce(primary, &name).await {

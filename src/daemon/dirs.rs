@@ -36,16 +36,24 @@ pub fn prepare(config: &mut Config) -> Result<()> {
         Ok(_) => {}
         Err(_) => create(state, "state_dir")?,
     }
-    // Each role makes only the directories it writes.
+    // Each half makes only the directories it writes: a primary with [listen] receives
+    // (stages) after a failback, a DR site with [peer] sends (snapshots).
+    if config.role == Role::Dr || config.listen.is_some() {
+        create(&config.staging_dir, "staging_dir")?;
+    }
     match config.role {
-        Role::Dr => {
-            create(&config.staging_dir, "staging_dir")?;
-            points_possible(config)?;
-        }
+        Role::Dr => points_possible(config)?,
+        // A primary receives only between a failback and the relocate that follows it:
+        // it keeps the newest point, not a ladder of points no one prunes afterwards.
         Role::Primary => {
-            for p in &config.protections {
-                create(&p.snapshot_dir, "snapshot_dir")?;
+            for p in config.protections.iter_mut().filter(|p| p.keep.by_default) {
+                p.keep = Keep::newest_only();
             }
+        }
+    }
+    if config.role == Role::Primary || config.peer.is_some() {
+        for p in &config.protections {
+            create(&p.snapshot_dir, "snapshot_dir")?;
         }
     }
     Ok(())

@@ -108,116 +108,79 @@ pub async fn run(mut config: Config) -> Result<()> {
     // Cycles and streams, and background work, each drained in their own stage.
     let work = TaskTracker::new();
     let background = TaskTracker::new();
-    let (ctx, endpoint, tls_side) = match shared.config.role {
-        Role::Dr => {
-            let dr = Arc::new(Dr::new(shared.clone()));
-            recovery::recover_dr(&dr)
-                .await
-                .context("recover what the previous run left in flight")?;
-            for p in dr.config.protections.iter().filter(|p| p.csi().is_none()) {
-                // Counters from 0, so "no drill ever passed" is a series an alert can see.
-                for result in ["passed", "failed"] {
-                    dr.metrics
-                        .drills
-                        .with_label_values(&[p.name.as_str(), result])
-                        .inc_by(0);
-                }
-                crate::lifecycle::drill::sweep(&dr, p)
-                    .await
-                    .with_context(|| format!("remove what unfinished drills of {} left", p.name))?;
-            }
-            let addr = shared.config.listen.context("a DR site needs [listen]")?;
-            let ep = quic::server_endpoint(addr, tls::server_config(&shared.config.tls)?)?;
-            tracing::info!(address = %ep.local_addr()?, "listening for the primary (QUIC)");
-            // Cancelled by shutdown is safe: the redo is idempotent and runs again.
-            let (d, stop) = (dr.clone(), tokens.background.clone());
-            background.spawn(async move {
-                tokio::select! {
-                    _ = stop.cancelled() => {}
-                    _ = recovery::recover_csi(d) => {}
-                }
-            });
-            // A gen committed before a restart may not have had its manifests applied.
-            for p in shared
-                .config
-                .protections
-                .iter()
-                .filter(|p| p.kubernetes.is_some())
-            {
-                dr.request_standby(&p.name);
-            }
-            for p in dr
-                .config
-                .protections
-                .iter()
-                .filter(|p| p.csi().is_none() && p.scrub.is_some())
-            {
-                background.spawn(crate::lifecycle::scrub::run(
-                    dr.clone(),
-                    p.clone(),
-                    tokens.background.clone(),
-                ));
-            }
-            background.spawn(crate::lifecycle::standby::run(
-                dr.clone(),
-                tokens.background.clone(),
-            ));
-            let stops = receive::Stops {
-                accept: tokens.accept.clone(),
-                streams: tokens.cycles.clone(),
-            };
-            work.spawn(receive::serve(dr.clone(), ep.clone(), stops, work.clone()));
-            (RoleCtx::Dr(dr), ep.clone(), tls_reload::Side::Server(ep))
-        }
-        Role::Primary => {
-            recovery::recover_primary(&shared)
-                .await
-                .context("recover what the previous run left in flight")?;
-            let peer = shared
-                .config
-                .peer
-                .clone()
-                .context("a primary needs [peer]")?;
-            let tls = tls::client_config(&shared.config.tls)?;
-            let client = quic::ClientSlot::new(quic::client_config(tls.clone())?);
-            let ep = quic::client_endpoint(peer.address, tls)?;
-            let link = PeerLink::new(
-                ep.clone(),
-                client.clone(),
-                peer.address,
-                peer.server_name.clone(),
-                peer.max_bandwidth,
-            );
-            let primary = Arc::new(Primary::new(shared.clone(), link, background.clone()));
-            {
-                let (p, stop) = (primary.clone(), tokens.accept.clone());
-                work.spawn(async move { p.peer.watch(&p, stop).await });
-            }
-            let mut syncs = HashMap::new();
-            let stops = scheduler::Stops {
-                start: tokens.accept.clone(),
-                cycles: tokens.cycles.clone(),
-            };
-            for p in &shared.config.protections {
-                let (tx, rx) = mpsc::channel(16);
-                syncs.insert(p.name.to_string(), tx);
-                work.spawn(scheduler::run(
-                    primary.clone(),
-                    p.clone(),
-                    rx,
-                    stops.clone(),
-                ));
-            }
-            (
-                RoleCtx::Primary {
-                    primary,
-                    syncs: Arc::new(syncs),
-                },
-                ep,
-                tls_reload::Side::Client(client),
-            )
-        }
+    let is_dr = shared.config.role == Role::Dr;
+    // The receiving half: a DR site, or a primary with [listen], which receives a
+    // protection once a failback turned it around.
+    let dr = match (is_dr, shared.config.listen) {
+        (true, _) | (false, Some(_)) => Some(Arc::new(Dr::new(shared.clone()))),
+        (false, None) => None,
     };
+    let mut server = None;
+    if let Some(dr) = &dr {
+        recovery::recover_dr(dr)
+            .await
+            .context("recover what the previous run left in flight")?;
+        if is_dr {
+            dr_tasks(dr, &tokens, &background).await?;
+        }
+        let addr = shared.config.listen.context("a DR site needs [listen]")?;
+        let ep = quic::server_endpoint(addr, tls::server_config(&shared.config.tls)?)?;
+        tracing::info!(address = %ep.local_addr()?, "listening for the peer (QUIC)");
+        let stops = receive::Stops {
+            accept: tokens.accept.clone(),
+            streams: tokens.cycles.clone(),
+        };
+        work.spawn(receive::serve(dr.clone(), ep.clone(), stops, work.clone()));
+        server = Some(ep);
+    }
+    // The sending half: a primary, or a DR site with [peer], which sends a protection once
+    // a failback turned it around.
+    let mut client = None;
+    let mut syncs = HashMap::new();
+    let mut primary = None;
+    if let Some(peer) = shared.config.peer.clone() {
+        recovery::recover_primary(&shared)
+            .await
+            .context("recover what the previous run left in flight")?;
+        let tls = tls::client_config(&shared.config.tls)?;
+        let slot = quic::ClientSlot::new(quic::client_config(tls.clone())?);
+        let ep = quic::client_endpoint(peer.address, tls)?;
+        let link = PeerLink::new(
+            ep.clone(),
+            slot.clone(),
+            peer.address,
+            peer.server_name.clone(),
+            peer.max_bandwidth,
+        );
+        let p = Arc::new(Primary::new(shared.clone(), link, background.clone()));
+        if !is_dr {
+            let (p, stop) = (p.clone(), tokens.accept.clone());
+            work.spawn(async move { p.peer.watch(&p, stop).await });
+        }
+        let stops = scheduler::Stops {
+            start: tokens.accept.clone(),
+            cycles: tokens.cycles.clone(),
+        };
+        for prot in &shared.config.protections {
+            let (tx, rx) = mpsc::channel(16);
+            syncs.insert(prot.name.to_string(), tx);
+            work.spawn(scheduler::run(p.clone(), prot.clone(), rx, stops.clone()));
+        }
+        client = Some((ep, slot));
+        primary = Some(p);
+    }
+    let ctx = RoleCtx {
+        shared: shared.clone(),
+        dr,
+        primary,
+        syncs: Arc::new(syncs),
+    };
+    let tls_side = tls_reload::Side {
+        server: server.clone(),
+        client: client.as_ref().map(|(_, slot)| slot.clone()),
+    };
+    let endpoints: Vec<quinn::Endpoint> =
+        server.into_iter().chain(client.map(|(ep, _)| ep)).collect();
     tls_reload::start(
         shared.clone(),
         tls_side,
@@ -259,13 +222,72 @@ pub async fn run(mut config: Config) -> Result<()> {
     tokens.background.cancel();
     background.close();
     DRAIN.run(background.wait()).await;
-    endpoint.close(0u32.into(), b"shutdown");
-    CLOSE.run(endpoint.wait_idle()).await;
+    for ep in &endpoints {
+        ep.close(0u32.into(), b"shutdown");
+    }
+    CLOSE
+        .run(async {
+            for ep in &endpoints {
+                ep.wait_idle().await;
+            }
+        })
+        .await;
     tokens.control.cancel();
     CONTROL
         .run(async {
             let _ = control_task.await;
         })
         .await;
+    Ok(())
+}
+
+/// The DR site's own tasks: drills left unfinished are swept, committed CSI gens finished,
+/// standby manifests applied, replicas scrubbed.
+async fn dr_tasks(dr: &Arc<Dr>, tokens: &Tokens, background: &TaskTracker) -> Result<()> {
+    for p in dr.config.protections.iter().filter(|p| p.csi().is_none()) {
+        // Counters from 0, so "no drill ever passed" is a series an alert can see.
+        for result in ["passed", "failed"] {
+            dr.metrics
+                .drills
+                .with_label_values(&[p.name.as_str(), result])
+                .inc_by(0);
+        }
+        crate::lifecycle::drill::sweep(dr, p)
+            .await
+            .with_context(|| format!("remove what unfinished drills of {} left", p.name))?;
+    }
+    // Cancelled by shutdown is safe: the redo is idempotent and runs again.
+    let (d, stop) = (dr.clone(), tokens.background.clone());
+    background.spawn(async move {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = recovery::recover_csi(d) => {}
+        }
+    });
+    // A gen committed before a restart may not have had its manifests applied.
+    for p in dr
+        .config
+        .protections
+        .iter()
+        .filter(|p| p.kubernetes.is_some())
+    {
+        dr.request_standby(&p.name);
+    }
+    for p in dr
+        .config
+        .protections
+        .iter()
+        .filter(|p| p.csi().is_none() && p.scrub.is_some())
+    {
+        background.spawn(crate::lifecycle::scrub::run(
+            dr.clone(),
+            p.clone(),
+            tokens.background.clone(),
+        ));
+    }
+    background.spawn(crate::lifecycle::standby::run(
+        dr.clone(),
+        tokens.background.clone(),
+    ));
     Ok(())
 }

@@ -1,6 +1,8 @@
-//! The primary's scheduler: one task per protection runs a cycle when the interval elapses
-//! or when `sync` asks, retries failures with backoff, and once fenced stops replicating:
-//! it then only answers sync requests with the fence.
+//! The sending half's scheduler: one task per protection runs a cycle when the interval
+//! elapses or when `sync` asks, retries failures with backoff, and once fenced stops
+//! replicating: it then only answers sync requests with the fence. While the site receives
+//! the protection (a DR site before a failback, a primary after one) it answers them with
+//! that, and starts at once when a failback turns the protection around.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,16 +35,55 @@ pub struct Stops {
 enum State {
     /// Cycles run at `next`, or sooner on request.
     Running { next: Instant, failures: u32 },
-    /// The DR site failed over: no cycle runs again (until a re-protect).
+    /// The DR site failed over: no cycle runs again (until a re-protect or a failback).
     Fenced(ErrorReport),
+    /// This site receives the protection: the peer sends it.
+    Receiving(ErrorReport),
 }
 
-async fn still_fenced(primary: &Primary, prot: &Protection) -> bool {
-    primary
-        .store
-        .record(&prot.name)
-        .await
-        .map_or(true, |r| r.fenced.is_some())
+impl State {
+    /// Why no cycle runs.
+    fn why(&self) -> Option<&ErrorReport> {
+        match self {
+            State::Running { .. } => None,
+            State::Fenced(why) | State::Receiving(why) => Some(why),
+        }
+    }
+}
+
+/// Where the protection stands by its record: `None` when it replicates from here.
+async fn stopped(primary: &Primary, prot: &Protection) -> Option<State> {
+    let rec = match primary.store.record(&prot.name).await {
+        Ok(r) => r,
+        Err(e) => {
+            return Some(State::Fenced(ErrorReport {
+                kind: ErrorKind::Store,
+                message: format!("{e:#}"),
+                at_ms: now_ms(),
+            }))
+        }
+    };
+    if !primary.sends(&rec) {
+        let peer = rec
+            .turn
+            .as_ref()
+            .map_or("the other site", |t| t.peer.as_str());
+        return Some(State::Receiving(ErrorReport {
+            kind: ErrorKind::Refused,
+            message: format!(
+                "this site receives protection {} from {peer}; sync runs there",
+                prot.name
+            ),
+            at_ms: now_ms(),
+        }));
+    }
+    rec.fenced.map(|f| {
+        State::Fenced(ErrorReport {
+            kind: ErrorKind::Fenced,
+            message: f.message,
+            at_ms: f.at_ms,
+        })
+    })
 }
 
 fn backoff(failures: u32, interval: Duration) -> Duration {
@@ -76,41 +117,49 @@ pub async fn run(
     };
     // A request that found the fence lifted, answered by the next cycle.
     let mut deferred: Option<SyncRequest> = None;
+    let mut turns = primary.turns.subscribe();
     // A protection fenced before this start is fenced still, and shows it.
-    if let Ok(rec) = primary.store.record(&prot.name).await {
-        if let Some(f) = rec.fenced {
+    if let Some(s) = stopped(&primary, &prot).await {
+        if let State::Fenced(f) = &s {
             primary.note_error(&name, ErrorKind::Fenced, f.message.clone());
-            state = State::Fenced(ErrorReport {
-                kind: ErrorKind::Fenced,
-                message: f.message,
-                at_ms: f.at_ms,
-            });
         }
+        state = s;
     }
     loop {
         let (next, failures) = match &state {
-            State::Fenced(fence) => {
+            State::Fenced(why) | State::Receiving(why) => {
                 let req = tokio::select! {
                     _ = stops.start.cancelled() => break,
                     r = requests.recv() => r,
+                    // A failback here or at the peer: look again.
+                    _ = turns.changed() => None,
                 };
-                match req {
-                    // Re-protected since: replicate again, starting with this request.
-                    Some(r) if !still_fenced(&primary, &prot).await => {
-                        tracing::info!(protection = %name, "the fence was lifted; replicating again");
+                if req.is_none() && stops.start.is_cancelled() {
+                    break;
+                }
+                match (req, stopped(&primary, &prot).await) {
+                    (req, None) => {
+                        // Re-protected or turned around since: replicate again, at once.
+                        tracing::info!(protection = %name, "replicating from this site again");
                         state = State::Running {
                             next: Instant::now(),
                             failures: 0,
                         };
-                        let _ = deferred.insert(r);
+                        deferred = req;
                         continue;
                     }
-                    Some(r) => {
-                        primary.metrics.error(&name, ErrorKind::Fenced);
-                        let _ = r.reply.send(Err(fence.clone()));
+                    (Some(r), Some(now)) => {
+                        if let State::Fenced(_) = now {
+                            primary.metrics.error(&name, ErrorKind::Fenced);
+                        }
+                        let _ = r.reply.send(Err(now.why().unwrap_or(why).clone()));
+                        state = now;
                         continue;
                     }
-                    None => break,
+                    (None, Some(now)) => {
+                        state = now;
+                        continue;
+                    }
                 }
             }
             State::Running { next, failures } => (*next, *failures),
@@ -126,6 +175,14 @@ pub async fn run(
         }
         while let Ok(r) = requests.try_recv() {
             pending.push(r);
+        }
+        // A failback may have turned the protection around since the last cycle.
+        if let Some(s @ State::Receiving(_)) = stopped(&primary, &prot).await {
+            for p in pending {
+                let _ = p.reply.send(Err(s.why().expect("stopped").clone()));
+            }
+            state = s;
+            continue;
         }
         let result = tokio::select! {
             _ = stops.cycles.cancelled() => break,

@@ -20,13 +20,13 @@ use crate::net::quic;
 use crate::net::tls::{self, Expiry, TlsFiles};
 use crate::site::Shared;
 
-/// Where reloaded material goes.
+/// Where reloaded material goes: the listening endpoint (a DR site, or a primary with
+/// `[listen]`) and the client config for new connections (a primary, or a DR site with
+/// `[peer]`).
 #[derive(Clone)]
-pub enum Side {
-    /// The DR site's listening endpoint.
-    Server(quinn::Endpoint),
-    /// The primary's client config for new connections.
-    Client(quic::ClientSlot),
+pub struct Side {
+    pub server: Option<quinn::Endpoint>,
+    pub client: Option<quic::ClientSlot>,
 }
 
 /// Sets the expiry gauges for the material in use, and reloads it on each SIGHUP until
@@ -84,12 +84,20 @@ async fn run(shared: Arc<Shared>, side: Side, stop: CancellationToken, mut hup: 
 /// Builds the new config in full before it replaces the old, so a failure changes nothing.
 fn reload(files: &TlsFiles, side: &Side) -> Result<Expiry> {
     let expiry = tls::expiry(files)?;
-    match side {
-        Side::Server(ep) => {
-            let cfg = quic::server_config(tls::server_config(files)?)?;
-            ep.set_server_config(Some(cfg));
-        }
-        Side::Client(slot) => slot.replace(quic::client_config(tls::client_config(files)?)?),
+    // Both configs are built before either replaces the old.
+    let server = match &side.server {
+        Some(_) => Some(quic::server_config(tls::server_config(files)?)?),
+        None => None,
+    };
+    let client = match &side.client {
+        Some(_) => Some(quic::client_config(tls::client_config(files)?)?),
+        None => None,
+    };
+    if let (Some(ep), Some(cfg)) = (&side.server, server) {
+        ep.set_server_config(Some(cfg));
+    }
+    if let (Some(slot), Some(cfg)) = (&side.client, client) {
+        slot.replace(cfg);
     }
     Ok(expiry)
 }

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::plan::{self, FailoverPlan, NothingToRecover, Planned};
 use crate::api::{FailoverOptions, FailoverReport, Step};
-use crate::config::{Protection, Role};
+use crate::config::Protection;
 use crate::ids::{now_ms, Gen};
 use crate::k8s::bundle::{Bundle, Form};
 use crate::metrics::ErrorKind;
@@ -139,10 +139,16 @@ pub async fn failover(
     opts: &FailoverOptions,
 ) -> Result<FailoverReport, FailoverError> {
     let started = Instant::now();
-    if dr.config.role != Role::Dr {
+    let prot = dr.protection(name)?.clone();
+    // A primary fails over only a protection it receives (after a failback).
+    let rec = dr
+        .store
+        .record(&prot.name)
+        .await
+        .map_err(FailoverError::Local)?;
+    if dr.sends(&rec) && rec.failed_over.is_none() {
         return Err(FailoverError::WrongSite(dr.config.site_name.clone()));
     }
-    let prot = dr.protection(name)?.clone();
     let result = if opts.dry_run {
         dry_run(dr, &prot, opts, started).await
     } else {

@@ -29,6 +29,12 @@ fn selected(v: &Value, sel: Option<&Selector>) -> bool {
 
 /// Scales the protection's workloads to zero and suspends its CronJobs; returns what it did.
 pub async fn quiesce(site: &Shared, name: &str) -> Result<Vec<String>> {
+    if site.protection(name)?.kubernetes.is_none() {
+        // Local mode has no workloads to scale: the operator stops the writers.
+        return Ok(vec![format!(
+            "local protection {name}: nothing to scale down (stop the application's writers before the final cycle)"
+        )]);
+    }
     let kp = site.kube_protection(name)?;
     let client = site.kube(name)?;
     let pp = PatchParams::default();

@@ -46,6 +46,49 @@ pub(crate) fn ranges(indices: &[u64]) -> Vec<(u64, u64)> {
     out
 }
 
+/// The chunks of a file that differ from an index.
+pub(crate) struct Divergent {
+    /// Chunks read.
+    pub chunks: u64,
+    pub indices: Vec<u64>,
+    pub bytes: u64,
+}
+
+/// Reads the file at `path` as a volume of `geometry` and compares each chunk with
+/// `store`'s index of (`prot`, `vol`, `gen`); a chunk the index does not have differs.
+/// Blocking.
+pub(crate) fn divergent_chunks(
+    store: &crate::store::Store,
+    prot: &crate::ids::ProtectionName,
+    vol: &VolumeName,
+    gen: Gen,
+    path: &std::path::Path,
+    geometry: Geometry,
+) -> anyhow::Result<Divergent> {
+    let mut cursor = BaseCursor::new(store.index(prot, vol, gen));
+    let mut indices = Vec::new();
+    let progress = AtomicU64::new(0);
+    let stats = scan_file(
+        path,
+        geometry,
+        |i| cursor.hash_at(i),
+        |s| {
+            if !matches!(s.content, Content::Unchanged) {
+                indices.push(s.index);
+            }
+            Ok(())
+        },
+        &progress,
+        ScanOptions::default(),
+    )?;
+    let bytes = indices.iter().map(|&i| geometry.len(i) as u64).sum();
+    Ok(Divergent {
+        chunks: stats.chunks,
+        indices,
+        bytes,
+    })
+}
+
 /// Verifies every replica of `name`'s consistent point; with `repair`, marks the
 /// divergent volumes for the next cycle to resync. With `gen`, verifies that kept
 /// recovery point's files instead (a point cannot be repaired: it is reported).
@@ -113,29 +156,13 @@ pub async fn verify(
                 continue;
             };
             let geometry = Geometry::new(vr.size, vr.chunk_size);
-            let mut cursor = BaseCursor::new(store.index(&p, vol, gen));
-            let mut divergent = Vec::new();
-            let progress = AtomicU64::new(0);
-            let stats = scan_file(
-                path,
-                geometry,
-                |i| cursor.hash_at(i),
-                |s| {
-                    if !matches!(s.content, Content::Unchanged) {
-                        divergent.push(s.index);
-                    }
-                    Ok(())
-                },
-                &progress,
-                ScanOptions::default(),
-            )?;
-            let bytes = divergent.iter().map(|&i| geometry.len(i) as u64).sum();
+            let d = divergent_chunks(&store, &p, vol, gen, path, geometry)?;
             out.push(VolumeVerify {
                 volume: vol.to_string(),
                 path: path.display().to_string(),
-                chunks: stats.chunks,
-                divergent: ranges(&divergent),
-                divergent_bytes: bytes,
+                chunks: d.chunks,
+                divergent: ranges(&d.indices),
+                divergent_bytes: d.bytes,
             });
         }
         Ok(out)

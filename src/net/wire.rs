@@ -91,6 +91,13 @@ pub enum Refusal {
     /// The connecting site is not the one this site pairs with.
     #[error("{0}")]
     WrongPeer(String),
+    /// This site sends the protection itself (it has not recorded a failback the peer
+    /// believes in, or never had one): not a fence.
+    #[error("{0}")]
+    NotReceiving(String),
+    /// A failback this site cannot take, and why.
+    #[error("{0}")]
+    NoFailback(String),
 }
 
 /// The role a site says it plays in the hello: two primaries (or two DR sites) configured
@@ -215,6 +222,17 @@ pub enum Msg {
         gen: Gen,
         volume: String,
     },
+    /// Failback: the site that sent `protection` (fenced since the peer failed over) asks
+    /// the peer to send it from now on. The peer answers `TurnedAround` or `Refused`.
+    Failback {
+        protection: String,
+    },
+    /// The failed-over site sends `protection` from now on, at `epoch`; `gen` is the gen it
+    /// failed over at (the last one both sites had).
+    TurnedAround {
+        epoch: Epoch,
+        gen: Option<Gen>,
+    },
     /// The next bytes of the staging log.
     LogPart {
         bytes: ByteBuf,
@@ -249,6 +267,8 @@ impl Msg {
             Msg::Join { .. } => "Join",
             Msg::Staged { .. } => "Staged",
             Msg::Fetch { .. } => "Fetch",
+            Msg::Failback { .. } => "Failback",
+            Msg::TurnedAround { .. } => "TurnedAround",
             Msg::LogPart { .. } => "LogPart",
             Msg::LogEnd { .. } => "LogEnd",
         }

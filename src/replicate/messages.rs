@@ -36,6 +36,8 @@ pub enum Opening {
         gen: crate::ids::Gen,
         volume: String,
     },
+    /// The peer's failback request (see [`Msg::Failback`]).
+    Failback { protection: String },
 }
 
 impl TryFrom<Msg> for Opening {
@@ -74,6 +76,7 @@ impl TryFrom<Msg> for Opening {
                 gen,
                 volume,
             }),
+            Msg::Failback { protection } => Ok(Opening::Failback { protection }),
             other => Err(other.kind()),
         }
     }

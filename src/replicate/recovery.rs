@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
-use crate::config::{Config, Protection, Role};
+use crate::config::{Config, Protection};
 use crate::engine::chunk::{Geometry, RootHasher};
 use crate::engine::scan::{scan_file, ScanOptions};
 use crate::failpoint;
@@ -57,10 +57,13 @@ pub async fn recover_csi(dr: Arc<Dr>) {
     }
 }
 
-/// Start-up at the primary: only the base and the tentative gen keep indexes and snapshots.
+/// Start-up at the primary (and at a DR site that sends a protection after a failback):
+/// only the base and the tentative gen keep indexes and snapshots.
 pub async fn recover_primary(shared: &Shared) -> Result<()> {
-    debug_assert_eq!(shared.config.role, Role::Primary);
     for p in shared.config.protections.clone() {
+        if !shared.sends(&shared.store.record(&p.name).await?) {
+            continue;
+        }
         shared
             .store
             .run(move |s| {

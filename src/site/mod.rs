@@ -33,6 +33,9 @@ pub struct Shared {
     pub ready: AtomicBool,
     /// The primary's QUIC connection to the DR site is up.
     pub peer_connected: AtomicBool,
+    /// Bumped when a failback turns a protection around here: the schedulers look again
+    /// at which way each of their protections goes.
+    pub turns: tokio::sync::watch::Sender<u64>,
 }
 
 /// A protection name that is not in this site's config.
@@ -60,6 +63,7 @@ impl Shared {
             kube: None,
             ready: AtomicBool::new(false),
             peer_connected: AtomicBool::new(false),
+            turns: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -92,6 +96,22 @@ impl Shared {
     }
 
     /// A protection by name, or an error listing the ones this site has.
+    /// This site's configured role is the primary: it sends each protection until a
+    /// failback turns one around (see [`crate::store::turn`]).
+    pub fn configured_primary(&self) -> bool {
+        self.config.role == crate::config::Role::Primary
+    }
+
+    /// Whether this site sends `rec`'s protection now.
+    pub fn sends(&self, rec: &crate::store::ProtectionRecord) -> bool {
+        rec.sends(self.configured_primary())
+    }
+
+    /// Tells the schedulers a protection turned around.
+    pub fn turned(&self) {
+        self.turns.send_modify(|n| *n += 1);
+    }
+
     pub fn protection(&self, name: &str) -> Result<&Protection, UnknownProtection> {
         self.config
             .protection(name)

@@ -100,8 +100,9 @@ impl Shared {
         let rec = self.store.blocking().record(&p.name).unwrap_or_default();
         let live = self.live.get(name);
         let point = rec.point.as_ref().map(|r| r.point);
-        let (role, stopped_because) = match (&self.config.role, &rec.failed_over, &rec.fenced) {
-            (_, Some(f), _) => (
+        // After a failback the record's turn, not the configured role, says the direction.
+        let (role, stopped_because) = match (&rec.failed_over, &rec.fenced, self.sends(&rec)) {
+            (Some(f), _, false) => (
                 "failed-over",
                 Some(format!(
                     "failed over at epoch {} (recovered gen {}); replication from the old primary is refused",
@@ -109,10 +110,25 @@ impl Shared {
                     f.gen.map_or("none".into(), |g| g.to_string())
                 )),
             ),
-            (_, _, Some(f)) => ("fenced", Some(f.message.clone())),
-            (Role::Primary, _, _) => ("primary", None),
-            (Role::Dr, _, _) => ("dr", None),
+            (_, Some(f), true) => ("fenced", Some(f.message.clone())),
+            (_, _, true) => ("primary", None),
+            (_, _, false) => ("dr", None),
         };
+        let direction = rec.turn.as_ref().map(|t| {
+            let ago = age_seconds(t.at_ms);
+            match &t.fork {
+                _ if t.sends => format!(
+                    "sends to {} since a failback {ago:.0}s ago (the application runs here)",
+                    t.peer
+                ),
+                Some(f) => format!(
+                    "receives from {} since a failback {ago:.0}s ago; {}",
+                    t.peer,
+                    f.describe(&self.config.site_name)
+                ),
+                None => format!("receives from {} since a failback {ago:.0}s ago", t.peer),
+            }
+        });
         let volumes = volume_statuses(p, &rec, self.config.role);
         let kubernetes = live
             .kubernetes
@@ -135,6 +151,7 @@ impl Shared {
             last_cycle: live.last_cycle,
             last_error: live.last_error,
             stopped_because,
+            direction,
             last_refusal: live.last_refusal,
             degraded: rec.repair.values().cloned().collect(),
             last_clean_scrub_ms: rec.scrub.and_then(|s| s.last_clean_ms),

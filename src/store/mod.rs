@@ -4,6 +4,7 @@
 //! - [`schema`]: every key and value, in one table.
 //! - [`records`]: the records and the pure changes of a protection's record.
 //! - [`transitions`]: each durable step of a cycle or a failover as one synced batch.
+//! - [`turn`]: which way a protection goes after a failback.
 //! - [`face`]: the store as async code sees it; every call runs on a blocking thread.
 
 pub mod face;
@@ -11,6 +12,7 @@ pub mod records;
 pub mod retention;
 pub mod schema;
 pub mod transitions;
+pub mod turn;
 
 use std::path::Path;
 

@@ -98,6 +98,10 @@ pub struct ProtectionRecord {
     /// DR: the background scrub's last full pass.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scrub: Option<ScrubRecord>,
+    /// Set by a failback: which way the protection goes from this site (see
+    /// [`super::turn`]); absent, the site's configured role says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn: Option<super::turn::Turn>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +125,7 @@ impl Default for ProtectionRecord {
             scrub: None,
             reprotect: false,
             points: Vec::new(),
+            turn: None,
         }
     }
 }
@@ -157,13 +162,12 @@ impl ProtectionRecord {
         gens
     }
 
-    /// The gens whose indexes the primary must keep: the base and the tentative gen.
+    /// The gens whose indexes the primary must keep: the base and the tentative gen (and,
+    /// at a site sending after a failback, its kept points' DR indexes).
     pub fn kept_gens(&self) -> Vec<Gen> {
-        self.point
-            .iter()
-            .chain(self.tentative.iter())
-            .map(|r| r.point.gen)
-            .collect()
+        let mut gens = self.dr_index_gens();
+        gens.extend(self.tentative.iter().map(|r| r.point.gen));
+        gens
     }
 
     /// Primary: brings the record in line with what the DR site has committed. A tentative
@@ -191,8 +195,12 @@ impl ProtectionRecord {
         Ok(gen)
     }
 
-    /// Primary: the DR site refused us for a newer epoch; we stop for good.
+    /// Primary: the DR site refused us for a newer epoch; we stop for good. A cycle that
+    /// was in flight when a failback turned this site to receiving does not fence it.
     pub fn fence(&mut self, message: String, at_ms: u64) {
+        if self.turn.as_ref().is_some_and(|t| !t.sends) {
+            return;
+        }
         self.fenced = Some(FenceRecord { at_ms, message });
     }
 

@@ -35,7 +35,7 @@ impl Store {
     // The primary's steps.
 
     /// Brings the record in line with the DR site's consistent point (see
-    /// [`ProtectionRecord::reconcile`]); every index but the base's goes.
+    /// [`ProtectionRecord::reconcile`]); every index but the base's (and kept points') goes.
     pub fn reconcile(
         &self,
         prot: &ProtectionName,
@@ -44,11 +44,7 @@ impl Store {
         let mut rec = self.record(prot)?;
         let outcome = rec.reconcile(dr_point);
         let mut b = Batch::default();
-        self.drop_index_except(
-            prot,
-            &rec.point_gen().into_iter().collect::<Vec<_>>(),
-            &mut b,
-        )?;
+        self.drop_index_except(prot, &rec.dr_index_gens(), &mut b)?;
         self.put_record(prot, &rec, b)?;
         Ok((rec, outcome))
     }
@@ -321,6 +317,39 @@ impl Store {
         let mut rec = self.record(prot)?;
         rec.adopt_epoch(epoch);
         self.put_record(prot, &rec, Batch::default())?;
+        Ok(rec)
+    }
+
+    /// Failback, at the failed-over site: it sends from now on (see
+    /// [`ProtectionRecord::turn_to_sender`]).
+    pub fn turn_to_sender(
+        &self,
+        prot: &ProtectionName,
+        peer: &str,
+        at_ms: u64,
+    ) -> Result<ProtectionRecord> {
+        let mut rec = self.record(prot)?;
+        rec.turn_to_sender(peer, at_ms)?;
+        self.put_record(prot, &rec, Batch::default())?;
+        Ok(rec)
+    }
+
+    /// Failback, at the old primary: it receives from now on; its indexes go with its base
+    /// (see [`ProtectionRecord::turn_to_receiver`]).
+    pub fn turn_to_receiver(
+        &self,
+        prot: &ProtectionName,
+        peer: &str,
+        epoch: Epoch,
+        at_ms: u64,
+        volumes: &[VolumeName],
+        fork: super::turn::Fork,
+    ) -> Result<ProtectionRecord> {
+        let mut rec = self.record(prot)?;
+        rec.turn_to_receiver(peer, epoch, at_ms, volumes, fork);
+        let mut b = Batch::default();
+        self.drop_index_except(prot, &rec.dr_index_gens(), &mut b)?;
+        self.put_record(prot, &rec, b)?;
         Ok(rec)
     }
 

@@ -9,6 +9,7 @@
 //! replica equals its snapshot).
 
 pub mod fence;
+pub mod fork;
 pub mod points;
 pub mod replica;
 pub mod snapshot;

@@ -71,7 +71,7 @@ pub async fn run(
         .record(&prot.name)
         .await
         .map_err(ReceiveError::store)?;
-    machine::admit(&rec, lock.failing_over(), epoch)?;
+    machine::admit_peer(&rec, dr.configured_primary(), lock.failing_over(), epoch)?;
     let token = lock.supersede(stop);
     let locked = tokio::select! {
         l = lock.lock_within(LOCK_WAIT) => l.ok_or_else(|| ReceiveError::refuse(Refusal::Busy))?,
@@ -82,7 +82,7 @@ pub async fn run(
         .record(&prot.name)
         .await
         .map_err(ReceiveError::store)?;
-    machine::admit(&rec, locked.failing_over(), epoch)?;
+    machine::admit_peer(&rec, dr.configured_primary(), locked.failing_over(), epoch)?;
     // A gen committed but not yet applied (an apply that failed) is finished first.
     recovery::finish_pending(dr, &locked, &prot)
         .await

@@ -31,6 +31,33 @@ pub fn admit(rec: &ProtectionRecord, failing_over: bool, epoch: Epoch) -> Result
     Ok(())
 }
 
+/// [`admit`] and [`receives`] together. A peer at a newer epoch while this site sends took
+/// the failback this site asked for, before this site recorded its own turn: it is told
+/// to retry (not a fence), where `admit` would fence it for this site's failover.
+pub fn admit_peer(
+    rec: &ProtectionRecord,
+    configured_primary: bool,
+    failing_over: bool,
+    epoch: Epoch,
+) -> Result<(), ReceiveError> {
+    if !(rec.sends(configured_primary) && epoch > rec.epoch) {
+        admit(rec, failing_over, epoch)?;
+    }
+    receives(rec, configured_primary)
+}
+
+/// Whether this site receives the protection now (see [`ProtectionRecord::sends`]); a
+/// primary receives one only after a failback there. Checked after [`admit`]: a failed-over
+/// site fences the peer instead.
+pub fn receives(rec: &ProtectionRecord, configured_primary: bool) -> Result<(), ReceiveError> {
+    if rec.sends(configured_primary) {
+        return Err(ReceiveError::refuse(Refusal::NotReceiving(
+            "this site sends the protection itself and receives it only after a failback there (`lifeboat failback` at this site)".into(),
+        )));
+    }
+    Ok(())
+}
+
 /// The refusal a primary gets once this site failed over (or is failing over).
 pub fn failed_over(rec: &ProtectionRecord) -> ReceiveError {
     ReceiveError::refuse(Refusal::FailedOver {

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::machine::{admit, Action, Receiving, Staged};
+use super::machine::{admit, admit_peer, receives, Action, Receiving, Staged};
 use crate::config::Protection;
 use crate::engine::chunk::Geometry;
 use crate::ids::{ChunkHash, CycleId, Epoch, Gen, Point, VolumeName};
@@ -404,6 +404,37 @@ fn admission_refuses_an_older_epoch_and_a_failed_over_site() {
         admit(&failed, false, Epoch(9)).unwrap_err().told(),
         Refusal::FailedOver { .. }
     ));
+}
+
+#[test]
+fn a_primary_receives_only_after_a_failback_and_a_dr_site_only_until_one() {
+    let mut rec = ProtectionRecord::default();
+    assert!(receives(&rec, false).is_ok());
+    let e = receives(&rec, true).unwrap_err();
+    assert!(matches!(e.told(), Refusal::NotReceiving(_)));
+    assert_ne!(e.metric_label(), ErrorKind::Fenced, "not a fence");
+    let turn = |sends| crate::store::turn::Turn {
+        sends,
+        at_ms: 1,
+        peer: "b".into(),
+        fork: None,
+    };
+    rec.turn = Some(turn(false));
+    assert!(receives(&rec, true).is_ok());
+    rec.turn = Some(turn(true));
+    assert!(receives(&rec, false).is_err());
+    // Failed over and sending after a failback: the old primary at an older epoch is
+    // fenced; the peer this site asked to fail back (a newer epoch) is only told to retry.
+    rec.failed_over = Some(FailoverRecord {
+        at_ms: 1,
+        gen: None,
+        snapshot_taken_at_ms: None,
+    });
+    rec.epoch = Epoch(3);
+    let old = admit_peer(&rec, false, false, Epoch(2)).unwrap_err();
+    assert_eq!(old.metric_label(), ErrorKind::Fenced);
+    let turned = admit_peer(&rec, false, false, Epoch(4)).unwrap_err();
+    assert!(matches!(turned.told(), Refusal::NotReceiving(_)));
 }
 
 #[test]

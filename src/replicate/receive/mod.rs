@@ -15,6 +15,7 @@ pub mod machine;
 #[cfg(test)]
 mod machine_tests;
 pub mod stage;
+mod turn;
 
 use std::sync::Arc;
 
@@ -265,6 +266,9 @@ async fn stream(
                 }
                 None => refuse_late_join(js, &protection, cycle).await,
             }
+        }
+        Opening::Failback { protection } => {
+            turn::answer(dr, peer, &protection, &mut w).await;
         }
         Opening::Fetch { .. } => {
             let why = "only this site's own writer Jobs may fetch staging logs".to_string();
