@@ -195,3 +195,100 @@ fn failback_needs_a_failed_over_peer_and_a_way_back() {
         "{err}"
     );
 }
+
+/// Fails the pair over and writes at both sites; returns the old primary's volumes as
+/// they were before the failback.
+fn fail_over_and_fork(pair: &Pair) -> Vec<String> {
+    pair.sync();
+    let _: FailoverReport = json(&pair.dr, &["failover", "--protection", PROT]);
+    for (i, v) in pair.volumes.iter().enumerate() {
+        scatter_writes(&pair.replica(v), 25, pair.chunk_size, 10 + i as u64);
+        scatter_writes(&pair.volume(v), 10, pair.chunk_size, 20 + i as u64);
+    }
+    pair.volume_hashes()
+}
+
+fn dr_sync_in_background(pair: &Pair) -> std::thread::JoinHandle<Result<CycleReport, String>> {
+    let client = pair.dr.client();
+    std::thread::spawn(move || {
+        client
+            .post::<CycleReport>(&format!("/v1/protections/{PROT}/sync"))
+            .map_err(|e| format!("{e:#}"))
+    })
+}
+
+#[test]
+fn the_old_primary_killed_in_the_first_cycle_after_failback_is_never_torn_and_the_next_run_completes(
+) {
+    let mut pair = pair_both_ways();
+    let forked = fail_over_and_fork(&pair);
+    // Killed while the first cycle is only staged: its volumes stay as they were.
+    pair.primary.stop();
+    pair.primary.failpoint = Some("dr-staging:v2".into());
+    pair.primary.start();
+    let _: FailbackReport = json(&pair.primary, &["failback", "--protection", PROT]);
+    let pending = dr_sync_in_background(&pair);
+    pair.primary.wait_failpoint();
+    pair.primary.kill9();
+    let _ = pending.join().unwrap();
+    assert_eq!(pair.volume_hashes(), forked, "staging touched the volumes");
+    pair.primary.failpoint = None;
+    pair.primary.start();
+    assert_eq!(
+        pair.volume_hashes(),
+        forked,
+        "restart must discard the staged gen"
+    );
+
+    // Killed while applying the committed gen: the restart finishes it.
+    pair.primary.stop();
+    pair.primary.failpoint = Some("dr-applying:v2".into());
+    pair.primary.start();
+    let pending = dr_sync_in_background(&pair);
+    pair.primary.wait_failpoint();
+    pair.primary.kill9();
+    assert!(
+        pending.join().unwrap().is_err(),
+        "no acknowledgement was sent"
+    );
+    pair.primary.failpoint = None;
+    pair.primary.start();
+    assert_eq!(
+        pair.volume_hashes(),
+        pair.replica_hashes(),
+        "the committed gen is redone at restart"
+    );
+    let r = dr_sync(&pair).unwrap();
+    assert_eq!(pair.volume_hashes(), pair.replica_hashes(), "{r:?}");
+    assert_eq!(pair.primary.status().protections[0].role, "dr");
+}
+
+#[test]
+fn the_new_sender_killed_in_its_first_cycle_after_failback_resumes_and_completes() {
+    let mut pair = pair_both_ways();
+    let forked = fail_over_and_fork(&pair);
+    pair.dr.stop();
+    pair.dr.failpoint = Some("primary-sending:v2".into());
+    pair.dr.start();
+    let _: FailbackReport = json(&pair.primary, &["failback", "--protection", PROT]);
+    // The turn wakes the new sender's scheduler: its first cycle stops at the failpoint.
+    pair.dr.wait_failpoint();
+    pair.dr.kill9();
+    assert_eq!(
+        pair.volume_hashes(),
+        forked,
+        "a cut cycle changed the volumes"
+    );
+    pair.dr.failpoint = None;
+    pair.dr.start();
+    let r = dr_sync(&pair).unwrap();
+    assert_eq!(pair.volume_hashes(), pair.replica_hashes(), "{r:?}");
+    let (p, d) = (pair.primary.status(), pair.dr.status());
+    assert_eq!(
+        (
+            p.protections[0].role.as_str(),
+            d.protections[0].role.as_str()
+        ),
+        ("dr", "primary")
+    );
+}
