@@ -109,6 +109,12 @@ fn failback_resyncs_only_the_differences_keeps_the_fork_and_a_planned_failover_r
     // Asked again, failback changes nothing.
     let again: FailbackReport = json(&pair.primary, &["failback", "--protection", PROT]);
     assert_eq!(again.epoch, r.epoch);
+    // Re-protect would restore the configured direction and drop the DR site's writes: it
+    // is refused, naming the way back. The sending site has no replicas to verify.
+    let (ok, _, err) = pair.primary.cli(&["reprotect", "--protection", PROT]);
+    assert!(!ok && err.contains("failover --planned"), "{err}");
+    let (ok, _, err) = pair.dr.cli(&["verify", "--protection", PROT]);
+    assert!(!ok && err.contains("sends the protection now"), "{err}");
 
     // The former DR site sends: its first cycle (the scheduler may have run it already)
     // leaves the old primary's volumes equal to the application's data.

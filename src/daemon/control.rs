@@ -55,6 +55,29 @@ fn not_here(shared: &Shared, name: &str, wants: &str) -> Response {
     err(StatusCode::NOT_FOUND, msg, None)
 }
 
+/// This site's receiving half, for the endpoints that read replicas and recovery points;
+/// else the 404 naming what `wants` (a site that sends the protection has none to read).
+async fn receiving<'a>(c: &'a RoleCtx, name: &str, wants: &str) -> Result<&'a Arc<Dr>, Response> {
+    let Some(dr) = &c.dr else {
+        return Err(not_here(c.shared(), name, wants));
+    };
+    if let Ok(p) = c.shared.protection(name) {
+        let sends = c
+            .shared
+            .store
+            .record(&p.name)
+            .await
+            .is_ok_and(|r| c.shared.sends(&r));
+        if sends {
+            let why = format!(
+                "{wants}; this site sends the protection now (its volumes are the application's)"
+            );
+            return Err(not_here(c.shared(), name, &why));
+        }
+    }
+    Ok(dr)
+}
+
 /// The routes, behind [`auth::guard`] with `callers`.
 pub fn router(ctx: RoleCtx, callers: Arc<Callers>) -> Router {
     Router::new()
@@ -217,12 +240,9 @@ async fn verify_now(
     Path(name): Path<String>,
     Query(q): Query<VerifyQuery>,
 ) -> Response {
-    let Some(dr) = &c.dr else {
-        return not_here(
-            c.shared(),
-            &name,
-            "verify runs at the DR site, on its replicas",
-        );
+    let dr = match receiving(&c, &name, "verify runs at the DR site, on its replicas").await {
+        Ok(dr) => dr,
+        Err(r) => return r,
     };
     answer(crate::lifecycle::verify::verify(dr, &name, q.repair, q.gen).await)
 }
@@ -238,12 +258,15 @@ async fn drill_start(
     Path(name): Path<String>,
     Query(q): Query<DrillQuery>,
 ) -> Response {
-    let Some(dr) = &c.dr else {
-        return not_here(
-            c.shared(),
-            &name,
-            "drills run at the DR site, on its recovery points",
-        );
+    let dr = match receiving(
+        &c,
+        &name,
+        "drills run at the DR site, on its recovery points",
+    )
+    .await
+    {
+        Ok(dr) => dr,
+        Err(r) => return r,
     };
     answer(crate::lifecycle::drill::start(dr, &name, q.gen).await)
 }
@@ -263,12 +286,15 @@ async fn drill_end(
     Path((name, id)): Path<(String, String)>,
     Query(q): Query<DrillEndQuery>,
 ) -> Response {
-    let Some(dr) = &c.dr else {
-        return not_here(
-            c.shared(),
-            &name,
-            "drills run at the DR site, on its recovery points",
-        );
+    let dr = match receiving(
+        &c,
+        &name,
+        "drills run at the DR site, on its recovery points",
+    )
+    .await
+    {
+        Ok(dr) => dr,
+        Err(r) => return r,
     };
     answer(crate::lifecycle::drill::end(dr, &name, &id, q.passed, q.seconds, q.keep).await)
 }
@@ -307,8 +333,9 @@ statused!(
 
 /// The DR site's recovery points of a protection.
 async fn points_list(State(c): State<RoleCtx>, Path(name): Path<String>) -> Response {
-    let Some(dr) = &c.dr else {
-        return not_here(c.shared(), &name, "recovery points are kept at the DR site");
+    let dr = match receiving(&c, &name, "recovery points are kept at the DR site").await {
+        Ok(dr) => dr,
+        Err(r) => return r,
     };
     answer(crate::lifecycle::points::list(dr, &name).await)
 }
@@ -318,8 +345,9 @@ async fn points_hold(
     State(c): State<RoleCtx>,
     Path((name, gen, action)): Path<(String, u64, String)>,
 ) -> Response {
-    let Some(dr) = &c.dr else {
-        return not_here(c.shared(), &name, "recovery points are kept at the DR site");
+    let dr = match receiving(&c, &name, "recovery points are kept at the DR site").await {
+        Ok(dr) => dr,
+        Err(r) => return r,
     };
     let held = match action.as_str() {
         "hold" => true,

@@ -120,6 +120,11 @@ pub async fn run(mut config: Config) -> Result<()> {
         recovery::recover_dr(dr)
             .await
             .context("recover what the previous run left in flight")?;
+        for p in dr.config.protections.iter().filter(|p| p.csi().is_none()) {
+            crate::lifecycle::drill::sweep(dr, p)
+                .await
+                .with_context(|| format!("remove what unfinished drills of {} left", p.name))?;
+        }
         if is_dr {
             dr_tasks(dr, &tokens, &background).await?;
         }
@@ -241,8 +246,8 @@ pub async fn run(mut config: Config) -> Result<()> {
     Ok(())
 }
 
-/// The DR site's own tasks: drills left unfinished are swept, committed CSI gens finished,
-/// standby manifests applied, replicas scrubbed.
+/// The DR site's own tasks: drill metrics from 0, committed CSI gens finished, standby
+/// manifests applied, replicas scrubbed.
 async fn dr_tasks(dr: &Arc<Dr>, tokens: &Tokens, background: &TaskTracker) -> Result<()> {
     for p in dr.config.protections.iter().filter(|p| p.csi().is_none()) {
         // Counters from 0, so "no drill ever passed" is a series an alert can see.
@@ -252,9 +257,6 @@ async fn dr_tasks(dr: &Arc<Dr>, tokens: &Tokens, background: &TaskTracker) -> Re
                 .with_label_values(&[p.name.as_str(), result])
                 .inc_by(0);
         }
-        crate::lifecycle::drill::sweep(dr, p)
-            .await
-            .with_context(|| format!("remove what unfinished drills of {} left", p.name))?;
     }
     // Cancelled by shutdown is safe: the redo is idempotent and runs again.
     let (d, stop) = (dr.clone(), tokens.background.clone());

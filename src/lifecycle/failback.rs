@@ -45,10 +45,17 @@ pub async fn failback(primary: &Primary, dr: &Dr, name: &str) -> Result<Failback
         .as_ref()
         .map(|p| p.server_name.clone())
         .context("this site has no [peer]")?;
+    // One failback at a time, and none beside a cycle this site receives: a second one
+    // must not keep a fork of volumes the first one's cycle is writing.
+    let lock = dr.lock_of(name).expect("a lock per protection");
+    let locked = lock.lock().await;
     let rec = primary.store.record(&prot.name).await?;
     if !primary.sends(&rec) {
         let since = rec.turn.as_ref().filter(|t| !t.sends);
         return match since {
+            Some(_) if rec.failed_over.is_some() => bail!(
+                "site {site} failed over {name} after its failback and runs the application: failback runs at {peer} now"
+            ),
             Some(t) => Ok(already(name, &rec, t)),
             None => bail!(
                 "site {site} receives protection {name}: failback runs at the site the protection failed over from (its old primary)"
@@ -78,7 +85,9 @@ pub async fn failback(primary: &Primary, dr: &Dr, name: &str) -> Result<Failback
         let result = (|| {
             for v in &p.volumes {
                 let vol = v.name.clone();
-                let dir = fork::dir(&v.path, &state_dir, p.name.as_str(), at);
+                // Named by the epoch, which a repeated failback gets again: a retry after
+                // a crash reuses (and completes) the directory instead of adding one.
+                let dir = fork::dir(&v.path, &state_dir, p.name.as_str(), epoch);
                 if !dirs.contains(&dir) {
                     dirs.push(dir.clone());
                 }
@@ -110,8 +119,6 @@ pub async fn failback(primary: &Primary, dr: &Dr, name: &str) -> Result<Failback
     // A fence beside a volume says its data is the application's; once this site
     // receives, a fence found there would fail the protection over again. Removed before
     // the turn is recorded: a crash in between leaves a sender without its spare fence.
-    let lock = dr.lock_of(name).expect("a lock per protection");
-    let locked = lock.lock().await;
     let paths: Vec<_> = prot.volumes.iter().map(|v| v.path.clone()).collect();
     tokio::task::spawn_blocking(move || -> Result<()> {
         for p in &paths {
@@ -131,6 +138,10 @@ pub async fn failback(primary: &Primary, dr: &Dr, name: &str) -> Result<Failback
     // A failover this site made (a relocate's) no longer holds replication off.
     lock.end_failover(&locked);
     drop(locked);
+    // The snapshots of this site's sending days (possibly full copies) are not a base any
+    // more: a receiving site keeps none.
+    let p = prot.clone();
+    tokio::task::spawn_blocking(move || crate::volume::snapshot::prune(&p, &[])).await??;
     primary.turned();
     primary.live.activity(name, "idle");
     let discarded = fork.describe(&site);

@@ -29,7 +29,7 @@ use crate::volume::fence::{self, Fence};
 pub enum FailoverError {
     #[error(transparent)]
     Unknown(#[from] UnknownProtection),
-    #[error("failover runs at the DR site; {0} is the primary site")]
+    #[error("failover runs at the site that receives the protection; site {0} sends it")]
     WrongSite(String),
     #[error(transparent)]
     NothingToRecover(#[from] NothingToRecover),
@@ -223,7 +223,7 @@ async fn run(
             }
             Planned::Fence { .. } => {
                 let (rec, _) = locked
-                    .fail_over(dr, now_ms())
+                    .fail_over(dr, now_ms(), plan.point)
                     .await
                     .map_err(FailoverError::Local)?;
                 failing.kept();

@@ -17,12 +17,26 @@ use crate::site::dr::Dr;
 use crate::site::Shared;
 use crate::volume::fence;
 
+/// Re-protect restores the configured direction; after a failback the direction is the
+/// turn's, and the way back is `failover --planned` (the relocate), which keeps writes.
+fn turned_around(rec: &crate::store::ProtectionRecord, name: &str) -> Result<()> {
+    if let Some(t) = &rec.turn {
+        anyhow::bail!(
+            "protection {name} was failed back (this site {} {} since); re-protect works in the configured direction only: run `lifeboat failover --planned` at the site that should run the application",
+            if t.sends { "sends to" } else { "receives from" },
+            t.peer
+        );
+    }
+    Ok(())
+}
+
 /// The DR site's half: returns what it did.
 pub async fn dr(dr: &Dr, name: &str) -> Result<Vec<String>> {
     let prot = dr.protection(name)?.clone();
     let lock = dr.lock_of(name).expect("a lock per protection");
     let locked = lock.lock().await;
     let rec = dr.store.record(&prot.name).await?;
+    turned_around(&rec, name)?;
     let group = check::group(&prot, &rec);
     let mut done = tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
         let mut done = Vec::new();
@@ -53,6 +67,7 @@ pub async fn primary(shared: &Shared, name: &str) -> Result<Vec<String>> {
     debug_assert_eq!(shared.config.role, Role::Primary);
     let prot = shared.protection(name)?.clone();
     let before = shared.store.record(&prot.name).await?;
+    turned_around(&before, name)?;
     let rec = shared.store.step(&prot.name, |s, p| s.reprotect(p)).await?;
     let done = if before.fenced.is_some() && rec.reprotect {
         vec![format!(

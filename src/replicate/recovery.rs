@@ -33,6 +33,11 @@ pub fn staging_dir(config: &Config, prot: &ProtectionName) -> PathBuf {
 /// listener.
 pub async fn recover_dr(dr: &Dr) -> Result<()> {
     for p in dr.config.protections.iter().filter(|p| p.csi().is_none()) {
+        // A protection this site sends has nothing staged, and its record's indexes are a
+        // sender's (the tentative gen's among them), which the discard would drop.
+        if dr.sends(&dr.store.record(&p.name).await?) {
+            continue;
+        }
         let lock = dr.lock_of(p.name.as_str()).expect("a lock per protection");
         let locked = lock.lock().await;
         finish_pending(dr, &locked, p).await?;

@@ -229,10 +229,15 @@ impl Locked<'_> {
 
     /// Failover's fence: the epoch is raised (once). Returns the record and whether this
     /// call raised it.
-    pub async fn fail_over(&self, shared: &Shared, at_ms: u64) -> Result<(ProtectionRecord, bool)> {
+    pub async fn fail_over(
+        &self,
+        shared: &Shared,
+        at_ms: u64,
+        chosen: Option<crate::ids::Point>,
+    ) -> Result<(ProtectionRecord, bool)> {
         shared
             .store
-            .step(self.name(), move |s, p| s.fail_over(p, at_ms))
+            .step(self.name(), move |s, p| s.fail_over(p, at_ms, chosen))
             .await
     }
 }

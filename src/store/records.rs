@@ -280,17 +280,19 @@ impl ProtectionRecord {
         self.reprotect = false;
     }
 
-    /// DR: failover raises the epoch (once) and records which point was recovered.
-    /// Returns false when the protection had already failed over.
-    pub fn fail_over(&mut self, at_ms: u64) -> bool {
+    /// DR: failover raises the epoch (once) and records which point was recovered:
+    /// `chosen`, an older kept point, or else the consistent point. Returns false when the
+    /// protection had already failed over.
+    pub fn fail_over(&mut self, at_ms: u64, chosen: Option<Point>) -> bool {
         if self.failed_over.is_some() {
             return false;
         }
         self.epoch = Epoch(self.epoch.0 + 1);
+        let point = chosen.or(self.point.as_ref().map(|p| p.point));
         self.failed_over = Some(FailoverRecord {
             at_ms,
-            gen: self.point.as_ref().map(|p| p.point.gen),
-            snapshot_taken_at_ms: self.point.as_ref().map(|p| p.point.taken_at_ms),
+            gen: point.map(|p| p.gen),
+            snapshot_taken_at_ms: point.map(|p| p.taken_at_ms),
         });
         true
     }
@@ -460,11 +462,11 @@ mod tests {
             point: Some(record(4, true)),
             ..Default::default()
         };
-        assert!(rec.fail_over(7));
+        assert!(rec.fail_over(7, None));
         assert_eq!(rec.epoch, Epoch(2));
         let f = rec.failed_over.clone().unwrap();
         assert_eq!((f.gen, f.snapshot_taken_at_ms), (Some(Gen(4)), Some(4000)));
-        assert!(!rec.fail_over(8));
+        assert!(!rec.fail_over(8, None));
         assert_eq!(rec.epoch, Epoch(2));
     }
 

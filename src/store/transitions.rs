@@ -85,9 +85,10 @@ impl Store {
     /// indexes go.
     pub fn acknowledge(&self, prot: &ProtectionName) -> Result<ProtectionRecord> {
         let mut rec = self.record(prot)?;
-        let gen = rec.acknowledge()?;
+        rec.acknowledge()?;
         let mut b = Batch::default();
-        self.drop_index_except(prot, &[gen], &mut b)?;
+        // The base's, and (at a site sending after a failback) its kept points'.
+        self.drop_index_except(prot, &rec.kept_gens(), &mut b)?;
         self.put_record(prot, &rec, b)?;
         Ok(rec)
     }
@@ -356,9 +357,14 @@ impl Store {
     /// Failover: the epoch is raised (once) and the recovered point recorded, so the old
     /// primary is refused from this sync on. Returns the record and whether this call
     /// failed over (false: it had already).
-    pub fn fail_over(&self, prot: &ProtectionName, at_ms: u64) -> Result<(ProtectionRecord, bool)> {
+    pub fn fail_over(
+        &self,
+        prot: &ProtectionName,
+        at_ms: u64,
+        chosen: Option<Point>,
+    ) -> Result<(ProtectionRecord, bool)> {
         let mut rec = self.record(prot)?;
-        let now = rec.fail_over(at_ms);
+        let now = rec.fail_over(at_ms, chosen);
         if now {
             self.put_record(prot, &rec, Batch::default())?;
         }

@@ -1,7 +1,7 @@
 //! The fork of a failback: before the first cycle of the new direction overwrites the old
 //! primary's volumes, each is kept as it was, so the writes it took after the last common
 //! gen are never lost without a trace. A file is cloned by reflink where the file system
-//! shares extents (else copied, holes kept) into `.lifeboat-forks/<protection>/<at_ms>/`
+//! shares extents (else copied, holes kept) into `.lifeboat-forks/<protection>/epoch-<E>/`
 //! beside it; a block device is copied under the state directory. The operator removes a
 //! fork once it is no longer wanted: lifeboat names it and leaves it.
 
@@ -12,17 +12,20 @@ use anyhow::{Context, Result};
 use super::snapshot::{snapshot_volume, Method};
 use super::sync_parent;
 use crate::config::SnapshotMode;
+use crate::ids::Epoch;
 
 const DIR: &str = ".lifeboat-forks";
 
-/// Where the fork of `protection` taken at `at_ms` keeps the volume at `path`.
-pub fn dir(path: &Path, state_dir: &Path, protection: &str, at_ms: u64) -> PathBuf {
+/// Where the fork of `protection`'s failback to `epoch` keeps the volume at `path`.
+pub fn dir(path: &Path, state_dir: &Path, protection: &str, epoch: Epoch) -> PathBuf {
     let on_file = std::fs::metadata(path).is_ok_and(|m| m.is_file());
     let base = match path.parent() {
         Some(p) if on_file && !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => state_dir.to_path_buf(),
     };
-    base.join(DIR).join(protection).join(at_ms.to_string())
+    base.join(DIR)
+        .join(protection)
+        .join(format!("epoch-{}", epoch.0))
 }
 
 /// Keeps the volume at `path` as `name` in `dir`, durably; returns where and how.

@@ -173,7 +173,7 @@ fn check_peer(
     }
     if identity::peer_is(conn, ours) {
         return Err(format!(
-            "site {peer} presented the certificate of site {ours}, this DR site's own: only the primary's certificate may replicate here"
+            "site {peer} presented the certificate of site {ours}, this site's own: only the peer's certificate may replicate here"
         ));
     }
     if let Some(expected) = &dr.config.listen_peer {
