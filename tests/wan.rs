@@ -114,3 +114,60 @@ fn a_30s_partition_mid_transfer_leaves_the_replicas_whole_and_the_next_cycle_com
     assert!(r.gen >= 2, "{r:?}");
     assert_eq!(pair.replica_hashes(), pair.volume_hashes());
 }
+
+/// A first sync of a 256 MiB volume cut at 60% of its bytes (and, with `kill_dr`, the DR
+/// daemon killed there); returns the chunk bytes the resumed cycle sent.
+fn resumed_after_cut_at_60pct(kill_dr: bool) -> u64 {
+    const SIZE: u64 = 256 << 20;
+    let mut pair = over_wan(vec![("v1", SIZE)], Link::default());
+    let relay = pair.relay.as_ref().unwrap();
+    relay.cut_after(SIZE * 6 / 10);
+    let pending = sync_in_background(&pair);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !relay.is_cut() {
+        assert!(Instant::now() < deadline, "the first sync never got to 60%");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if kill_dr {
+        pair.dr.kill9();
+    }
+    assert!(
+        pending.join().unwrap().is_err(),
+        "the cut cycle cannot commit"
+    );
+    assert!(
+        !pair.replica("v1").exists(),
+        "no replica before the group commit"
+    );
+    pair.relay.as_ref().unwrap().restore();
+    if kill_dr {
+        pair.dr.start();
+    }
+    let r = pair.sync();
+    assert_eq!(r.gen, 1);
+    assert_eq!(pair.replica_hashes(), pair.volume_hashes());
+    eprintln!(
+        "resumed first sync: {} chunk bytes of {SIZE} sent",
+        r.chunk_bytes_sent
+    );
+    r.chunk_bytes_sent
+}
+
+/// At most about 45% of the volume after a cut at 60% (the chunks in flight at the cut
+/// are sent again).
+fn at_most_45pct(sent: u64) {
+    assert!(
+        sent <= (256 << 20) * 45 / 100,
+        "the resumed sync sent {sent} bytes of 256 MiB"
+    );
+}
+
+#[test]
+fn a_first_sync_cut_at_60pct_resumes_and_sends_less_than_half_of_the_volume() {
+    at_most_45pct(resumed_after_cut_at_60pct(false));
+}
+
+#[test]
+fn a_first_sync_resumes_after_the_dr_daemon_is_killed_at_60pct() {
+    at_most_45pct(resumed_after_cut_at_60pct(true));
+}

@@ -267,8 +267,8 @@ fn finish_with_point(
     Ok(())
 }
 
-/// Drops staged volumes of uncommitted gens, their logs, their fresh replicas and their
-/// partial indexes.
+/// Drops staged volumes of uncommitted gens, their logs and their partial indexes; a new
+/// replica being built where there is none yet stays for the next cycle to resume.
 pub async fn discard_staging(dr: &Dr, _locked: &Locked<'_>, prot: &Protection) -> Result<()> {
     let (config, prot) = (dr.config.clone(), prot.clone());
     dr.store
@@ -287,6 +287,12 @@ pub async fn discard_staging(dr: &Dr, _locked: &Locked<'_>, prot: &Protection) -
             };
             for v in &group.volumes {
                 let fresh = replica::fresh_path(&v.path);
+                // With no replica yet, it is an interrupted first sync's work: the next
+                // one resumes it. Beside a replica it is stale.
+                if !v.path.exists() && fresh.is_file() {
+                    tracing::info!(partial = %fresh.display(), "kept the new replica of an interrupted first sync; the next cycle resumes it");
+                    continue;
+                }
                 match std::fs::remove_file(&fresh) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -149,13 +149,17 @@ const WRITEBACK_EVERY: u64 = 32 << 20;
 
 /// A replica being written whole, in place of a staging log: a first full sync writes each
 /// verified chunk once instead of twice (log, then replica). Nobody reads it before the
-/// group commit renames it over the (absent) replica, so the old state stays intact.
+/// group commit renames it over the (absent) replica, so the old state stays intact. A
+/// cycle cut short leaves it, and the next first sync resumes it (see
+/// `replicate::receive::hashes`).
 pub struct FreshReplica {
     file: File,
     path: PathBuf,
     pub bytes: u64,
     pub records: u64,
     unflushed: u64,
+    /// The file held a resumed sync's chunks: a zero chunk must be made zero, not left.
+    resumed: bool,
 }
 
 impl FreshReplica {
@@ -164,12 +168,16 @@ impl FreshReplica {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         }
+        // Not truncated: what an interrupted first sync wrote was hashed for the sender,
+        // which sends only the chunks that differ (a fresh start has no file, or a file
+        // whose chunks it compared just the same).
         let file = OpenOptions::new()
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .open(&path)
             .with_context(|| format!("create new replica {}", path.display()))?;
+        let resumed = file.metadata().is_ok_and(|m| m.len() > 0);
         file.set_len(size)
             .with_context(|| format!("size new replica {}", path.display()))?;
         Ok(FreshReplica {
@@ -178,13 +186,22 @@ impl FreshReplica {
             bytes: 0,
             records: 0,
             unflushed: 0,
+            resumed,
         })
     }
 
-    /// Writes a verified chunk; zero chunks stay holes.
-    pub fn write(&mut self, off: u64, bytes: Option<&[u8]>) -> Result<()> {
+    /// Writes a verified chunk of `len` bytes; zero chunks stay (or, resumed, become)
+    /// holes.
+    pub fn write(&mut self, off: u64, len: u32, bytes: Option<&[u8]>) -> Result<()> {
         self.records += 1;
-        let Some(b) = bytes else { return Ok(()) };
+        let Some(b) = bytes else {
+            if self.resumed {
+                write_zeros(&self.file, off, len, true).with_context(|| {
+                    format!("zero new replica {} at byte {off}", self.path.display())
+                })?;
+            }
+            return Ok(());
+        };
         self.file
             .write_all_at(b, off)
             .with_context(|| format!("write new replica {} at byte {off}", self.path.display()))?;

@@ -25,7 +25,7 @@ use crate::replicate::error::ReceiveError;
 use crate::replicate::messages::{CycleMsg, CycleStart, VolumeMsg};
 use crate::replicate::recovery;
 use crate::site::dr::{Dr, JoinedStream, Locked};
-use crate::store::schema::RECORD_VERSION;
+use crate::store::schema::{RECORD_VERSION, SCRATCH};
 use crate::store::{ProtectionRecord, StagedVolume};
 use crate::volume::replica;
 
@@ -420,7 +420,9 @@ async fn receive_volume(
         dr.store
             .run(move |s| {
                 let exists = std::fs::symlink_metadata(&path).is_ok();
-                Ok(!exists && !s.has_index(&p, &v, base_gen))
+                // A resync onto no replica diffs against the hashes of what an interrupted
+                // first sync left in the new replica (scratch): it goes on building that.
+                Ok(!exists && (base_gen == SCRATCH || !s.has_index(&p, &v, base_gen)))
             })
             .await
             .map_err(ReceiveError::store)?

@@ -83,6 +83,17 @@ fn hash_replica(
 ) -> anyhow::Result<()> {
     store.clear_scratch(prot, vol)?;
     displace_non_replica(path)?;
+    // No replica yet, but the new one an interrupted first sync was building beside it:
+    // its chunks are what this site has, so the sync resumes and sends only the rest.
+    // Nothing trusts the file beyond this scan, and it becomes the replica only at commit.
+    let partial = replica::fresh_path(path);
+    let path = match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && partial.is_file() => {
+            tracing::info!(partial = %partial.display(), "resuming an interrupted first sync from what it wrote");
+            partial.as_path()
+        }
+        _ => path,
+    };
     let Ok(f) = std::fs::File::open(path) else {
         return Ok(()); // no replica yet: nothing to compare, every chunk is sent
     };

@@ -62,8 +62,8 @@ impl Sink {
             (Sink::Log(w), Verified::Patch(mask, data)) => {
                 w.append_patch(index, hash, len, mask, data)
             }
-            (Sink::Fresh(f), Verified::Data(b)) => f.write(geometry.offset(index), Some(b)),
-            (Sink::Fresh(f), Verified::Zero) => f.write(geometry.offset(index), None),
+            (Sink::Fresh(f), Verified::Data(b)) => f.write(geometry.offset(index), len, Some(b)),
+            (Sink::Fresh(f), Verified::Zero) => f.write(geometry.offset(index), len, None),
             (Sink::Fresh(_), Verified::Patch(..)) => Err(anyhow::anyhow!(
                 "chunk {index}: a patch cannot start a new replica"
             )),
