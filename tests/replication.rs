@@ -275,3 +275,42 @@ fn compression_off_sends_raw_chunks() {
     assert!(r.chunk_bytes_sent >= 4 << 20);
     assert_eq!(pair.replica_hashes(), pair.volume_hashes());
 }
+
+#[test]
+fn the_holes_of_a_sparse_volume_travel_as_runs_whose_cost_does_not_grow_with_its_size() {
+    let pair = Pair::new(PairOptions {
+        volumes: vec![("s", 0)],
+        start: false,
+        ..Default::default()
+    });
+    // 4 GiB (65,536 chunks), 3 MiB of data in three places: a marker per zero chunk would
+    // cost about 2.6 MB, more than the data.
+    let path = pair.volume("s");
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(4 << 30).unwrap();
+    use std::os::unix::fs::FileExt;
+    for (i, at) in [0u64, 1 << 30, (4 << 30) - (1 << 20)].into_iter().enumerate() {
+        let data: Vec<u8> = (0..1u32 << 20)
+            .map(|j| ((j ^ i as u32).wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        f.write_all_at(&data, at).unwrap();
+    }
+    drop(f);
+    let mut pair = pair;
+    pair.start();
+    let r = pair.sync();
+    assert_eq!(r.zero_chunks_sent, 65536 - 48);
+    assert!(
+        r.chunk_bytes_sent < (3 << 20) + (16 << 10),
+        "sent {} bytes for 3 MiB of data",
+        r.chunk_bytes_sent
+    );
+    assert_eq!(pair.replica_hashes(), pair.volume_hashes());
+    // The runs stage as zeros over a replica that had data there, too.
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&vec![0u8; 1 << 20], 1 << 30).unwrap();
+    drop(f);
+    let r = pair.sync();
+    assert_eq!(r.zero_chunks_sent, 16);
+    assert_eq!(pair.replica_hashes(), pair.volume_hashes());
+}

@@ -9,6 +9,9 @@ use crate::ids::ChunkHash;
 pub const SEGMENT_CHUNKS: u64 = 1024;
 
 const FORMAT_VERSION: u8 = 1;
+/// A segment whose chunks all have one hash (a run of holes or zeros, typically): the count
+/// and the hash, so a sparse volume's index grows with its data, not its size.
+const UNIFORM: u8 = 2;
 
 /// One decoded segment: the hashes of chunks `first..first + hashes.len()`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -22,6 +25,10 @@ pub enum SegmentError {
     Version(u8),
     #[error("index segment is {0} bytes, not 1 + a multiple of 32")]
     Length(usize),
+    #[error(
+        "uniform index segment is {0} bytes, not 37, or counts more than {SEGMENT_CHUNKS} chunks"
+    )]
+    Uniform(usize),
 }
 
 pub fn segment_of(chunk_index: u64) -> u64 {
@@ -30,6 +37,15 @@ pub fn segment_of(chunk_index: u64) -> u64 {
 
 impl Segment {
     pub fn encode(&self) -> Vec<u8> {
+        if let [first, rest @ ..] = &self.hashes[..] {
+            if !rest.is_empty() && rest.iter().all(|h| h == first) {
+                let mut out = Vec::with_capacity(1 + 4 + ChunkHash::LEN);
+                out.push(UNIFORM);
+                out.extend_from_slice(&(self.hashes.len() as u32).to_le_bytes());
+                out.extend_from_slice(&first.0);
+                return out;
+            }
+        }
         let mut out = Vec::with_capacity(1 + self.hashes.len() * ChunkHash::LEN);
         out.push(FORMAT_VERSION);
         for h in &self.hashes {
@@ -40,6 +56,18 @@ impl Segment {
 
     pub fn decode(value: &[u8]) -> Result<Segment, SegmentError> {
         let (&version, rest) = value.split_first().ok_or(SegmentError::Length(0))?;
+        if version == UNIFORM {
+            let bad = || SegmentError::Uniform(value.len());
+            let (count, hash) = rest.split_at_checked(4).ok_or_else(bad)?;
+            let count = u32::from_le_bytes(count.try_into().expect("4 bytes")) as u64;
+            let hash = ChunkHash::from_slice(hash).ok_or_else(bad)?;
+            if count > SEGMENT_CHUNKS {
+                return Err(bad());
+            }
+            return Ok(Segment {
+                hashes: vec![hash; count as usize],
+            });
+        }
         if version != FORMAT_VERSION {
             return Err(SegmentError::Version(version));
         }
@@ -101,6 +129,14 @@ mod tests {
         }
 
         #[test]
+        fn runs_of_one_hash_round_trip_in_37_bytes(n in 2usize..=1024, b in any::<u8>()) {
+            let seg = Segment { hashes: vec![ChunkHash([b; 32]); n] };
+            let bytes = seg.encode();
+            prop_assert_eq!(bytes.len(), 37);
+            prop_assert_eq!(Segment::decode(&bytes).unwrap(), seg);
+        }
+
+        #[test]
         fn builder_emits_every_hash_once_in_order(n in 0u64..5000) {
             let mut b = SegmentBuilder::default();
             let mut out = Vec::new();
@@ -121,5 +157,10 @@ mod tests {
         assert_eq!(Segment::decode(&[9]), Err(SegmentError::Version(9)));
         assert_eq!(Segment::decode(&[1, 2, 3]), Err(SegmentError::Length(3)));
         assert_eq!(Segment::decode(&[]), Err(SegmentError::Length(0)));
+        let mut huge = vec![2];
+        huge.extend_from_slice(&2000u32.to_le_bytes());
+        huge.extend_from_slice(&[0; 32]);
+        assert_eq!(Segment::decode(&huge), Err(SegmentError::Uniform(37)));
+        assert_eq!(Segment::decode(&[2, 1, 0]), Err(SegmentError::Uniform(3)));
     }
 }

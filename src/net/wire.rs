@@ -174,6 +174,13 @@ pub enum Msg {
         chunk_count: u64,
         root: ChunkHash,
     },
+    /// `count` consecutive all-zero chunks (or holes) from `first`: one frame for a run, so
+    /// a sparse volume's wire bytes grow with its data, not its size. Each chunk's hash is
+    /// the hash of its length in zeros.
+    ZeroRun {
+        first: u64,
+        count: u64,
+    },
     Commit {
         gen: Gen,
     },
@@ -259,6 +266,7 @@ impl Msg {
             Msg::Begin { .. } => "Begin",
             Msg::Chunk { .. } => "Chunk",
             Msg::End { .. } => "End",
+            Msg::ZeroRun { .. } => "ZeroRun",
             Msg::Commit { .. } => "Commit",
             Msg::Committed { .. } => "Committed",
             Msg::RefineOpen { .. } => "RefineOpen",

@@ -160,6 +160,10 @@ pub enum VolumeMsg {
         chunk_count: u64,
         root: ChunkHash,
     },
+    ZeroRun {
+        first: u64,
+        count: u64,
+    },
 }
 
 impl TryFrom<Msg> for VolumeMsg {
@@ -184,6 +188,7 @@ impl TryFrom<Msg> for VolumeMsg {
                 chunk_count,
                 root,
             }),
+            Msg::ZeroRun { first, count } => Ok(VolumeMsg::ZeroRun { first, count }),
             other => Err(other.kind()),
         }
     }

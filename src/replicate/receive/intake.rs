@@ -8,7 +8,7 @@
 
 use std::borrow::Cow;
 
-use crate::engine::chunk::{Geometry, RootHasher};
+use crate::engine::chunk::{zero_hash, Geometry, RootHasher};
 use crate::engine::diff::BaseCursor;
 use crate::engine::index::{Segment, SegmentBuilder};
 use crate::engine::verify;
@@ -56,6 +56,8 @@ pub enum Step<'a> {
         len: u32,
         chunk: Verified<'a>,
     },
+    /// Stage `count` zero chunks from `first` (their hashes are in the index already).
+    StageZeros { first: u64, count: u64 },
     /// The volume is complete and its root matches.
     Done(VolumeRecord),
 }
@@ -157,6 +159,24 @@ where
                     len,
                     chunk,
                 })
+            }
+            VolumeMsg::ZeroRun { first, count } => {
+                let (first, count) = (*first, *count);
+                let chunks = self.geometry.chunk_count();
+                let end = first
+                    .checked_add(count)
+                    .filter(|&e| count > 0 && e <= chunks)
+                    .ok_or_else(|| {
+                        self.protocol(format!(
+                            "zero run of {count} chunks from {first} is empty or beyond its {chunks} chunks"
+                        ))
+                    })?;
+                self.fill(first, put)?;
+                for i in first..end {
+                    self.push(zero_hash(self.geometry.len(i)), put)?;
+                }
+                self.next = end;
+                Ok(Step::StageZeros { first, count })
             }
             VolumeMsg::End {
                 volume,

@@ -375,3 +375,39 @@ fn the_end_of_another_volume_is_refused() {
     ));
     assert!(m.contains("End of volume \"v2\""), "{m}");
 }
+
+#[test]
+fn a_zero_run_stands_for_its_chunks_in_the_root_and_may_not_overrun_the_volume() {
+    let dr = dr();
+    let mut hashes = dr.base.clone();
+    for h in &mut hashes[10..100] {
+        *h = zero_hash(CS);
+    }
+    let end = |hashes: &[ChunkHash]| VolumeMsg::End {
+        volume: "v1".into(),
+        chunk_count: 128,
+        root: root_of(hashes),
+    };
+    let run = VolumeMsg::ZeroRun {
+        first: 10,
+        count: 90,
+    };
+    let rec = feed(&dr, &[run.clone(), end(&hashes)])
+        .unwrap()
+        .expect("done");
+    assert_eq!(rec.root, root_of(&hashes));
+    // A run that claims fewer chunks than were zeroed fails the root.
+    let short = VolumeMsg::ZeroRun {
+        first: 10,
+        count: 89,
+    };
+    assert!(feed(&dr, &[short, end(&hashes)]).is_err());
+    for (first, count) in [(100, 29), (0, 0), (5, u64::MAX)] {
+        let (m, kind) = refusal(feed(&dr, &[VolumeMsg::ZeroRun { first, count }]));
+        assert!(m.contains("zero run"), "{m}");
+        assert_eq!(kind, ErrorKind::Protocol);
+    }
+    // Runs and chunks must come in order.
+    let (m, _) = refusal(feed(&dr, &[chunk(50, hashes[50], Payload::Zero), run]));
+    assert!(m.contains("out of order"), "{m}");
+}

@@ -182,6 +182,14 @@ pub fn stage(
                     failpoint::hit(&failpoint_name);
                 }
             }
+            Step::StageZeros { first, count } => {
+                for index in first..first + count {
+                    let len = geometry.len(index);
+                    let hash = crate::engine::chunk::zero_hash(len);
+                    sink.append(geometry, index, &hash, len, &Verified::Zero)
+                        .map_err(ReceiveError::io)?;
+                }
+            }
             Step::Done(record) => {
                 sink.finish().map_err(ReceiveError::io)?;
                 return Ok(record);

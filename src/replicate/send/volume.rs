@@ -352,12 +352,26 @@ pub async fn stream_chunks(
     };
     let mut sent = 0u64;
     let writer = async {
+        // Consecutive zero chunks travel as one run: (first, count).
+        let mut run: Option<(u64, u64)> = None;
         while let Some((s, asked)) = qrx.recv().await {
-            let payload = match s.content {
-                Content::Zero => {
-                    report.zero_chunks_sent += 1;
-                    Payload::Zero
+            if let Content::Zero = s.content {
+                report.zero_chunks_sent += 1;
+                report.chunks_sent += 1;
+                match &mut run {
+                    Some((first, count)) if *first + *count == s.index => *count += 1,
+                    _ => {
+                        if let Some((first, count)) = run.replace((s.index, 1)) {
+                            sent += send_run(w, r, first, count).await?;
+                        }
+                    }
                 }
+                continue;
+            }
+            if let Some((first, count)) = run.take() {
+                sent += send_run(w, r, first, count).await?;
+            }
+            let payload = match s.content {
                 Content::Data(b) if asked && local => {
                     let base = side.base.clone().expect("a local base");
                     let geometry = Geometry::new(t.size, t.chunk_size);
@@ -390,7 +404,8 @@ pub async fn stream_chunks(
                 }
                 Content::Data(b) => Payload::Data(ByteBuf::from(b)),
                 Content::Compressed(z) => Payload::Zstd(ByteBuf::from(z)),
-                Content::Unchanged => continue,
+                // Zero chunks went into the run above.
+                Content::Unchanged | Content::Zero => continue,
             };
             let msg = Msg::Chunk {
                 index: s.index,
@@ -404,10 +419,26 @@ pub async fn stream_chunks(
             }
             report.chunks_sent += 1;
         }
+        if let Some((first, count)) = run.take() {
+            sent += send_run(w, r, first, count).await?;
+        }
         Ok(())
     };
     tokio::try_join!(requester, writer)?;
     Ok(sent)
+}
+
+/// Queues a run of `count` zero chunks from `first`; returns its frame's bytes.
+async fn send_run(
+    w: &mut FrameWriter,
+    r: &mut FrameReader,
+    first: u64,
+    count: u64,
+) -> Result<u64, CycleError> {
+    match w.queue(&Msg::ZeroRun { first, count }).await {
+        Ok(n) => Ok(n),
+        Err(e) => Err(stream_failure(e, r).await),
+    }
 }
 
 /// A chunk the DR replica has an older version of: only the blocks that differ, compressed
