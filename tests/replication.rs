@@ -289,7 +289,10 @@ fn the_holes_of_a_sparse_volume_travel_as_runs_whose_cost_does_not_grow_with_its
     let f = std::fs::File::create(&path).unwrap();
     f.set_len(4 << 30).unwrap();
     use std::os::unix::fs::FileExt;
-    for (i, at) in [0u64, 1 << 30, (4 << 30) - (1 << 20)].into_iter().enumerate() {
+    for (i, at) in [0u64, 1 << 30, (4 << 30) - (1 << 20)]
+        .into_iter()
+        .enumerate()
+    {
         let data: Vec<u8> = (0..1u32 << 20)
             .map(|j| ((j ^ i as u32).wrapping_mul(2654435761) >> 13) as u8)
             .collect();
