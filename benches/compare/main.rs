@@ -4,6 +4,7 @@
 //! targets; `--json FILE` also writes it as JSON.
 //!
 //!   cargo bench --bench compare -- --quick|--full [--runs N] [--json FILE] [--no-xfs]
+//!   cargo bench --bench compare -- --s8-only   # a 1 TiB sparse file holding 100 MiB
 //!
 //! `LIFEBOAT_BENCH_BIN=path/to/lifeboat` runs another build's daemons instead of this one's
 //! (the baselines and rsync stay the same), to compare two versions side by side.
@@ -425,6 +426,10 @@ fn main() {
         lifeboat::cli::human_bytes(size),
         dir.display()
     );
+    if flag(&args, "--s8-only") {
+        sparse_row(dir, &replica);
+        return;
+    }
     let pressure0 = pressure();
     support::random_file(&image, size, 1);
     // Write the new image back now (through the loop device too), not during the runs.
@@ -639,6 +644,50 @@ fn main() {
     report(&rows.0, size, runs, fs_note, &pressure0, &pressure1, json);
     drop(rsyncd);
     drop(xfs);
+}
+
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    fs::read_dir(dir).map_or(0, |d| {
+        d.flatten()
+            .map(|e| match e.metadata() {
+                Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            })
+            .sum()
+    })
+}
+
+/// S8: a 1 TiB sparse file holding 100 MiB (100 extents of 1 MiB), on the temp dir's file
+/// system (copy snapshots where it has no reflink): the initial sync, an idle cycle, and
+/// the state stores they leave.
+fn sparse_row(dir: &Path, replica: &Path) {
+    const SIZE: u64 = 1 << 40;
+    let image = dir.join("sparse");
+    let f = File::create(&image).unwrap();
+    f.set_len(SIZE).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    let mut extent = vec![0u8; 1 << 20];
+    for i in 0..100u64 {
+        rng.fill_bytes(&mut extent);
+        f.write_all_at(&extent, i * (SIZE / 100)).unwrap();
+    }
+    drop(f);
+    settle();
+    let p = start_pair(dir, &image, replica, "");
+    for (scenario, note) in [("S8 1 TiB sparse initial", ""), ("S8 idle", "")] {
+        let r = lifeboat_cycle(&p, scenario, note);
+        println!(
+            "{scenario}: {:.3} s wall, {:.3} s cpu, wire {} B, chunk bytes {}, rss {:.0}/{:.0} MiB; {}",
+            r.wall_s, r.cpu_s, r.wire_bytes, r.chunk_bytes, r.rss_primary_mib, r.rss_dr_mib, r.note
+        );
+    }
+    println!(
+        "S8 state stores: primary {} B, DR {} B",
+        dir_bytes(&dir.join("pstate")),
+        dir_bytes(&dir.join("dstate"))
+    );
 }
 
 fn report(
