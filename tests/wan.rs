@@ -171,3 +171,25 @@ fn a_first_sync_cut_at_60pct_resumes_and_sends_less_than_half_of_the_volume() {
 fn a_first_sync_resumes_after_the_dr_daemon_is_killed_at_60pct() {
     at_most_45pct(resumed_after_cut_at_60pct(true));
 }
+
+#[test]
+fn path_mtu_discovery_stays_within_a_1280_byte_path_that_drops_larger_datagrams() {
+    // 1280 bytes of IPv6 less 48 of headers: larger probes vanish without an ICMP answer.
+    let pair = over_wan(
+        vec![("v1", 8 << 20)],
+        Link {
+            mtu: Some(1232),
+            ..Link::wan(Duration::from_millis(10), 0.0)
+        },
+    );
+    pair.sync();
+    assert_eq!(pair.replica_hashes(), pair.volume_hashes());
+    pair.change_all(40, 3);
+    pair.sync();
+    assert_eq!(pair.replica_hashes(), pair.volume_hashes());
+    let (up, _) = pair.relay.as_ref().unwrap().dropped();
+    assert!(
+        up > 0,
+        "no datagram was larger than the path: discovery never probed"
+    );
+}

@@ -6,8 +6,8 @@
 //! link can be cut (at once, or after a number of bytes towards the DR site) and
 //! partitioned for a while, healing by itself.
 //!
-//! Not modelled: MTU limits (the datagram is forwarded whole), ECN marks, asymmetric
-//! routing, NAT rebinding; time is the host's monotonic clock, with sleeps of about a
+//! A path MTU drops every datagram longer than it (no ICMP is sent back, as on a path that
+//! filters it). Not modelled: ECN marks, asymmetric routing, NAT rebinding; time is the host's monotonic clock, with sleeps of about a
 //! millisecond of granularity.
 
 use std::collections::BinaryHeap;
@@ -39,6 +39,9 @@ pub struct Link {
     pub rate: Option<u64>,
     /// Bytes that may wait for the cap before new datagrams are dropped (default 256 KiB).
     pub queue: Option<u64>,
+    /// Datagrams with a UDP payload longer than this are dropped (a path MTU less the IP
+    /// and UDP headers).
+    pub mtu: Option<usize>,
 }
 
 impl Link {
@@ -114,6 +117,10 @@ impl Direction {
     /// Decides the datagram's fate and queues it (or its copies) for delivery.
     fn admit(&self, bytes: &[u8]) {
         let link = self.link.lock().unwrap().clone();
+        if link.mtu.is_some_and(|m| bytes.len() > m) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let now = Instant::now();
         let mut f = self.state.lock().unwrap();
         if let Some((enter, leave)) = link.burst {
