@@ -164,6 +164,9 @@ fn failback_resyncs_only_the_differences_keeps_the_fork_and_a_planned_failover_r
     let (p, d) = (pair.primary.status(), pair.dr.status());
     assert_eq!(p.protections[0].role, "primary", "{p:?}");
     assert_eq!(d.protections[0].role, "dr", "{d:?}");
+    // The old primary's fork stays named after the relocate turned it to sending.
+    let dir = p.protections[0].direction.as_deref().unwrap();
+    assert!(dir.contains(&r.kept["v1"]), "{dir}");
     assert!(d.protections[0].epoch > r.epoch);
 
     // Replication goes on in the original direction.

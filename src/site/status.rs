@@ -116,17 +116,26 @@ impl Shared {
         };
         let direction = rec.turn.as_ref().map(|t| {
             let ago = age_seconds(t.at_ms);
+            let earlier: Vec<String> = t
+                .earlier
+                .iter()
+                .flat_map(|f| f.volumes.values().map(|v| v.kept.display().to_string()))
+                .collect();
+            let earlier = match earlier.is_empty() {
+                true => String::new(),
+                false => format!("; earlier failbacks' forks kept in {}", earlier.join(", ")),
+            };
             match &t.fork {
                 _ if t.sends => format!(
-                    "sends to {} since a failback {ago:.0}s ago (the application runs here)",
+                    "sends to {} since a failback {ago:.0}s ago (the application runs here){earlier}",
                     t.peer
                 ),
                 Some(f) => format!(
-                    "receives from {} since a failback {ago:.0}s ago; {}",
+                    "receives from {} since a failback {ago:.0}s ago; {}{earlier}",
                     t.peer,
                     f.describe(&self.config.site_name)
                 ),
-                None => format!("receives from {} since a failback {ago:.0}s ago", t.peer),
+                None => format!("receives from {} since a failback {ago:.0}s ago{earlier}", t.peer),
             }
         });
         let volumes = volume_statuses(p, &rec, self.config.role);

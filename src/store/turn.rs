@@ -31,6 +31,23 @@ pub struct Turn {
     /// The receiving site's fork: what it held beyond the last common gen, kept aside.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fork: Option<Fork>,
+    /// Forks of this site's earlier failbacks, still on disk until the operator removes
+    /// them: a later turn does not make them nameless.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier: Vec<Fork>,
+}
+
+impl Turn {
+    /// Every fork this site kept, newest last.
+    pub fn forks(&self) -> impl Iterator<Item = &Fork> {
+        self.earlier.iter().chain(self.fork.iter())
+    }
+
+    fn into_forks(self) -> Vec<Fork> {
+        let mut all = self.earlier;
+        all.extend(self.fork);
+        all
+    }
 }
 
 /// Writes the old primary took after the last gen the DR site had (the fork): counted, and
@@ -102,11 +119,13 @@ impl ProtectionRecord {
             bail!("the protection is not failed over here: this site still receives it, and the application runs at {peer}; nothing to fail back");
         }
         self.epoch = Epoch(self.epoch.0 + 1);
+        let earlier = self.turn.take().map(Turn::into_forks).unwrap_or_default();
         self.turn = Some(Turn {
             sends: true,
             at_ms,
             peer: peer.to_string(),
             fork: None,
+            earlier,
         });
         Ok(self.epoch)
     }
@@ -135,11 +154,13 @@ impl ProtectionRecord {
                 format!("failback: resync from {peer} by hash exchange"),
             );
         }
+        let earlier = self.turn.take().map(Turn::into_forks).unwrap_or_default();
         self.turn = Some(Turn {
             sends: false,
             at_ms,
             peer: peer.to_string(),
             fork: Some(fork),
+            earlier,
         });
     }
 
@@ -230,10 +251,27 @@ mod tests {
         assert_eq!(p.epoch, Epoch(3));
         assert!(p.point.is_none() && p.tentative.is_none() && p.fenced.is_none());
         assert!(p.repair[&v].contains("failback"));
-        let text = p.turn.unwrap().fork.unwrap().describe("a");
+        let text = p
+            .turn
+            .as_ref()
+            .unwrap()
+            .fork
+            .as_ref()
+            .unwrap()
+            .describe("a");
         assert!(
             text.starts_with("3 chunks (196608 bytes) written at a after gen 4 are discarded"),
             "{text}"
         );
+        // Turned around again (a relocate), then failed back once more: both forks stay named.
+        p.failed_over = Some(FailoverRecord {
+            at_ms: 6,
+            gen: None,
+            snapshot_taken_at_ms: None,
+        });
+        p.turn_to_sender("b", 7).unwrap();
+        assert_eq!(p.turn.as_ref().unwrap().forks().count(), 1);
+        p.turn_to_receiver("b", Epoch(6), 8, std::slice::from_ref(&v), fork());
+        assert_eq!(p.turn.as_ref().unwrap().forks().count(), 2);
     }
 }

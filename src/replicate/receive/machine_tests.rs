@@ -418,6 +418,7 @@ fn a_primary_receives_only_after_a_failback_and_a_dr_site_only_until_one() {
         at_ms: 1,
         peer: "b".into(),
         fork: None,
+        earlier: Vec::new(),
     };
     rec.turn = Some(turn(false));
     assert!(receives(&rec, true).is_ok());
