@@ -44,6 +44,9 @@ pub struct Scanned {
     pub content: Content,
     /// The base had this chunk (the DR replica holds an older version of it).
     pub based: bool,
+    /// Zero content: the consecutive zero chunks from `index` this stands for (1 from the
+    /// scan; a sender may merge a run into one).
+    pub zeros: u64,
 }
 
 /// How the scan finds and hands on changed chunks.
@@ -226,21 +229,25 @@ pub fn scan_file(
                 .zip(&batch.shared)
                 .map(|(b, &shared)| b.is_none() && !shared)
                 .collect();
-            let mut hashed: Vec<(ChunkHash, bool)> = batch
-                .bufs
-                .par_iter()
-                .enumerate()
-                .map(|(k, b)| {
-                    let len = geometry.len(batch.first + k as u64);
-                    match b {
-                        // Shared with the base: the base hash is filled in below.
-                        None if batch.shared[k] => (ChunkHash([0; 32]), false),
-                        None => (zero_hash(len), true),
-                        Some(b) if is_zero(b) => (zero_hash(len), true),
-                        Some(b) => (ChunkHash::of(b), false),
-                    }
-                })
-                .collect();
+            // A batch that read nothing (holes, extents shared with the base) has nothing to
+            // hash or compress: waking the pool for it cost more than the work, 131,072
+            // times over for a 1 TiB sparse volume.
+            let parallel = batch.read > 0;
+            let hash_of = |(k, b): (usize, &Option<Vec<u8>>)| {
+                let len = geometry.len(batch.first + k as u64);
+                match b {
+                    // Shared with the base: the base hash is filled in below.
+                    None if batch.shared[k] => (ChunkHash([0; 32]), false),
+                    None => (zero_hash(len), true),
+                    Some(b) if is_zero(b) => (zero_hash(len), true),
+                    Some(b) => (ChunkHash::of(b), false),
+                }
+            };
+            let mut hashed: Vec<(ChunkHash, bool)> = if parallel {
+                batch.bufs.par_iter().enumerate().map(hash_of).collect()
+            } else {
+                batch.bufs.iter().enumerate().map(hash_of).collect()
+            };
             // The base compare walks the index in order; compressing the changed chunks
             // is parallel again.
             let mut changed = Vec::with_capacity(hashed.len());
@@ -276,26 +283,39 @@ pub fn scan_file(
                 changed.push(b != Some(slot.0));
                 based.push(b.is_some());
             }
-            let contents: Vec<Content> = batch
-                .bufs
-                .into_par_iter()
-                .zip(hashed.par_iter())
-                .zip(changed.par_iter().zip(based.par_iter()))
-                .map(
-                    |((buf, (_, zero)), (&changed, &based))| match (changed, zero) {
-                        (false, _) => Content::Unchanged,
-                        (true, true) => Content::Zero,
-                        (true, false) => {
-                            let raw = buf.expect("non-zero chunk was read");
-                            let try_it = options.compress && !(based && options.raw_if_based);
-                            match try_it.then(|| compress::compress(&raw)).flatten() {
-                                Some(z) => Content::Compressed(z),
-                                None => Content::Data(raw),
-                            }
-                        }
-                    },
-                )
-                .collect();
+            let content_of = |((buf, (_, zero)), (&changed, &based)): (
+                (Option<Vec<u8>>, &(ChunkHash, bool)),
+                (&bool, &bool),
+            )| match (changed, zero) {
+                (false, _) => Content::Unchanged,
+                (true, true) => Content::Zero,
+                (true, false) => {
+                    let raw = buf.expect("non-zero chunk was read");
+                    let try_it = options.compress && !(based && options.raw_if_based);
+                    match try_it.then(|| compress::compress(&raw)).flatten() {
+                        Some(z) => Content::Compressed(z),
+                        None => Content::Data(raw),
+                    }
+                }
+            };
+            // Only chunks read (here, or late for a grown volume) need the pool.
+            let contents: Vec<Content> = if batch.bufs.iter().any(Option::is_some) {
+                batch
+                    .bufs
+                    .into_par_iter()
+                    .zip(hashed.par_iter())
+                    .zip(changed.par_iter().zip(based.par_iter()))
+                    .map(content_of)
+                    .collect()
+            } else {
+                batch
+                    .bufs
+                    .into_iter()
+                    .zip(hashed.iter())
+                    .zip(changed.iter().zip(based.iter()))
+                    .map(content_of)
+                    .collect()
+            };
             for (k, (content, (hash, _))) in contents.into_iter().zip(hashed).enumerate() {
                 let index = batch.first + k as u64;
                 let len = geometry.len(index) as u64;
@@ -329,6 +349,7 @@ pub fn scan_file(
                     hash,
                     content,
                     based: based[k],
+                    zeros: 1,
                 })?;
                 progress.fetch_add(len, Ordering::Relaxed);
             }

@@ -178,6 +178,18 @@ pub async fn send_volume(
         let mut builder = SegmentBuilder::default();
         let mut root = RootHasher::new(geometry);
         let mut first_sent = false;
+        let mut hand_on = |s: Scanned| -> anyhow::Result<()> {
+            tx.blocking_send(s)
+                .map_err(|_| anyhow::anyhow!("the network side stopped"))?;
+            if !first_sent {
+                first_sent = true;
+                failpoint::hit(&fp);
+            }
+            Ok(())
+        };
+        // Consecutive zero chunks go on as one item: a sparse volume's holes cost the
+        // channel a run each, not a chunk each.
+        let mut zeros: Option<Scanned> = None;
         let stats = scan_file(
             &path,
             geometry,
@@ -187,12 +199,21 @@ pub async fn send_volume(
                 if let Some((no, seg)) = builder.push(s.hash) {
                     store.write_segment(&name, &vol, gen, no, &seg)?;
                 }
-                if !matches!(s.content, Content::Unchanged) {
-                    tx.blocking_send(s)
-                        .map_err(|_| anyhow::anyhow!("the network side stopped"))?;
-                    if !first_sent {
-                        first_sent = true;
-                        failpoint::hit(&fp);
+                match s.content {
+                    Content::Unchanged => {}
+                    Content::Zero => match &mut zeros {
+                        Some(run) if run.index + run.zeros == s.index => run.zeros += s.zeros,
+                        _ => {
+                            if let Some(run) = zeros.replace(s) {
+                                hand_on(run)?;
+                            }
+                        }
+                    },
+                    _ => {
+                        if let Some(run) = zeros.take() {
+                            hand_on(run)?;
+                        }
+                        hand_on(s)?;
                     }
                 }
                 Ok(())
@@ -205,6 +226,9 @@ pub async fn send_volume(
                 narrow: None,
             },
         )?;
+        if let Some(run) = zeros.take() {
+            hand_on(run)?;
+        }
         if let Some((no, seg)) = builder.finish() {
             store.write_segment(&name, &vol, gen, no, &seg)?;
         }
@@ -356,12 +380,12 @@ pub async fn stream_chunks(
         let mut run: Option<(u64, u64)> = None;
         while let Some((s, asked)) = qrx.recv().await {
             if let Content::Zero = s.content {
-                report.zero_chunks_sent += 1;
-                report.chunks_sent += 1;
+                report.zero_chunks_sent += s.zeros;
+                report.chunks_sent += s.zeros;
                 match &mut run {
-                    Some((first, count)) if *first + *count == s.index => *count += 1,
+                    Some((first, count)) if *first + *count == s.index => *count += s.zeros,
                     _ => {
-                        if let Some((first, count)) = run.replace((s.index, 1)) {
+                        if let Some((first, count)) = run.replace((s.index, s.zeros)) {
                             sent += send_run(w, r, first, count).await?;
                         }
                     }
