@@ -143,6 +143,13 @@ impl Shared<'_> {
     }
 }
 
+/// One chunk's buffer (if read), hash and zero flag, and whether it changed and the base
+/// had it: what its content is made from.
+type ChunkFacts<'a> = (
+    (Option<Vec<u8>>, &'a (ChunkHash, bool)),
+    (&'a bool, &'a bool),
+);
+
 /// Scans `path` as `geometry`, calling `base` for the base hash of each chunk in order and
 /// `emit` for every chunk (changed or not, so the caller can build the new index).
 pub fn scan_file(
@@ -283,21 +290,19 @@ pub fn scan_file(
                 changed.push(b != Some(slot.0));
                 based.push(b.is_some());
             }
-            let content_of = |((buf, (_, zero)), (&changed, &based)): (
-                (Option<Vec<u8>>, &(ChunkHash, bool)),
-                (&bool, &bool),
-            )| match (changed, zero) {
-                (false, _) => Content::Unchanged,
-                (true, true) => Content::Zero,
-                (true, false) => {
-                    let raw = buf.expect("non-zero chunk was read");
-                    let try_it = options.compress && !(based && options.raw_if_based);
-                    match try_it.then(|| compress::compress(&raw)).flatten() {
-                        Some(z) => Content::Compressed(z),
-                        None => Content::Data(raw),
+            let content_of =
+                |((buf, (_, zero)), (&changed, &based)): ChunkFacts<'_>| match (changed, zero) {
+                    (false, _) => Content::Unchanged,
+                    (true, true) => Content::Zero,
+                    (true, false) => {
+                        let raw = buf.expect("non-zero chunk was read");
+                        let try_it = options.compress && !(based && options.raw_if_based);
+                        match try_it.then(|| compress::compress(&raw)).flatten() {
+                            Some(z) => Content::Compressed(z),
+                            None => Content::Data(raw),
+                        }
                     }
-                }
-            };
+                };
             // Only chunks read (here, or late for a grown volume) need the pool.
             let contents: Vec<Content> = if batch.bufs.iter().any(Option::is_some) {
                 batch
