@@ -184,6 +184,7 @@ pub async fn run(
             state = s;
             continue;
         }
+        let started = Instant::now();
         let result = tokio::select! {
             _ = stops.cycles.cancelled() => break,
             r = send::run_cycle(&primary, &prot) => r,
@@ -191,8 +192,12 @@ pub async fn run(
         let answer = match result {
             Ok(report) => {
                 cycle_done(&primary, &name, &report);
+                // A fixed cadence from each cycle's start, not a pause after its end: the
+                // point a cycle commits is then at most an interval plus that cycle old,
+                // where a pause would add the previous cycle's duration too. A cycle that
+                // overran its interval is followed at once.
                 state = State::Running {
-                    next: Instant::now() + prot.interval,
+                    next: started + prot.interval,
                     failures: 0,
                 };
                 Ok(report)
