@@ -5,6 +5,8 @@
 //!
 //!   cargo bench --bench compare -- --quick|--full [--runs N] [--json FILE] [--no-xfs]
 //!   cargo bench --bench compare -- --s8-only   # a 1 TiB sparse file holding 100 MiB
+//!   cargo bench --bench compare -- --quick --steady-only [--steady-minutes 10]
+//!       # cycles every 2 s under a 2 MiB/s writer: achieved RPO, CPU per cycle over time
 //!
 //! `LIFEBOAT_BENCH_BIN=path/to/lifeboat` runs another build's daemons instead of this one's
 //! (the baselines and rsync stay the same), to compare two versions side by side.
@@ -31,6 +33,7 @@ use serde::Serialize;
 mod support;
 
 mod link;
+mod steady;
 
 use support::relay::Xfs;
 
@@ -159,14 +162,21 @@ struct Pair {
     primary: Daemon,
     dr: Daemon,
     client: Client,
+    dr_client: Client,
 }
 
 fn start_pair(dir: &Path, image: &Path, replica: &Path, extra: &str) -> Pair {
+    start_pair_every(dir, image, replica, extra, "1h")
+}
+
+/// A primary and a DR daemon for protection `b` of one volume, cycling every `interval`
+/// (`1h`: only when the bench asks).
+fn start_pair_every(dir: &Path, image: &Path, replica: &Path, extra: &str, interval: &str) -> Pair {
     let _ = fs::remove_dir_all(dir.join("pstate"));
     let _ = fs::remove_dir_all(dir.join("dstate"));
     let (quic, pctl, dctl) = (free_port(true), free_port(false), free_port(false));
     let prot = |path: &Path, more: &str| {
-        format!("[[protection]]\nname = \"b\"\ninterval = \"1h\"\nsync_on_start = false\n{extra}\n{more}\n[[protection.volume]]\nname = \"img\"\npath = \"{}\"\n", path.display())
+        format!("[[protection]]\nname = \"b\"\ninterval = \"{interval}\"\nsync_on_start = false\n{extra}\n{more}\n[[protection.volume]]\nname = \"img\"\npath = \"{}\"\n", path.display())
     };
     fs::write(dir.join("p.toml"), format!("[site]\nname = \"primary\"\nrole = \"primary\"\nstate_dir = \"pstate\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/primary.pem\"\nkey = \"certs/primary.key\"\n[peer]\naddress = \"127.0.0.1:{quic}\"\nserver_name = \"dr\"\n[control]\naddress = \"127.0.0.1:{pctl}\"\n{}", prot(image, &format!("snapshot_dir = \"{}\"", image.parent().unwrap().join("snaps").display())))).unwrap();
     fs::write(dir.join("d.toml"), format!("[site]\nname = \"dr\"\nrole = \"dr\"\nstate_dir = \"dstate\"\nmin_free_space = \"0\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/dr.pem\"\nkey = \"certs/dr.key\"\n[listen]\naddress = \"127.0.0.1:{quic}\"\n[control]\naddress = \"127.0.0.1:{dctl}\"\n{}", prot(replica, ""))).unwrap();
@@ -200,6 +210,7 @@ fn start_pair(dir: &Path, image: &Path, replica: &Path, extra: &str) -> Pair {
         primary,
         dr,
         client: Client::at(&format!("127.0.0.1:{pctl}")),
+        dr_client: Client::at(&format!("127.0.0.1:{dctl}")),
     }
 }
 
@@ -292,6 +303,16 @@ impl Rows {
 /// Flushes all dirty data to disk, so earlier writes do not compete with a measurement.
 fn settle() {
     let _ = Command::new("sync").status();
+}
+
+/// `--steady-minutes M` (2 by default), `--steady-interval S` (2 s), `--steady-rate B` (2 MiB/s).
+fn steady_settings(args: &[String]) -> steady::Settings {
+    let num = |k: &str, d: f64| value(args, k).and_then(|v| v.parse().ok()).unwrap_or(d);
+    steady::Settings {
+        minutes: num("--steady-minutes", 2.0),
+        interval_s: num("--steady-interval", 2.0) as u64,
+        write_rate: num("--steady-rate", (2u64 << 20) as f64) as u64,
+    }
 }
 
 fn flag(args: &[String], name: &str) -> bool {
@@ -434,6 +455,10 @@ fn main() {
     support::random_file(&image, size, 1);
     // Write the new image back now (through the loop device too), not during the runs.
     settle();
+    if flag(&args, "--steady-only") {
+        steady::steady_row(dir, &image, &replica, size, &steady_settings(&args));
+        return;
+    }
     if flag(&args, "--s7-only") {
         // For profiling: a full sync of compressible data.
         let tar = src.join("usr.tar");
