@@ -69,8 +69,15 @@ fn clk_tck() -> f64 {
     unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
 }
 
-/// (own user+sys, waited-for children's user+sys) of a process, in seconds.
-fn proc_cpu(pid: u32) -> (f64, f64) {
+/// CPU times of a process in seconds, from `/proc/<pid>/stat`: its own user and system
+/// time, and its waited-for children's user and system time.
+struct ProcTimes {
+    user: f64,
+    sys: f64,
+    children: f64,
+}
+
+fn proc_times(pid: u32) -> ProcTimes {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let rest = stat.rsplit(") ").next().unwrap_or("");
     let f: Vec<f64> = rest
@@ -79,10 +86,18 @@ fn proc_cpu(pid: u32) -> (f64, f64) {
         .collect();
     let t = clk_tck();
     // After ") ": state is field 0; utime 11, stime 12, cutime 13, cstime 14.
-    (
-        (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / t,
-        (f.get(13).unwrap_or(&0.0) + f.get(14).unwrap_or(&0.0)) / t,
-    )
+    let at = |i: usize| f.get(i).unwrap_or(&0.0) / t;
+    ProcTimes {
+        user: at(11),
+        sys: at(12),
+        children: at(13) + at(14),
+    }
+}
+
+/// (own user+sys, waited-for children's user+sys) of a process, in seconds.
+fn proc_cpu(pid: u32) -> (f64, f64) {
+    let t = proc_times(pid);
+    (t.user + t.sys, t.children)
 }
 
 fn children_cpu() -> f64 {
