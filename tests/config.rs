@@ -89,6 +89,9 @@ fn every_malformed_config_gets_an_error_naming_its_key() {
         ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"Prod_1\"]\nvolume_path = \"/v/{pvc}\"", "protection[0].kubernetes.namespaces[0]"),
         ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]\nselector = \"app in cassandra\"\nvolume_path = \"/v/{pvc}\"", "protection[0].kubernetes.selector"),
         ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]\nnamespace_map = { prod = \"DR!\" }\nvolume_path = \"/v/{pvc}\"", "protection[0].kubernetes.namespace_map.prod"),
+        // A drill namespace must be a name, and not a protected namespace itself.
+        ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\"]\ndrill_namespace = \"{namespace}_drill\"\nvolume_path = \"/v/{pvc}\"", "protection[0].kubernetes.drill_namespace"),
+        ("path = \"/srv/data.img\"", "path = \"/srv/data.img\"\n[protection.kubernetes]\nnamespaces = [\"prod\", \"test\"]\ndrill_namespace = \"test\"\nvolume_path = \"/v/{pvc}\"", "protection[0].kubernetes.drill_namespace"),
         ("interval = \"30s\"", "interval = \"30s\"\nkeep = 0", "protection[0].keep"),
         ("interval = \"30s\"", "interval = \"30s\"\nkeep_for = \"a week\"", "protection[0].keep_for"),
         ("interval = \"30s\"", "interval = \"30s\"\napply_delay = \"0s\"", "protection[0].apply_delay"),

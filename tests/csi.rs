@@ -1191,3 +1191,216 @@ fn a_tracker_that_misses_changes_or_fails_is_caught_and_the_volume_is_read_whole
     );
     s.assert_no_mover_leftovers();
 }
+
+/// The first 4 KiB of `f`.
+fn head(f: &Path) -> Vec<u8> {
+    use std::io::Read;
+    let mut b = vec![0u8; 4096];
+    std::fs::File::open(f).unwrap().read_exact(&mut b).unwrap();
+    b
+}
+
+impl Sites {
+    /// Everything a drill labels, at the DR site.
+    fn drill_objects(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (g, plural) in [
+            ("apps", "deployments"),
+            ("", "persistentvolumeclaims"),
+            ("snapshot.storage.k8s.io", "volumesnapshots"),
+            ("snapshot.storage.k8s.io", "volumesnapshotcontents"),
+        ] {
+            for o in self.dr_api.all(g, plural) {
+                let labels = &o["metadata"]["labels"];
+                if labels["lifeboat.dev/drill-of"].is_string()
+                    || o["metadata"]["namespace"] == "prod-drill"
+                {
+                    out.push(format!("{plural}/{}", o["metadata"]["name"]));
+                }
+            }
+        }
+        out
+    }
+
+    /// Runs `lifeboat drill` of gen `gen` at the DR site; its check writes the drill's
+    /// environment to `started` and waits for `go` to exist.
+    fn drill_waiting(&self, gen: u64, started: &Path, go: &Path) -> (bool, String) {
+        let check = format!(
+            "echo \"$LIFEBOAT_DRILL_NAMESPACE $LIFEBOAT_DRILL_NAMESPACE_PROD $LIFEBOAT_DRILL_GEN\" > {s}.tmp && mv {s}.tmp {s}; while [ ! -e {g} ]; do sleep 0.05; done",
+            s = started.display(),
+            g = go.display()
+        );
+        let (ok, out, err) = self.pair.dr.cli(&[
+            "drill",
+            "--protection",
+            support::PROT,
+            "--gen",
+            &gen.to_string(),
+            "--check",
+            &check,
+            "--ready-timeout",
+            "30s",
+            // A failed assertion never leaves it waiting for `go`.
+            "--check-timeout",
+            "90s",
+        ]);
+        (ok, out + &err)
+    }
+}
+
+#[test]
+fn a_drill_restores_a_kept_point_into_its_namespace_while_cycles_commit_and_leaves_nothing() {
+    let s = sites(true, "");
+    s.primary_api.create_yaml(MYSQL);
+    let g1 = s.pair.sync().gen;
+    let want: Vec<String> = s.snapshot_files(g1).iter().map(|f| b3(f)).collect();
+    rewrite_all(&s, 700);
+    s.pair.sync();
+    let dir = s.pair.dir.path().to_path_buf();
+    let (started, go) = (dir.join("drill-started"), dir.join("drill-go"));
+    std::thread::scope(|sc| {
+        let drill = sc.spawn(|| s.drill_waiting(g1, &started, &go));
+        wait_for(|| std::fs::read_to_string(&started).ok());
+        let env = std::fs::read_to_string(&started).unwrap();
+        assert_eq!(env.trim(), format!("prod-drill prod-drill {g1}"));
+        // The drill namespace holds gen g1's data and its workload is up; the standby
+        // in `prod` is untouched.
+        for (p, hash) in PVCS.iter().zip(&want) {
+            let file = Cluster::backing_file(&s.dr_api, "prod-drill", p)
+                .unwrap_or_else(|| panic!("no drill PVC prod-drill/{p}"));
+            assert_eq!(&b3(&file), hash, "drill PVC {p} is not gen {g1}'s data");
+        }
+        let mysql = s
+            .dr_api
+            .get("apps", "deployments", "prod-drill", "mysql")
+            .unwrap();
+        assert_eq!(mysql["spec"]["replicas"], 1);
+        assert_eq!(mysql["status"]["readyReplicas"], 1);
+        assert_eq!(
+            s.dr_api
+                .get("apps", "deployments", "prod", "mysql")
+                .unwrap()["spec"]["replicas"],
+            0
+        );
+        // Replication goes on: two gens commit; the drilled point is pinned against
+        // pruning (keep = 3, four points).
+        let mut later = Vec::new();
+        for i in 0..2 {
+            rewrite_all(&s, 710 + i);
+            later.push(s.pair.sync().gen);
+        }
+        let points = s.pair.dr.status().protections[0].points.clone();
+        assert!(
+            points.contains(&g1),
+            "the drilled point was pruned: {points:?}"
+        );
+        assert!(later.iter().all(|g| points.contains(g)), "{points:?}");
+        // The check writes into the drill's copy.
+        let drilled = Cluster::backing_file(&s.dr_api, "prod-drill", "mysql-data").unwrap();
+        {
+            use std::io::{Seek, Write};
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&drilled)
+                .unwrap();
+            f.seek(std::io::SeekFrom::Start(0)).unwrap();
+            f.write_all(&[0xAB; 4096]).unwrap();
+            f.sync_all().unwrap();
+        }
+        // One drill at a time.
+        let (ok, out, err) = s.pair.dr.cli(&["drill", "--protection", support::PROT]);
+        assert!(!ok, "{out}");
+        assert!(err.contains("is running"), "{err}");
+        std::fs::write(&go, b"").unwrap();
+        let (ok, text) = drill.join().unwrap();
+        assert!(ok, "{text}\n{}", s.pair.dr.log_text());
+        assert!(text.contains("PASSED"), "{text}");
+        assert!(
+            text.contains("namespace prod restored into prod-drill"),
+            "{text}"
+        );
+        assert!(text.contains("wait for the workloads: 1 ready"), "{text}");
+    });
+    let left = s.drill_objects();
+    assert!(left.is_empty(), "the drill left {left:?}");
+    // The drill's write is in no replica, point or primary volume.
+    let last = *s.pair.dr.status().protections[0].points.last().unwrap();
+    let mut files = vec![s.replica("mysql-data")];
+    files.extend(s.point_files(last));
+    files.extend(
+        PVCS.iter()
+            .map(|p| Cluster::backing_file(&s.primary_api, "prod", p).unwrap()),
+    );
+    for f in &files {
+        assert_ne!(
+            head(f),
+            vec![0xAB; 4096],
+            "{} has the drill's write",
+            f.display()
+        );
+    }
+    s.assert_replicas_equal_snapshots(last);
+    assert_eq!(
+        s.point_files(g1).iter().map(|f| b3(f)).collect::<Vec<_>>(),
+        want,
+        "the drilled point changed"
+    );
+    // Unpinned: the next commit prunes it.
+    rewrite_all(&s, 720);
+    s.pair.sync();
+    let points = s.pair.dr.status().protections[0].points.clone();
+    assert!(!points.contains(&g1), "{points:?}");
+    let m = s.pair.dr.metrics();
+    assert_eq!(
+        support::metric(
+            &m,
+            &format!(
+                "lifeboat_drills_total{{protection=\"{}\",result=\"passed\"}}",
+                support::PROT
+            )
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}
+
+#[test]
+fn a_dr_daemon_killed_during_a_drill_removes_it_at_restart_and_the_next_drill_passes() {
+    let mut s = sites(true, "");
+    s.primary_api.create_yaml(MYSQL);
+    let g1 = s.pair.sync().gen;
+    let dir = s.pair.dir.path().to_path_buf();
+    let (started, go) = (dir.join("drill-started"), dir.join("drill-go"));
+    std::thread::scope(|sc| {
+        let drill = sc.spawn(|| s.drill_waiting(g1, &started, &go));
+        wait_for(|| std::fs::read_to_string(&started).ok());
+        assert!(!s.drill_objects().is_empty());
+        s.pair.dr.signal(libc::SIGKILL);
+        std::fs::write(&go, b"").unwrap();
+        let (ok, text) = drill.join().unwrap();
+        assert!(!ok, "ending the drill needs its daemon: {text}");
+    });
+    s.pair.dr.kill9();
+    s.pair.dr.start();
+    s.pair.dr.wait_ready();
+    let left = s.drill_objects();
+    assert!(left.is_empty(), "after the restart the drill left {left:?}");
+    // Replication and the next drill go on.
+    rewrite_all(&s, 730);
+    // The primary's first cycle may find its connection to the killed daemon dead.
+    let g2 = wait_for(|| s.pair.try_sync().ok()).gen;
+    s.assert_replicas_equal_snapshots(g2);
+    let (ok, out, err) = s.pair.dr.cli(&[
+        "drill",
+        "--protection",
+        support::PROT,
+        "--check",
+        "test \"$LIFEBOAT_DRILL_GEN\" -gt 0",
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains(&format!("recovery point {g2}: PASSED")),
+        "{out}"
+    );
+    assert!(s.drill_objects().is_empty(), "{:?}", s.drill_objects());
+}

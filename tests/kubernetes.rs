@@ -239,7 +239,10 @@ fn shipped_rbac(file: &str, namespaces: &[&str], role: &str, verbs: &[&str]) -> 
     let docs: Vec<Value> = serde_saphyr::from_multiple(file).unwrap();
     let mut out = Vec::new();
     for mut d in docs.into_iter().filter(|d| !d.is_null()) {
-        let per_ns = d["metadata"]["namespace"] == "prod"
+        let drill = d["metadata"]["namespace"] == "prod-drill"
+            || (d["kind"] == "Namespace" && d["metadata"]["name"] == "prod-drill");
+        let per_ns = drill
+            || d["metadata"]["namespace"] == "prod"
             || (d["kind"] == "Namespace" && d["metadata"]["name"] == "prod");
         if d["kind"] == "ClusterRole" && d["metadata"]["name"] == role && !verbs.is_empty() {
             d["rules"].as_array_mut().unwrap().push(serde_json::json!(
@@ -251,10 +254,15 @@ fn shipped_rbac(file: &str, namespaces: &[&str], role: &str, verbs: &[&str]) -> 
         }
         for ns in namespaces {
             let mut c = d.clone();
-            if c["kind"] == "Namespace" {
-                c["metadata"]["name"] = (*ns).into();
+            let ns = if drill {
+                format!("{ns}-drill")
             } else {
-                c["metadata"]["namespace"] = (*ns).into();
+                ns.to_string()
+            };
+            if c["kind"] == "Namespace" {
+                c["metadata"]["name"] = ns.into();
+            } else {
+                c["metadata"]["namespace"] = ns.into();
             }
             out.push(c);
         }
@@ -263,8 +271,15 @@ fn shipped_rbac(file: &str, namespaces: &[&str], role: &str, verbs: &[&str]) -> 
 }
 
 /// The DR RBAC as the shipped file says to change it for host-path replicas
-/// (`volume_path`): lifeboat-dr-cluster grants PersistentVolumes instead of snapshots.
+/// (`volume_path`): lifeboat-dr-cluster grants PersistentVolumes instead of snapshots, and
+/// there are no drill namespaces (drills of files copy them at the DR host).
 fn host_path_dr(mut docs: Vec<Value>) -> Vec<Value> {
+    docs.retain(|d| {
+        let named = d["metadata"]["namespace"].as_str().or(d["metadata"]["name"]
+            .as_str()
+            .filter(|_| d["kind"] == "Namespace"));
+        !named.is_some_and(|n| n.ends_with("-drill"))
+    });
     for d in &mut docs {
         if d["kind"] == "ClusterRole" && d["metadata"]["name"] == "lifeboat-dr-cluster" {
             d["rules"] = serde_json::json!([{"apiGroups": [""], "resources": ["persistentvolumes"],

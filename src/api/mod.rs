@@ -359,9 +359,22 @@ pub struct DrillStarted {
     pub gen: u64,
     /// Volume -> its copy.
     pub files: std::collections::BTreeMap<String, String>,
-    /// `reflink`, or `copy` where the file system cannot share extents.
+    /// `reflink`, or `copy` where the file system cannot share extents; `csi` for a
+    /// drill restored into namespaces.
     pub method: String,
     pub clone_seconds: f64,
+    /// Kubernetes mode: DR namespace -> the drill namespace it was restored into.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub namespaces: std::collections::BTreeMap<String, String>,
+    /// Kubernetes mode: the daemon's steps (restore and apply, wait for the workloads).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<Step>,
+    /// What was left out of the drill or not applied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
+    /// Kubernetes mode: workloads that did not become ready (the drill fails).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_ready: Vec<String>,
 }
 
 /// A drill ended: its copies removed, or kept (`--keep`) where they are.

@@ -24,10 +24,20 @@ pub struct DrillArgs {
     /// A kept recovery point (default: the newest).
     #[arg(long)]
     pub gen: Option<u64>,
+    /// Remove kept drill ID (as `--keep` printed it) instead of starting one.
+    #[arg(long, value_name = "ID", conflicts_with_all = ["gen", "check", "keep"])]
+    pub end: Option<String>,
+    /// Kubernetes mode: how long the drill's workloads may take to become ready.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub ready_timeout: Duration,
     /// A shell command run against the copies, e.g. a database's own consistency check.
     /// It sees LIFEBOAT_DRILL_DIR (the first copy's directory, its working directory),
     /// LIFEBOAT_DRILL_GEN, and LIFEBOAT_DRILL_VOLUME_<NAME> (each copy's path; NAME in
-    /// upper case, other characters as _). Exit 0 passes the drill.
+    /// upper case, other characters as _). Kubernetes mode (CSI points): the point is
+    /// restored into drill namespaces and the workloads are up when the check runs; it sees
+    /// LIFEBOAT_DRILL_NAMESPACE (the first) and LIFEBOAT_DRILL_NAMESPACE_<NS> for each DR
+    /// namespace, e.g. `kubectl -n "$LIFEBOAT_DRILL_NAMESPACE" exec deploy/db -- pg_isready`
+    /// (your kubeconfig, your rights). Exit 0 passes the drill.
     #[arg(long)]
     pub check: Option<String>,
     /// The check fails when it runs longer (it is killed with its children).
@@ -63,7 +73,7 @@ fn run_check(cmd: &str, started: &DrillStarted, timeout: Duration) -> Result<Dri
         .values()
         .next()
         .and_then(|f| std::path::Path::new(f).parent().map(|p| p.to_path_buf()))
-        .unwrap_or_else(|| ".".into());
+        .unwrap_or_else(|| std::env::current_dir().unwrap_or_else(|_| ".".into()));
     let out = tempfile::tempfile()?;
     let mut c = Command::new("sh");
     c.arg("-c")
@@ -78,6 +88,15 @@ fn run_check(cmd: &str, started: &DrillStarted, timeout: Duration) -> Result<Dri
         .process_group(0);
     for (v, f) in &started.files {
         c.env(env_name(v), f);
+    }
+    if let Some(first) = started.namespaces.values().next() {
+        c.env("LIFEBOAT_DRILL_NAMESPACE", first);
+    }
+    for (ns, drill) in &started.namespaces {
+        c.env(
+            env_name(ns).replace("LIFEBOAT_DRILL_VOLUME_", "LIFEBOAT_DRILL_NAMESPACE_"),
+            drill,
+        );
     }
     let mut child = c
         .spawn()
@@ -115,23 +134,41 @@ fn run_check(cmd: &str, started: &DrillStarted, timeout: Duration) -> Result<Dri
 
 pub fn run(a: DrillArgs) -> Result<ExitCode> {
     let api = client(&a.target)?;
+    if let Some(id) = &a.end {
+        let ended: DrillEnded = api.post(&format!(
+            "/v1/protections/{}/drills/{id}/end?keep=false",
+            a.protection
+        ))?;
+        show(a.output, &ended, |e| format!("drill {} removed\n", e.id))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let t = Instant::now();
-    let mut path = format!("/v1/protections/{}/drills", a.protection);
+    let mut path = format!(
+        "/v1/protections/{}/drills?ready_timeout_secs={}",
+        a.protection,
+        a.ready_timeout.as_secs().max(1)
+    );
     if let Some(g) = a.gen {
-        path += &format!("?gen={g}");
+        path += &format!("&gen={g}");
     }
     let started: DrillStarted = api.post(&path)?;
-    let mut steps = vec![Step {
-        what: format!(
-            "copy recovery point {} ({} volume(s), {})",
-            started.gen,
-            started.files.len(),
-            started.method
-        ),
-        seconds: t.elapsed().as_secs_f64(),
-    }];
+    let mut steps = if started.steps.is_empty() {
+        vec![Step {
+            what: format!(
+                "copy recovery point {} ({} volume(s), {})",
+                started.gen,
+                started.files.len(),
+                started.method
+            ),
+            seconds: t.elapsed().as_secs_f64(),
+        }]
+    } else {
+        started.steps.clone()
+    };
+    // Workloads that never came up fail the drill; the check would only confirm it.
+    let ready = started.not_ready.is_empty();
     let check = match &a.check {
-        Some(cmd) => {
+        Some(cmd) if ready => {
             let t = Instant::now();
             let c = run_check(cmd, &started, a.check_timeout);
             steps.push(Step {
@@ -140,7 +177,7 @@ pub fn run(a: DrillArgs) -> Result<ExitCode> {
             });
             Some(c)
         }
-        None => None,
+        _ => None,
     };
     // The drill is ended whatever the check did, so its copies never stay by accident.
     let (check, check_error) = match check {
@@ -148,7 +185,8 @@ pub fn run(a: DrillArgs) -> Result<ExitCode> {
         Some(Err(e)) => (None, Some(e)),
         None => (None, None),
     };
-    let passed = check_error.is_none() && check.as_ref().is_none_or(|c| c.exit_code == Some(0));
+    let passed =
+        ready && check_error.is_none() && check.as_ref().is_none_or(|c| c.exit_code == Some(0));
     let rto: f64 = steps.iter().map(|s| s.seconds).sum();
     let t = Instant::now();
     let ended: DrillEnded = api.post(&format!(

@@ -365,10 +365,21 @@ pub fn render_drill(r: &crate::api::DrillReport) -> String {
     for s in &r.steps {
         out += &format!("  {:>8.2}s  {}\n", s.seconds, s.what);
     }
-    out += &format!(
-        "  recovery time measured: {:.2}s (copy and check)\n",
-        r.rto_seconds
-    );
+    let what = if r.started.namespaces.is_empty() {
+        "copy and check"
+    } else {
+        "restore, workloads ready and check"
+    };
+    out += &format!("  recovery time measured: {:.2}s ({what})\n", r.rto_seconds);
+    for (ns, drill) in &r.started.namespaces {
+        out += &format!("  namespace {ns} restored into {drill}\n");
+    }
+    for n in &r.started.not_ready {
+        out += &format!("  NOT READY: {n}\n");
+    }
+    for p in &r.started.problems {
+        out += &format!("  note: {p}\n");
+    }
     if let Some(c) = &r.check {
         match c.exit_code {
             Some(code) => out += &format!("  check exited {code}\n"),

@@ -141,6 +141,35 @@ impl Validator {
                 );
             }
         }
+        let drill_namespace = k
+            .drill_namespace
+            .clone()
+            .unwrap_or_else(|| crate::k8s::DEFAULT_DRILL_NAMESPACE.to_string());
+        let targets: Vec<&str> = k
+            .namespaces
+            .iter()
+            .map(|ns| k.namespace_map.get(ns).map_or(ns.as_str(), String::as_str))
+            .collect();
+        let mut drills = std::collections::BTreeSet::new();
+        for t in &targets {
+            let d = drill_namespace.replace("{namespace}", t);
+            if !dns_label(&d) {
+                self.problem(
+                    format!("{key}.drill_namespace"),
+                    format!("{drill_namespace:?} makes {d:?} for namespace {t:?}, which is not a namespace name (lowercase letters, digits and '-', at most 63); expected e.g. \"{{namespace}}-drill\""),
+                );
+            } else if targets.contains(&d.as_str()) {
+                self.problem(
+                    format!("{key}.drill_namespace"),
+                    format!("{drill_namespace:?} makes {d:?}, a protected namespace itself; a drill needs a namespace of its own"),
+                );
+            } else if !drills.insert(d.clone()) {
+                self.problem(
+                    format!("{key}.drill_namespace"),
+                    format!("{drill_namespace:?} makes {d:?} for two namespaces; expected a template with {{namespace}}"),
+                );
+            }
+        }
         let selector = k
             .selector
             .as_deref()
@@ -228,6 +257,7 @@ impl Validator {
                 .exclude_label
                 .unwrap_or_else(|| crate::k8s::EXCLUDE_LABEL.to_string()),
             namespace_map: k.namespace_map,
+            drill_namespace,
             storage_class_map: k.storage_class_map,
             resource_modifiers,
             volume_path: volume_path.unwrap_or_default(),

@@ -98,6 +98,9 @@ pub(super) struct RawKubeProtection {
     pub(super) namespace_map: BTreeMap<String, String>,
     #[serde(default)]
     pub(super) storage_class_map: BTreeMap<String, String>,
+    /// DR site, CSI replicas: where a drill restores each namespace (`{namespace}` is the
+    /// DR site's name for it).
+    pub(super) drill_namespace: Option<String>,
     pub(super) resource_modifiers: Option<String>,
     pub(super) volume_path: Option<String>,
     /// DR site, host-path mode: the node holding the replica files (node affinity of the

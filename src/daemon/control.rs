@@ -250,6 +250,13 @@ async fn verify_now(
 #[derive(Deserialize)]
 struct DrillQuery {
     gen: Option<u64>,
+    /// Kubernetes mode: how long the drill's workloads may take to become ready.
+    #[serde(default = "default_ready_timeout")]
+    ready_timeout_secs: u64,
+}
+
+fn default_ready_timeout() -> u64 {
+    600
 }
 
 /// Clones a recovery point for a drill (DR site).
@@ -268,12 +275,21 @@ async fn drill_start(
         Ok(dr) => dr,
         Err(r) => return r,
     };
-    answer(crate::lifecycle::drill::start(dr, &name, q.gen).await)
+    answer(
+        crate::lifecycle::drill::start(
+            dr,
+            &name,
+            q.gen,
+            std::time::Duration::from_secs(q.ready_timeout_secs),
+        )
+        .await,
+    )
 }
 
 #[derive(Deserialize)]
 struct DrillEndQuery {
-    passed: bool,
+    /// The check's result; absent when a kept drill is removed (nothing is recorded).
+    passed: Option<bool>,
     #[serde(default)]
     seconds: f64,
     #[serde(default)]

@@ -10,6 +10,7 @@ pub mod cbt;
 pub mod closure;
 pub mod collect;
 pub mod cut;
+pub mod drill;
 pub mod kinds;
 pub mod labels;
 pub mod mover_job;
@@ -71,6 +72,8 @@ pub struct KubeProtection {
     pub custom_resources: Vec<String>,
     pub exclude_label: String,
     pub namespace_map: BTreeMap<String, String>,
+    /// Template with `{namespace}` (the DR site's name): a drill's namespace for it.
+    pub drill_namespace: String,
     pub storage_class_map: BTreeMap<String, String>,
     pub resource_modifiers: Option<Modifiers>,
     /// Template with `{namespace}` and `{pvc}`: the PVC's bytes at the primary, its replica
@@ -167,11 +170,19 @@ impl KubeProtection {
         Some(self.path_of(ns, pvc))
     }
 
+    /// The namespace a drill restores the DR namespace `ns` into.
+    pub fn drill_namespace_of(&self, ns: &str) -> String {
+        self.drill_namespace.replace("{namespace}", ns)
+    }
+
     /// The DR site's namespace for a primary namespace.
     pub fn target_namespace<'a>(&'a self, ns: &'a str) -> &'a str {
         self.namespace_map.get(ns).map_or(ns, String::as_str)
     }
 }
+
+/// Where a drill restores a namespace unless `drill_namespace` says.
+pub const DEFAULT_DRILL_NAMESPACE: &str = "{namespace}-drill";
 
 /// The volume of a PVC: `namespace.pvc` with the DR site's namespace (a namespace name has
 /// no dots, so the first dot splits it back).

@@ -117,6 +117,9 @@ fn role_binding(name: &str, ns: &str, o: &RbacOptions) -> Value {
 pub fn generate(protections: &[&KubeProtection], o: &RbacOptions) -> Result<SiteRbac> {
     let mut kinds: Vec<(String, String)> = Vec::new();
     let (mut namespaces, mut dr_namespaces) = (Vec::new(), Vec::new());
+    // Where drills of CSI points restore (src/lifecycle/drill_kube.rs): the DR role there
+    // too, so a drill needs no cluster-wide rights to create namespaces or objects.
+    let mut drill_namespaces = Vec::new();
     let mut stork = false;
     let mut mover_namespaces = Vec::new();
     // (namespace, name) of the movers' ServiceAccount where they call SnapshotMetadata.
@@ -135,6 +138,9 @@ pub fn generate(protections: &[&KubeProtection], o: &RbacOptions) -> Result<Site
         for ns in &kp.namespaces {
             namespaces.push(ns.clone());
             dr_namespaces.push(kp.target_namespace(ns).to_string());
+            if kp.csi.is_some() {
+                drill_namespaces.push(kp.drill_namespace_of(kp.target_namespace(ns)));
+            }
         }
         stork |= kp.pre_rule.is_some() || kp.post_rule.is_some();
     }
@@ -144,6 +150,7 @@ pub fn generate(protections: &[&KubeProtection], o: &RbacOptions) -> Result<Site
     };
     dedup(&mut namespaces);
     dedup(&mut dr_namespaces);
+    dedup(&mut drill_namespaces);
     dedup(&mut mover_namespaces);
     let csi = !mover_namespaces.is_empty();
     let has = |g: &str, r: &str| kinds.iter().any(|(kg, kr)| kg == g && kr == r);
@@ -309,7 +316,7 @@ pub fn generate(protections: &[&KubeProtection], o: &RbacOptions) -> Result<Site
             "metadata": {"name": "lifeboat-dr-cluster"}, "subjects": subjects(o),
             "roleRef": {"apiGroup": rbac_g, "kind": "ClusterRole", "name": "lifeboat-dr-cluster"}}),
     ];
-    for ns in &dr_namespaces {
+    for ns in dr_namespaces.iter().chain(&drill_namespaces) {
         dr.push(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}));
         dr.push(role_binding("lifeboat-dr", ns, o));
     }

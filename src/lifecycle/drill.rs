@@ -31,6 +31,8 @@ pub enum DrillError {
     NotHere(String),
     #[error("{0}")]
     NotKept(String),
+    #[error("{0}")]
+    Busy(String),
     #[error("{0:#}")]
     Failed(anyhow::Error),
 }
@@ -39,6 +41,7 @@ impl DrillError {
     pub fn http_status(&self) -> u16 {
         match self {
             DrillError::NotHere(_) | DrillError::NotKept(_) => 404,
+            DrillError::Busy(_) => 409,
             DrillError::Failed(_) => 500,
         }
     }
@@ -104,16 +107,19 @@ fn free_bytes(dir: &Path) -> Result<u64> {
 }
 
 /// Starts a drill of `name`: clones point `gen` (default the newest) and says where.
-pub async fn start(dr: &Dr, name: &str, gen: Option<u64>) -> Result<DrillStarted, DrillError> {
+pub async fn start(
+    dr: &Dr,
+    name: &str,
+    gen: Option<u64>,
+    ready_timeout: std::time::Duration,
+) -> Result<DrillStarted, DrillError> {
     let started = Instant::now();
     let prot = dr
         .protection(name)
         .map_err(|e| DrillError::NotHere(e.to_string()))?
         .clone();
     if prot.csi().is_some() {
-        return Err(DrillError::NotHere(format!(
-            "protection {name} keeps its points as CSI snapshots; drills into a namespace are not built yet (local and host-path replicas only)"
-        )));
+        return super::drill_kube::start(dr, &prot, gen, ready_timeout).await;
     }
     let lock = dr.lock_of(name).expect("a lock per protection");
     let locked = lock.lock().await;
@@ -188,6 +194,10 @@ pub async fn start(dr: &Dr, name: &str, gen: Option<u64>) -> Result<DrillStarted
         files,
         method: method.into(),
         clone_seconds: started.elapsed().as_secs_f64(),
+        namespaces: Default::default(),
+        steps: Vec::new(),
+        problems: Vec::new(),
+        not_ready: Vec::new(),
     })
 }
 
@@ -233,7 +243,7 @@ pub async fn end(
     dr: &Dr,
     name: &str,
     id: &str,
-    passed: bool,
+    passed: Option<bool>,
     seconds: f64,
     keep: bool,
 ) -> Result<DrillEnded, DrillError> {
@@ -246,21 +256,35 @@ pub async fn end(
             "{id:?} is not a drill id (GEN-MILLISECONDS)"
         )));
     }
-    let paths = replica_paths(dr, &prot).await.map_err(DrillError::Failed)?;
-    let (p, i) = (prot.name.to_string(), id.to_string());
-    let dirs = tokio::task::spawn_blocking(move || end_blocking(&p, &paths, &i, keep))
-        .await
-        .map_err(|e| DrillError::Failed(e.into()))?
-        .map_err(DrillError::Failed)?;
+    let dirs = if prot.csi().is_some() {
+        super::drill_kube::end(dr, &prot, id, keep)
+            .await?
+            .into_iter()
+            .map(|ns| PathBuf::from(format!("namespace {ns}")))
+            .collect()
+    } else {
+        let paths = replica_paths(dr, &prot).await.map_err(DrillError::Failed)?;
+        let (p, i) = (prot.name.to_string(), id.to_string());
+        tokio::task::spawn_blocking(move || end_blocking(&p, &paths, &i, keep))
+            .await
+            .map_err(|e| DrillError::Failed(e.into()))?
+            .map_err(DrillError::Failed)?
+    };
     if dirs.is_empty() {
         return Err(DrillError::NotKept(format!(
             "no drill {id} of protection {name} is running"
         )));
     }
     let m = &dr.metrics;
-    let result = if passed { "passed" } else { "failed" };
-    m.drills.with_label_values(&[name, result]).inc();
-    if passed {
+    let result = match passed {
+        Some(true) => "passed",
+        Some(false) => "failed",
+        None => "removed",
+    };
+    if passed.is_some() {
+        m.drills.with_label_values(&[name, result]).inc();
+    }
+    if passed == Some(true) {
         m.drill_last_success
             .with_label_values(&[name])
             .set(now_ms() as f64 / 1000.0);
@@ -280,6 +304,9 @@ pub async fn end(
 
 /// Start-up: removes what drills a killed daemon (or caller) left, but kept ones.
 pub async fn sweep(dr: &Dr, prot: &Protection) -> Result<()> {
+    if prot.csi().is_some() {
+        return super::drill_kube::sweep(dr, prot).await;
+    }
     let paths = replica_paths(dr, prot).await?;
     let name = prot.name.to_string();
     tokio::task::spawn_blocking(move || {

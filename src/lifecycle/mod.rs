@@ -4,6 +4,7 @@
 //! [`verify`] of the replicas against the DR index, also in the background ([`scrub`]).
 
 pub mod drill;
+pub mod drill_kube;
 pub mod failback;
 pub mod failover;
 pub mod plan;

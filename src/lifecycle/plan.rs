@@ -299,6 +299,7 @@ mod tests {
             point: pr(gen),
             snapshots: BTreeMap::new(),
             held: false,
+            drill: None,
             files: [(
                 crate::ids::VolumeName::new("v1").unwrap(),
                 std::path::PathBuf::from(format!("/r/.lifeboat-points/p/{gen}/v1.img")),

@@ -146,6 +146,7 @@ pub async fn redo(dr: &Dr, prot: &Protection, commit: CommitRecord) -> Result<()
         point: commit.point.clone(),
         snapshots,
         held: false,
+        drill: None,
         files: BTreeMap::new(),
     };
     let (keep, dir) = (

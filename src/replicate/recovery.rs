@@ -253,6 +253,7 @@ fn finish_with_point(
         point: commit.point.clone(),
         snapshots: BTreeMap::new(),
         held: false,
+        drill: None,
         files,
     };
     let (_, pruned) =

@@ -53,6 +53,17 @@ pub struct RecoveryPoint {
     /// File replicas (local and host-path mode): each volume's reflink clone.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub files: BTreeMap<VolumeName, std::path::PathBuf>,
+    /// A Kubernetes drill restoring from this point (its id): pinned until it ends, so no
+    /// prune deletes the snapshots its PVCs are restored from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill: Option<String>,
+}
+
+impl RecoveryPoint {
+    /// Kept whatever the retention rule says: held, or a drill's source.
+    pub fn pinned(&self) -> bool {
+        self.held || self.drill.is_some()
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

@@ -8,8 +8,8 @@
 //! kept (less a tenth, so a cycle that ran a little early does not lose its slot), and
 //! points older than the window go. The walk is anchored on the oldest kept points, which
 //! do not move as new points arrive, so a point kept once stays until it ages out: the
-//! ladder does not churn. The newest point (the consistent one) and held points are
-//! always kept; held points count toward `count`.
+//! ladder does not churn. The newest point (the consistent one), held points and a
+//! running drill's point are always kept; they count toward `count`.
 //!
 //! Pruning happens only when a new point is added: while the primary is gone, nothing
 //! ages out.
@@ -63,7 +63,7 @@ pub fn prune(points: &mut Vec<RecoveryPoint>, rule: Retention, now_ms: u64) -> V
     let mut keep = vec![false; n];
     let mut last: Option<u64> = None;
     for (i, p) in points.iter().enumerate() {
-        let pinned = p.held || i + 1.max(rule.recent) >= n;
+        let pinned = p.pinned() || i + 1.max(rule.recent) >= n;
         let spaced = last.is_none_or(|l| taken(p).saturating_sub(l) >= spacing);
         if pinned || (!too_old(p) && spaced) {
             keep[i] = true;
@@ -80,7 +80,7 @@ pub fn prune(points: &mut Vec<RecoveryPoint>, rule: Retention, now_ms: u64) -> V
         if excess == 0 {
             break;
         }
-        if keep[i] && !points[i].held {
+        if keep[i] && !points[i].pinned() {
             keep[i] = false;
             excess -= 1;
         }
@@ -137,6 +137,7 @@ mod tests {
             snapshots: Default::default(),
             held,
             files: Default::default(),
+            drill: None,
         }
     }
 

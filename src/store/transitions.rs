@@ -262,6 +262,34 @@ impl Store {
         Ok(rec)
     }
 
+    /// Pins recovery point `gen` for drill `id` (None: unpins it from any drill).
+    pub fn drill_hold(
+        &self,
+        prot: &ProtectionName,
+        gen: Gen,
+        id: Option<&str>,
+    ) -> Result<ProtectionRecord> {
+        let mut rec = self.record(prot)?;
+        let Some(p) = rec.points.iter_mut().find(|p| p.point.point.gen == gen) else {
+            bail!("protection {prot} has no recovery point of gen {gen}");
+        };
+        p.drill = id.map(str::to_string);
+        self.put_record(prot, &rec, Batch::default())?;
+        Ok(rec)
+    }
+
+    /// Every drill pin of `prot` removed (the start-up sweep: no drill outlives a restart).
+    pub fn drill_unhold_all(&self, prot: &ProtectionName) -> Result<ProtectionRecord> {
+        let mut rec = self.record(prot)?;
+        if rec.points.iter().any(|p| p.drill.is_some()) {
+            for p in &mut rec.points {
+                p.drill = None;
+            }
+            self.put_record(prot, &rec, Batch::default())?;
+        }
+        Ok(rec)
+    }
+
     /// Replicas found changed outside lifeboat: the next cycle repairs them.
     pub fn mark_repair(
         &self,
