@@ -1404,3 +1404,66 @@ fn a_dr_daemon_killed_during_a_drill_removes_it_at_restart_and_the_next_drill_pa
     );
     assert!(s.drill_objects().is_empty(), "{:?}", s.drill_objects());
 }
+
+#[test]
+fn verify_of_csi_replicas_reads_them_by_reader_jobs_names_the_damage_and_the_next_cycle_repairs_it()
+{
+    let s = sites(true, "");
+    let g = s.pair.sync().gen;
+    let verify = || {
+        let (ok, out, err) =
+            s.pair
+                .dr
+                .cli(&["verify", "--protection", support::PROT, "--output", "json"]);
+        assert!(
+            ok || out.contains("divergent"),
+            "{out}{err}\n{}",
+            s.pair.dr.log_text()
+        );
+        serde_json::from_str::<Value>(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"))
+    };
+    let clean = verify();
+    assert_eq!(clean["gen"], g);
+    let vols = clean["volumes"].as_array().unwrap();
+    assert_eq!(vols.len(), PVCS.len(), "{clean}");
+    assert!(
+        vols.iter()
+            .all(|v| v["divergent"].as_array().unwrap().is_empty()),
+        "{clean}"
+    );
+    // Out-of-band damage in one replica PVC: chunk 3 (64 KiB chunks).
+    let replica = s.replica("mysql-data");
+    {
+        use std::io::{Seek, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&replica)
+            .unwrap();
+        f.seek(std::io::SeekFrom::Start(3 * 65536 + 10)).unwrap();
+        f.write_all(b"damage").unwrap();
+    }
+    let found = verify();
+    let v = found["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["volume"] == "prod.mysql-data")
+        .unwrap()
+        .clone();
+    assert_eq!(v["divergent"], serde_json::json!([[3, 3]]), "{found}");
+    assert_eq!(found["marked_for_repair"], true, "{found}");
+    // No reader Job stays.
+    assert!(s.dr_api.all("batch", "jobs").is_empty());
+    // The next cycle resends the marked volume; verify is clean again.
+    let g2 = s.pair.sync().gen;
+    s.assert_replicas_equal_snapshots(g2);
+    let again = verify();
+    assert!(
+        again["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["divergent"].as_array().unwrap().is_empty()),
+        "{again}"
+    );
+}

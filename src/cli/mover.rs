@@ -36,12 +36,17 @@ pub struct MoverArgs {
     #[arg(long)]
     pub protection: String,
     /// The running cycle to join (16 hex digits).
-    #[arg(long, required_unless_present = "write")]
+    #[arg(long, required_unless_present_any = ["write", "verify"])]
     pub cycle: Option<String>,
     /// DR site: write the committed gen `--gen`'s staging log of `--volume`, fetched from
     /// this site's daemon at `--peer`, to the replica `--device` (a writer Job).
     #[arg(long, requires = "gen")]
     pub write: bool,
+    /// DR site: hash the replica `--device` (read-only) as a volume of `--size` bytes and
+    /// `--chunk-size` chunks, and send the hashes to this site's daemon for its verify of
+    /// the consistent gen `--gen` (a reader Job).
+    #[arg(long, requires_all = ["gen", "size"], conflicts_with = "write")]
+    pub verify: bool,
     /// The committed gen a writer applies.
     #[arg(long)]
     pub gen: Option<u64>,
@@ -105,6 +110,7 @@ fn tls_files(dir: &std::path::Path) -> TlsFiles {
 pub fn run(a: MoverArgs) -> Result<ExitCode> {
     let result_file = a.result.clone();
     let write = a.write;
+    let verify = a.verify;
     let outcome = (|| -> Result<String> {
         let peer = a
             .peer
@@ -119,6 +125,19 @@ pub fn run(a: MoverArgs) -> Result<ExitCode> {
             site: a.site,
             tls: tls_files(&a.tls_dir),
         };
+        if verify {
+            let job = mover::read::ReadJob {
+                device: a.device,
+                link,
+                protection: a.protection,
+                gen: crate::ids::Gen(a.gen.context("--verify needs --gen")?),
+                volume: a.volume,
+                size: a.size.context("--verify needs --size")?,
+                chunk_size: a.chunk_size,
+            };
+            let r = rt.block_on(mover::read::read(&job))?;
+            return Ok(serde_json::to_string(&r)?);
+        }
         if write {
             let job = mover::write::WriteJob {
                 device: a.device,
@@ -177,7 +196,11 @@ pub fn run(a: MoverArgs) -> Result<ExitCode> {
             let why = format!("{e:#}");
             // The termination message holds at most 4 KiB.
             let _ = std::fs::write(&result_file, why.chars().take(3500).collect::<String>());
-            let what = if write { "writer" } else { "mover" };
+            let what = match (write, verify) {
+                (true, _) => "writer",
+                (_, true) => "reader",
+                _ => "mover",
+            };
             eprintln!("{what} failed: {why}");
             Ok(ExitCode::FAILURE)
         }

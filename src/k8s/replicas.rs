@@ -22,7 +22,7 @@ use super::objects::{
 };
 use super::restore::{PointSnapshot, Restore};
 use super::snapshot::{quantity_bytes, selector_for};
-use super::writer_job::{self, WriterSpec, Written, ROLE_LABEL};
+use super::writer_job::{self, Read, WriterSpec, Written, ROLE_LABEL};
 use super::CsiSettings;
 use crate::ids::{Gen, VolumeName};
 
@@ -160,6 +160,55 @@ impl Replicas<'_> {
         result
     }
 
+    /// Runs the reader Job of `volume` (`size` bytes in `chunk_size` chunks) for a verify
+    /// of consistent gen `gen`: it hashes the replica PVC read-only and streams the hashes
+    /// to this daemon, which compares them (see `replicate::receive::fetch`).
+    pub async fn read(&self, gen: Gen, volume: &str, size: u64, chunk_size: u32) -> Result<Read> {
+        let _permit = self
+            .site_limit
+            .acquire()
+            .await
+            .map_err(|_| anyhow!("the site's mover limit was closed"))?;
+        let spec = WriterSpec {
+            protection: self.protection,
+            gen,
+            settings: &self.csi.mover,
+            connect: &self.connect,
+            site: self.site,
+        };
+        let job = writer_job::reader_job(&spec, volume, size, chunk_size);
+        let name = writer_job::reader_name(self.protection, gen, volume);
+        let pvc = writer_job::replica_name(self.protection, volume);
+        let result = async {
+            create(&self.client, &jobs(), Some(self.ns()), job).await?;
+            let w = Watched {
+                client: &self.client,
+                ns: self.ns(),
+                job: &name,
+                pvc: &pvc,
+                stuck_after: self.csi.mover.stuck_after,
+            };
+            let tell = |s: JobState<'_>| match s {
+                JobState::Running(node) => tracing::info!(volume, node, "reader running"),
+                JobState::Waiting(why) => tracing::info!(volume, why, "reader waiting"),
+            };
+            let (_, read): (_, Read) = watch(&w, &tell).await?;
+            anyhow::ensure!(
+                read.volume == volume && read.gen == gen.0,
+                "the reader reported volume {} gen {}, not {volume} gen {gen}",
+                read.volume,
+                read.gen
+            );
+            Ok(read)
+        }
+        .await
+        .map_err(|e: anyhow::Error| e.context(format!("reader of replica {volume} (gen {gen})")));
+        if let Err(e) = delete(&self.client, &jobs(), Some(self.ns()), &name).await {
+            tracing::warn!(error = %format!("{e:#}"), "could not remove a reader Job; the next sweep retries");
+        }
+        result
+    }
+
     fn snapshotter(&self) -> Snapshotter {
         Snapshotter {
             client: self.client.clone(),
@@ -209,11 +258,13 @@ impl Replicas<'_> {
         Ok(out)
     }
 
-    /// Removes writer Jobs (a killed daemon's) and the snapshots of gens not in `points`
+    /// Removes writer and reader Jobs (a killed daemon's) and the snapshots of gens not in `points`
     /// (an interrupted redo's, or a pruned point's whose delete did not finish).
     pub async fn sweep(&self, points: &[Gen]) -> Result<()> {
-        let writers = format!("{},{ROLE_LABEL}=writer", selector_for(self.protection));
-        delete_labelled(&self.client, &jobs(), Some(self.ns()), &writers, &[]).await?;
+        for role in ["writer", "reader"] {
+            let sel = format!("{},{ROLE_LABEL}={role}", selector_for(self.protection));
+            delete_labelled(&self.client, &jobs(), Some(self.ns()), &sel, &[]).await?;
+        }
         self.snapshotter()
             .sweep(&[self.ns().to_string()], points)
             .await

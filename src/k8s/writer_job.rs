@@ -36,6 +36,17 @@ pub struct Written {
     pub diverged: Option<String>,
 }
 
+/// A reader's result (`lifeboat mover --verify`), as the daemon reads it from the
+/// termination message; the divergent chunks themselves the daemon has from the stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Read {
+    pub volume: String,
+    pub gen: u64,
+    pub chunks: u64,
+    pub divergent: u64,
+    pub bytes_read: u64,
+}
+
 /// A Kubernetes name for `what` of `protection`: lowercase, `-` for anything else, a hash
 /// of the original always appended (so `a-b.c` and `a.b-c` never meet), at most `max`.
 fn hashed_name(prefix: &str, what: &str, max: usize) -> String {
@@ -54,6 +65,11 @@ pub fn replica_name(protection: &str, volume: &str) -> String {
 /// most, 52 leaves room for the Pod suffix).
 pub fn writer_name(protection: &str, gen: Gen, volume: &str) -> String {
     hashed_name(&format!("lifeboat-{protection}-g{}-w", gen.0), volume, 52)
+}
+
+/// The reader Job of `volume` for a verify of `gen`.
+pub fn reader_name(protection: &str, gen: Gen, volume: &str) -> String {
+    hashed_name(&format!("lifeboat-{protection}-g{}-r", gen.0), volume, 52)
 }
 
 /// The replica PVC of `volume`: Block, `size` bytes, of `class` (None: the default).
@@ -126,6 +142,40 @@ pub fn writer_job(w: &WriterSpec<'_>, volume: &str) -> Value {
     )
 }
 
+/// The reader Job of `volume` (`size` bytes in `chunk_size` chunks at the spec's gen): the
+/// replica attached read-only.
+pub fn reader_job(w: &WriterSpec<'_>, volume: &str, size: u64, chunk_size: u32) -> Value {
+    let mut labels = labels_for(w.protection, w.gen);
+    labels[ROLE_LABEL] = json!("reader");
+    let args = vec![
+        "mover".to_string(),
+        "--verify".to_string(),
+        format!("--device={DEVICE}"),
+        format!("--peer={}", w.connect),
+        format!("--server-name={}", w.site),
+        format!("--site={}", w.site),
+        format!("--tls-dir={TLS_DIR}"),
+        format!("--protection={}", w.protection),
+        format!("--gen={}", w.gen.0),
+        format!("--volume={volume}"),
+        format!("--size={size}"),
+        format!("--chunk-size={chunk_size}"),
+        "--result=/dev/termination-log".to_string(),
+    ];
+    job_object(
+        &reader_name(w.protection, w.gen, volume),
+        &labels,
+        w.settings,
+        args,
+        &[JobDevice {
+            name: "device",
+            path: DEVICE,
+            claim: &replica_name(w.protection, volume),
+            read_only: true,
+        }],
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +221,19 @@ mod tests {
             args.contains("--write") && args.contains("--gen=4"),
             "{args}"
         );
+        let reader = reader_job(&w, "prod.data-0", 1 << 20, 65536);
+        let rpod = &reader["spec"]["template"]["spec"];
+        assert_eq!(
+            rpod["volumes"][0]["persistentVolumeClaim"]["readOnly"],
+            true
+        );
+        assert_eq!(reader["metadata"]["labels"][ROLE_LABEL], "reader");
+        let rargs = rpod["containers"][0]["args"].to_string();
+        assert!(
+            rargs.contains("--verify") && rargs.contains("--size=1048576"),
+            "{rargs}"
+        );
+        assert_ne!(reader["metadata"]["name"], job["metadata"]["name"]);
         let pvc = replica_pvc(&s, "shop", "prod.data-0", 1 << 30, Some("fast"));
         assert_eq!(pvc["spec"]["volumeMode"], "Block");
         assert!(pvc["metadata"]["labels"][crate::k8s::PROTECTION_LABEL].is_null());

@@ -118,6 +118,11 @@ async fn teardown(
 }
 
 async fn unpin(dr: &Dr, prot: &Protection, gen: Gen) -> Result<()> {
+    // Under the lock: a cycle's record write must not race this one.
+    let lock = dr
+        .lock_of(prot.name.as_str())
+        .expect("a lock per protection");
+    let _locked = lock.lock().await;
     dr.store
         .step(&prot.name, move |s, p| {
             s.drill_hold(p, gen, None).map(|_| ())

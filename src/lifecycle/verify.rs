@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 
 use crate::api::{VerifyReport, VolumeVerify};
+use crate::config::Protection;
 use crate::engine::chunk::Geometry;
 use crate::engine::diff::BaseCursor;
 use crate::engine::scan::{scan_file, Content, ScanOptions};
@@ -103,9 +104,7 @@ pub async fn verify(
         .map_err(|e| VerifyError::NotHere(e.to_string()))?
         .clone();
     if prot.csi().is_some() {
-        return Err(VerifyError::NotHere(format!(
-            "protection {name} keeps its replicas in PVCs, which this daemon cannot read; verify works on local and host-path replicas"
-        )));
+        return verify_csi(dr, &prot, repair, gen).await;
     }
     let lock = dr.lock_of(name).expect("a lock per protection");
     let _locked = lock.lock().await;
@@ -171,7 +170,18 @@ pub async fn verify(
     .map_err(|e| VerifyError::Failed(anyhow::anyhow!("verify panicked: {e}")))?
     .map_err(VerifyError::Failed);
     dr.live.activity(name, "idle");
-    let volumes = volumes?;
+    finish(dr, &prot, gen, volumes?, repair).await
+}
+
+/// Counts, logs and (with `repair`) marks for the next cycle what differs.
+async fn finish(
+    dr: &Dr,
+    prot: &Protection,
+    gen: Gen,
+    volumes: Vec<VolumeVerify>,
+    repair: bool,
+) -> Result<VerifyReport, VerifyError> {
+    let name = prot.name.as_str();
     let found: BTreeMap<VolumeName, String> = volumes
         .iter()
         .filter(|v| !v.divergent.is_empty())
@@ -202,6 +212,80 @@ pub async fn verify(
         volumes,
         marked_for_repair: marked,
     })
+}
+
+/// CSI replicas: a reader Job per replica PVC hashes it read-only and streams the hashes
+/// to this daemon, which compares them with the DR index (under the protection's lock, so
+/// no writer changes a replica meanwhile). Only the consistent point's replicas: a kept
+/// point is a set of driver snapshots.
+async fn verify_csi(
+    dr: &Dr,
+    prot: &Protection,
+    repair: bool,
+    gen: Option<u64>,
+) -> Result<VerifyReport, VerifyError> {
+    let name = prot.name.as_str();
+    let csi = prot.csi().expect("a CSI protection");
+    let lock = dr.lock_of(name).expect("a lock per protection");
+    let _locked = lock.lock().await;
+    let (rec, pending) = dr
+        .store
+        .step(&prot.name, |s, p| Ok((s.record(p)?, s.commits(p)?)))
+        .await
+        .map_err(VerifyError::Failed)?;
+    let Some(point) = rec.point.clone() else {
+        return Err(VerifyError::NotHere(format!(
+            "protection {name} has no consistent point yet: nothing to verify"
+        )));
+    };
+    if let Some(g) = gen.filter(|g| *g != point.point.gen.0) {
+        return Err(VerifyError::NotHere(format!(
+            "gen {g} of protection {name} is a recovery point of CSI snapshots; verify reads the replica PVCs of the consistent point (gen {}); a drill (`lifeboat drill --gen {g}`) proves an older point",
+            point.point.gen
+        )));
+    }
+    if let Some(c) = pending.first() {
+        return Err(VerifyError::NotHere(format!(
+            "gen {} of protection {name} is committed and its writers have not finished: verify once it is applied",
+            c.point.point.gen
+        )));
+    }
+    let replicas =
+        crate::replicate::points::replicas(dr, prot, csi).map_err(VerifyError::Failed)?;
+    let gen = point.point.gen;
+    dr.live.activity(name, format!("verify of gen {gen}"));
+    let mut volumes = Vec::new();
+    for (vol, vr) in &point.volumes {
+        let compared = lock.expect_reader(vol.as_str(), gen);
+        let read = replicas
+            .read(gen, vol.as_str(), vr.size, vr.chunk_size)
+            .await
+            .map_err(VerifyError::Failed)?;
+        let compared = compared.await.map_err(|_| {
+            VerifyError::Failed(anyhow::anyhow!(
+                "the reader of {vol} finished but its hashes never reached this daemon"
+            ))
+        })?;
+        let geometry = Geometry::new(vr.size, vr.chunk_size);
+        let bytes = compared
+            .divergent
+            .iter()
+            .map(|&i| geometry.len(i) as u64)
+            .sum();
+        volumes.push(VolumeVerify {
+            volume: vol.to_string(),
+            path: format!(
+                "PVC {}/{}",
+                csi.mover.namespace,
+                crate::k8s::writer_job::replica_name(name, vol.as_str())
+            ),
+            chunks: read.chunks,
+            divergent: ranges(&compared.divergent),
+            divergent_bytes: bytes,
+        });
+    }
+    dr.live.activity(name, "idle");
+    finish(dr, prot, gen, volumes, repair).await
 }
 
 #[cfg(test)]

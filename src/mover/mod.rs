@@ -72,6 +72,7 @@ pub struct Job {
 }
 
 pub mod cbt;
+pub mod read;
 pub mod write;
 
 /// Connects to the DR daemon over `link` (the pair's mutual TLS), saying this site and

@@ -248,6 +248,19 @@ pub enum Msg {
     LogEnd {
         bytes: u64,
     },
+    /// Kubernetes mode, DR site: a reader Job (attaching the replica PVC read-only, with
+    /// the DR site's own certificate) sends the hashes of the replica of `volume`, as
+    /// `HashSegment`s then `HashEnd`, for its daemon's verify of consistent gen `gen`.
+    VerifyOpen {
+        protection: String,
+        gen: Gen,
+        volume: String,
+    },
+    /// The daemon compared `chunks` chunks with its index; `divergent` differ.
+    Verified {
+        chunks: u64,
+        divergent: u64,
+    },
 }
 
 impl Msg {
@@ -279,6 +292,8 @@ impl Msg {
             Msg::TurnedAround { .. } => "TurnedAround",
             Msg::LogPart { .. } => "LogPart",
             Msg::LogEnd { .. } => "LogEnd",
+            Msg::VerifyOpen { .. } => "VerifyOpen",
+            Msg::Verified { .. } => "Verified",
         }
     }
 }

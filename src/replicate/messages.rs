@@ -38,6 +38,12 @@ pub enum Opening {
     },
     /// The peer's failback request (see [`Msg::Failback`]).
     Failback { protection: String },
+    /// A DR reader's hashes of one replica, for a verify of consistent gen `gen`.
+    Verify {
+        protection: String,
+        gen: crate::ids::Gen,
+        volume: String,
+    },
 }
 
 impl TryFrom<Msg> for Opening {
@@ -77,6 +83,15 @@ impl TryFrom<Msg> for Opening {
                 volume,
             }),
             Msg::Failback { protection } => Ok(Opening::Failback { protection }),
+            Msg::VerifyOpen {
+                protection,
+                gen,
+                volume,
+            } => Ok(Opening::Verify {
+                protection,
+                gen,
+                volume,
+            }),
             other => Err(other.kind()),
         }
     }

@@ -36,7 +36,11 @@ fn writer_address(dr: &Dr, csi: &CsiSettings) -> Result<String> {
     }
 }
 
-fn replicas<'a>(dr: &'a Dr, prot: &'a Protection, csi: &'a CsiSettings) -> Result<Replicas<'a>> {
+pub(crate) fn replicas<'a>(
+    dr: &'a Dr,
+    prot: &'a Protection,
+    csi: &'a CsiSettings,
+) -> Result<Replicas<'a>> {
     Ok(Replicas {
         client: dr.kube(prot.name.as_str())?.clone(),
         protection: prot.name.as_str(),

@@ -31,6 +31,19 @@ pub struct ProtectionLock {
     current: std::sync::Mutex<Option<CancellationToken>>,
     /// The running cycle that movers may join: its id, and where their streams go.
     joins: std::sync::Mutex<Option<(CycleId, tokio::sync::mpsc::Sender<JoinedStream>)>>,
+    /// Verifies of CSI replicas waiting for their reader Job's hashes: (volume, gen) ->
+    /// where the comparison goes.
+    verifies: std::sync::Mutex<VerifyWaits>,
+}
+
+type VerifyWaits = HashMap<(String, Gen), tokio::sync::oneshot::Sender<ReaderCompared>>;
+
+/// A reader Job's hashes of a CSI replica compared with the DR index.
+#[derive(Debug, Default, Clone)]
+pub struct ReaderCompared {
+    pub chunks: u64,
+    /// The chunks whose hashes differ (or that the index lacks).
+    pub divergent: Vec<u64>,
 }
 
 /// A mover's stream of one volume, handed to the running cycle it joined.
@@ -49,7 +62,35 @@ impl ProtectionLock {
             failing_over: AtomicBool::new(false),
             current: std::sync::Mutex::new(None),
             joins: std::sync::Mutex::new(None),
+            verifies: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Waits for the reader Job of `volume` at `gen`: its comparison arrives on the
+    /// receiver (dropped unsent if the reader never connects).
+    pub fn expect_reader(
+        &self,
+        volume: &str,
+        gen: Gen,
+    ) -> tokio::sync::oneshot::Receiver<ReaderCompared> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.verifies
+            .lock()
+            .expect("verify registry")
+            .insert((volume.to_string(), gen), tx);
+        rx
+    }
+
+    /// The verify a reader's stream answers, if one waits for it.
+    pub fn reader_arrived(
+        &self,
+        volume: &str,
+        gen: Gen,
+    ) -> Option<tokio::sync::oneshot::Sender<ReaderCompared>> {
+        self.verifies
+            .lock()
+            .expect("verify registry")
+            .remove(&(volume.to_string(), gen))
     }
 
     /// Opens the running cycle `cycle` to movers; the returned receiver gets their

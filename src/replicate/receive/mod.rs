@@ -270,8 +270,8 @@ async fn stream(
         Opening::Failback { protection } => {
             turn::answer(dr, peer, &protection, &mut w).await;
         }
-        Opening::Fetch { .. } => {
-            let why = "only this site's own writer Jobs may fetch staging logs".to_string();
+        Opening::Fetch { .. } | Opening::Verify { .. } => {
+            let why = "only this site's own writer and reader Jobs may fetch staging logs or send a replica's hashes".to_string();
             tracing::warn!(peer, "{why}");
             let _ = w.send(&Msg::Refused(Refusal::WrongPeer(why))).await;
             w.finish();
